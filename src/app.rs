@@ -1,0 +1,559 @@
+//! The demo app (feature `demo`): sign in as any user, send yourself every event type,
+//! watch the toasts, and follow connections and throughput on a live dashboard.
+//!
+//! The home page reads `SseNotifications` options from the query string, so every option
+//! can be tried without code: `/?position=bottom-left&max=3&dismiss=2000&auto=false`.
+
+use leptos::prelude::*;
+use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
+use leptos_router::{
+    components::{Route, Router, Routes, A},
+    hooks::use_query_map,
+    path,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    client::{use_sse_with_options, ConnectionStatus, Position, SseMessage, SseNotifications, UseSseOptions},
+    events::{NotificationKind, SystemAlertKind, UserUpdateKind},
+};
+
+/// The HTML document around the app.
+pub fn shell(options: LeptosOptions) -> impl IntoView {
+    view! {
+        <!DOCTYPE html>
+        <html lang="en">
+            <head>
+                <meta charset="utf-8" />
+                <meta name="viewport" content="width=device-width, initial-scale=1" />
+                <AutoReload options=options.clone() />
+                <HydrationScripts options />
+                <MetaTags />
+            </head>
+            <body>
+                <App />
+            </body>
+        </html>
+    }
+}
+
+/// The demo app: routes and layout.
+#[component]
+pub fn App() -> impl IntoView {
+    provide_meta_context();
+    // Set once the WASM has hydrated the page; end-to-end tests wait for it.
+    let hydrated = RwSignal::new(false);
+    Effect::new(move |_| hydrated.set(true));
+    view! {
+        <Stylesheet id="leptos" href="/pkg/sse-notify.css" />
+        <Title text="sse-notify demo" />
+        <Router>
+            <div class="app" data-hydrated=move || hydrated.get().to_string()>
+                <header class="topbar">
+                    <a class="brand" href="/">"sse-notify"</a>
+                    <nav>
+                        <A href="/">"Send events"</A>
+                        <A href="/dashboard">"Dashboard"</A>
+                    </nav>
+                </header>
+                <main>
+                    <Routes fallback=|| view! { <p class="card">"Page not found."</p> }>
+                        <Route path=path!("/") view=HomePage />
+                        <Route path=path!("/dashboard") view=DashboardPage />
+                    </Routes>
+                </main>
+            </div>
+        </Router>
+    }
+}
+
+/// What the demo page can ask the server to send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DemoEvent {
+    Notification {
+        title: String,
+        message: String,
+        kind: NotificationKind,
+        action_url: Option<String>,
+    },
+    /// A simulated upload: progress to 100 %, then `reel_ready`.
+    ReelUpload,
+    UserUpdate(UserUpdateKind),
+    Custom {
+        name: String,
+        data: String,
+    },
+    /// To every connected user.
+    SystemAlert {
+        message: String,
+        kind: SystemAlertKind,
+        duration: Option<u64>,
+    },
+}
+
+/// The signed-in user of this request, from the session cookie.
+#[server]
+pub async fn current_user() -> Result<Option<String>, ServerFnError> {
+    Ok(server_side::session_user().await.ok())
+}
+
+/// Signs in as `user_id` (any name: this is a demo) and sets the session cookie.
+#[server]
+pub async fn sign_in(user_id: String) -> Result<String, ServerFnError> {
+    use crate::server::{session_cookie, SseService};
+    let user_id = user_id.trim().to_string();
+    let token = expect_context::<SseService>()
+        .issue_token(&user_id, None, crate::server::SESSION_TTL)
+        .map_err(|e| ServerFnError::new(e.to_string()))?;
+    server_side::set_cookie(&session_cookie(&token))?;
+    Ok(user_id)
+}
+
+/// Signs out: clears the session cookie.
+#[server]
+pub async fn sign_out() -> Result<(), ServerFnError> {
+    server_side::set_cookie(&format!(
+        "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0",
+        crate::server::SESSION_COOKIE
+    ))
+}
+
+/// Sends `event` to the signed-in user (or to everyone, for a system alert).
+#[server(input = server_fn::codec::Json)]
+pub async fn send_demo_event(event: DemoEvent) -> Result<String, ServerFnError> {
+    server_side::send(event).await
+}
+
+#[cfg(feature = "ssr")]
+mod server_side {
+    use std::time::Duration;
+
+    use axum::http::{header, HeaderMap, HeaderValue};
+    use leptos::prelude::*;
+
+    use super::DemoEvent;
+    use crate::{
+        events::{Event, Notification, ReelReady, ReelUploadProgress, SystemAlert, UploadStatus, UserUpdate},
+        server::{auth::cookie, SseService, SESSION_COOKIE},
+    };
+
+    fn err(e: impl std::fmt::Display) -> ServerFnError {
+        ServerFnError::new(e.to_string())
+    }
+
+    pub async fn session_user() -> Result<String, ServerFnError> {
+        let headers: HeaderMap = leptos_axum::extract().await.map_err(err)?;
+        let token = cookie(&headers, SESSION_COOKIE).ok_or_else(|| err("not signed in"))?;
+        Ok(expect_context::<SseService>()
+            .verify_token(token)
+            .map_err(err)?
+            .sub)
+    }
+
+    pub fn set_cookie(value: &str) -> Result<(), ServerFnError> {
+        let response = expect_context::<leptos_axum::ResponseOptions>();
+        response.insert_header(header::SET_COOKIE, HeaderValue::from_str(value).map_err(err)?);
+        Ok(())
+    }
+
+    pub async fn send(event: DemoEvent) -> Result<String, ServerFnError> {
+        let sse = expect_context::<SseService>();
+        let user = session_user().await?;
+        let id = match event {
+            DemoEvent::Notification {
+                title,
+                message,
+                kind,
+                action_url,
+            } => {
+                let action_url = action_url.filter(|u| !u.trim().is_empty());
+                sse.send_notification(
+                    &user,
+                    Notification {
+                        title,
+                        message,
+                        kind,
+                        action_url,
+                    },
+                )
+                .await
+            }
+            DemoEvent::UserUpdate(kind) => {
+                let data = serde_json::json!({ "changedBy": "demo", "at": crate::server::now_ms() });
+                sse.send_user_update(&user, UserUpdate { kind, data }).await
+            }
+            DemoEvent::Custom { name, data } => {
+                let data: serde_json::Value =
+                    serde_json::from_str(&data).map_err(|e| err(format!("data: not valid JSON: {e}")))?;
+                let event = Event::from_value(&name, data).map_err(err)?;
+                sse.send(crate::server::Target::User(user.as_str().into()), event)
+                    .await
+            }
+            DemoEvent::SystemAlert {
+                message,
+                kind,
+                duration,
+            } => {
+                sse.send_system_alert(SystemAlert {
+                    message,
+                    kind,
+                    duration,
+                })
+                .await
+            }
+            DemoEvent::ReelUpload => {
+                let reel_id = format!("reel-{}", crate::server::now_ms() % 100_000);
+                tokio::spawn(simulate_upload(sse, user, reel_id.clone()));
+                return Ok(reel_id);
+            }
+        };
+        id.map(|id| id.to_string()).map_err(err)
+    }
+
+    /// Streams progress to 100 % in steps, then `reel_ready`, like a transcoding job would.
+    async fn simulate_upload(sse: SseService, user: String, reel_id: String) {
+        for progress in (0..=100u8).step_by(10) {
+            let status = if progress < 60 {
+                UploadStatus::Uploading
+            } else {
+                UploadStatus::Processing
+            };
+            let update = ReelUploadProgress {
+                reel_id: reel_id.clone(),
+                progress,
+                status,
+                message: None,
+            };
+            if let Err(e) = sse.send_reel_upload_progress(&user, update).await {
+                tracing::warn!("demo upload progress not sent: {e}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let ready = ReelReady {
+            playback_url: format!("/reels/{reel_id}"),
+            reel_id,
+            thumbnail_url: None,
+            duration: Some(42.0),
+        };
+        if let Err(e) = sse.send_reel_ready(&user, ready).await {
+            tracing::warn!("demo reel_ready not sent: {e}");
+        }
+    }
+}
+
+/// Sign in, send events, see toasts and the raw event log.
+#[component]
+fn HomePage() -> impl IntoView {
+    let sign_in = ServerAction::<SignIn>::new();
+    let sign_out = ServerAction::<SignOut>::new();
+    let user = Resource::new(
+        move || (sign_in.version().get(), sign_out.version().get()),
+        |_| current_user(),
+    );
+    let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
+
+    let query = use_query_map();
+    let (position, max, dismiss, auto) = query.with_untracked(|q| {
+        (
+            q.get("position")
+                .and_then(|p| Position::parse(&p))
+                .unwrap_or_default(),
+            q.get("max").and_then(|m| m.parse().ok()).unwrap_or(5usize),
+            q.get("dismiss").and_then(|d| d.parse().ok()).unwrap_or(5_000u64),
+            q.get("auto").map(|a| a != "false").unwrap_or(true),
+        )
+    });
+    let status = RwSignal::new(ConnectionStatus::default());
+    let log = RwSignal::new(Vec::<SseMessage>::new());
+    let on_message = Callback::new(move |msg: SseMessage| {
+        log.update(|l| {
+            l.insert(0, msg);
+            l.truncate(30);
+        })
+    });
+
+    view! {
+        <SseNotifications
+            user_id
+            position
+            max_notifications=max
+            dismiss_delay=dismiss
+            auto_dismiss=auto
+            status
+            on_message
+            extra_events=vec!["demo.ping".to_string()]
+        />
+        <section class="hero">
+            <h1>"Live notifications for Leptos"</h1>
+            <p>"Sign in as anyone, send yourself events, and watch them arrive as toasts over Server-Sent Events."</p>
+            <StatusBadge status />
+        </section>
+        <Transition fallback=|| view! { <p class="card">"Loading…"</p> }>
+            {move || match user_id.get() {
+                None => view! { <SignInCard sign_in /> }.into_any(),
+                Some(name) => view! {
+                    <div class="signed-in">
+                        <span>"Signed in as " <strong data-testid="user">{name}</strong></span>
+                        <ActionForm action=sign_out>
+                            <button class="button button--ghost" type="submit">"Sign out"</button>
+                        </ActionForm>
+                    </div>
+                    <div class="grid">
+                        <SendPanel />
+                        <EventLog log />
+                    </div>
+                }.into_any(),
+            }}
+        </Transition>
+    }
+}
+
+#[component]
+fn StatusBadge(status: RwSignal<ConnectionStatus>) -> impl IntoView {
+    let state = move || {
+        status.with(|s| match (s.connected, s.connecting) {
+            (true, _) => "connected",
+            (false, true) => "connecting",
+            (false, false) => "disconnected",
+        })
+    };
+    let label = move || match state() {
+        "connected" => "Live",
+        "connecting" => "Connecting…",
+        _ => "Offline",
+    };
+    view! {
+        <p class="status" data-status=state role="status">
+            <span class="status__dot" aria-hidden="true"></span>
+            {label}
+        </p>
+    }
+}
+
+#[component]
+fn SignInCard(sign_in: ServerAction<SignIn>) -> impl IntoView {
+    view! {
+        <div class="card sign-in">
+            <h2>"Sign in"</h2>
+            <p>"Pick any user name. Open a second browser window as another user to see that events stay private."</p>
+            <ActionForm action=sign_in>
+                <label for="user_id">"User name"</label>
+                <div class="row">
+                    <input id="user_id" name="user_id" required maxlength="128" placeholder="alice" />
+                    <button class="button" type="submit">"Sign in"</button>
+                </div>
+            </ActionForm>
+            {move || sign_in.value().get().and_then(Result::err).map(|e| view! { <p class="error">{e.to_string()}</p> })}
+        </div>
+    }
+}
+
+/// The forms that send each event type through `send_demo_event`.
+#[component]
+fn SendPanel() -> impl IntoView {
+    let send = ServerAction::<SendDemoEvent>::new();
+    /// Parses an enum from its lowercase wire name, as the `<select>` values are.
+    fn parse_kind<T: serde::de::DeserializeOwned + Default>(s: String) -> T {
+        serde_json::from_value(serde_json::Value::String(s)).unwrap_or_default()
+    }
+    let dispatch = move |event: DemoEvent| {
+        send.dispatch(SendDemoEvent { event });
+    };
+    let title = RwSignal::new("Hello from the server".to_string());
+    let message = RwSignal::new("This toast arrived over SSE.".to_string());
+    let kind = RwSignal::new("info".to_string());
+    let action_url = RwSignal::new(String::new());
+    let alert = RwSignal::new("Scheduled maintenance tonight at 22:00 UTC".to_string());
+    let alert_kind = RwSignal::new("maintenance".to_string());
+    let custom_name = RwSignal::new("demo.ping".to_string());
+    let custom_data = RwSignal::new(r#"{"hello":"world"}"#.to_string());
+
+    view! {
+        <div class="stack">
+            <div class="card">
+                <h2>"Notification"</h2>
+                <label>"Title" <input data-testid="title" bind:value=title /></label>
+                <label>"Message" <input data-testid="message" bind:value=message /></label>
+                <div class="row">
+                    <label>"Kind"
+                        <select data-testid="kind" bind:value=kind>
+                            <option value="info">"info"</option>
+                            <option value="success">"success"</option>
+                            <option value="warning">"warning"</option>
+                            <option value="error">"error"</option>
+                        </select>
+                    </label>
+                    <label>"Action URL" <input data-testid="action-url" placeholder="/reels/1" bind:value=action_url /></label>
+                </div>
+                <button class="button" data-testid="send-notification" on:click=move |_| dispatch(DemoEvent::Notification {
+                    title: title.get_untracked(),
+                    message: message.get_untracked(),
+                    kind: parse_kind(kind.get_untracked()),
+                    action_url: Some(action_url.get_untracked()),
+                })>"Send notification"</button>
+            </div>
+            <div class="card">
+                <h2>"Reel upload"</h2>
+                <p>"A simulated upload streams progress to 100 % and then says the reel is ready."</p>
+                <button class="button" data-testid="send-reel" on:click=move |_| dispatch(DemoEvent::ReelUpload)>"Simulate upload"</button>
+            </div>
+            <div class="card">
+                <h2>"User update"</h2>
+                <div class="row">
+                    <button class="button button--ghost" data-testid="send-profile" on:click=move |_| dispatch(DemoEvent::UserUpdate(UserUpdateKind::Profile))>"Profile"</button>
+                    <button class="button button--ghost" on:click=move |_| dispatch(DemoEvent::UserUpdate(UserUpdateKind::Settings))>"Settings"</button>
+                    <button class="button button--ghost" on:click=move |_| dispatch(DemoEvent::UserUpdate(UserUpdateKind::Subscription))>"Subscription"</button>
+                </div>
+            </div>
+            <div class="card">
+                <h2>"Custom event"</h2>
+                <p>"Shows in the event log (no toast)."</p>
+                <label>"Name" <input data-testid="custom-name" bind:value=custom_name /></label>
+                <label>"Data (JSON object)" <input data-testid="custom-data" bind:value=custom_data /></label>
+                <button class="button button--ghost" data-testid="send-custom" on:click=move |_| dispatch(DemoEvent::Custom {
+                    name: custom_name.get_untracked(),
+                    data: custom_data.get_untracked(),
+                })>"Send custom event"</button>
+            </div>
+            <div class="card">
+                <h2>"System alert (everyone)"</h2>
+                <label>"Message" <input data-testid="alert-message" bind:value=alert /></label>
+                <label>"Kind"
+                    <select bind:value=alert_kind>
+                        <option value="info">"info"</option>
+                        <option value="warning">"warning"</option>
+                        <option value="maintenance">"maintenance"</option>
+                    </select>
+                </label>
+                <button class="button button--warn" data-testid="send-alert" on:click=move |_| dispatch(DemoEvent::SystemAlert {
+                    message: alert.get_untracked(),
+                    kind: parse_kind(alert_kind.get_untracked()),
+                    duration: Some(8_000),
+                })>"Broadcast alert"</button>
+            </div>
+            <p class="result" data-testid="send-result" aria-live="polite">
+                {move || send.value().get().map(|r| match r {
+                    Ok(id) => format!("Sent ({id})"),
+                    Err(e) => format!("Not sent: {e}"),
+                })}
+            </p>
+        </div>
+    }
+}
+
+#[component]
+fn EventLog(log: RwSignal<Vec<SseMessage>>) -> impl IntoView {
+    view! {
+        <div class="card log">
+            <h2>"Event log"</h2>
+            <ol data-testid="event-log">
+                <For each=move || log.get() key=|m| (m.id.clone(), m.event.clone(), m.data.clone()) let:m>
+                    <li>
+                        <code class="log__event">{m.event.clone()}</code>
+                        <code class="log__id">{format!("#{}", m.id)}</code>
+                        <pre>{m.data.clone()}</pre>
+                    </li>
+                </For>
+            </ol>
+        </div>
+    }
+}
+
+/// What `/api/stats/stream` sends every second.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DashboardStats {
+    clients: u64,
+    users: u64,
+    events_published: u64,
+    events_delivered: u64,
+    events_failed: u64,
+    slow_client_disconnects: u64,
+    broker: String,
+    broker_health: String,
+}
+
+/// Live connections and throughput, streamed over SSE.
+#[component]
+fn DashboardPage() -> impl IntoView {
+    const SAMPLES: usize = 60;
+    let latest = RwSignal::new(None::<DashboardStats>);
+    // Events delivered per second, newest last.
+    let rates = RwSignal::new(Vec::<u64>::new());
+    let options = UseSseOptions::default()
+        .url("/api/stats/stream")
+        .events(vec!["stats".into()])
+        .on_message(move |msg| {
+            let Ok(stats) = serde_json::from_str::<DashboardStats>(&msg.data) else {
+                return;
+            };
+            let previous = latest.get_untracked().map(|p| p.events_delivered);
+            if let Some(previous) = previous {
+                rates.update(|r| {
+                    r.push(stats.events_delivered.saturating_sub(previous));
+                    if r.len() > SAMPLES {
+                        r.remove(0);
+                    }
+                });
+            }
+            latest.set(Some(stats));
+        });
+    let sse = use_sse_with_options(options);
+    let stat = move |f: fn(&DashboardStats) -> String| {
+        move || latest.with(|s| s.as_ref().map(f).unwrap_or_else(|| "–".into()))
+    };
+    let chart = move || {
+        rates.with(|r| {
+            let max = r.iter().copied().max().unwrap_or(0).max(1) as f64;
+            r.iter()
+                .enumerate()
+                .map(|(i, v)| format!("{},{:.1}", i * 10, 100.0 - *v as f64 / max * 95.0))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+    };
+    view! {
+        <section class="hero">
+            <h1>"Dashboard"</h1>
+            <p>{move || if sse.is_connected.get() { "Live, updated every second." } else { "Connecting…" }}</p>
+        </section>
+        <div class="tiles">
+            <div class="tile"><span class="tile__label">"Connections"</span><span class="tile__value" data-testid="clients">{stat(|s| s.clients.to_string())}</span></div>
+            <div class="tile"><span class="tile__label">"Users"</span><span class="tile__value" data-testid="users">{stat(|s| s.users.to_string())}</span></div>
+            <div class="tile"><span class="tile__label">"Published"</span><span class="tile__value" data-testid="published">{stat(|s| s.events_published.to_string())}</span></div>
+            <div class="tile"><span class="tile__label">"Delivered"</span><span class="tile__value" data-testid="delivered">{stat(|s| s.events_delivered.to_string())}</span></div>
+            <div class="tile"><span class="tile__label">"Failed"</span><span class="tile__value">{stat(|s| s.events_failed.to_string())}</span></div>
+            <div class="tile"><span class="tile__label">"Slow clients cut"</span><span class="tile__value">{stat(|s| s.slow_client_disconnects.to_string())}</span></div>
+            <div class="tile"><span class="tile__label">"Broker"</span><span class="tile__value">{stat(|s| format!("{} ({})", s.broker, s.broker_health))}</span></div>
+        </div>
+        <div class="card">
+            <h2>"Deliveries per second"</h2>
+            <svg class="chart" viewBox="0 0 600 100" preserveAspectRatio="none" role="img" aria-label="Deliveries per second, last minute">
+                <polyline points=chart fill="none" stroke="currentColor" stroke-width="2" />
+            </svg>
+        </div>
+    }
+}
+
+/// The full server router of the demo binary: the Leptos pages and server functions with
+/// [`SseService`](crate::server::SseService) in their context, plus the SSE routes.
+#[cfg(feature = "ssr")]
+pub fn router(options: LeptosOptions, service: crate::server::SseService) -> axum::Router {
+    use leptos_axum::{generate_route_list, LeptosRoutes};
+    let routes = generate_route_list(App);
+    let context_service = service.clone();
+    axum::Router::new()
+        .leptos_routes_with_context(
+            &options,
+            routes,
+            move || provide_context(context_service.clone()),
+            {
+                let options = options.clone();
+                move || shell(options.clone())
+            },
+        )
+        .fallback(leptos_axum::file_and_error_handler(shell))
+        .with_state(options)
+        .merge(crate::server::router(service))
+}

@@ -1,0 +1,206 @@
+//! Session tokens: JWT, HS256, signed with `SSE_JWT_SECRET`.
+//!
+//! Claim `sub` is the user id, `exp` is required, `sid` (session id) is optional. The user
+//! id of a stream comes only from a verified token, never from a query parameter.
+//!
+//! ```
+//! use std::time::Duration;
+//! use sse_notify::server::Auth;
+//!
+//! let auth = Auth::new(Some("a-secret-of-at-least-16-bytes"));
+//! let token = auth.issue("alice", None, Duration::from_secs(60)).unwrap();
+//! assert_eq!(auth.verify(&token).unwrap().sub, "alice");
+//! assert!(Auth::new(Some("another-secret-0123456")).verify(&token).is_err());
+//! ```
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderMap};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Name of the session cookie set by `POST /api/session`.
+pub const SESSION_COOKIE: &str = "sse_session";
+/// Longest accepted user id.
+pub const MAX_USER_ID_LEN: usize = 128;
+
+/// The claims of a session token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Optional session id, e.g. to tell one login from another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+}
+
+/// Why a token was refused. Shown to the client as a 401.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no session token: send cookie `sse_session`, `Authorization: Bearer <jwt>` or `?token=<jwt>`")]
+    Missing,
+    #[error("invalid session token: {0}")]
+    Invalid(String),
+}
+
+/// Signs and verifies session tokens.
+#[derive(Clone)]
+pub struct Auth {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl Auth {
+    /// Uses `secret`, or a random per-process secret (tokens then die with the process and
+    /// cannot be shared between instances) when `None`.
+    pub fn new(secret: Option<&str>) -> Self {
+        let secret: Vec<u8> = match secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => {
+                tracing::warn!(
+                    "SSE_JWT_SECRET is not set: using a random secret; sessions end with this process \
+                     and other instances cannot verify them"
+                );
+                (0..32).map(|_| rand::random::<u8>()).collect()
+            }
+        };
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        Self {
+            encoding: EncodingKey::from_secret(&secret),
+            decoding: DecodingKey::from_secret(&secret),
+            validation,
+        }
+    }
+
+    /// A token for `user_id` valid for `ttl`.
+    pub fn issue(&self, user_id: &str, session_id: Option<&str>, ttl: Duration) -> Result<String, AuthError> {
+        validate_user_id(user_id).map_err(AuthError::Invalid)?;
+        let claims = Claims {
+            sub: user_id.to_string(),
+            exp: crate::server::now_ms() / 1000 + ttl.as_secs(),
+            sid: session_id.map(str::to_string),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| AuthError::Invalid(e.to_string()))
+    }
+
+    /// Verifies signature, algorithm and expiry, and that `sub` is a usable user id.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        validate_user_id(&data.claims.sub).map_err(AuthError::Invalid)?;
+        Ok(data.claims)
+    }
+
+    /// Finds the token of a request (bearer header, then cookie, then `token` query
+    /// parameter) and verifies it.
+    pub fn authenticate(&self, headers: &HeaderMap, query_token: Option<&str>) -> Result<Claims, AuthError> {
+        let token = bearer_token(headers)
+            .or_else(|| cookie(headers, SESSION_COOKIE))
+            .or(query_token)
+            .ok_or(AuthError::Missing)?;
+        self.verify(token)
+    }
+}
+
+/// A user id is 1 to 128 characters without control characters.
+pub fn validate_user_id(user_id: &str) -> Result<(), String> {
+    if user_id.trim().is_empty() {
+        return Err("user id must not be empty".into());
+    }
+    if user_id.chars().count() > MAX_USER_ID_LEN {
+        return Err(format!("user id must be at most {MAX_USER_ID_LEN} characters"));
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err("user id must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The value of cookie `name`, if the request sent it.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef-test";
+
+    #[test]
+    fn expired_and_forged_tokens_are_refused() {
+        let auth = Auth::new(Some(SECRET));
+        let expired = Claims {
+            sub: "a".into(),
+            exp: 1_000,
+            sid: None,
+        };
+        let token = jsonwebtoken::encode(
+            &Header::default(),
+            &expired,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(auth.verify(&token).is_err());
+        let good = auth.issue("a", Some("s1"), Duration::from_secs(60)).unwrap();
+        let mut forged = good.clone();
+        forged.pop();
+        forged.push(if good.ends_with('A') { 'B' } else { 'A' });
+        assert!(auth.verify(&forged).is_err());
+        assert_eq!(auth.verify(&good).unwrap().sid.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        // {"alg":"none"} . {"sub":"a","exp":9999999999} . (no signature)
+        let token = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.";
+        assert!(Auth::new(Some(SECRET)).verify(token).is_err());
+    }
+
+    #[test]
+    fn token_sources_in_order() {
+        let auth = Auth::new(Some(SECRET));
+        let a = auth.issue("a", None, Duration::from_secs(60)).unwrap();
+        let b = auth.issue("b", None, Duration::from_secs(60)).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            format!("x=1; {SESSION_COOKIE}={a}").parse().unwrap(),
+        );
+        assert_eq!(auth.authenticate(&headers, Some(&b)).unwrap().sub, "a");
+        headers.insert(header::AUTHORIZATION, format!("Bearer {b}").parse().unwrap());
+        assert_eq!(auth.authenticate(&headers, None).unwrap().sub, "b");
+        assert!(matches!(
+            auth.authenticate(&HeaderMap::new(), None),
+            Err(AuthError::Missing)
+        ));
+    }
+
+    #[test]
+    fn user_ids_are_checked() {
+        assert!(validate_user_id("alice@example.com").is_ok());
+        assert!(validate_user_id("").is_err());
+        assert!(validate_user_id("a\nb").is_err());
+        assert!(validate_user_id(&"x".repeat(129)).is_err());
+    }
+}

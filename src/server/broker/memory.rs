@@ -1,0 +1,193 @@
+//! [`MemoryBroker`]: one process on its own, no Redis. The default.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+
+use super::{Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay};
+use crate::server::{hub::Hub, now_ms};
+
+/// Keeps history in a ring ordered by id and hands events to the hub while still holding
+/// its lock, so the hub sees them in id order even when many tasks publish at once.
+pub struct MemoryBroker {
+    state: Mutex<State>,
+    hub: Arc<Hub>,
+    retention: Duration,
+    capacity: usize,
+}
+
+struct State {
+    next_id: u64,
+    /// Contiguous ids, oldest first.
+    history: VecDeque<Arc<PublishedEvent>>,
+    /// Highest id no longer in `history` (or issued before this process started).
+    forgotten_through: u64,
+}
+
+impl MemoryBroker {
+    /// A broker that delivers to `hub`, keeps events for `retention` and at most `capacity` of them.
+    pub fn new(hub: Arc<Hub>, retention: Duration, capacity: usize) -> Self {
+        // Ids start at the clock (ms x 1000), so a restarted server never reuses an id a
+        // browser still holds: an older id is recognised and answered with `resync`.
+        let first_id = now_ms().saturating_mul(1000);
+        Self {
+            state: Mutex::new(State {
+                next_id: first_id,
+                history: VecDeque::new(),
+                forgotten_through: first_id - 1,
+            }),
+            hub,
+            retention,
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget_oldest(state: &mut State) {
+        if let Some(old) = state.history.pop_front() {
+            state.forgotten_through = old.id.0;
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
+        let now = now_ms();
+        let mut state = self.lock();
+        let mut ids = Vec::with_capacity(events.len());
+        for envelope in events {
+            let id = EventId(state.next_id);
+            state.next_id += 1;
+            let event = Arc::new(PublishedEvent::new(id, envelope, now));
+            if state.history.len() >= self.capacity {
+                Self::forget_oldest(&mut state);
+            }
+            state.history.push_back(event.clone());
+            self.hub.dispatch(&event);
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    async fn replay(&self, user: &str, after: EventId) -> Result<Replay, BrokerError> {
+        let state = self.lock();
+        if after.0 >= state.next_id {
+            // Not issued by this broker: from another server or forged.
+            return Ok(Replay {
+                events: Vec::new(),
+                gap: true,
+            });
+        }
+        let gap = after.0 < state.forgotten_through;
+        let start = state
+            .history
+            .front()
+            .map_or(0, |first| (after.0 + 1).saturating_sub(first.id.0) as usize);
+        let events = state
+            .history
+            .iter()
+            .skip(start)
+            .filter(|e| e.is_for(user))
+            .cloned()
+            .collect();
+        Ok(Replay { events, gap })
+    }
+
+    fn health(&self) -> BrokerHealth {
+        BrokerHealth::Healthy
+    }
+
+    async fn cleanup(&self) {
+        let oldest_kept = now_ms().saturating_sub(self.retention.as_millis() as u64);
+        let mut state = self.lock();
+        while state
+            .history
+            .front()
+            .is_some_and(|e| e.published_at_ms < oldest_kept)
+        {
+            Self::forget_oldest(&mut state);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::broker::Target;
+
+    fn envelope(target: Target) -> Envelope {
+        Envelope {
+            target,
+            name: "notification".into(),
+            data: "{}".into(),
+        }
+    }
+
+    fn to(user: &str) -> Target {
+        Target::User(user.into())
+    }
+
+    #[tokio::test]
+    async fn replay_returns_exactly_what_the_user_missed_in_order() {
+        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), Duration::from_secs(60), 100);
+        let ids = broker
+            .publish(vec![
+                envelope(to("a")),
+                envelope(to("b")),
+                envelope(Target::Broadcast),
+                envelope(to("a")),
+            ])
+            .await
+            .unwrap();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        let replay = broker.replay("a", ids[0]).await.unwrap();
+        assert!(!replay.gap);
+        let got: Vec<_> = replay.events.iter().map(|e| e.id).collect();
+        assert_eq!(got, vec![ids[2], ids[3]]);
+        assert!(broker.replay("a", ids[3]).await.unwrap().events.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ids_older_than_history_or_unknown_ask_for_resync() {
+        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), Duration::from_secs(60), 2);
+        let ids = broker
+            .publish((0..4).map(|_| envelope(to("a"))).collect())
+            .await
+            .unwrap();
+        // ids[0] and ids[1] fell out of the 2-event history.
+        let replay = broker.replay("a", ids[0]).await.unwrap();
+        assert!(replay.gap);
+        assert_eq!(replay.events.len(), 2);
+        assert!(!broker.replay("a", ids[1]).await.unwrap().gap);
+        assert!(broker.replay("a", EventId(ids[3].0 + 100)).await.unwrap().gap);
+        assert!(
+            broker.replay("a", EventId(5)).await.unwrap().gap,
+            "id from an earlier run"
+        );
+    }
+
+    #[tokio::test]
+    async fn cleanup_forgets_events_past_retention() {
+        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), Duration::from_millis(1), 100);
+        let ids = broker
+            .publish(vec![envelope(to("a")), envelope(to("a"))])
+            .await
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        broker.cleanup().await;
+        let replay = broker.replay("a", ids[0]).await.unwrap();
+        assert!(replay.gap && replay.events.is_empty());
+    }
+}

@@ -1,0 +1,384 @@
+//! The [`Hub`]: this process's registry of open SSE connections.
+//!
+//! Connections are indexed by user. Each has a bounded queue; the hub only ever
+//! `try_send`s into it, so a client that stops reading fills its queue and is closed
+//! instead of growing memory. Closing loses nothing: the event is in the broker's history
+//! and the client's reconnect with `Last-Event-ID` replays it.
+//!
+//! The inner `Mutex` is a std mutex, never held across an `.await`: every operation under
+//! it is a map update or a non-blocking `try_send`.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{broker::PublishedEvent, metrics as m};
+
+/// What a connection's queue carries.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Event(Arc<PublishedEvent>),
+    /// A frame without an id (heartbeat), so it never moves the client's resume point.
+    Control(Bytes),
+}
+
+/// Why the hub closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The user opened more than `max_clients_per_user` connections; this was the oldest.
+    Replaced,
+    /// Its queue was full: the client is not reading.
+    SlowClient,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// The receiving half of a registered connection, owned by its HTTP stream.
+pub struct Registration {
+    pub id: u64,
+    pub queue: mpsc::Receiver<Outbound>,
+    pub closed: oneshot::Receiver<CloseReason>,
+    /// This is the user's only local connection (the broker should start listening for them).
+    pub first_for_user: bool,
+}
+
+struct Connection {
+    id: u64,
+    queue: mpsc::Sender<Outbound>,
+    close: Option<oneshot::Sender<CloseReason>>,
+    /// Only these event names are sent (control frames always are); `None` sends all.
+    filter: Option<Arc<[String]>>,
+}
+
+impl Connection {
+    fn wants(&self, name: &str) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        if let Some(close) = self.close.take() {
+            let _ = close.send(reason);
+        }
+    }
+
+    /// Queues `item`; `false` when the connection must go (full or gone).
+    fn offer(&mut self, item: Outbound, counters: &HubCounters) -> bool {
+        match self.queue.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                m::slow_client_disconnected();
+                counters.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                self.close(CloseReason::SlowClient);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    users: HashMap<Arc<str>, Vec<Connection>>,
+    connections: usize,
+    next_id: u64,
+    closed: bool,
+}
+
+/// Counters this hub keeps for `/api/stats` (the Prometheus ones are process-wide).
+#[derive(Debug, Default)]
+pub struct HubCounters {
+    pub delivered: AtomicU64,
+    pub slow_disconnects: AtomicU64,
+    pub replaced: AtomicU64,
+}
+
+/// The registry of this process's connections.
+pub struct Hub {
+    inner: Mutex<Inner>,
+    max_per_user: usize,
+    queue_capacity: usize,
+    pub counters: HubCounters,
+}
+
+impl Hub {
+    pub fn new(max_per_user: usize, queue_capacity: usize) -> Self {
+        Self {
+            inner: Mutex::default(),
+            max_per_user: max_per_user.max(1),
+            queue_capacity: queue_capacity.max(1),
+            counters: HubCounters::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain maps behind; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a connection for `user`. When the user already holds the maximum, the oldest
+    /// is closed with [`CloseReason::Replaced`]: the newest tab wins. `None` once shut down.
+    pub fn register(&self, user: &Arc<str>, filter: Option<Arc<[String]>>) -> Option<Registration> {
+        let (tx, queue) = mpsc::channel(self.queue_capacity);
+        let (close, closed) = oneshot::channel();
+        let mut inner = self.lock();
+        if inner.closed {
+            return None;
+        }
+        inner.next_id += 1;
+        let id = inner.next_id;
+        let mut replaced = 0;
+        let conns = inner.users.entry(user.clone()).or_default();
+        let first_for_user = conns.is_empty();
+        while conns.len() >= self.max_per_user {
+            let mut oldest = conns.remove(0);
+            oldest.close(CloseReason::Replaced);
+            replaced += 1;
+        }
+        conns.push(Connection {
+            id,
+            queue: tx,
+            close: Some(close),
+            filter,
+        });
+        inner.connections = inner.connections + 1 - replaced;
+        drop(inner);
+        self.counters
+            .replaced
+            .fetch_add(replaced as u64, Ordering::Relaxed);
+        m::set_connections(self.client_count());
+        Some(Registration {
+            id,
+            queue,
+            closed,
+            first_for_user,
+        })
+    }
+
+    /// Removes a connection (its stream ended). Returns `true` when it was the user's last.
+    pub fn unregister(&self, user: &str, id: u64) -> bool {
+        let mut inner = self.lock();
+        let Some(conns) = inner.users.get_mut(user) else {
+            return false;
+        };
+        let before = conns.len();
+        conns.retain(|c| c.id != id);
+        let removed = before - conns.len();
+        let last = conns.is_empty();
+        if last {
+            inner.users.remove(user);
+        }
+        inner.connections -= removed;
+        let total = inner.connections;
+        drop(inner);
+        m::set_connections(total);
+        removed > 0 && last
+    }
+
+    /// Queues `event` for every matching connection. Connections whose queue is full are
+    /// closed and dropped from the registry.
+    pub fn dispatch(&self, event: &Arc<PublishedEvent>) {
+        let mut delivered = 0u64;
+        let mut inner = self.lock();
+        let Inner {
+            users, connections, ..
+        } = &mut *inner;
+        let mut offer_all = |conns: &mut Vec<Connection>| {
+            conns.retain_mut(|c| {
+                if !c.wants(&event.name) {
+                    return true;
+                }
+                let kept = c.offer(Outbound::Event(event.clone()), &self.counters);
+                if kept {
+                    delivered += 1;
+                } else {
+                    *connections -= 1;
+                }
+                kept
+            });
+        };
+        match &event.target {
+            super::broker::Target::User(user) => {
+                if let Some(conns) = users.get_mut(user) {
+                    offer_all(conns);
+                    if conns.is_empty() {
+                        users.remove(user);
+                    }
+                }
+            }
+            super::broker::Target::Broadcast => {
+                users.values_mut().for_each(&mut offer_all);
+                users.retain(|_, conns| !conns.is_empty());
+            }
+        }
+        let total = *connections;
+        drop(inner);
+        self.counters.delivered.fetch_add(delivered, Ordering::Relaxed);
+        m::event_delivered(&event.name, delivered);
+        m::set_connections(total);
+    }
+
+    /// Queues a control frame (heartbeat) on every connection, whatever its filter.
+    pub fn send_control(&self, frame: Bytes) {
+        self.retain_connections(|c, counters| c.offer(Outbound::Control(frame.clone()), counters));
+    }
+
+    /// Drops connections whose stream is gone without having unregistered.
+    pub fn sweep(&self) {
+        self.retain_connections(|c, _| !c.queue.is_closed());
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn close_all(&self) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        for conns in inner.users.values_mut() {
+            conns.iter_mut().for_each(|c| c.close(CloseReason::Shutdown));
+        }
+        inner.users.clear();
+        inner.connections = 0;
+        m::set_connections(0);
+    }
+
+    fn retain_connections(&self, mut keep: impl FnMut(&mut Connection, &HubCounters) -> bool) {
+        let mut inner = self.lock();
+        let Inner {
+            users, connections, ..
+        } = &mut *inner;
+        for conns in users.values_mut() {
+            let before = conns.len();
+            conns.retain_mut(|c| keep(c, &self.counters));
+            *connections -= before - conns.len();
+        }
+        users.retain(|_, conns| !conns.is_empty());
+        m::set_connections(*connections);
+    }
+
+    /// Open connections in this process.
+    pub fn client_count(&self) -> usize {
+        self.lock().connections
+    }
+
+    /// Open connections of one user in this process.
+    pub fn client_count_for_user(&self, user: &str) -> usize {
+        self.lock().users.get(user).map_or(0, Vec::len)
+    }
+
+    /// Users with at least one open connection in this process.
+    pub fn user_count(&self) -> usize {
+        self.lock().users.len()
+    }
+
+    /// Users with at least one open connection in this process.
+    pub fn online_users(&self) -> Vec<Arc<str>> {
+        self.lock().users.keys().cloned().collect()
+    }
+
+    /// Events waiting in the queue of each of `user`'s connections (for tests and stats).
+    pub fn queued_for_user(&self, user: &str) -> Vec<usize> {
+        let inner = self.lock();
+        inner.users.get(user).map_or_else(Vec::new, |conns| {
+            conns
+                .iter()
+                .map(|c| self.queue_capacity - c.queue.capacity())
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::broker::{encode_frame, EventId, Target};
+
+    fn event(id: u64, target: Target, name: &str) -> Arc<PublishedEvent> {
+        Arc::new(PublishedEvent {
+            id: EventId(id),
+            target,
+            name: name.into(),
+            published_at_ms: 0,
+            frame: encode_frame(Some(EventId(id)), name, "{}"),
+        })
+    }
+
+    fn user(name: &str) -> Arc<str> {
+        name.into()
+    }
+
+    #[test]
+    fn targeted_events_reach_only_their_user() {
+        let hub = Hub::new(5, 8);
+        let mut a = hub.register(&user("a"), None).unwrap();
+        let mut b = hub.register(&user("b"), None).unwrap();
+        hub.dispatch(&event(1, Target::User(user("a")), "notification"));
+        assert!(matches!(a.queue.try_recv(), Ok(Outbound::Event(e)) if e.id == EventId(1)));
+        assert!(b.queue.try_recv().is_err());
+        hub.dispatch(&event(2, Target::Broadcast, "system_alert"));
+        assert!(a.queue.try_recv().is_ok());
+        assert!(b.queue.try_recv().is_ok());
+    }
+
+    #[test]
+    fn one_connection_over_the_limit_replaces_the_oldest() {
+        let hub = Hub::new(2, 8);
+        let mut first = hub.register(&user("a"), None).unwrap();
+        assert!(first.first_for_user);
+        let second = hub.register(&user("a"), None).unwrap();
+        assert!(!second.first_for_user);
+        let _third = hub.register(&user("a"), None).unwrap();
+        assert_eq!(first.closed.try_recv(), Ok(CloseReason::Replaced));
+        assert_eq!(hub.client_count_for_user("a"), 2);
+        assert_eq!(hub.client_count(), 2);
+    }
+
+    #[test]
+    fn a_full_queue_closes_the_connection_and_memory_stays_bounded() {
+        let hub = Hub::new(5, 4);
+        let mut slow = hub.register(&user("a"), None).unwrap();
+        for id in 1..=10 {
+            hub.dispatch(&event(id, Target::User(user("a")), "notification"));
+        }
+        assert_eq!(slow.closed.try_recv(), Ok(CloseReason::SlowClient));
+        assert_eq!(hub.client_count(), 0, "slow connection still registered");
+        let mut queued = 0;
+        while slow.queue.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, 4, "queue grew past its capacity");
+    }
+
+    #[test]
+    fn filters_apply_to_events_but_not_to_control_frames() {
+        let hub = Hub::new(5, 8);
+        let only: Arc<[String]> = vec!["reel_ready".to_string()].into();
+        let mut conn = hub.register(&user("a"), Some(only)).unwrap();
+        hub.dispatch(&event(1, Target::User(user("a")), "notification"));
+        hub.dispatch(&event(2, Target::User(user("a")), "reel_ready"));
+        hub.send_control(Bytes::from_static(b"event: heartbeat\ndata: {}\n\n"));
+        assert!(matches!(conn.queue.try_recv(), Ok(Outbound::Event(e)) if e.id == EventId(2)));
+        assert!(matches!(conn.queue.try_recv(), Ok(Outbound::Control(_))));
+        assert!(conn.queue.try_recv().is_err());
+    }
+
+    #[test]
+    fn unregister_reports_the_last_connection_and_close_all_refuses_new_ones() {
+        let hub = Hub::new(5, 8);
+        let one = hub.register(&user("a"), None).unwrap();
+        let two = hub.register(&user("a"), None).unwrap();
+        assert!(!hub.unregister("a", one.id));
+        assert!(hub.unregister("a", two.id));
+        assert_eq!(hub.user_count(), 0);
+        let mut three = hub.register(&user("a"), None).unwrap();
+        hub.close_all();
+        assert_eq!(three.closed.try_recv(), Ok(CloseReason::Shutdown));
+        assert!(hub.register(&user("a"), None).is_none());
+    }
+}

@@ -1,0 +1,79 @@
+//! Prometheus metrics through the `metrics` crate, rendered at `GET /metrics`.
+//!
+//! The recorder is process-wide (one per process, however many services run in it), so
+//! tests that start several servers in one process share it; per-service figures are in
+//! `/api/stats`.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::events::names;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once; later calls return the same handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Fails only when the host app installed its own recorder first; ours then renders
+        // nothing, and theirs collects the same metrics.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!(
+                "a metrics recorder was already installed; /metrics shows only this crate's own recorder"
+            );
+        }
+        handle
+    })
+}
+
+/// The label of an event name: built-in names as they are, any custom name as `custom`,
+/// so publishers cannot grow the number of series without bound.
+fn label(name: &str) -> &'static str {
+    names::BUILT_IN
+        .iter()
+        .chain(names::RESERVED.iter())
+        .find(|n| **n == name)
+        .copied()
+        .unwrap_or("custom")
+}
+
+pub fn set_connections(n: usize) {
+    gauge!("sse_connections").set(n as f64);
+}
+
+pub fn event_published(name: &str) {
+    counter!("sse_events_published_total", "event" => label(name)).increment(1);
+}
+
+pub fn event_delivered(name: &str, connections: u64) {
+    if connections > 0 {
+        counter!("sse_events_delivered_total", "event" => label(name)).increment(connections);
+    }
+}
+
+pub fn event_failed(name: &str, reason: &'static str) {
+    counter!("sse_events_failed_total", "event" => label(name), "reason" => reason).increment(1);
+}
+
+pub fn slow_client_disconnected() {
+    counter!("sse_slow_client_disconnects_total").increment(1);
+}
+
+pub fn replayed(events: usize, gap: bool) {
+    counter!("sse_replays_total").increment(1);
+    counter!("sse_replayed_events_total").increment(events as u64);
+    if gap {
+        counter!("sse_resyncs_total").increment(1);
+    }
+}
+
+pub fn connection_refused(reason: &'static str) {
+    counter!("sse_connections_refused_total", "reason" => reason).increment(1);
+}
+
+pub fn broker_healthy(healthy: bool) {
+    gauge!("sse_broker_healthy").set(if healthy { 1.0 } else { 0.0 });
+}

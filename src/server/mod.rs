@@ -1,0 +1,118 @@
+//! The server half (feature `ssr`): the SSE endpoint, the publish API and the typed
+//! [`SseService`] API, on an in-process or Redis [`Broker`](broker::Broker).
+//!
+//! Merge [`router`] into your Axum app and put the [`SseService`] into the Leptos context:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use sse_notify::server::{router, SseConfig, SseService};
+//!
+//! let sse = SseService::start(SseConfig::from_env()?).await?;
+//! let app: axum::Router = axum::Router::new()
+//!     // .leptos_routes_with_context(&options, routes, { let s = sse.clone(); move || leptos::prelude::provide_context(s.clone()) }, ..)
+//!     .merge(router(sse.clone()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+//!     .with_graceful_shutdown(async move { let _ = tokio::signal::ctrl_c().await; sse.shutdown().await })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod publish;
+mod routes;
+pub mod service;
+pub mod stream;
+
+pub use auth::{Auth, AuthError, Claims, SESSION_COOKIE};
+pub use broker::{Broker, BrokerError, BrokerHealth, EventId, Target};
+pub use config::{ConfigError, SseConfig};
+pub use routes::router;
+#[cfg(feature = "demo")]
+pub use routes::{session_cookie, SESSION_TTL};
+pub use service::{SendError, SseService, StartError, Stats};
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+
+use crate::events::ValidationError;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An HTTP error with a JSON body: `{"error": "...", "field": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub error: String,
+    /// The request field at fault, when there is one.
+    pub field: Option<String>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+            field: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, error)
+    }
+
+    /// 503 with `Retry-After: 1`.
+    pub fn unavailable(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, error).retry_after(1)
+    }
+
+    #[must_use]
+    pub fn field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    #[must_use]
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        let field = e.field.clone();
+        Self::bad_request(e.to_string()).field(field)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "error": self.error });
+        if let Some(field) = self.field {
+            body["field"] = field.into();
+        }
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

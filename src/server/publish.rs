@@ -1,0 +1,180 @@
+//! `POST /api/events`: other backends publish events over HTTP.
+//!
+//! ```text
+//! curl -X POST http://127.0.0.1:3000/api/events \
+//!   -H "Authorization: Bearer $SSE_PUBLISH_KEY" -H 'Content-Type: application/json' \
+//!   -d '{"user_id":"alice","event":"notification","data":{"title":"Hi","message":"from curl"}}'
+//! # 202 {"ids":["1764189000000001"]}
+//! ```
+//!
+//! The body is one object or an array of them. Every item is validated before any is
+//! published, so a batch is taken whole or refused whole with the first bad field named
+//! (`[2].data.title`).
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::{Map, Value};
+
+use super::{
+    auth::bearer_token,
+    broker::{Envelope, Target},
+    ApiError, SendError, SseService,
+};
+use crate::events::{Event, ValidationError};
+
+/// `POST /api/events`.
+pub async fn publish_handler(
+    State(service): State<SseService>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let config = service.config();
+    let Some(key) = config.publish_key.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the publish API is disabled: set SSE_PUBLISH_KEY to enable it",
+        ));
+    };
+    match bearer_token(&headers) {
+        None => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "send `Authorization: Bearer <SSE_PUBLISH_KEY>`",
+            )
+            .field("Authorization"))
+        }
+        Some(given) if !constant_time_eq(given.as_bytes(), key.as_bytes()) => {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong publish key").field("Authorization"))
+        }
+        Some(_) => {}
+    }
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body is larger than {} bytes", config.max_body_bytes),
+            )
+            .field("body")
+        } else {
+            ApiError::bad_request(rejection.body_text()).field("body")
+        }
+    })?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")).field("body"))?;
+
+    let envelopes = match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(ApiError::bad_request("the array holds no events").field("body"));
+            }
+            if items.len() > config.max_batch {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "{} events in one batch, at most {} allowed",
+                        items.len(),
+                        config.max_batch
+                    ),
+                )
+                .field("body"));
+            }
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| envelope(&service, item).map_err(|e| e.under(&format!("[{i}]"))))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        item => vec![envelope(&service, item)?],
+    };
+    let ids = service.publish_envelopes(envelopes).await.map_err(|e| match e {
+        SendError::Invalid(e) => ApiError::from(e),
+        other => ApiError::unavailable(other.to_string()),
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "ids": ids }))).into_response())
+}
+
+/// One item: `{"user_id": "..", "event": "..", "data": {..}}` or `{"broadcast": true, ...}`.
+fn envelope(service: &SseService, item: Value) -> Result<Envelope, ValidationError> {
+    let Value::Object(mut item) = item else {
+        return Err(ValidationError::new("", "each event must be a JSON object"));
+    };
+    let target = target(&mut item)?;
+    let name = match item.remove("event") {
+        Some(Value::String(name)) => name,
+        Some(_) => return Err(ValidationError::new("event", "must be a string")),
+        None => return Err(ValidationError::new("event", "is required")),
+    };
+    let data = item.remove("data").unwrap_or_else(|| Value::Object(Map::new()));
+    if let Some(unknown) = item.keys().next() {
+        return Err(ValidationError::new(
+            unknown.as_str(),
+            "unknown field; expected user_id or broadcast, event, data",
+        ));
+    }
+    let event = Event::from_value(&name, data)?;
+    service.prepare(target, event)
+}
+
+fn target(item: &mut Map<String, Value>) -> Result<Target, ValidationError> {
+    let broadcast = match item.remove("broadcast") {
+        None | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => return Err(ValidationError::new("broadcast", "must be true or false")),
+    };
+    match (item.remove("user_id"), broadcast) {
+        (Some(Value::String(user)), false) => Ok(Target::User(user.into())),
+        (Some(Value::String(_)), true) => Err(ValidationError::new(
+            "broadcast",
+            "give either user_id or broadcast: true, not both",
+        )),
+        (Some(_), _) => Err(ValidationError::new("user_id", "must be a string")),
+        (None, true) => Ok(Target::Broadcast),
+        (None, false) => Err(ValidationError::new(
+            "user_id",
+            "is required (or set broadcast: true)",
+        )),
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the key.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_exactly() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn target_needs_exactly_one_of_user_and_broadcast() {
+        let t = |v: Value| target(&mut v.as_object().unwrap().clone());
+        assert_eq!(
+            t(serde_json::json!({"user_id": "a"})).unwrap(),
+            Target::User("a".into())
+        );
+        assert_eq!(
+            t(serde_json::json!({"broadcast": true})).unwrap(),
+            Target::Broadcast
+        );
+        assert_eq!(t(serde_json::json!({})).unwrap_err().field, "user_id");
+        assert_eq!(t(serde_json::json!({"user_id": 5})).unwrap_err().field, "user_id");
+        assert_eq!(
+            t(serde_json::json!({"user_id": "a", "broadcast": true}))
+                .unwrap_err()
+                .field,
+            "broadcast"
+        );
+    }
+}

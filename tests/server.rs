@@ -1,0 +1,756 @@
+//! The server over real TCP with a real SSE client: delivery, isolation, filtering,
+//! heartbeats, limits, replay, slow clients, bad input and shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use sse_notify::events::{
+    Notification, NotificationKind, ReelReady, ReelUploadProgress, SystemAlert, SystemAlertKind,
+    UploadStatus, UserUpdate, UserUpdateKind,
+};
+
+fn note(title: &str) -> Notification {
+    Notification {
+        title: title.into(),
+        message: "m".into(),
+        kind: NotificationKind::Info,
+        action_url: None,
+    }
+}
+
+/// Every typed `send_*` reaches its user with the wire fields of the design, and never another user.
+#[tokio::test]
+async fn every_event_type_reaches_exactly_its_user() {
+    let server = start_server(test_config()).await;
+    let mut alice = server.connect("alice", "", None).await;
+    let mut bob = server.connect("bob", "", None).await;
+    let sse = &server.service;
+
+    sse.send_notification(
+        "alice",
+        Notification {
+            action_url: Some("/inbox".into()),
+            kind: NotificationKind::Success,
+            ..note("Hi")
+        },
+    )
+    .await
+    .unwrap();
+    sse.send_reel_upload_progress(
+        "alice",
+        ReelUploadProgress {
+            reel_id: "r1".into(),
+            progress: 40,
+            status: UploadStatus::Uploading,
+            message: None,
+        },
+    )
+    .await
+    .unwrap();
+    sse.send_reel_ready(
+        "alice",
+        ReelReady {
+            reel_id: "r1".into(),
+            playback_url: "https://cdn.example/r1.m3u8".into(),
+            thumbnail_url: Some("/t/r1.jpg".into()),
+            duration: Some(12.5),
+        },
+    )
+    .await
+    .unwrap();
+    sse.send_user_update(
+        "alice",
+        UserUpdate {
+            kind: UserUpdateKind::Settings,
+            data: json!({"theme": "dark"}),
+        },
+    )
+    .await
+    .unwrap();
+    sse.send_custom_event("alice", "order.shipped", json!({"orderId": 7}))
+        .await
+        .unwrap();
+
+    let expected = [
+        (
+            "notification",
+            json!({"title": "Hi", "type": "success", "actionUrl": "/inbox"}),
+        ),
+        (
+            "reel_upload_progress",
+            json!({"reelId": "r1", "progress": 40, "status": "uploading"}),
+        ),
+        (
+            "reel_ready",
+            json!({"reelId": "r1", "playbackUrl": "https://cdn.example/r1.m3u8", "thumbnailUrl": "/t/r1.jpg", "duration": 12.5}),
+        ),
+        (
+            "user_update",
+            json!({"type": "settings", "data": {"theme": "dark"}}),
+        ),
+        ("order.shipped", json!({"orderId": 7})),
+    ];
+    let mut last_id = 0u64;
+    for (name, fields) in expected {
+        let event = alice.next().await;
+        assert_eq!(event.event, name);
+        let id: u64 = event.id.parse().expect("numeric id");
+        assert!(id > last_id, "ids must increase");
+        last_id = id;
+        let got = data(&event);
+        for (k, v) in fields.as_object().unwrap() {
+            assert_eq!(&got[k], v, "{name}.{k}");
+        }
+        assert!(got["timestamp"].is_u64(), "server adds timestamp");
+    }
+    assert!(
+        bob.nothing_within(Duration::from_millis(300)).await,
+        "bob saw alice's events"
+    );
+
+    sse.send_system_alert(SystemAlert {
+        message: "maintenance".into(),
+        kind: SystemAlertKind::Maintenance,
+        duration: Some(5000),
+    })
+    .await
+    .unwrap();
+    for client in [&mut alice, &mut bob] {
+        let event = client.next().await;
+        assert_eq!(event.event, "system_alert");
+        assert_eq!(data(&event)["type"], "maintenance");
+    }
+}
+
+/// The SSE response carries the headers proxies and browsers need, and a retry hint.
+#[tokio::test]
+async fn stream_headers_and_retry_hint() {
+    let server = start_server(test_config().retry(Duration::from_millis(1234))).await;
+    let response = server
+        .http
+        .get(server.url("/api/sse"))
+        .bearer_auth(server.token("h"))
+        .header("accept-encoding", "gzip, br")
+        .send()
+        .await
+        .unwrap();
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "text/event-stream");
+    assert_eq!(headers["cache-control"], "no-cache, no-transform");
+    assert_eq!(headers["x-accel-buffering"], "no");
+    assert!(
+        headers.get("content-encoding").is_none(),
+        "stream must not be compressed"
+    );
+    // The retry hint is the first thing on the wire, before any event.
+    let mut response = response;
+    let first = response.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"retry: 1234\n\n"), "{first:?}");
+}
+
+/// `events=` passes only the named events; heartbeats always pass.
+#[tokio::test]
+async fn events_filter_passes_only_named_events_and_heartbeats() {
+    let server = start_server(test_config().heartbeat_interval(Duration::from_millis(200))).await;
+    let mut client = server.connect("f", "?events=reel_ready,custom.one", None).await;
+    let sse = &server.service;
+    sse.send_notification("f", note("filtered out")).await.unwrap();
+    sse.send_custom_event("f", "custom.one", json!({"n": 1}))
+        .await
+        .unwrap();
+    sse.send_custom_event("f", "custom.two", json!({"n": 2}))
+        .await
+        .unwrap();
+    sse.send_reel_ready(
+        "f",
+        ReelReady {
+            reel_id: "r".into(),
+            playback_url: "/p".into(),
+            thumbnail_url: None,
+            duration: None,
+        },
+    )
+    .await
+    .unwrap();
+    let mut names = Vec::new();
+    let mut heartbeats = 0;
+    while names.len() < 2 || heartbeats == 0 {
+        let event = client.next_any().await.unwrap();
+        if event.event == "heartbeat" {
+            heartbeats += 1;
+        } else {
+            names.push(event.event);
+        }
+    }
+    assert_eq!(names, ["custom.one", "reel_ready"]);
+}
+
+/// Heartbeats come every interval (never early), carry a timestamp, and no id.
+#[tokio::test]
+async fn heartbeats_arrive_every_interval() {
+    let interval = Duration::from_millis(300);
+    let server = start_server(test_config().heartbeat_interval(interval)).await;
+    let mut client = server.connect("hb", "", None).await;
+    let mut arrivals = Vec::new();
+    while arrivals.len() < 4 {
+        let event = client.next_any().await.unwrap();
+        assert_eq!(event.event, "heartbeat");
+        assert!(event.id.is_empty(), "heartbeat must not move the resume point");
+        assert!(data(&event)["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
+        arrivals.push(tokio::time::Instant::now());
+    }
+    for pair in arrivals.windows(2) {
+        // Scheduling may delay a tick, never bring it forward much.
+        assert!(
+            pair[1] - pair[0] >= interval / 2,
+            "heartbeats too close: {:?}",
+            pair[1] - pair[0]
+        );
+    }
+}
+
+/// One connection more than the limit: the oldest gets `connection_replaced` and ends.
+#[tokio::test]
+async fn sixth_connection_replaces_the_oldest() {
+    let server = start_server(test_config()).await;
+    let mut oldest = server.connect("tabs", "", None).await;
+    server.wait_for_clients("tabs", 1).await;
+    let mut others = Vec::new();
+    for n in 2..=5 {
+        others.push(server.connect("tabs", "", None).await);
+        server.wait_for_clients("tabs", n).await;
+    }
+    let _newest = server.connect("tabs", "", None).await;
+    let seen = oldest.until_end().await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].event, "connection_replaced");
+    assert_eq!(server.service.client_count_for_user("tabs"), 5);
+    // The other four still receive events.
+    server
+        .service
+        .send_notification("tabs", note("still here"))
+        .await
+        .unwrap();
+    for client in &mut others {
+        assert_eq!(data(&client.next().await)["title"], "still here");
+    }
+}
+
+/// A reconnect with `Last-Event-ID` gets every missed event (own and broadcast) once, in
+/// order, then live events, without duplicates.
+#[tokio::test]
+async fn reconnect_replays_missed_events_exactly_once() {
+    let server = start_server(test_config()).await;
+    let sse = &server.service;
+    let mut first = server.connect("r", "", None).await;
+    sse.send_notification("r", note("seen")).await.unwrap();
+    let seen = first.next().await;
+    drop(first);
+    server.wait_for_clients("r", 0).await;
+
+    sse.send_notification("r", note("missed 1")).await.unwrap();
+    sse.send_notification("other", note("not yours")).await.unwrap();
+    sse.send_system_alert(SystemAlert {
+        message: "missed broadcast".into(),
+        kind: SystemAlertKind::Info,
+        duration: None,
+    })
+    .await
+    .unwrap();
+    sse.send_notification("r", note("missed 2")).await.unwrap();
+
+    let mut again = server.connect("r", "", Some(&seen.id)).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let e = again.next().await;
+        got.push(
+            data(&e)["title"]
+                .as_str()
+                .or(data(&e)["message"].as_str())
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(got, ["missed 1", "missed broadcast", "missed 2"]);
+    sse.send_notification("r", note("live")).await.unwrap();
+    assert_eq!(data(&again.next().await)["title"], "live");
+    assert!(
+        again.nothing_within(Duration::from_millis(300)).await,
+        "duplicate after live"
+    );
+
+    // The query parameter works the same for clients that cannot set headers.
+    let mut by_query = server
+        .connect("r", &format!("?lastEventId={}", seen.id), None)
+        .await;
+    assert_eq!(data(&by_query.next().await)["title"], "missed 1");
+}
+
+/// Events published while a client connects are neither lost nor duplicated between the
+/// replay and the live stream.
+#[tokio::test]
+async fn no_gap_or_duplicate_between_replay_and_live() {
+    let server = start_server(test_config()).await;
+    let sse = server.service.clone();
+    let first_id = sse.send_notification("race", note("0")).await.unwrap();
+    let publisher = tokio::spawn(async move {
+        for n in 1..=200 {
+            sse.send_notification("race", note(&n.to_string())).await.unwrap();
+            if n % 20 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let mut client = server.connect("race", "", Some(&first_id.to_string())).await;
+    publisher.await.unwrap();
+    for n in 1..=200 {
+        assert_eq!(data(&client.next().await)["title"], n.to_string());
+    }
+    assert!(client.nothing_within(Duration::from_millis(200)).await);
+}
+
+/// An id older than what is kept gets `resync`, then what is still kept.
+#[tokio::test]
+async fn expired_last_event_id_gets_resync() {
+    let server = start_server(test_config().history_capacity(3)).await;
+    let sse = &server.service;
+    let old = sse.send_notification("x", note("0")).await.unwrap();
+    for n in 1..=5 {
+        sse.send_notification("x", note(&n.to_string())).await.unwrap();
+    }
+    let mut client = server.connect("x", "", Some(&old.to_string())).await;
+    assert_eq!(client.next().await.event, "resync");
+    let titles: Vec<_> = [client.next().await, client.next().await, client.next().await]
+        .iter()
+        .map(|e| data(e)["title"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(titles, ["3", "4", "5"]);
+
+    // An id this server never issued (e.g. from before a restart) also gets resync.
+    let mut stale = server.connect("x", "", Some("12")).await;
+    assert_eq!(stale.next().await.event, "resync");
+}
+
+/// A client that never reads is cut off when its queue fills; its queue never grows past
+/// its capacity, and the server stays healthy.
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_with_bounded_queue() {
+    use tokio::io::AsyncWriteExt;
+    let capacity = 16;
+    let server = start_server(test_config().queue_capacity(capacity)).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token("slow")
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    server.wait_for_clients("slow", 1).await;
+    let big = "x".repeat(1900);
+    let mut max_queued = 0;
+    for n in 0..5_000 {
+        server
+            .service
+            .send_notification(
+                "slow",
+                Notification {
+                    message: big.clone(),
+                    ..note(&n.to_string())
+                },
+            )
+            .await
+            .unwrap();
+        max_queued = max_queued.max(server.service.queue_depth_for_user("slow"));
+        if server.service.client_count_for_user("slow") == 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        server.service.client_count_for_user("slow"),
+        0,
+        "slow client never cut off"
+    );
+    assert!(max_queued <= capacity, "queue grew to {max_queued}");
+    assert_eq!(server.service.stats().slow_client_disconnects, 1);
+    let (status, _) = server.get_json("/healthz").await;
+    assert_eq!(status, 200);
+    drop(socket);
+}
+
+/// Bad tokens get 401 with a JSON error; a valid one of another user sees only their events.
+#[tokio::test]
+async fn bad_tokens_are_refused() {
+    let server = start_server(test_config()).await;
+    let other_secret = sse_notify::server::Auth::new(Some("some-other-secret-123456"));
+    let forged = other_secret
+        .issue("alice", None, Duration::from_secs(60))
+        .unwrap();
+    let expired = {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let claims = json!({"sub": "alice", "exp": 1_000});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    for (what, auth) in [
+        ("missing", None),
+        ("forged", Some(forged)),
+        ("expired", Some(expired)),
+        ("garbage", Some("not.a.jwt".to_string())),
+    ] {
+        let mut request = server.http.get(server.url("/api/sse"));
+        if let Some(token) = auth {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{what}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("token"),
+            "{what}: {body}"
+        );
+    }
+    // Identity comes only from the token: a user_id query parameter changes nothing.
+    let mut mallory = server.connect("mallory", "?user_id=alice", None).await;
+    server
+        .service
+        .send_notification("alice", note("private"))
+        .await
+        .unwrap();
+    assert!(mallory.nothing_within(Duration::from_millis(300)).await);
+}
+
+/// The session endpoint sets an HttpOnly cookie that opens the stream; `?token=` works too.
+#[tokio::test]
+async fn session_cookie_and_query_token_authenticate() {
+    let server = start_server(test_config()).await;
+    let response = server
+        .http
+        .post(server.url("/api/session"))
+        .json(&json!({"user_id": "carol"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.starts_with("sse_session=") && cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax")
+    );
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let response = server
+        .http
+        .get(server.url("/api/sse"))
+        .header("cookie", pair)
+        .send()
+        .await
+        .unwrap();
+    let mut by_cookie = SseClient::new(response);
+    let response = server
+        .http
+        .get(server.url(&format!("/api/sse?token={}", server.token("carol"))))
+        .send()
+        .await
+        .unwrap();
+    let mut by_query = SseClient::new(response);
+    server
+        .service
+        .send_notification("carol", note("both"))
+        .await
+        .unwrap();
+    assert_eq!(data(&by_cookie.next().await)["title"], "both");
+    assert_eq!(data(&by_query.next().await)["title"], "both");
+
+    let (status, body) = {
+        let r = server
+            .http
+            .post(server.url("/api/session"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+    };
+    assert_eq!(status, 400);
+    assert_eq!(body["field"], "user_id");
+}
+
+/// The publish API: single object and array, 202 with ids, and each kind of bad input a
+/// clear JSON error naming the field; the server is healthy afterwards.
+#[tokio::test]
+async fn publish_api_accepts_good_input_and_names_bad_fields() {
+    let server = start_server(
+        test_config()
+            .max_body_bytes(64 * 1024)
+            .max_payload_bytes(8 * 1024),
+    )
+    .await;
+    let mut dave = server.connect("dave", "", None).await;
+
+    let (status, body) = server
+        .publish(
+            json!({"user_id": "dave", "event": "notification", "data": {"title": "one", "message": "m"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["ids"].as_array().unwrap().len(), 1);
+    let (status, body) = server
+        .publish(json!([
+            {"user_id": "dave", "event": "notification", "data": {"title": "two", "message": "m"}},
+            {"broadcast": true, "event": "system_alert", "data": {"message": "all"}},
+        ]))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["ids"].as_array().unwrap().len(), 2);
+    assert_eq!(data(&dave.next().await)["title"], "one");
+    assert_eq!(data(&dave.next().await)["title"], "two");
+    assert_eq!(data(&dave.next().await)["message"], "all");
+
+    let cases: Vec<(serde_json::Value, u16, &str)> = vec![
+        (
+            json!({"event": "notification", "data": {"title": "t"}}),
+            400,
+            "user_id",
+        ),
+        (
+            json!({"user_id": "dave", "event": "Bad Name", "data": {}}),
+            400,
+            "event",
+        ),
+        (
+            json!({"user_id": "dave", "event": "evil\nevent: x", "data": {}}),
+            400,
+            "event",
+        ),
+        (
+            json!({"user_id": "dave", "event": "heartbeat", "data": {"timestamp": 1}}),
+            400,
+            "event",
+        ),
+        (
+            json!({"user_id": "dave", "event": "resync", "data": {}}),
+            400,
+            "event",
+        ),
+        (
+            json!({"user_id": "dave", "event": "notification", "data": {"message": "no title"}}),
+            400,
+            "data.title",
+        ),
+        (
+            json!({"user_id": "dave", "event": "notification", "data": {"title": "t", "message": "m", "actionUrl": "javascript:alert(1)"}}),
+            400,
+            "data.actionUrl",
+        ),
+        (
+            json!({"user_id": "dave", "event": "reel_upload_progress", "data": {"reelId": "r", "progress": 101, "status": "uploading"}}),
+            400,
+            "data.progress",
+        ),
+        (
+            json!({"user_id": "dave", "event": "custom.x", "data": [1, 2]}),
+            400,
+            "data",
+        ),
+        (
+            json!({"user_id": "dave", "event": "custom.x", "data": {"blob": "y".repeat(9000)}}),
+            400,
+            "data",
+        ),
+        (
+            json!([{"user_id": "dave", "event": "notification", "data": {"title": "ok", "message": "m"}}, {"user_id": "dave", "event": "notification", "data": {"title": ""}}]),
+            400,
+            "[1].data.message",
+        ),
+        (
+            json!({"user_id": "dave", "event": "notification", "data": {}, "extra": 1}),
+            400,
+            "extra",
+        ),
+    ];
+    for (body, want_status, want_field) in cases {
+        let (status, json) = server.publish(body.clone()).await;
+        assert_eq!(status, want_status, "{body} -> {json}");
+        assert_eq!(json["field"], want_field, "{body} -> {json}");
+        assert!(json["error"].is_string());
+    }
+    // Malformed JSON and oversized bodies.
+    let (status, json) = server.publish_raw("{not json".into(), Some(PUBLISH_KEY)).await;
+    assert_eq!((status, json["field"].as_str()), (400, Some("body")));
+    let (status, json) = server
+        .publish_raw("x".repeat(100 * 1024), Some(PUBLISH_KEY))
+        .await;
+    assert_eq!((status, json["field"].as_str()), (413, Some("body")));
+    // Keys.
+    let ok = json!({"user_id": "dave", "event": "notification", "data": {"title": "t", "message": "m"}})
+        .to_string();
+    assert_eq!(server.publish_raw(ok.clone(), None).await.0, 401);
+    assert_eq!(server.publish_raw(ok, Some("wrong-key")).await.0, 403);
+
+    // None of the refused events reached dave, and the server is healthy.
+    assert!(dave.nothing_within(Duration::from_millis(300)).await);
+    assert_eq!(server.get_json("/healthz").await.0, 200);
+}
+
+/// A newline inside a string is escaped by JSON: one event, no forged field.
+#[tokio::test]
+async fn newlines_in_data_cannot_forge_fields_or_events() {
+    let server = start_server(test_config()).await;
+    let mut client = server.connect("n", "", None).await;
+    let evil = "line1\n\nevent: system_alert\ndata: {\"message\":\"forged\"}\r\nid: 1";
+    let (status, _) = server
+        .publish(
+            json!({"user_id": "n", "event": "notification", "data": {"title": evil, "message": "\r\n\r\n"}}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let event = client.next().await;
+    assert_eq!(event.event, "notification");
+    assert_eq!(data(&event)["title"], evil);
+    assert!(
+        client.nothing_within(Duration::from_millis(300)).await,
+        "a second event was forged"
+    );
+}
+
+/// The publish API is off without a key.
+#[tokio::test]
+async fn publish_api_is_disabled_without_a_key() {
+    let server = start_server(test_config().publish_key(None)).await;
+    let (status, json) = server
+        .publish(json!({"user_id": "a", "event": "x", "data": {}}))
+        .await;
+    assert_eq!(status, 403);
+    assert!(json["error"].as_str().unwrap().contains("SSE_PUBLISH_KEY"));
+}
+
+/// A bad `Last-Event-ID` or `events=` is a 400 naming the field.
+#[tokio::test]
+async fn bad_stream_parameters_are_refused() {
+    let server = start_server(test_config()).await;
+    let token = server.token("p");
+    for (query, header, field) in [
+        ("?lastEventId=abc", None, "lastEventId"),
+        ("", Some("12ab"), "Last-Event-ID"),
+        ("?events=ok,Not%20Ok", None, "events"),
+    ] {
+        let mut request = server
+            .http
+            .get(server.url(&format!("/api/sse{query}")))
+            .bearer_auth(&token);
+        if let Some(h) = header {
+            request = request.header("last-event-id", h);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["field"], field);
+    }
+}
+
+/// New connections past the per-user rate get 429 with `Retry-After`.
+#[tokio::test]
+async fn connection_rate_limit_answers_429() {
+    let server = start_server(test_config().connect_rate_per_user(3)).await;
+    let token = server.token("eager");
+    let mut statuses = Vec::new();
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let response = server
+            .http
+            .get(server.url("/api/sse"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 {
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        open.push(response);
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+}
+
+/// Stats and Prometheus metrics count what happened.
+#[tokio::test]
+async fn stats_and_metrics_report_activity() {
+    let server = start_server(test_config()).await;
+    let mut client = server.connect("s", "", None).await;
+    server.service.send_notification("s", note("1")).await.unwrap();
+    client.next().await;
+    let (status, stats) = server.get_json("/api/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(stats["clients"], 1);
+    assert_eq!(stats["users"], 1);
+    assert_eq!(stats["eventsPublished"], 1);
+    assert_eq!(stats["eventsDelivered"], 1);
+    assert_eq!(stats["broker"], "memory");
+    assert_eq!(stats["brokerHealth"], "healthy");
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sse_events_published_total{event=\"notification\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sse_connections"));
+    let (status, health) = server.get_json("/healthz").await;
+    assert_eq!((status, health["brokerHealth"].as_str()), (200, Some("healthy")));
+}
+
+/// Only origins in the allow-list get CORS headers.
+#[tokio::test]
+async fn cors_allows_only_listed_origins() {
+    let server = start_server(test_config().allowed_origins(vec!["https://app.example".into()])).await;
+    let response = server
+        .http
+        .get(server.url("/api/stats"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(response.headers()["access-control-allow-credentials"], "true");
+    let response = server
+        .http
+        .get(server.url("/api/stats"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+}
+
+/// Shutdown ends open streams (so clients reconnect elsewhere), refuses new ones and new events.
+#[tokio::test]
+async fn shutdown_ends_streams_and_refuses_new_work() {
+    let server = start_server(test_config()).await;
+    let mut client = server.connect("z", "", None).await;
+    server.wait_for_clients("z", 1).await;
+    server.service.shutdown().await;
+    assert!(client.until_end().await.is_empty());
+    let response = server
+        .http
+        .get(server.url("/api/sse"))
+        .bearer_auth(server.token("z"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(server.service.send_notification("z", note("late")).await.is_err());
+    assert_eq!(server.get_json("/healthz").await.0, 503);
+}
