@@ -365,7 +365,7 @@ mod browser {
         options: UseSseOptions,
         signals: Signals,
         source: Option<EventSource>,
-        listeners: Vec<(String, Closure<dyn FnMut(web_sys::Event)>)>,
+        listeners: Vec<(String, Listener)>,
         seen: VecDeque<String>,
         last_id: Option<String>,
         attempts: u32,
@@ -376,6 +376,8 @@ mod browser {
     }
 
     type Shared = Rc<RefCell<Connection>>;
+    /// A JS event listener, kept alive as long as it is registered.
+    type Listener = Closure<dyn FnMut(web_sys::Event)>;
 
     pub(super) fn start(
         options: UseSseOptions,
@@ -486,17 +488,17 @@ mod browser {
         let mut listeners = Vec::new();
         let on_open = {
             let shared = shared.clone();
-            Closure::<dyn FnMut(web_sys::Event)>::new(move |_| opened(&shared))
+            Listener::new(move |_| opened(&shared))
         };
         listeners.push(("open".to_string(), on_open));
         let on_error = {
             let shared = shared.clone();
-            Closure::<dyn FnMut(web_sys::Event)>::new(move |_| fail(&shared, UseSseError::Connection))
+            Listener::new(move |_| fail(&shared, UseSseError::Connection))
         };
         listeners.push(("error".to_string(), on_error));
         for name in c.options.listened_names() {
             let shared = shared.clone();
-            let listener = Closure::<dyn FnMut(web_sys::Event)>::new(move |e: web_sys::Event| {
+            let listener = Listener::new(move |e: web_sys::Event| {
                 if let Ok(message) = e.dyn_into::<MessageEvent>() {
                     received(&shared, message);
                 }
