@@ -58,7 +58,9 @@ use tokio::task::JoinHandle;
 
 use super::{
     auth::{self, Auth},
-    broker::{encode_frame, Broker, BrokerError, BrokerHealth, Envelope, EventId, MemoryBroker, Target},
+    broker::{
+        encode_frame, Broker, BrokerError, BrokerHealth, Envelope, EventId, MemoryBroker, RedisBroker, Target,
+    },
     hub::Hub,
     metrics as m, now_ms, SseConfig,
 };
@@ -143,10 +145,10 @@ impl SseService {
         m::install();
         let hub = Arc::new(Hub::new(config.max_clients_per_user, config.queue_capacity));
         let broker: Arc<dyn Broker> = match &config.redis_url {
-            Some(_) => {
-                return Err(StartError::Redis(
-                    "REDIS_URL is set, but this build has no Redis broker yet".into(),
-                ))
+            Some(url) => {
+                RedisBroker::connect(url, hub.clone(), config.event_retention, config.history_capacity)
+                    .await
+                    .map_err(|e| StartError::Redis(e.to_string()))?
             }
             None => Arc::new(MemoryBroker::new(
                 hub.clone(),

@@ -106,7 +106,17 @@ pub async fn sse_handler(
         user: user.clone(),
         id: registration.id,
     };
+    let mut resume_from = resume_from;
     if registration.first_for_user {
+        // Events published while the broker starts listening for this user are read back
+        // from history: note where history stands before subscribing.
+        if resume_from.is_none() {
+            let head = inner.broker.head().await.map_err(|e| {
+                tracing::warn!(error = %e, "broker head unavailable");
+                ApiError::unavailable("the event broker is unavailable; retry shortly")
+            })?;
+            resume_from = Some(head);
+        }
         inner.broker.user_online(&user).await;
     }
 

@@ -105,6 +105,10 @@ impl Broker for MemoryBroker {
         Ok(Replay { events, gap })
     }
 
+    async fn head(&self) -> Result<EventId, BrokerError> {
+        Ok(EventId(self.lock().next_id - 1))
+    }
+
     fn health(&self) -> BrokerHealth {
         BrokerHealth::Healthy
     }

@@ -1,12 +1,14 @@
 //! The [`Broker`]: where events get their id, are kept for replay, and are fanned out.
 //!
 //! One broker serves one process. [`MemoryBroker`] (the default) keeps everything in this
-//! process; a Redis broker (next) shares ids, history and fan-out between instances.
+//! process; [`RedisBroker`] shares ids, history and fan-out between any number of instances.
 //! Both hand every event to the local [`Hub`](super::hub::Hub) in id order, so each connection
 //! sees ids increase and a `Last-Event-ID` is always a safe place to resume from.
 
 mod memory;
+mod redis;
 
+pub use self::redis::RedisBroker;
 pub use memory::MemoryBroker;
 
 use std::{fmt, str::FromStr, sync::Arc};
@@ -159,6 +161,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Events for `user` (and broadcasts) after `after`, in order.
     async fn replay(&self, user: &str, after: EventId) -> Result<Replay, BrokerError>;
+
+    /// The id of the newest event published so far (0 when none).
+    async fn head(&self) -> Result<EventId, BrokerError>;
 
     /// The first local connection of `user` opened: start receiving their events.
     async fn user_online(&self, _user: &str) {}

@@ -1,0 +1,410 @@
+//! The brokers: one behaviour suite run on the in-process broker and on Redis, then what
+//! only Redis does: several instances as one, per-user subscriptions, surviving outages.
+//! Every Redis test starts its own `redis-server` on a free port.
+
+mod common;
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::json;
+use sse_notify::{
+    events::{Notification, NotificationKind, SystemAlert, SystemAlertKind},
+    server::{SendError, SseConfig},
+};
+
+/// A `redis-server` of this test's own, without persistence, stopped on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self { port, child: None };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make setup)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        cmd.query_async(&mut conn).await.unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn note(title: &str) -> Notification {
+    Notification {
+        title: title.into(),
+        message: "m".into(),
+        kind: NotificationKind::Info,
+        action_url: None,
+    }
+}
+
+fn alert(message: &str) -> SystemAlert {
+    SystemAlert {
+        message: message.into(),
+        kind: SystemAlertKind::Info,
+        duration: None,
+    }
+}
+
+fn text(event: &eventsource_stream::Event) -> String {
+    let d = data(event);
+    d["title"]
+        .as_str()
+        .or(d["message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+// ---- The shared behaviour suite: each check runs on both brokers. ----
+
+/// Targeted and broadcast events arrive in order, exactly once, only where they belong.
+async fn check_delivery(config: SseConfig) {
+    let server = start_server(config).await;
+    let mut a = server.connect("a", "", None).await;
+    let mut b = server.connect("b", "", None).await;
+    let sse = &server.service;
+    sse.send_notification("a", note("a1")).await.unwrap();
+    sse.send_system_alert(alert("all")).await.unwrap();
+    sse.send_notification("a", note("a2")).await.unwrap();
+    sse.send_notification("b", note("b1")).await.unwrap();
+    assert_eq!(
+        [
+            text(&a.next().await),
+            text(&a.next().await),
+            text(&a.next().await)
+        ],
+        ["a1", "all", "a2"]
+    );
+    assert_eq!([text(&b.next().await), text(&b.next().await)], ["all", "b1"]);
+    assert!(a.nothing_within(Duration::from_millis(300)).await);
+}
+
+/// A reconnect with `Last-Event-ID` replays what was missed, user and broadcast, once.
+async fn check_replay(config: SseConfig) {
+    let server = start_server(config).await;
+    let sse = &server.service;
+    let mut first = server.connect("r", "", None).await;
+    sse.send_notification("r", note("seen")).await.unwrap();
+    let seen = first.next().await;
+    drop(first);
+    server.wait_for_clients("r", 0).await;
+    sse.send_notification("r", note("m1")).await.unwrap();
+    sse.send_system_alert(alert("mb")).await.unwrap();
+    sse.send_notification("x", note("not yours")).await.unwrap();
+    sse.send_notification("r", note("m2")).await.unwrap();
+    let mut again = server.connect("r", "", Some(&seen.id)).await;
+    assert_eq!(
+        [
+            text(&again.next().await),
+            text(&again.next().await),
+            text(&again.next().await)
+        ],
+        ["m1", "mb", "m2"]
+    );
+    sse.send_notification("r", note("live")).await.unwrap();
+    assert_eq!(text(&again.next().await), "live");
+    assert!(again.nothing_within(Duration::from_millis(300)).await);
+}
+
+/// An id older than the kept history gets `resync`, then what is still kept.
+async fn check_resync(config: SseConfig) {
+    let server = start_server(config.history_capacity(2)).await;
+    let sse = &server.service;
+    let old = sse.send_notification("t", note("0")).await.unwrap();
+    for n in 1..=4 {
+        sse.send_notification("t", note(&n.to_string())).await.unwrap();
+    }
+    let mut client = server.connect("t", "", Some(&old.to_string())).await;
+    assert_eq!(client.next().await.event, "resync");
+    assert_eq!(
+        [text(&client.next().await), text(&client.next().await)],
+        ["3", "4"]
+    );
+}
+
+/// A connection that opens while events are being published misses none after its first.
+async fn check_connect_during_publishing(config: SseConfig) {
+    let server = start_server(config).await;
+    let sse = server.service.clone();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let publisher = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for n in 0.. {
+            ids.push(sse.send_notification("busy", note(&n.to_string())).await.unwrap());
+            if stopped.try_recv().is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        ids
+    });
+    let mut client = server.connect("busy", "", None).await;
+    stop.send(()).unwrap();
+    let ids = publisher.await.unwrap();
+    // From the first event it receives to the last one published, nothing is skipped.
+    let first = client.next().await;
+    let start = ids
+        .iter()
+        .position(|id| id.to_string() == first.id)
+        .expect("a known id");
+    for expected in &ids[start + 1..] {
+        assert_eq!(client.next().await.id, expected.to_string());
+    }
+}
+
+macro_rules! behaviour_suite {
+    ($($check:ident),*) => {
+        mod memory_broker {
+            use super::*;
+            $(#[tokio::test] async fn $check() { super::$check(test_config()).await; })*
+        }
+        mod redis_broker {
+            use super::*;
+            $(#[tokio::test] async fn $check() {
+                let redis = RedisServer::start();
+                super::$check(test_config().redis_url(Some(redis.url()))).await;
+            })*
+        }
+    };
+}
+
+behaviour_suite!(
+    check_delivery,
+    check_replay,
+    check_resync,
+    check_connect_during_publishing
+);
+
+// ---- Redis only. ----
+
+/// Two instances on one Redis: events published on A reach clients on B, in order, once.
+#[tokio::test]
+async fn two_instances_act_as_one() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(Some(redis.url()));
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let mut on_b = b.connect("u", "", None).await;
+    let mut other_on_a = a.connect("v", "", None).await;
+    for n in 0..20 {
+        a.service
+            .send_notification("u", note(&n.to_string()))
+            .await
+            .unwrap();
+    }
+    a.service.send_system_alert(alert("everyone")).await.unwrap();
+    for n in 0..20 {
+        assert_eq!(text(&on_b.next().await), n.to_string());
+    }
+    assert_eq!(text(&on_b.next().await), "everyone");
+    assert_eq!(text(&other_on_a.next().await), "everyone");
+    assert!(
+        on_b.nothing_within(Duration::from_millis(300)).await,
+        "duplicate delivery"
+    );
+    assert!(
+        other_on_a.nothing_within(Duration::from_millis(100)).await,
+        "v saw u's events"
+    );
+}
+
+/// A client of instance A reconnects to instance B with `Last-Event-ID` and gets every
+/// missed event (user and broadcast) once; also when A died.
+#[tokio::test]
+async fn reconnect_to_another_instance_resumes_without_loss() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(Some(redis.url()));
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let mut on_a = a.connect("w", "", None).await;
+    b.service.send_notification("w", note("seen")).await.unwrap();
+    let seen = on_a.next().await;
+    // Instance A dies: its streams end.
+    a.service.shutdown().await;
+    assert!(on_a.until_end().await.is_empty());
+    b.service.send_notification("w", note("m1")).await.unwrap();
+    b.service.send_system_alert(alert("mb")).await.unwrap();
+    b.service.send_notification("w", note("m2")).await.unwrap();
+    let mut on_b = b.connect("w", "", Some(&seen.id)).await;
+    assert_eq!(
+        [
+            text(&on_b.next().await),
+            text(&on_b.next().await),
+            text(&on_b.next().await)
+        ],
+        ["m1", "mb", "m2"]
+    );
+    assert!(on_b.nothing_within(Duration::from_millis(300)).await);
+}
+
+/// An instance subscribes to a user's channel only while that user is connected to it.
+#[tokio::test]
+async fn instances_subscribe_only_to_their_users() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(Some(redis.url()));
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let numsub = |user: &str| {
+        redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(format!("sse:u:{user}"))
+            .clone()
+    };
+    let subscribers = |reply: (String, u64)| reply.1;
+
+    let client = a.connect("x", "", None).await;
+    a.wait_for_clients("x", 1).await;
+    assert_eq!(
+        subscribers(redis.query(&mut numsub("x")).await),
+        1,
+        "only A listens for x"
+    );
+    let broadcast: (String, u64) = redis
+        .query(redis::cmd("PUBSUB").arg("NUMSUB").arg("sse:broadcast"))
+        .await;
+    assert_eq!(broadcast.1, 2, "both instances listen for broadcasts");
+    let channels: Vec<String> = redis
+        .query(redis::cmd("PUBSUB").arg("CHANNELS").arg("sse:u:*"))
+        .await;
+    assert_eq!(channels, ["sse:u:x"]);
+    let _ = &b;
+
+    drop(client);
+    a.wait_for_clients("x", 0).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while subscribers(redis.query(&mut numsub("x")).await) != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "A still subscribed to x");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Redis dies mid-stream: sends fail with an error, health shows degraded, the streams stay
+/// open; after Redis is back, new events are delivered again.
+#[tokio::test]
+async fn redis_outage_is_reported_and_survived() {
+    let mut redis = RedisServer::start();
+    let server = start_server(test_config().redis_url(Some(redis.url()))).await;
+    let mut client = server.connect("o", "", None).await;
+    server
+        .service
+        .send_notification("o", note("before"))
+        .await
+        .unwrap();
+    assert_eq!(text(&client.next().await), "before");
+
+    redis.kill();
+    let failed = server.service.send_notification("o", note("during")).await;
+    assert!(matches!(failed, Err(SendError::Broker(_))), "{failed:?}");
+    let (status, health) = server.get_json("/healthz").await;
+    assert_eq!((status, health["brokerHealth"].as_str()), (200, Some("degraded")));
+    let (status, body) = server
+        .publish(json!({"user_id": "o", "event": "notification", "data": {"title": "t", "message": "m"}}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+
+    redis.spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if server.service.send_notification("o", note("after")).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The subscriber may still be reconnecting when the first send succeeds; the event is
+    // recovered from the stream then. Every "after" that was accepted arrives.
+    assert_eq!(text(&client.next().await), "after");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.service.broker_health() != sse_notify::server::BrokerHealth::Healthy {
+        assert!(tokio::time::Instant::now() < deadline, "still degraded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Instance A loses its subscriber connection while B publishes: A reads the missed events
+/// back from the streams, so its clients miss nothing.
+#[tokio::test]
+async fn events_published_while_an_instance_was_cut_off_are_recovered() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(Some(redis.url()));
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let mut on_a = a.connect("k", "", None).await;
+    b.service.send_notification("k", note("first")).await.unwrap();
+    assert_eq!(text(&on_a.next().await), "first");
+    // Cut every pub/sub connection (A's and B's), then publish before they come back.
+    let _: u64 = redis
+        .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"))
+        .await;
+    for n in 0..5 {
+        b.service
+            .send_notification("k", note(&format!("missed {n}")))
+            .await
+            .unwrap();
+    }
+    b.service
+        .send_system_alert(alert("missed broadcast"))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        assert_eq!(text(&on_a.next().await), format!("missed {n}"));
+    }
+    assert_eq!(text(&on_a.next().await), "missed broadcast");
+    assert!(
+        on_a.nothing_within(Duration::from_millis(300)).await,
+        "duplicates after recovery"
+    );
+}
