@@ -13,7 +13,9 @@ use std::{
 use common::*;
 use serde_json::json;
 use sse_notify::{
-    events::{Notification, NotificationKind, SystemAlert, SystemAlertKind},
+    events::{
+        Notification, NotificationKind, ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus,
+    },
     server::{SendError, SseConfig},
 };
 
@@ -205,6 +207,88 @@ async fn check_connect_during_publishing(config: SseConfig) {
     }
 }
 
+fn progress(reel: &str, pct: u8) -> ReelUploadProgress {
+    ReelUploadProgress {
+        reel_id: reel.into(),
+        progress: pct,
+        status: UploadStatus::Uploading,
+        message: None,
+    }
+}
+
+/// Notifications, reel_ready and alerts sent while a user is away arrive on their next
+/// connect, progress only as the newest per reel; custom events do not wait; what a closed
+/// connection already received is not sent again.
+async fn check_offline_delivery(config: SseConfig) {
+    let server = start_server(config).await;
+    let sse = &server.service;
+    sse.send_notification("off", note("n1")).await.unwrap();
+    sse.send_reel_upload_progress("off", progress("r1", 10))
+        .await
+        .unwrap();
+    sse.send_reel_upload_progress("off", progress("r1", 50))
+        .await
+        .unwrap();
+    sse.send_reel_upload_progress("off", progress("r2", 20))
+        .await
+        .unwrap();
+    sse.send_custom_event("off", "chat.typing", json!({}))
+        .await
+        .unwrap();
+    sse.send_system_alert(alert("while away")).await.unwrap();
+
+    let mut client = server.connect("off", "", None).await;
+    let got: Vec<String> = [
+        client.next().await,
+        client.next().await,
+        client.next().await,
+        client.next().await,
+    ]
+    .iter()
+    .map(|e| match e.event.as_str() {
+        "reel_upload_progress" => format!("{}@{}", data(e)["reelId"].as_str().unwrap(), data(e)["progress"]),
+        _ => text(e),
+    })
+    .collect();
+    assert_eq!(got, ["n1", "r1@50", "r2@20", "while away"]);
+    assert!(
+        client.nothing_within(Duration::from_millis(300)).await,
+        "custom or stale progress replayed"
+    );
+    drop(client);
+    server.wait_for_clients("off", 0).await;
+
+    sse.send_notification("off", note("n2")).await.unwrap();
+    // The closed connection's position is recorded asynchronously; give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = server.connect("off", "", None).await;
+    assert_eq!(text(&again.next().await), "n2");
+    assert!(
+        again.nothing_within(Duration::from_millis(300)).await,
+        "already-delivered events came again"
+    );
+}
+
+/// A resume by `Last-Event-ID` sends only the newest progress of each reel.
+async fn check_latest_progress_on_resume(config: SseConfig) {
+    let server = start_server(config).await;
+    let sse = &server.service;
+    let mut first = server.connect("p", "", None).await;
+    sse.send_notification("p", note("seen")).await.unwrap();
+    let seen = first.next().await;
+    drop(first);
+    server.wait_for_clients("p", 0).await;
+    for pct in [10, 20, 30] {
+        sse.send_reel_upload_progress("p", progress("r", pct))
+            .await
+            .unwrap();
+    }
+    let mut again = server.connect("p", "", Some(&seen.id)).await;
+    let event = again.next().await;
+    assert_eq!(data(&event)["progress"], 30);
+    assert!(again.nothing_within(Duration::from_millis(300)).await);
+}
+
 macro_rules! behaviour_suite {
     ($($check:ident),*) => {
         mod memory_broker {
@@ -225,7 +309,9 @@ behaviour_suite!(
     check_delivery,
     check_replay,
     check_resync,
-    check_connect_during_publishing
+    check_connect_during_publishing,
+    check_offline_delivery,
+    check_latest_progress_on_resume
 );
 
 // ---- Redis only. ----

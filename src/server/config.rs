@@ -38,6 +38,11 @@ pub struct SseConfig {
     pub cleanup_interval: Duration,
     /// How long events stay replayable by `Last-Event-ID`. Defaults to 5 min (`SSE_EVENT_RETENTION_MS`).
     pub event_retention: Duration,
+    /// Event types delivered to users who were offline when they were sent, and how long
+    /// they wait; 0 turns one off. Defaults to `notification` and `reel_ready` 24 h,
+    /// `system_alert` 1 h, `reel_upload_progress` 5 min (`SSE_OFFLINE_RETENTION_MS`, as
+    /// `name=ms,name=ms`, merged over the defaults).
+    pub offline_retention: Vec<(String, Duration)>,
     /// Events waiting for one connection before it counts as too slow and is closed.
     /// Defaults to 256 (`SSE_QUEUE_CAPACITY`).
     pub queue_capacity: usize,
@@ -75,6 +80,12 @@ impl Default for SseConfig {
             max_clients_per_user: 5,
             cleanup_interval: Duration::from_secs(60),
             event_retention: Duration::from_secs(300),
+            offline_retention: vec![
+                ("notification".into(), Duration::from_secs(24 * 3600)),
+                ("reel_ready".into(), Duration::from_secs(24 * 3600)),
+                ("system_alert".into(), Duration::from_secs(3600)),
+                ("reel_upload_progress".into(), Duration::from_secs(300)),
+            ],
             queue_capacity: 256,
             history_capacity: 100_000,
             max_payload_bytes: 64 * 1024,
@@ -100,6 +111,7 @@ impl std::fmt::Debug for SseConfig {
             .field("max_clients_per_user", &self.max_clients_per_user)
             .field("cleanup_interval", &self.cleanup_interval)
             .field("event_retention", &self.event_retention)
+            .field("offline_retention", &self.offline_retention)
             .field("queue_capacity", &self.queue_capacity)
             .field("history_capacity", &self.history_capacity)
             .field("max_payload_bytes", &self.max_payload_bytes)
@@ -136,6 +148,8 @@ impl SseConfig {
         cleanup_interval: Duration);
     setter!(/// Sets [`SseConfig::event_retention`].
         event_retention: Duration);
+    setter!(/// Sets [`SseConfig::offline_retention`].
+        offline_retention: Vec<(String, Duration)>);
     setter!(/// Sets [`SseConfig::queue_capacity`].
         queue_capacity: usize);
     setter!(/// Sets [`SseConfig::history_capacity`].
@@ -160,6 +174,14 @@ impl SseConfig {
         allowed_origins: Vec<String>);
     setter!(/// Sets [`SseConfig::redis_url`].
         redis_url: Option<String>);
+
+    /// How long events are kept, by type.
+    pub fn retention(&self) -> crate::server::broker::Retention {
+        crate::server::broker::Retention {
+            default: self.event_retention,
+            offline: self.offline_retention.clone(),
+        }
+    }
 
     /// Reads the configuration from the process environment (see the README's table).
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -222,6 +244,26 @@ impl SseConfig {
         config.connect_rate_per_ip = rate("SSE_CONNECT_RATE_PER_IP", config.connect_rate_per_ip)?;
         config.connect_rate_per_user = rate("SSE_CONNECT_RATE_PER_USER", config.connect_rate_per_user)?;
 
+        if let Some(list) = get("SSE_OFFLINE_RETENTION_MS") {
+            for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let parsed = pair.split_once('=').and_then(|(name, ms)| {
+                    crate::events::validate_event_name(name.trim()).ok()?;
+                    Some((
+                        name.trim().to_string(),
+                        Duration::from_millis(ms.trim().parse().ok()?),
+                    ))
+                });
+                let Some((name, duration)) = parsed else {
+                    return Err(ConfigError {
+                        variable: "SSE_OFFLINE_RETENTION_MS",
+                        value: pair.to_string(),
+                        expected: "event=milliseconds pairs, e.g. notification=86400000,system_alert=0",
+                    });
+                };
+                config.offline_retention.retain(|(n, _)| *n != name);
+                config.offline_retention.push((name, duration));
+            }
+        }
         config.jwt_secret = get("SSE_JWT_SECRET");
         if let Some(secret) = &config.jwt_secret {
             if secret.len() < 16 {
@@ -341,6 +383,11 @@ mod tests {
         );
         assert_eq!(c.connect_rate_per_ip, 0);
         assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+        let c = from(&[("SSE_OFFLINE_RETENTION_MS", "system_alert=0, order.shipped=60000")]).unwrap();
+        let r = c.retention();
+        assert_eq!(r.offline_for("system_alert"), None);
+        assert_eq!(r.offline_for("order.shipped"), Some(Duration::from_secs(60)));
+        assert_eq!(r.offline_for("notification"), Some(Duration::from_secs(86_400)));
     }
 
     #[test]
@@ -353,6 +400,8 @@ mod tests {
             ("SSE_JWT_SECRET", "short"),
             ("SSE_ALLOWED_ORIGINS", "example.com"),
             ("REDIS_URL", "http://localhost"),
+            ("SSE_OFFLINE_RETENTION_MS", "notification"),
+            ("SSE_OFFLINE_RETENTION_MS", "Bad Name=5"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{err}");

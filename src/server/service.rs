@@ -59,7 +59,8 @@ use tokio::task::JoinHandle;
 use super::{
     auth::{self, Auth},
     broker::{
-        encode_frame, Broker, BrokerError, BrokerHealth, Envelope, EventId, MemoryBroker, RedisBroker, Target,
+        encode_frame, Broker, BrokerError, BrokerHealth, Envelope, EventId, MemoryBroker, RedisBroker,
+        Retention, Target,
     },
     hub::Hub,
     metrics as m, now_ms, SseConfig,
@@ -110,6 +111,7 @@ pub(crate) struct Inner {
     pub(crate) hub: Arc<Hub>,
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) auth: Auth,
+    pub(crate) retention: Retention,
     pub(crate) ip_limiter: Option<DefaultKeyedRateLimiter<std::net::IpAddr>>,
     pub(crate) user_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     shutting_down: AtomicBool,
@@ -145,19 +147,18 @@ impl SseService {
         m::install();
         let hub = Arc::new(Hub::new(config.max_clients_per_user, config.queue_capacity));
         let broker: Arc<dyn Broker> = match &config.redis_url {
-            Some(url) => {
-                RedisBroker::connect(url, hub.clone(), config.event_retention, config.history_capacity)
-                    .await
-                    .map_err(|e| StartError::Redis(e.to_string()))?
-            }
+            Some(url) => RedisBroker::connect(url, hub.clone(), config.retention(), config.history_capacity)
+                .await
+                .map_err(|e| StartError::Redis(e.to_string()))?,
             None => Arc::new(MemoryBroker::new(
                 hub.clone(),
-                config.event_retention,
+                config.retention(),
                 config.history_capacity,
             )),
         };
         let inner = Arc::new(Inner {
             auth: Auth::new(config.jwt_secret.as_deref()),
+            retention: config.retention(),
             ip_limiter: limiter(config.connect_rate_per_ip),
             user_limiter: limiter(config.connect_rate_per_user),
             config,

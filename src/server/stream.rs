@@ -32,8 +32,8 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    broker::{encode_frame, EventId},
-    hub::{CloseReason, Hub, Outbound},
+    broker::{encode_frame, latest_progress_only, EventId, PublishedEvent},
+    hub::{CloseReason, Outbound},
     metrics as m, now_ms, ApiError, SseService,
 };
 use crate::events::{names, validate_event_name};
@@ -105,57 +105,72 @@ pub async fn sse_handler(
         service: service.clone(),
         user: user.clone(),
         id: registration.id,
+        delivered_through: EventId(0),
     };
-    let mut resume_from = resume_from;
-    if registration.first_for_user {
-        // Events published while the broker starts listening for this user are read back
-        // from history: note where history stands before subscribing.
-        if resume_from.is_none() {
-            let head = inner.broker.head().await.map_err(|e| {
-                tracing::warn!(error = %e, "broker head unavailable");
-                ApiError::unavailable("the event broker is unavailable; retry shortly")
-            })?;
-            resume_from = Some(head);
+    let unavailable = |e: super::BrokerError| {
+        tracing::warn!(error = %e, "broker unavailable for a new stream");
+        // Nothing is lost: the client retries later with the same id.
+        ApiError::unavailable("the event broker is unavailable; retry shortly")
+    };
+
+    // What this connection gets before live events:
+    // - resuming (`Last-Event-ID`): everything for the user after that id;
+    // - the user's first connection here: what waited for them while they were offline,
+    //   and anything published while the broker starts listening for them (after `head`).
+    let replay_plan = match resume_from {
+        Some(after) => Some((after, None)),
+        None if registration.first_for_user => {
+            let head = inner.broker.head().await.map_err(unavailable)?;
+            let cursor = inner.broker.delivered_through(&user).await.map_err(unavailable)?;
+            Some((cursor.unwrap_or_default().min(head), Some(head)))
         }
+        None => None,
+    };
+    if registration.first_for_user {
         inner.broker.user_online(&user).await;
     }
 
     let mut prelude = BytesMut::new();
     prelude.extend_from_slice(format!("retry: {}\n\n", inner.config.retry.as_millis()).as_bytes());
     let mut replayed_through = EventId(0);
-    if let Some(after) = resume_from {
-        let replay = inner.broker.replay(&user, after).await.map_err(|e| {
-            tracing::warn!(error = %e, "replay failed");
-            // Nothing is lost: the client retries later with the same id.
-            ApiError::unavailable("cannot replay missed events right now; retry shortly")
-        })?;
-        m::replayed(replay.events.len(), replay.gap);
-        if replay.gap {
+    if let Some((after, fresh_head)) = replay_plan {
+        let replay = inner.broker.replay(&user, after).await.map_err(unavailable)?;
+        let replay_through = replay.events.last().map_or(after, |e| e.id);
+        let now = now_ms();
+        let wanted = |e: &PublishedEvent| {
+            let offline_ok = || {
+                inner
+                    .retention
+                    .offline_for(&e.name)
+                    .is_some_and(|keep| now.saturating_sub(e.published_at_ms) <= keep.as_millis() as u64)
+            };
+            let passes_filter = filter.as_ref().is_none_or(|f| f.iter().any(|n| **n == *e.name));
+            passes_filter && fresh_head.is_none_or(|head| e.id > head || offline_ok())
+        };
+        let events = latest_progress_only(replay.events.into_iter().filter(|e| wanted(e)).collect());
+        m::replayed(events.len(), replay.gap && fresh_head.is_none());
+        if replay.gap && fresh_head.is_none() {
             let data = format!(
-                r#"{{"reason":"events after this id are no longer kept; reload state","lastEventId":"{after}","timestamp":{}}}"#,
-                now_ms()
+                r#"{{"reason":"events after this id are no longer kept; reload state","lastEventId":"{after}","timestamp":{now}}}"#
             );
             prelude.extend_from_slice(&encode_frame(None, names::RESYNC, &data));
         }
-        for event in &replay.events {
-            if filter
-                .as_ref()
-                .is_none_or(|f| f.iter().any(|n| **n == *event.name))
-            {
-                prelude.extend_from_slice(&event.frame);
-            }
-            replayed_through = event.id;
+        for event in &events {
+            prelude.extend_from_slice(&event.frame);
         }
-        replayed_through = replayed_through.max(after);
+        // Live events up to here came through the replay (or were meant for nobody yet).
+        replayed_through = replay_through.max(after).max(fresh_head.unwrap_or_default());
     }
     tracing::debug!(user = %user, resume = ?resume_from, "sse connection opened");
 
+    let mut guard = guard;
+    guard.delivered_through = replayed_through;
     let stream = EventStream {
         prelude: VecDeque::from([prelude.freeze()]),
         queue: registration.queue,
         closed: Some(registration.closed),
         skip_through: replayed_through,
-        _guard: guard,
+        guard,
     };
     let mut response = Body::from_stream(stream).into_response();
     let h = response.headers_mut();
@@ -213,28 +228,35 @@ fn parse_last_event_id(headers: &HeaderMap, query: Option<&str>) -> Result<Optio
     })
 }
 
-/// Removes the connection from the hub when its stream is dropped (client gone or closed).
+/// When its stream is dropped (client gone or closed): removes the connection from the hub
+/// and records how far it got, where the user's offline delivery starts next time.
 struct ConnectionGuard {
     service: SseService,
     user: Arc<str>,
     id: u64,
+    /// The highest id this connection handed to the client.
+    delivered_through: EventId,
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let hub: &Hub = &self.service.inner.hub;
-        if hub.unregister(&self.user, self.id) {
-            let service = self.service.clone();
-            let user = self.user.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    // The user may have come back while this was scheduled.
-                    if service.inner.hub.client_count_for_user(&user) == 0 {
-                        service.inner.broker.user_offline(&user).await;
-                    }
-                });
+        let last = self.service.inner.hub.unregister(&self.user, self.id);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let service = self.service.clone();
+        let user = self.user.clone();
+        let delivered = self.delivered_through;
+        runtime.spawn(async move {
+            let broker = &service.inner.broker;
+            if delivered.0 > 0 {
+                broker.set_delivered_through(&user, delivered).await;
             }
-        }
+            // The user may have come back while this was scheduled.
+            if last && service.inner.hub.client_count_for_user(&user) == 0 {
+                broker.user_offline(&user).await;
+            }
+        });
         tracing::debug!(user = %self.user, "sse connection closed");
     }
 }
@@ -247,7 +269,7 @@ struct EventStream {
     closed: Option<oneshot::Receiver<CloseReason>>,
     /// Live events up to this id were already sent by the replay.
     skip_through: EventId,
-    _guard: ConnectionGuard,
+    guard: ConnectionGuard,
 }
 
 impl Stream for EventStream {
@@ -283,7 +305,10 @@ impl Stream for EventStream {
                 Poll::Ready(Some(item)) => {
                     let bytes = match item {
                         Outbound::Event(event) if event.id <= this.skip_through => continue,
-                        Outbound::Event(event) => event.frame.clone(),
+                        Outbound::Event(event) => {
+                            this.guard.delivered_through = this.guard.delivered_through.max(event.id);
+                            event.frame.clone()
+                        }
                         Outbound::Control(bytes) => bytes,
                     };
                     match first.take() {

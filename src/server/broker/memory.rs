@@ -1,14 +1,13 @@
 //! [`MemoryBroker`]: one process on its own, no Redis. The default.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
 };
 
 use async_trait::async_trait;
 
-use super::{Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay};
+use super::{Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay, Retention};
 use crate::server::{hub::Hub, now_ms};
 
 /// Keeps history in a ring ordered by id and hands events to the hub while still holding
@@ -16,21 +15,24 @@ use crate::server::{hub::Hub, now_ms};
 pub struct MemoryBroker {
     state: Mutex<State>,
     hub: Arc<Hub>,
-    retention: Duration,
+    retention: Retention,
     capacity: usize,
 }
 
 struct State {
     next_id: u64,
-    /// Contiguous ids, oldest first.
+    /// Increasing ids, oldest first (with holes where short-lived events expired).
     history: VecDeque<Arc<PublishedEvent>>,
     /// Highest id no longer in `history` (or issued before this process started).
     forgotten_through: u64,
+    /// Per user: the highest id a closed connection had received, and when.
+    delivered: HashMap<Arc<str>, (u64, u64)>,
 }
 
 impl MemoryBroker {
-    /// A broker that delivers to `hub`, keeps events for `retention` and at most `capacity` of them.
-    pub fn new(hub: Arc<Hub>, retention: Duration, capacity: usize) -> Self {
+    /// A broker that delivers to `hub`, keeps events as `retention` says and at most
+    /// `capacity` of them.
+    pub fn new(hub: Arc<Hub>, retention: Retention, capacity: usize) -> Self {
         // Ids start at the clock (ms x 1000), so a restarted server never reuses an id a
         // browser still holds: an older id is recognised and answered with `resync`.
         let first_id = now_ms().saturating_mul(1000);
@@ -39,6 +41,7 @@ impl MemoryBroker {
                 next_id: first_id,
                 history: VecDeque::new(),
                 forgotten_through: first_id - 1,
+                delivered: HashMap::new(),
             }),
             hub,
             retention,
@@ -52,7 +55,7 @@ impl MemoryBroker {
 
     fn forget_oldest(state: &mut State) {
         if let Some(old) = state.history.pop_front() {
-            state.forgotten_through = old.id.0;
+            state.forgotten_through = state.forgotten_through.max(old.id.0);
         }
     }
 }
@@ -91,10 +94,7 @@ impl Broker for MemoryBroker {
             });
         }
         let gap = after.0 < state.forgotten_through;
-        let start = state
-            .history
-            .front()
-            .map_or(0, |first| (after.0 + 1).saturating_sub(first.id.0) as usize);
+        let start = state.history.partition_point(|e| e.id <= after);
         let events = state
             .history
             .iter()
@@ -105,30 +105,51 @@ impl Broker for MemoryBroker {
         Ok(Replay { events, gap })
     }
 
-    async fn head(&self) -> Result<EventId, BrokerError> {
-        Ok(EventId(self.lock().next_id - 1))
-    }
-
     fn health(&self) -> BrokerHealth {
         BrokerHealth::Healthy
     }
 
-    async fn cleanup(&self) {
-        let oldest_kept = now_ms().saturating_sub(self.retention.as_millis() as u64);
+    async fn head(&self) -> Result<EventId, BrokerError> {
+        Ok(EventId(self.lock().next_id - 1))
+    }
+
+    async fn delivered_through(&self, user: &str) -> Result<Option<EventId>, BrokerError> {
+        Ok(self.lock().delivered.get(user).map(|(id, _)| EventId(*id)))
+    }
+
+    async fn set_delivered_through(&self, user: &str, id: EventId) {
+        let now = now_ms();
         let mut state = self.lock();
-        while state
-            .history
-            .front()
-            .is_some_and(|e| e.published_at_ms < oldest_kept)
-        {
-            Self::forget_oldest(&mut state);
-        }
+        let entry = state.delivered.entry(user.into()).or_insert((0, now));
+        *entry = (entry.0.max(id.0), now);
+    }
+
+    async fn cleanup(&self) {
+        let now = now_ms();
+        let mut state = self.lock();
+        let State {
+            history,
+            forgotten_through,
+            delivered,
+            ..
+        } = &mut *state;
+        history.retain(|e| {
+            let keep = self.retention.keeps(e, now);
+            if !keep {
+                *forgotten_through = (*forgotten_through).max(e.id.0);
+            }
+            keep
+        });
+        let longest = self.retention.longest().as_millis() as u64;
+        delivered.retain(|_, (_, at)| now.saturating_sub(*at) <= longest);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::server::broker::Target;
 
     fn envelope(target: Target) -> Envelope {
@@ -143,9 +164,16 @@ mod tests {
         Target::User(user.into())
     }
 
+    fn keep(default: Duration) -> Retention {
+        Retention {
+            default,
+            offline: Vec::new(),
+        }
+    }
+
     #[tokio::test]
     async fn replay_returns_exactly_what_the_user_missed_in_order() {
-        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), Duration::from_secs(60), 100);
+        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), keep(Duration::from_secs(60)), 100);
         let ids = broker
             .publish(vec![
                 envelope(to("a")),
@@ -165,7 +193,7 @@ mod tests {
 
     #[tokio::test]
     async fn ids_older_than_history_or_unknown_ask_for_resync() {
-        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), Duration::from_secs(60), 2);
+        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), keep(Duration::from_secs(60)), 2);
         let ids = broker
             .publish((0..4).map(|_| envelope(to("a"))).collect())
             .await
@@ -184,7 +212,7 @@ mod tests {
 
     #[tokio::test]
     async fn cleanup_forgets_events_past_retention() {
-        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), Duration::from_millis(1), 100);
+        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), keep(Duration::from_millis(1)), 100);
         let ids = broker
             .publish(vec![envelope(to("a")), envelope(to("a"))])
             .await

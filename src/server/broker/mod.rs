@@ -11,7 +11,7 @@ mod redis;
 pub use self::redis::RedisBroker;
 pub use memory::MemoryBroker;
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{collections::HashSet, fmt, str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -119,6 +119,63 @@ pub fn encode_frame(id: Option<EventId>, name: &str, data: &str) -> Bytes {
     buf.freeze()
 }
 
+/// How long events are kept: `default` for replay by `Last-Event-ID`, longer for the event
+/// types listed in `offline`, which are also delivered to a user who was not connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub default: Duration,
+    pub offline: Vec<(String, Duration)>,
+}
+
+impl Retention {
+    /// How long events named `name` are kept.
+    pub fn for_event(&self, name: &str) -> Duration {
+        self.offline_for(name)
+            .map_or(self.default, |d| d.max(self.default))
+    }
+
+    /// How long `name` waits for a user who is offline; `None` when it does not.
+    pub fn offline_for(&self, name: &str) -> Option<Duration> {
+        self.offline
+            .iter()
+            .find(|(n, d)| n == name && !d.is_zero())
+            .map(|(_, d)| *d)
+    }
+
+    /// The longest any event is kept.
+    pub fn longest(&self) -> Duration {
+        self.offline
+            .iter()
+            .map(|(_, d)| *d)
+            .fold(self.default, Duration::max)
+    }
+
+    /// Whether an event published at `published_at_ms` is still kept at `now_ms`.
+    pub fn keeps(&self, event: &PublishedEvent, now_ms: u64) -> bool {
+        now_ms.saturating_sub(event.published_at_ms) <= self.for_event(&event.name).as_millis() as u64
+    }
+}
+
+/// Latest wins for upload progress: of several `reel_upload_progress` events for one reel,
+/// only the newest stays. Order is kept.
+pub fn latest_progress_only(events: Vec<Arc<PublishedEvent>>) -> Vec<Arc<PublishedEvent>> {
+    let reel_of = |e: &PublishedEvent| -> Option<String> {
+        if &*e.name != crate::events::names::REEL_UPLOAD_PROGRESS {
+            return None;
+        }
+        let data: serde_json::Value = serde_json::from_str(e.data()).ok()?;
+        data.get("reelId")?.as_str().map(str::to_string)
+    };
+    let mut seen = HashSet::new();
+    let mut kept: Vec<_> = events
+        .into_iter()
+        .rev()
+        .filter(|e| reel_of(e).is_none_or(|reel| seen.insert(reel)))
+        .collect();
+    kept.reverse();
+    kept
+}
+
 /// What a reconnecting user missed.
 #[derive(Debug, Default)]
 pub struct Replay {
@@ -165,6 +222,14 @@ pub trait Broker: Send + Sync + 'static {
     /// The id of the newest event published so far (0 when none).
     async fn head(&self) -> Result<EventId, BrokerError>;
 
+    /// Where offline delivery for `user` starts: the highest id one of their connections
+    /// had received when it closed; `None` for a user never seen (or forgotten).
+    async fn delivered_through(&self, user: &str) -> Result<Option<EventId>, BrokerError>;
+
+    /// Records that a connection of `user` had received everything through `id` (kept if
+    /// higher than what is recorded).
+    async fn set_delivered_through(&self, user: &str, id: EventId);
+
     /// The first local connection of `user` opened: start receiving their events.
     async fn user_online(&self, _user: &str) {}
 
@@ -184,6 +249,57 @@ pub trait Broker: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn progress(id: u64, reel: &str, pct: u8) -> Arc<PublishedEvent> {
+        let data = format!(r#"{{"reelId":"{reel}","progress":{pct},"status":"uploading"}}"#);
+        let envelope = Envelope {
+            target: Target::Broadcast,
+            name: "reel_upload_progress".into(),
+            data,
+        };
+        Arc::new(PublishedEvent::new(EventId(id), envelope, 0))
+    }
+
+    #[test]
+    fn only_the_newest_progress_per_reel_survives() {
+        let other = Arc::new(PublishedEvent::new(
+            EventId(3),
+            Envelope {
+                target: Target::Broadcast,
+                name: "notification".into(),
+                data: "{}".into(),
+            },
+            0,
+        ));
+        let events = vec![
+            progress(1, "a", 10),
+            progress(2, "b", 10),
+            other,
+            progress(4, "a", 50),
+            progress(5, "a", 90),
+        ];
+        let ids: Vec<u64> = latest_progress_only(events).iter().map(|e| e.id.0).collect();
+        assert_eq!(ids, [2, 3, 5]);
+    }
+
+    #[test]
+    fn offline_types_are_kept_longer() {
+        let r = Retention {
+            default: Duration::from_secs(300),
+            offline: vec![
+                ("notification".into(), Duration::from_secs(86_400)),
+                ("system_alert".into(), Duration::ZERO),
+            ],
+        };
+        assert_eq!(r.for_event("notification"), Duration::from_secs(86_400));
+        assert_eq!(r.for_event("custom.x"), Duration::from_secs(300));
+        assert_eq!(
+            r.offline_for("system_alert"),
+            None,
+            "zero turns offline delivery off"
+        );
+        assert_eq!(r.longest(), Duration::from_secs(86_400));
+    }
 
     #[test]
     fn frame_is_one_sse_event() {

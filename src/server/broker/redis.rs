@@ -7,6 +7,7 @@
 //! | `sse:seq` | the id counter (`INCR`): one order for every instance |
 //! | `sse:stream:u:<user>` | stream of the user's events, entry id `<event id>-0`, fields `n` (name), `d` (data), `t` (ms) |
 //! | `sse:stream:broadcast` | stream of broadcasts, same layout |
+//! | `sse:delivered:u:<user>` | highest id a closed connection of the user had received: where offline delivery starts |
 //! | channel `sse:u:<user>` | live fan-out of the user's events: `"<id> <name> <data>"` |
 //! | channel `sse:broadcast` | live fan-out of broadcasts |
 //!
@@ -44,7 +45,9 @@ use futures::StreamExt;
 use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, aio::PubSubSink, Client, Script, Value};
 use tokio::sync::Mutex;
 
-use super::{Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay, Target};
+use super::{
+    Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay, Retention, Target,
+};
 use crate::server::{hub::Hub, metrics as m, now_ms};
 
 const SEQ_KEY: &str = "sse:seq";
@@ -59,23 +62,37 @@ fn user_channel(user: &str) -> String {
     format!("sse:u:{user}")
 }
 
+fn delivered_key(user: &str) -> String {
+    format!("sse:delivered:u:{user}")
+}
+
 const PUBLISH_SCRIPT: &str = r#"
 -- KEYS[1] = counter, KEYS[2..] = one stream per event
--- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = ttl ms, then per event: channel, name, data
+-- ARGV[1] = now ms, ARGV[2] = max stream length, then per event: channel, name, data, ttl ms
 -- A counter lost with Redis's data restarts at the clock (ms x 1000, as the in-process
 -- broker does), above every id handed out before, so no client mistakes new ids for old.
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1] .. '000') end
 local ids = {}
 for i = 2, #KEYS do
-  local at = 3 + (i - 2) * 3
+  local at = 2 + (i - 2) * 4
   -- Lua numbers are doubles: format the id as an integer, never as 1.79e+15.
   local id = string.format('%.0f', redis.call('INCR', KEYS[1]))
   redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[2], id .. '-0', 'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[1])
-  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  -- A stream lives as long as its longest-kept event: only ever extend its expiry.
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[at + 4]) then redis.call('PEXPIRE', KEYS[i], ARGV[at + 4]) end
   redis.call('PUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
   ids[#ids + 1] = id
 end
 return ids
+"#;
+
+const SET_DELIVERED_SCRIPT: &str = r#"
+-- KEYS[1] = cursor key; ARGV[1] = id, ARGV[2] = ttl ms. Keeps the higher id.
+local current = redis.call('GET', KEYS[1])
+if not current or tonumber(current) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
 "#;
 
 const REPLAY_SCRIPT: &str = r#"
@@ -108,10 +125,11 @@ pub struct RedisBroker {
     healthy: AtomicBool,
     /// Highest id handed to the hub: recovery after a reconnect starts here.
     last_dispatched: AtomicU64,
-    retention: Duration,
+    retention: Retention,
     max_stream_len: usize,
     publish_script: Script,
     replay_script: Script,
+    set_delivered_script: Script,
     subscriber: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -124,7 +142,7 @@ impl RedisBroker {
     pub async fn connect(
         url: &str,
         hub: Arc<Hub>,
-        retention: Duration,
+        retention: Retention,
         max_stream_len: usize,
     ) -> Result<Arc<Self>, BrokerError> {
         let client = Client::open(url).map_err(unavailable)?;
@@ -147,6 +165,7 @@ impl RedisBroker {
             max_stream_len: max_stream_len.max(1),
             publish_script: Script::new(PUBLISH_SCRIPT),
             replay_script: Script::new(REPLAY_SCRIPT),
+            set_delivered_script: Script::new(SET_DELIVERED_SCRIPT),
             subscriber: std::sync::Mutex::new(None),
         });
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -201,7 +220,7 @@ impl RedisBroker {
             .and_then(|v| redis::from_redis_value::<String>(v).ok())
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let oldest_kept = now_ms().saturating_sub(self.retention.as_millis() as u64);
+        let now = now_ms();
         let mut gap = after.0 > head;
         let mut events = Vec::new();
         let targets = users
@@ -223,7 +242,7 @@ impl RedisBroker {
                 let Some(event) = decode_entry(&target, &entry_id, &fields) else {
                     continue;
                 };
-                if event.published_at_ms < oldest_kept {
+                if !self.retention.keeps(&event, now) {
                     gap = true;
                     continue;
                 }
@@ -351,17 +370,19 @@ impl Broker for RedisBroker {
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
         let mut invocation = self.publish_script.prepare_invoke();
         invocation.key(SEQ_KEY);
-        invocation
-            .arg(now_ms())
-            .arg(self.max_stream_len)
-            .arg(self.retention.as_millis() as u64);
+        invocation.arg(now_ms()).arg(self.max_stream_len);
         for event in &events {
             let (stream, channel) = match &event.target {
                 Target::User(user) => (user_stream(user), user_channel(user)),
                 Target::Broadcast => (BROADCAST_STREAM.to_string(), BROADCAST_CHANNEL.to_string()),
             };
             invocation.key(stream);
-            invocation.arg(channel).arg(&*event.name).arg(&event.data);
+            let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
+            invocation
+                .arg(channel)
+                .arg(&*event.name)
+                .arg(&event.data)
+                .arg(ttl_ms);
         }
         let mut conn = self.conn.clone();
         let ids: Vec<String> = invocation.invoke_async(&mut conn).await.map_err(|e| {
@@ -390,6 +411,31 @@ impl Broker for RedisBroker {
             .await
             .map_err(unavailable)?;
         Ok(EventId(head.and_then(|h| h.parse().ok()).unwrap_or(0)))
+    }
+
+    async fn delivered_through(&self, user: &str) -> Result<Option<EventId>, BrokerError> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = redis::cmd("GET")
+            .arg(delivered_key(user))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(id.and_then(|id| id.parse().ok()).map(EventId))
+    }
+
+    async fn set_delivered_through(&self, user: &str, id: EventId) {
+        let mut conn = self.conn.clone();
+        let ttl_ms = self.retention.longest().as_millis() as u64;
+        let result: Result<i64, _> = self
+            .set_delivered_script
+            .key(delivered_key(user))
+            .arg(id.0)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!("could not record delivery position: {e}");
+        }
     }
 
     async fn user_online(&self, user: &str) {
