@@ -35,3 +35,10 @@ test-e2e: build
 
 fmt:
 	cargo fmt
+
+## Load harness (release build): connections held, memory, idle CPU, broadcast latency, bundle size.
+BENCH_CONNECTIONS ?= 19000
+bench: setup
+	cargo leptos build --release
+	cargo build --release --features ssr --bin sse-bench
+	target/release/sse-bench --connections $(BENCH_CONNECTIONS) --workers 2 --json target/bench.json
