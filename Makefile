@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/end2end/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 E2E_PROFILE ?= release
 LEPTOS_BUILD_FLAGS := $(if $(filter release,$(E2E_PROFILE)),--release,)
 
-.PHONY: setup run test lint test-rust build test-e2e bench fmt
+.PHONY: setup run test lint test-rust build test-e2e bench fmt check-host
 
 setup:
 	@scripts/setup.sh
@@ -17,7 +17,7 @@ run: setup
 	cargo leptos serve
 
 ## Lint, Rust tests (unit, integration, Redis), then the Playwright suite in Chromium.
-test: setup lint test-rust test-e2e
+test: setup lint test-rust check-host test-e2e
 
 lint:
 	cargo fmt --check
@@ -42,3 +42,8 @@ bench: setup
 	cargo leptos build --release
 	cargo build --release --features ssr --bin sse-bench
 	target/release/sse-bench --connections $(BENCH_CONNECTIONS) --workers 2 --json target/bench.json
+
+## The example host app builds against the library without `demo` (no second hydrate export).
+check-host:
+	CARGO_TARGET_DIR=$(CURDIR)/target/host cargo build --manifest-path examples/host/Cargo.toml --features ssr
+	CARGO_TARGET_DIR=$(CURDIR)/target/host cargo build --manifest-path examples/host/Cargo.toml --lib --features hydrate --target wasm32-unknown-unknown
