@@ -350,7 +350,8 @@ async fn a_client_that_never_reads_is_disconnected_with_bounded_queue() {
     server.wait_for_clients("slow", 1).await;
     let big = "x".repeat(1900);
     let mut max_queued = 0;
-    for n in 0..5_000 {
+    // Enough to fill kernel socket buffers and hyper's write buffer many times over.
+    for n in 0..50_000 {
         server
             .service
             .send_notification(
