@@ -13,9 +13,7 @@ use std::{
 use common::*;
 use serde_json::json;
 use sse_notify::{
-    events::{
-        Notification, NotificationKind, ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus,
-    },
+    events::{ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus},
     server::{SendError, SseConfig},
 };
 
@@ -81,15 +79,6 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-fn note(title: &str) -> Notification {
-    Notification {
-        title: title.into(),
-        message: "m".into(),
-        kind: NotificationKind::Info,
-        action_url: None,
     }
 }
 
@@ -159,6 +148,11 @@ async fn check_replay(config: SseConfig) {
     sse.send_notification("r", note("live")).await.unwrap();
     assert_eq!(text(&again.next().await), "live");
     assert!(again.nothing_within(Duration::from_millis(300)).await);
+    // The `lastEventId` query parameter works the same, for clients that cannot set headers.
+    let mut by_query = server
+        .connect("r", &format!("?lastEventId={}", seen.id), None)
+        .await;
+    assert_eq!(text(&by_query.next().await), "m1");
 }
 
 /// An id older than the kept history gets `resync`, then what is still kept.

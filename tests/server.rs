@@ -12,15 +12,6 @@ use sse_notify::events::{
     UploadStatus, UserUpdate, UserUpdateKind,
 };
 
-fn note(title: &str) -> Notification {
-    Notification {
-        title: title.into(),
-        message: "m".into(),
-        kind: NotificationKind::Info,
-        action_url: None,
-    }
-}
-
 /// Every typed `send_*` reaches its user with the wire fields of the design, and never another user.
 #[tokio::test]
 async fn every_event_type_reaches_exactly_its_user() {
@@ -239,56 +230,6 @@ async fn sixth_connection_replaces_the_oldest() {
     }
 }
 
-/// A reconnect with `Last-Event-ID` gets every missed event (own and broadcast) once, in
-/// order, then live events, without duplicates.
-#[tokio::test]
-async fn reconnect_replays_missed_events_exactly_once() {
-    let server = start_server(test_config()).await;
-    let sse = &server.service;
-    let mut first = server.connect("r", "", None).await;
-    sse.send_notification("r", note("seen")).await.unwrap();
-    let seen = first.next().await;
-    drop(first);
-    server.wait_for_clients("r", 0).await;
-
-    sse.send_notification("r", note("missed 1")).await.unwrap();
-    sse.send_notification("other", note("not yours")).await.unwrap();
-    sse.send_system_alert(SystemAlert {
-        message: "missed broadcast".into(),
-        kind: SystemAlertKind::Info,
-        duration: None,
-    })
-    .await
-    .unwrap();
-    sse.send_notification("r", note("missed 2")).await.unwrap();
-
-    let mut again = server.connect("r", "", Some(&seen.id)).await;
-    let mut got = Vec::new();
-    for _ in 0..3 {
-        let e = again.next().await;
-        got.push(
-            data(&e)["title"]
-                .as_str()
-                .or(data(&e)["message"].as_str())
-                .unwrap()
-                .to_string(),
-        );
-    }
-    assert_eq!(got, ["missed 1", "missed broadcast", "missed 2"]);
-    sse.send_notification("r", note("live")).await.unwrap();
-    assert_eq!(data(&again.next().await)["title"], "live");
-    assert!(
-        again.nothing_within(Duration::from_millis(300)).await,
-        "duplicate after live"
-    );
-
-    // The query parameter works the same for clients that cannot set headers.
-    let mut by_query = server
-        .connect("r", &format!("?lastEventId={}", seen.id), None)
-        .await;
-    assert_eq!(data(&by_query.next().await)["title"], "missed 1");
-}
-
 /// Events published while a client connects are neither lost nor duplicated between the
 /// replay and the live stream.
 #[tokio::test]
@@ -310,28 +251,6 @@ async fn no_gap_or_duplicate_between_replay_and_live() {
         assert_eq!(data(&client.next().await)["title"], n.to_string());
     }
     assert!(client.nothing_within(Duration::from_millis(200)).await);
-}
-
-/// An id older than what is kept gets `resync`, then what is still kept.
-#[tokio::test]
-async fn expired_last_event_id_gets_resync() {
-    let server = start_server(test_config().history_capacity(3)).await;
-    let sse = &server.service;
-    let old = sse.send_notification("x", note("0")).await.unwrap();
-    for n in 1..=5 {
-        sse.send_notification("x", note(&n.to_string())).await.unwrap();
-    }
-    let mut client = server.connect("x", "", Some(&old.to_string())).await;
-    assert_eq!(client.next().await.event, "resync");
-    let titles: Vec<_> = [client.next().await, client.next().await, client.next().await]
-        .iter()
-        .map(|e| data(e)["title"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(titles, ["3", "4", "5"]);
-
-    // An id this server never issued (e.g. from before a restart) also gets resync.
-    let mut stale = server.connect("x", "", Some("12")).await;
-    assert_eq!(stale.next().await.event, "resync");
 }
 
 /// A client that never reads is cut off when its queue fills; its queue never grows past

@@ -5,7 +5,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
-use sse_notify::server::{router, SseConfig, SseService};
+use sse_notify::{
+    events::{Notification, NotificationKind},
+    server::{router, SseConfig, SseService},
+};
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
 pub const PUBLISH_KEY: &str = "integration-publish-key";
@@ -182,4 +185,14 @@ impl SseClient {
 
 pub fn data(event: &Event) -> serde_json::Value {
     serde_json::from_str(&event.data).expect("data is JSON")
+}
+
+/// A plain info notification with `title`.
+pub fn note(title: &str) -> Notification {
+    Notification {
+        title: title.into(),
+        message: "m".into(),
+        kind: NotificationKind::Info,
+        action_url: None,
+    }
 }
