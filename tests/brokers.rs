@@ -127,16 +127,12 @@ async fn check_delivery(config: SseConfig) {
 async fn check_replay(config: SseConfig) {
     let server = start_server(config).await;
     let sse = &server.service;
-    let mut first = server.connect("r", "", None).await;
-    sse.send_notification("r", note("seen")).await.unwrap();
-    let seen = first.next().await;
-    drop(first);
-    server.wait_for_clients("r", 0).await;
+    let seen = server.resume_point("r").await;
     sse.send_notification("r", note("m1")).await.unwrap();
     sse.send_system_alert(alert("mb")).await.unwrap();
     sse.send_notification("x", note("not yours")).await.unwrap();
     sse.send_notification("r", note("m2")).await.unwrap();
-    let mut again = server.connect("r", "", Some(&seen.id)).await;
+    let mut again = server.connect("r", "", Some(&seen)).await;
     assert_eq!(
         [
             text(&again.next().await),
@@ -149,9 +145,7 @@ async fn check_replay(config: SseConfig) {
     assert_eq!(text(&again.next().await), "live");
     assert!(again.nothing_within(Duration::from_millis(300)).await);
     // The `lastEventId` query parameter works the same, for clients that cannot set headers.
-    let mut by_query = server
-        .connect("r", &format!("?lastEventId={}", seen.id), None)
-        .await;
+    let mut by_query = server.connect("r", &format!("?lastEventId={seen}"), None).await;
     assert_eq!(text(&by_query.next().await), "m1");
 }
 
@@ -267,17 +261,13 @@ async fn check_offline_delivery(config: SseConfig) {
 async fn check_latest_progress_on_resume(config: SseConfig) {
     let server = start_server(config).await;
     let sse = &server.service;
-    let mut first = server.connect("p", "", None).await;
-    sse.send_notification("p", note("seen")).await.unwrap();
-    let seen = first.next().await;
-    drop(first);
-    server.wait_for_clients("p", 0).await;
+    let seen = server.resume_point("p").await;
     for pct in [10, 20, 30] {
         sse.send_reel_upload_progress("p", progress("r", pct))
             .await
             .unwrap();
     }
-    let mut again = server.connect("p", "", Some(&seen.id)).await;
+    let mut again = server.connect("p", "", Some(&seen)).await;
     let event = again.next().await;
     assert_eq!(data(&event)["progress"], 30);
     assert!(again.nothing_within(Duration::from_millis(300)).await);

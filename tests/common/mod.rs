@@ -109,6 +109,17 @@ impl TestServer {
         )
     }
 
+    /// Connects as `user`, receives one notification, disconnects and waits until the server
+    /// has noticed: the id returned is the `Last-Event-ID` a browser would resume from.
+    pub async fn resume_point(&self, user: &str) -> String {
+        let mut client = self.connect(user, "", None).await;
+        self.service.send_notification(user, note("seen")).await.unwrap();
+        let seen = client.next().await;
+        drop(client);
+        self.wait_for_clients(user, 0).await;
+        seen.id
+    }
+
     /// Waits until `user` has `n` connections registered (connects are asynchronous).
     pub async fn wait_for_clients(&self, user: &str, n: usize) {
         let deadline = tokio::time::Instant::now() + WAIT;
