@@ -180,8 +180,10 @@ impl SseService {
         let heartbeat = {
             let inner = Arc::downgrade(&self.inner);
             let period = self.inner.config.heartbeat_interval;
+            // The first tick is one period after start, not after the task is first polled.
+            let first = tokio::time::Instant::now() + period;
             tokio::spawn(async move {
-                let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                let mut ticks = tokio::time::interval_at(first, period);
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     ticks.tick().await;
@@ -193,8 +195,9 @@ impl SseService {
         let cleanup = {
             let inner = Arc::downgrade(&self.inner);
             let period = self.inner.config.cleanup_interval;
+            let first = tokio::time::Instant::now() + period;
             tokio::spawn(async move {
-                let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                let mut ticks = tokio::time::interval_at(first, period);
                 loop {
                     ticks.tick().await;
                     let Some(inner) = inner.upgrade() else { break };
@@ -480,4 +483,46 @@ fn heartbeat_frame() -> bytes::Bytes {
         names::HEARTBEAT,
         &format!(r#"{{"timestamp":{}}}"#, now_ms()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::hub::Outbound;
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Heartbeats come exactly every interval, on a paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_follow_the_interval_exactly() {
+        let config = SseConfig::default()
+            .jwt_secret(Some("paused-clock-secret-123".into()))
+            .heartbeat_interval(Duration::from_secs(30));
+        let service = SseService::start(config).await.unwrap();
+        let mut conn = service.inner.hub.register(&"u".into(), None).unwrap();
+        let mut heartbeats = || {
+            let mut n = 0;
+            while let Ok(item) = conn.queue.try_recv() {
+                assert!(matches!(item, Outbound::Control(_)), "only heartbeats expected");
+                n += 1;
+            }
+            n
+        };
+        tokio::time::advance(Duration::from_millis(29_999)).await;
+        settle().await;
+        assert_eq!(heartbeats(), 0, "heartbeat before the interval");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(heartbeats(), 1);
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(30)).await;
+            settle().await;
+        }
+        assert_eq!(heartbeats(), 3);
+        service.shutdown().await;
+    }
 }
