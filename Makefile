@@ -36,12 +36,13 @@ test-e2e: build
 fmt:
 	cargo fmt
 
-## Load harness (release build): connections held, memory, idle CPU, broadcast latency, bundle size.
-BENCH_CONNECTIONS ?= 19000
+## Load harness (release build), scenarios S1-S5 of issue #6; prints a table, JSON in target/bench.json.
+## Narrow it with e.g. `make bench BENCH_ARGS="--scenarios s1,s2 --connections 5000"`.
+BENCH_ARGS ?=
 bench: setup
 	cargo leptos build --release
 	cargo build --release --features ssr --bin sse-bench
-	target/release/sse-bench --connections $(BENCH_CONNECTIONS) --workers 2 --json target/bench.json
+	target/release/sse-bench --json target/bench.json $(BENCH_ARGS)
 
 ## The example host app builds against the library without `demo` (no second hydrate export).
 check-host:

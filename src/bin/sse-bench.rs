@@ -1,15 +1,26 @@
 //! `sse-bench`: the load harness behind `make bench`.
 //!
-//! It starts the release server itself (in-process broker, rate limits off), opens N
-//! long-lived SSE connections from worker processes (each under the per-process file limit,
-//! each on its own source address 127.0.0.x), publishes through `POST /api/events` with the
-//! send time in the payload, and reports what arrived and how fast, with the server's RSS and
-//! CPU read from `/proc`. Everything stays on loopback and ends by itself.
+//! It starts the release server itself (rate limits off; the in-process broker, or several
+//! instances on a `redis-server` it starts on a free port), opens long-lived SSE connections
+//! from worker processes (each under the per-process file limit, each on its own source
+//! address 127.0.0.x), publishes through `POST /api/events` with the send time in the payload,
+//! and reports what arrived and how fast, with the servers' RSS and CPU read from `/proc`.
+//! Everything stays on loopback and ends by itself.
+//!
+//! Scenarios (issue #6): `s1` hold connections, `s2` one broadcast, `s4` reconnect storm (on
+//! one instance, in-process broker); `s1x`/`s2x` the same at cluster scale on Redis; `s3`
+//! targeted events through Redis at a steady rate; `s5` the release bundle size.
 //!
 //! ```text
-//! sse-bench [--connections 19000] [--workers 2] [--idle-secs 10] [--json bench.json]
+//! sse-bench [--scenarios s1,s2,s4,s1x,s2x,s3,s5] [--connections 19000]
+//!           [--cluster-connections 100000] [--instances 6] [--idle-secs 10]
+//!           [--s3-users 20000] [--s3-rate 20000] [--s3-secs 30]
+//!           [--s4-rate 1000] [--json bench.json] [--server-bin target/release/sse-notify]
 //! sse-bench worker ...   (started by the harness)
 //! ```
+//!
+//! The exit status is non-zero when an event was lost, duplicated or delivered to the wrong
+//! user, or a connection could not be held; a missed speed target only shows in the table.
 
 #[cfg(not(feature = "ssr"))]
 fn main() {}
@@ -19,38 +30,34 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     if args.get(1).map(String::as_str) == Some("worker") {
-        runtime.block_on(bench::worker(bench::Args::parse(&args[2..])))
+        runtime.block_on(worker::run(bench::Args::parse(&args[2..])))
     } else {
         runtime.block_on(bench::harness(bench::Args::parse(&args[1..])))
     }
 }
 
+/// What every part of the harness shares: options, clock, the bench secrets.
 #[cfg(feature = "ssr")]
 mod bench {
     use std::{
-        collections::HashMap,
-        net::{IpAddr, Ipv4Addr, SocketAddr},
+        collections::{HashMap, HashSet},
+        net::SocketAddr,
         process::{ExitCode, Stdio},
-        sync::{
-            atomic::{AtomicUsize, Ordering},
-            Arc, Mutex,
-        },
         time::{Duration, Instant, SystemTime, UNIX_EPOCH},
     };
 
-    use serde_json::{json, Value};
+    use serde_json::{json, Map, Value};
     use tokio::{
         io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-        net::{TcpSocket, TcpStream},
+        net::TcpStream,
         process::{Child, Command},
-        sync::Semaphore,
     };
 
-    const SECRET: &str = "bench-secret-0123456789abcdef";
+    pub const SECRET: &str = "bench-secret-0123456789abcdef";
     const PUBLISH_KEY: &str = "bench-publish-key";
 
     /// Command-line options, `--name value` pairs.
-    pub struct Args(HashMap<String, String>);
+    pub struct Args(pub HashMap<String, String>);
 
     impl Args {
         pub fn parse(raw: &[String]) -> Self {
@@ -63,155 +70,38 @@ mod bench {
             }
             Self(map)
         }
-        fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
+        pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
             self.0.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
         }
-        fn text(&self, name: &str, default: &str) -> String {
+        pub fn text(&self, name: &str, default: &str) -> String {
             self.0.get(name).cloned().unwrap_or_else(|| default.to_string())
         }
     }
 
-    fn now_us() -> u64 {
+    pub fn now_us() -> u64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64)
     }
 
-    // ---------------------------------------------------------------- worker
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    }
 
-    /// Holds `--connections` streams from `--source`; prints `ready` once they are open, then
-    /// answers each `report` line on stdin with the latencies seen so far; exits on EOF.
-    pub async fn worker(args: Args) -> ExitCode {
-        let server: SocketAddr = args.text("server", "127.0.0.1:3000").parse().expect("--server");
-        let source: Ipv4Addr = args.text("source", "127.0.0.1").parse().expect("--source");
-        let n: usize = args.get("connections", 100);
-        let first_user: usize = args.get("first-user", 0);
-        let auth = sse_notify::server::Auth::new(Some(SECRET));
-        let connected = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(AtomicUsize::new(0));
-        // (sequence number, latency in µs) of every bench event received.
-        let seen = Arc::new(Mutex::new(Vec::<(u32, u32)>::new()));
-        let gate = Arc::new(Semaphore::new(256));
-        for i in 0..n {
-            let token = auth
-                .issue(
-                    &format!("bench-{}", first_user + i),
-                    None,
-                    Duration::from_secs(3600),
-                )
-                .expect("token");
-            let (connected, failed, seen, gate) =
-                (connected.clone(), failed.clone(), seen.clone(), gate.clone());
-            tokio::spawn(async move {
-                let permit = gate.acquire_owned().await.ok();
-                match open_stream(server, source, &token).await {
-                    Ok(reader) => {
-                        connected.fetch_add(1, Ordering::Relaxed);
-                        drop(permit);
-                        read_events(reader, &seen).await;
-                    }
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-        let start = Instant::now();
-        while connected.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < n
-            && start.elapsed() < Duration::from_secs(120)
-        {
+    async fn wait_listening(addr: SocketAddr) {
+        for _ in 0..400 {
+            if TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        println!(
-            "{}",
-            json!({"ready": connected.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed)})
-        );
-        let mut lines = BufReader::new(tokio::io::stdin()).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.trim() == "report" {
-                let seen = seen.lock().unwrap().clone();
-                let open = connected.load(Ordering::Relaxed);
-                println!("{}", json!({"seen": seen, "open": open}));
-            }
-        }
-        ExitCode::SUCCESS
+        panic!("nothing listens on {addr}");
     }
 
-    async fn open_stream(
-        server: SocketAddr,
-        source: Ipv4Addr,
-        token: &str,
-    ) -> std::io::Result<BufReader<TcpStream>> {
-        let socket = TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-        let mut stream = tokio::time::timeout(Duration::from_secs(30), socket.connect(server)).await??;
-        let request = format!("GET /api/sse HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut reader = BufReader::with_capacity(2048, stream);
-        let mut status = String::new();
-        reader.read_line(&mut status).await?;
-        if !status.contains(" 200 ") {
-            return Err(std::io::Error::other(status));
-        }
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).await? == 0 || line == "\r\n" {
-                break;
-            }
-        }
-        Ok(reader)
-    }
-
-    /// Reads the (chunked) body line by line; a `data:` line with `"message":"bench:<sent>:<seq>"`
-    /// is a bench event.
-    async fn read_events(mut reader: BufReader<TcpStream>, seen: &Mutex<Vec<(u32, u32)>>) {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let Some(at) = line.find("bench:") else { continue };
-            let mut parts = line[at + 6..].split([':', '"']);
-            let (Some(sent), Some(seq)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let (Ok(sent), Ok(seq)) = (sent.parse::<u64>(), seq.parse::<u32>()) else {
-                continue;
-            };
-            let latency = now_us().saturating_sub(sent).min(u32::MAX as u64) as u32;
-            seen.lock().unwrap().push((seq, latency));
-        }
-    }
-
-    // ---------------------------------------------------------------- harness
-
-    struct Worker {
-        child: Child,
-        lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    }
-
-    impl Worker {
-        async fn request(&mut self, line: &str) -> Value {
-            let stdin = self.child.stdin.as_mut().expect("stdin");
-            stdin
-                .write_all(format!("{line}\n").as_bytes())
-                .await
-                .expect("worker stdin");
-            self.next().await
-        }
-        async fn next(&mut self) -> Value {
-            let line = self
-                .lines
-                .next_line()
-                .await
-                .expect("worker stdout")
-                .expect("worker exited");
-            serde_json::from_str(&line).expect("worker JSON")
-        }
-    }
-
+    /// RSS in KiB and CPU seconds (user + system) of one process, from `/proc`.
     fn proc_figures(pid: u32) -> (u64, f64) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let rss_kib = status
@@ -226,29 +116,616 @@ mod bench {
         (rss_kib, ticks / 100.0)
     }
 
-    async fn publish(server: SocketAddr, body: &Value) -> std::io::Result<u16> {
-        let body = body.to_string();
-        let mut stream = TcpStream::connect(server).await?;
-        let request = format!(
-            "POST /api/events HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        Ok(response
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0))
+    // ------------------------------------------------------------ processes
+
+    /// A `redis-server` on a free port, without persistence, killed on drop.
+    struct Redis {
+        _child: Child,
+        url: String,
     }
 
-    fn percentile(sorted: &[u32], p: f64) -> f64 {
-        if sorted.is_empty() {
-            return f64::NAN;
+    async fn start_redis() -> Redis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--maxclients", "10000"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server (make setup installs it)");
+        wait_listening(SocketAddr::from(([127, 0, 0, 1], port))).await;
+        Redis {
+            _child: child,
+            url: format!("redis://127.0.0.1:{port}"),
         }
-        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-        sorted[i] as f64 / 1000.0
+    }
+
+    /// Server instances on free ports, all on the same broker.
+    struct Cluster {
+        servers: Vec<(Child, u32, SocketAddr)>,
+        _redis: Option<Redis>,
+    }
+
+    impl Cluster {
+        async fn start(binary: &str, instances: usize, with_redis: bool) -> Self {
+            let redis = if with_redis {
+                Some(start_redis().await)
+            } else {
+                None
+            };
+            let mut servers = Vec::new();
+            for _ in 0..instances {
+                let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                let mut command = Command::new(binary);
+                command
+                    .env("LEPTOS_SITE_ADDR", addr.to_string())
+                    .env("SSE_JWT_SECRET", SECRET)
+                    .env("SSE_PUBLISH_KEY", PUBLISH_KEY)
+                    .env("SSE_CONNECT_RATE_PER_IP", "0")
+                    .env("SSE_CONNECT_RATE_PER_USER", "0")
+                    .env("RUST_LOG", "warn")
+                    .env_remove("REDIS_URL")
+                    .stdout(Stdio::null())
+                    .kill_on_drop(true);
+                if let Some(redis) = &redis {
+                    command.env("REDIS_URL", &redis.url);
+                }
+                let child = command.spawn().expect("server binary (make build first)");
+                let pid = child.id().expect("server pid");
+                servers.push((child, pid, addr));
+            }
+            for (_, _, addr) in &servers {
+                wait_listening(*addr).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Self {
+                servers,
+                _redis: redis,
+            }
+        }
+
+        fn addrs(&self) -> Vec<SocketAddr> {
+            self.servers.iter().map(|s| s.2).collect()
+        }
+
+        /// Summed RSS (KiB) and CPU seconds of every instance.
+        fn figures(&self) -> (u64, f64) {
+            self.servers
+                .iter()
+                .map(|s| proc_figures(s.1))
+                .fold((0, 0.0), |(r, c), (r2, c2)| (r + r2, c + c2))
+        }
+
+        async fn stop(mut self) {
+            for (child, _, _) in &mut self.servers {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    /// One worker process and its JSON-lines conversation.
+    struct Worker {
+        child: Child,
+        lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    }
+
+    impl Worker {
+        async fn send(&mut self, line: &str) {
+            let stdin = self.child.stdin.as_mut().expect("stdin");
+            stdin
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .expect("worker stdin");
+        }
+        async fn next(&mut self) -> Value {
+            let line = self
+                .lines
+                .next_line()
+                .await
+                .expect("worker stdout")
+                .expect("worker exited");
+            serde_json::from_str(&line).expect("worker JSON")
+        }
+    }
+
+    /// Worker processes holding connections; user `i` is `bench-<i>`, one connection each.
+    struct Pool {
+        workers: Vec<Worker>,
+        held: usize,
+        open_secs: f64,
+    }
+
+    /// One worker's share: which server, from which source address, which users.
+    struct Share {
+        server: SocketAddr,
+        source: String,
+        connections: usize,
+        first_user: usize,
+    }
+
+    impl Pool {
+        /// Spreads `connections` users over the servers, at most `per_worker` per process.
+        fn plan(servers: &[SocketAddr], connections: usize, per_worker: usize) -> Vec<Share> {
+            let workers = connections.div_ceil(per_worker).max(servers.len()).max(1);
+            let each = connections.div_ceil(workers);
+            (0..workers)
+                .map(|w| Share {
+                    server: servers[w % servers.len()],
+                    source: format!("127.0.0.{}", 2 + w),
+                    connections: each.min(connections.saturating_sub(w * each)),
+                    first_user: w * each,
+                })
+                .filter(|s| s.connections > 0)
+                .collect()
+        }
+
+        async fn open(shares: &[Share]) -> Self {
+            let exe = std::env::current_exe().expect("own path");
+            let started = Instant::now();
+            let mut workers = Vec::new();
+            for share in shares {
+                let mut child = Command::new(&exe)
+                    .args(["worker", "--server", &share.server.to_string()])
+                    .args(["--source", &share.source])
+                    .args(["--connections", &share.connections.to_string()])
+                    .args(["--first-user", &share.first_user.to_string()])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("worker");
+                let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+                workers.push(Worker { child, lines });
+            }
+            let mut held = 0;
+            for worker in &mut workers {
+                held += worker.next().await["ready"].as_u64().unwrap_or(0) as usize;
+            }
+            Self {
+                workers,
+                held,
+                open_secs: started.elapsed().as_secs_f64(),
+            }
+        }
+
+        /// Sends one command to every worker at once and collects the answers.
+        async fn ask(&mut self, command: &str) -> Vec<Value> {
+            for worker in &mut self.workers {
+                worker.send(command).await;
+            }
+            let mut answers = Vec::new();
+            for worker in &mut self.workers {
+                answers.push(worker.next().await);
+            }
+            answers
+        }
+
+        /// Every `[user, seq, latency_us]` the workers saw since the last `clear`.
+        async fn seen(&mut self) -> Vec<[u32; 3]> {
+            let mut all = Vec::new();
+            for answer in self.ask("report").await {
+                if let Ok(mut part) = serde_json::from_value::<Vec<[u32; 3]>>(answer["seen"].clone()) {
+                    all.append(&mut part);
+                }
+            }
+            all
+        }
+
+        async fn close(self) {
+            for mut worker in self.workers {
+                drop(worker.child.stdin.take());
+                let _ = worker.child.wait().await;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ publishing
+
+    /// A keep-alive HTTP/1.1 client for `POST /api/events`.
+    struct Publisher {
+        stream: BufReader<TcpStream>,
+    }
+
+    impl Publisher {
+        async fn connect(server: SocketAddr) -> std::io::Result<Self> {
+            let stream = TcpStream::connect(server).await?;
+            stream.set_nodelay(true)?;
+            Ok(Self {
+                stream: BufReader::new(stream),
+            })
+        }
+
+        /// Posts `body`; returns the status.
+        async fn post(&mut self, body: &str) -> std::io::Result<u16> {
+            let head = format!(
+                "POST /api/events HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let stream = self.stream.get_mut();
+            stream.write_all(head.as_bytes()).await?;
+            stream.write_all(body.as_bytes()).await?;
+            let mut line = String::new();
+            self.stream.read_line(&mut line).await?;
+            let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let mut length = 0;
+            loop {
+                line.clear();
+                if self.stream.read_line(&mut line).await? == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0; length];
+            self.stream.read_exact(&mut body).await?;
+            Ok(status)
+        }
+    }
+
+    fn bench_message(sent_us: u64, seq: u32) -> String {
+        format!("bench:{sent_us}:{seq}")
+    }
+
+    /// Sends targeted `notification`s at `rate` per second for `secs`, round-robin over
+    /// `users` and over the servers, in 10 ms batches. Returns seq -> user of every event the
+    /// server accepted, and how many it refused.
+    async fn publish_targeted(
+        servers: Vec<SocketAddr>,
+        rate: u64,
+        secs: f64,
+        users: u32,
+        first_seq: u32,
+    ) -> (HashMap<u32, u32>, usize) {
+        let mut tasks = Vec::new();
+        let lanes = servers.len() as u32;
+        for (lane, server) in servers.into_iter().enumerate() {
+            let lane = lane as u32;
+            tasks.push(tokio::spawn(async move {
+                let mut accepted = HashMap::new();
+                let mut refused = 0;
+                let Ok(mut publisher) = Publisher::connect(server).await else {
+                    return (accepted, usize::MAX);
+                };
+                let lane_rate = rate as f64 / f64::from(lanes);
+                let started = Instant::now();
+                let mut ticker = tokio::time::interval(Duration::from_millis(10));
+                let mut sent: u64 = 0;
+                while started.elapsed().as_secs_f64() < secs {
+                    ticker.tick().await;
+                    let owed = (lane_rate * started.elapsed().as_secs_f64()) as u64;
+                    let count = owed.saturating_sub(sent).min(1000);
+                    if count == 0 {
+                        continue;
+                    }
+                    let sent_us = now_us();
+                    let batch: Vec<(u32, u32)> = (0..count)
+                        .map(|k| {
+                            let seq = first_seq + ((sent + k) as u32) * lanes + lane;
+                            (seq, seq % users)
+                        })
+                        .collect();
+                    let body = Value::Array(
+                        batch
+                            .iter()
+                            .map(|(seq, user)| {
+                                json!({"user_id": format!("bench-{user}"), "event": "notification",
+                                   "data": {"title": "bench", "message": bench_message(sent_us, *seq)}})
+                            })
+                            .collect(),
+                    )
+                    .to_string();
+                    sent += count;
+                    match publisher.post(&body).await {
+                        Ok(202) => accepted.extend(batch),
+                        _ => refused += batch.len(),
+                    }
+                }
+                (accepted, refused)
+            }));
+        }
+        let mut accepted = HashMap::new();
+        let mut refused = 0;
+        for task in tasks {
+            let (a, r) = task.await.expect("publisher task");
+            accepted.extend(a);
+            refused += r;
+        }
+        (accepted, refused)
+    }
+
+    // ------------------------------------------------------------ figures
+
+    /// The report: ordered figures plus a verdict per target.
+    #[derive(Default)]
+    struct Report {
+        figures: Map<String, Value>,
+        targets: Vec<(String, String, String, bool)>,
+        correct: bool,
+    }
+
+    impl Report {
+        fn put(&mut self, key: &str, value: Value) {
+            self.figures.insert(key.to_string(), value);
+        }
+        fn target(&mut self, scenario: &str, target: &str, measured: String, met: bool) {
+            self.targets.push((scenario.into(), target.into(), measured, met));
+        }
+        fn latencies(&mut self, prefix: &str, mut latencies: Vec<u32>) -> f64 {
+            latencies.sort_unstable();
+            let p = |q: f64| {
+                if latencies.is_empty() {
+                    return f64::NAN;
+                }
+                let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+                latencies[i] as f64 / 1000.0
+            };
+            self.put(&format!("{prefix}_p50_ms"), json!(p(0.50)));
+            self.put(&format!("{prefix}_p99_ms"), json!(p(0.99)));
+            self.put(&format!("{prefix}_p999_ms"), json!(p(0.999)));
+            self.put(&format!("{prefix}_max_ms"), json!(p(1.0)));
+            p(0.99)
+        }
+    }
+
+    /// Compares what arrived with what was sent (`expected` maps seq -> user).
+    /// Returns (lost, duplicated, delivered to the wrong user).
+    fn audit(seen: &[[u32; 3]], expected: &HashMap<u32, u32>) -> (usize, usize, usize) {
+        let mut got = HashSet::new();
+        let (mut duplicated, mut wrong) = (0, 0);
+        for [user, seq, _] in seen {
+            match expected.get(seq) {
+                Some(to) if to == user && !got.insert(*seq) => duplicated += 1,
+                Some(to) if to != user => wrong += 1,
+                _ => {}
+            }
+        }
+        (expected.len() - got.len(), duplicated, wrong)
+    }
+
+    /// Every one of `users` expects `seq` once: (lost, duplicated, latencies).
+    fn audit_broadcast(seen: &[[u32; 3]], seq: u32, users: usize) -> (usize, usize, Vec<u32>) {
+        let mut got = HashSet::new();
+        let mut duplicated = 0;
+        let mut latencies = Vec::new();
+        for [user, s, latency] in seen {
+            if *s == seq {
+                latencies.push(*latency);
+                if !got.insert(*user) {
+                    duplicated += 1;
+                }
+            }
+        }
+        (users.saturating_sub(got.len()), duplicated, latencies)
+    }
+
+    // ------------------------------------------------------------ scenarios
+
+    /// S1, S2 and S4 on one instance (in-process broker), on the same connections.
+    async fn single_instance(args: &Args, run: &HashSet<String>, report: &mut Report) {
+        let connections: usize = args.get("connections", 19_000);
+        let idle_secs: u64 = args.get("idle-secs", 10);
+        let cluster = Cluster::start(&args.text("server-bin", "target/release/sse-notify"), 1, false).await;
+        let (rss_before, _) = cluster.figures();
+        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, 9_500)).await;
+        let held = pool.held;
+        report.correct &= held == connections;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (rss_held, cpu_idle_start) = cluster.figures();
+        tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+        let (_, cpu_idle_end) = cluster.figures();
+        let per_conn = rss_held.saturating_sub(rss_before) as f64 / held.max(1) as f64;
+        let idle_pct = (cpu_idle_end - cpu_idle_start) / idle_secs as f64 * 100.0;
+        report.put("s1_connections_held", json!(held));
+        report.put("s1_open_seconds", json!(pool.open_secs));
+        report.put("s1_rss_before_kib", json!(rss_before));
+        report.put("s1_rss_held_kib", json!(rss_held));
+        report.put("s1_rss_per_connection_kib", json!(per_conn));
+        report.put("s1_idle_cpu_percent_of_a_core", json!(idle_pct));
+        report.target(
+            "S1",
+            &format!("hold {connections}; <= 6 KiB/conn; idle CPU < 2 %"),
+            format!("{held} held; {per_conn:.1} KiB/conn; idle {idle_pct:.1} %"),
+            held == connections && per_conn <= 6.0 && idle_pct < 2.0,
+        );
+
+        if run.contains("s2") {
+            broadcast("s2", &cluster, &mut pool, report, 50.0).await;
+        }
+        if run.contains("s4") {
+            storm(args, &cluster, &mut pool, report).await;
+        }
+        pool.close().await;
+        cluster.stop().await;
+    }
+
+    /// One `system_alert` to every connection; publish-to-receive latency.
+    async fn broadcast(name: &str, cluster: &Cluster, pool: &mut Pool, report: &mut Report, target_ms: f64) {
+        pool.ask("clear").await;
+        let (_, cpu_before) = cluster.figures();
+        let seq = 1;
+        let sent = now_us();
+        let status = match Publisher::connect(cluster.addrs()[0]).await {
+            Ok(mut p) => p
+                .post(
+                    &json!({"broadcast": true, "event": "system_alert",
+                            "data": {"message": bench_message(sent, seq)}})
+                    .to_string(),
+                )
+                .await
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (lost, duplicated, latencies) = loop {
+            let seen = pool.seen().await;
+            let audit = audit_broadcast(&seen, seq, pool.held);
+            if audit.0 == 0 || Instant::now() > deadline {
+                break audit;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let (_, cpu_after) = cluster.figures();
+        let received = latencies.len();
+        report.put(&format!("{name}_publish_status"), json!(status));
+        report.put(&format!("{name}_expected"), json!(pool.held));
+        report.put(&format!("{name}_received"), json!(received));
+        report.put(&format!("{name}_lost"), json!(lost));
+        report.put(&format!("{name}_duplicated"), json!(duplicated));
+        let p99 = report.latencies(name, latencies);
+        report.put(
+            &format!("{name}_server_cpu_s_per_million_deliveries"),
+            json!((cpu_after - cpu_before) / received.max(1) as f64 * 1e6),
+        );
+        report.correct &= status == 202 && lost == 0 && duplicated == 0;
+        report.target(
+            &name.to_uppercase(),
+            &format!("broadcast to {}: p99 <= {target_ms} ms, zero loss", pool.held),
+            format!("{received}/{} , {lost} lost, p99 {p99:.0} ms", pool.held),
+            lost == 0 && duplicated == 0 && p99 <= target_ms,
+        );
+    }
+
+    /// S4: every client drops and reconnects with `Last-Event-ID` at once while targeted
+    /// events flow; then every event must have arrived exactly once.
+    async fn storm(args: &Args, cluster: &Cluster, pool: &mut Pool, report: &mut Report) {
+        let rate: u64 = args.get("s4-rate", 1_000);
+        pool.ask("clear").await;
+        let users = pool.held as u32;
+        let publishing = tokio::spawn(publish_targeted(cluster.addrs(), rate, 5.0, users, 1_000));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let storm_at = now_us();
+        let answers = pool.ask("storm").await;
+        let back: u64 = answers.iter().map(|a| a["back"].as_u64().unwrap_or(0)).sum();
+        let expected_back: u64 = answers.iter().map(|a| a["expected"].as_u64().unwrap_or(0)).sum();
+        let last_back = answers
+            .iter()
+            .filter_map(|a| a["last_back_us"].as_u64())
+            .max()
+            .unwrap_or(0);
+        let back_secs = last_back.saturating_sub(storm_at) as f64 / 1e6;
+        let (expected, refused) = publishing.await.expect("publisher");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (seen, (lost, duplicated, wrong)) = loop {
+            let seen = pool.seen().await;
+            let audit = audit(&seen, &expected);
+            if audit.0 == 0 || Instant::now() > deadline {
+                break (seen, audit);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        report.put("s4_clients", json!(expected_back));
+        report.put("s4_back", json!(back));
+        report.put("s4_all_back_seconds", json!(back_secs));
+        report.put("s4_events_sent", json!(expected.len()));
+        report.put("s4_events_refused", json!(refused));
+        report.put("s4_gaps", json!(lost));
+        report.put("s4_duplicates", json!(duplicated));
+        report.put("s4_wrong_user", json!(wrong));
+        report.latencies("s4", seen.iter().map(|s| s[2]).collect());
+        report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0;
+        report.target(
+            "S4",
+            &format!("{expected_back} reconnect at once at {rate}/s: all back in 1 s, no gaps/dups"),
+            format!("{back}/{expected_back} back in {back_secs:.2} s; {lost} gaps, {duplicated} dups"),
+            back == expected_back && back_secs <= 1.0 && lost == 0 && duplicated == 0,
+        );
+    }
+
+    /// S1x and S2x: `--instances` servers on one Redis hold `--cluster-connections`.
+    async fn cluster_scale(args: &Args, run: &HashSet<String>, report: &mut Report) {
+        let connections: usize = args.get("cluster-connections", 100_000);
+        let instances: usize = args.get("instances", 6);
+        let idle_secs: u64 = args.get("idle-secs", 10);
+        let cluster = Cluster::start(
+            &args.text("server-bin", "target/release/sse-notify"),
+            instances,
+            true,
+        )
+        .await;
+        let (rss_before, _) = cluster.figures();
+        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, 17_000)).await;
+        let held = pool.held;
+        report.correct &= held == connections;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rss_held, cpu_start) = cluster.figures();
+        tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+        let (_, cpu_end) = cluster.figures();
+        let per_conn = rss_held.saturating_sub(rss_before) as f64 / held.max(1) as f64;
+        let idle_pct = (cpu_end - cpu_start) / idle_secs as f64 * 100.0;
+        report.put("s1x_instances", json!(instances));
+        report.put("s1x_connections_held", json!(held));
+        report.put("s1x_open_seconds", json!(pool.open_secs));
+        report.put("s1x_rss_per_connection_kib", json!(per_conn));
+        report.put("s1x_idle_cpu_percent_of_a_core_all_instances", json!(idle_pct));
+        report.target(
+            "S1x",
+            &format!("{instances} instances hold {connections}; <= 6 KiB/conn"),
+            format!("{held} held; {per_conn:.1} KiB/conn; idle {idle_pct:.1} %"),
+            held == connections && per_conn <= 6.0,
+        );
+        if run.contains("s2x") {
+            broadcast("s2x", &cluster, &mut pool, report, 250.0).await;
+        }
+        pool.close().await;
+        cluster.stop().await;
+    }
+
+    /// S3: two instances on Redis, one connection per user, targeted events at a steady rate
+    /// published alternately through both instances.
+    async fn targeted(args: &Args, report: &mut Report) {
+        let users: usize = args.get("s3-users", 20_000);
+        let rate: u64 = args.get("s3-rate", 20_000);
+        let secs: f64 = args.get("s3-secs", 30.0);
+        let cluster = Cluster::start(&args.text("server-bin", "target/release/sse-notify"), 2, true).await;
+        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), users, 17_000)).await;
+        report.correct &= pool.held == users;
+        let (_, cpu_before) = cluster.figures();
+        let (expected, refused) =
+            publish_targeted(cluster.addrs(), rate, secs, pool.held as u32, 1_000_000).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (seen, (lost, duplicated, wrong)) = loop {
+            let seen = pool.seen().await;
+            let audit = audit(&seen, &expected);
+            if audit.0 == 0 || Instant::now() > deadline {
+                break (seen, audit);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let (_, cpu_after) = cluster.figures();
+        let reconnects: u64 = pool
+            .ask("report")
+            .await
+            .iter()
+            .map(|a| a["reconnects"].as_u64().unwrap_or(0))
+            .sum();
+        report.put("s3_users", json!(pool.held));
+        report.put("s3_events_sent", json!(expected.len()));
+        report.put("s3_rate_per_second", json!(expected.len() as f64 / secs));
+        report.put("s3_events_refused", json!(refused));
+        report.put("s3_lost", json!(lost));
+        report.put("s3_duplicated", json!(duplicated));
+        report.put("s3_wrong_user", json!(wrong));
+        report.put("s3_stream_reconnects", json!(reconnects));
+        let p99 = report.latencies("s3", seen.iter().map(|s| s[2]).collect());
+        report.put(
+            "s3_server_cpu_s_per_million_deliveries",
+            json!((cpu_after - cpu_before) / seen.len().max(1) as f64 * 1e6),
+        );
+        report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0;
+        report.target(
+            "S3",
+            &format!("{users} users, {rate}/s for {secs} s via Redis: zero loss, p99 <= 10 ms"),
+            format!(
+                "{} sent, {lost} lost, {refused} refused; p99 {p99:.1} ms",
+                expected.len()
+            ),
+            lost == 0 && refused == 0 && p99 <= 10.0,
+        );
+        pool.close().await;
+        cluster.stop().await;
     }
 
     fn gzip_size(path: &std::path::Path) -> u64 {
@@ -259,149 +736,58 @@ mod bench {
             .map_or(0, |o| o.stdout.len() as u64)
     }
 
-    pub async fn harness(args: Args) -> ExitCode {
-        let connections: usize = args.get("connections", 19_000);
-        let workers: usize = args.get("workers", 2).max(1);
-        let idle_secs: u64 = args.get("idle-secs", 10);
-        let binary = args.text("server-bin", "target/release/sse-notify");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut results = serde_json::Map::new();
-
-        // S5 needs no server: the release bundle on disk.
+    /// S5: the release bundle on disk, gzipped.
+    fn bundle(report: &mut Report) {
         let pkg = std::path::Path::new("target/site/pkg");
-        let bundle: u64 = ["sse-notify.wasm", "sse-notify.js", "sse-notify.css"]
-            .iter()
-            .map(|f| gzip_size(&pkg.join(f)))
-            .sum();
-        results.insert("s5_bundle_gzip_kib".into(), json!(bundle as f64 / 1024.0));
-
-        eprintln!("starting {binary} on {server}");
-        let mut server_proc = Command::new(&binary)
-            .env("LEPTOS_SITE_ADDR", server.to_string())
-            .env("SSE_JWT_SECRET", SECRET)
-            .env("SSE_PUBLISH_KEY", PUBLISH_KEY)
-            .env("SSE_CONNECT_RATE_PER_IP", "0")
-            .env("SSE_CONNECT_RATE_PER_USER", "0")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("server binary (make build first)");
-        let pid = server_proc.id().expect("server pid");
-        for _ in 0..200 {
-            if TcpStream::connect(server).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut total = 0.0;
+        for (file, key) in [
+            ("sse-notify.wasm", "s5_wasm_gzip_kib"),
+            ("sse-notify.js", "s5_js_gzip_kib"),
+            ("sse-notify.css", "s5_css_gzip_kib"),
+        ] {
+            let kib = gzip_size(&pkg.join(file)) as f64 / 1024.0;
+            report.put(key, json!(kib));
+            total += kib;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (rss_before, _) = proc_figures(pid);
-
-        // S1: open and hold the connections.
-        let exe = std::env::current_exe().expect("own path");
-        let per_worker = connections.div_ceil(workers);
-        let opened_at = Instant::now();
-        let mut pool = Vec::new();
-        for w in 0..workers {
-            let n = per_worker.min(connections - w * per_worker);
-            let mut child = Command::new(&exe)
-                .args([
-                    "worker",
-                    "--server",
-                    &server.to_string(),
-                    "--source",
-                    &format!("127.0.0.{}", 2 + w),
-                ])
-                .args([
-                    "--connections",
-                    &n.to_string(),
-                    "--first-user",
-                    &(w * per_worker).to_string(),
-                ])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("worker");
-            let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-            pool.push(Worker { child, lines });
-        }
-        let mut held = 0;
-        for worker in &mut pool {
-            let ready = worker.next().await;
-            held += ready["ready"].as_u64().unwrap_or(0) as usize;
-        }
-        let open_secs = opened_at.elapsed().as_secs_f64();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (rss_held, cpu_before_idle) = proc_figures(pid);
-        tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-        let (_, cpu_after_idle) = proc_figures(pid);
-        let per_conn_kib = (rss_held.saturating_sub(rss_before)) as f64 / held.max(1) as f64;
-        let idle_cpu_pct = (cpu_after_idle - cpu_before_idle) / idle_secs as f64 * 100.0;
-        results.insert("s1_connections_requested".into(), json!(connections));
-        results.insert("s1_connections_held".into(), json!(held));
-        results.insert("s1_open_seconds".into(), json!(open_secs));
-        results.insert("s1_rss_before_kib".into(), json!(rss_before));
-        results.insert("s1_rss_held_kib".into(), json!(rss_held));
-        results.insert("s1_rss_per_connection_kib".into(), json!(per_conn_kib));
-        results.insert("s1_idle_cpu_percent_of_a_core".into(), json!(idle_cpu_pct));
-
-        // S2: one broadcast to everyone, publish-to-receive latency.
-        let (_, cpu_before) = proc_figures(pid);
-        let sent = now_us();
-        let status = publish(
-            server,
-            &json!({"broadcast": true, "event": "system_alert", "data": {"message": format!("bench:{sent}:1")}}),
-        )
-        .await
-        .unwrap_or(0);
-        let mut latencies = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            latencies.clear();
-            for worker in &mut pool {
-                let report = worker.request("report").await;
-                for pair in report["seen"].as_array().into_iter().flatten() {
-                    latencies.push(pair[1].as_u64().unwrap_or(0) as u32);
-                }
-            }
-            if latencies.len() >= held || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let (rss_after, cpu_after) = proc_figures(pid);
-        latencies.sort_unstable();
-        let received = latencies.len();
-        results.insert("s2_publish_status".into(), json!(status));
-        results.insert("s2_expected".into(), json!(held));
-        results.insert("s2_received".into(), json!(received));
-        results.insert("s2_lost".into(), json!(held.saturating_sub(received)));
-        results.insert("s2_duplicated".into(), json!(received.saturating_sub(held)));
-        results.insert("s2_p50_ms".into(), json!(percentile(&latencies, 0.50)));
-        results.insert("s2_p99_ms".into(), json!(percentile(&latencies, 0.99)));
-        results.insert("s2_p999_ms".into(), json!(percentile(&latencies, 0.999)));
-        results.insert("s2_max_ms".into(), json!(percentile(&latencies, 1.0)));
-        results.insert(
-            "s2_server_cpu_s_per_million_deliveries".into(),
-            json!((cpu_after - cpu_before) / received.max(1) as f64 * 1e6),
+        report.put("s5_bundle_gzip_kib", json!(total));
+        report.target(
+            "S5",
+            "WASM + JS + CSS <= 150 KiB gzipped",
+            format!("{total:.0} KiB"),
+            total <= 150.0,
         );
-        results.insert("server_rss_after_kib".into(), json!(rss_after));
+    }
 
-        for mut worker in pool {
-            drop(worker.child.stdin.take());
-            let _ = worker.child.wait().await;
+    pub async fn harness(args: Args) -> ExitCode {
+        let run: HashSet<String> = args
+            .text("scenarios", "s1,s2,s4,s1x,s2x,s3,s5")
+            .split(',')
+            .map(|s| s.trim().to_lowercase())
+            .collect();
+        let mut report = Report {
+            correct: true,
+            ..Report::default()
+        };
+        let started = Instant::now();
+        if run.contains("s5") {
+            bundle(&mut report);
         }
-        let _ = server_proc.kill().await;
+        if ["s1", "s2", "s4"].iter().any(|s| run.contains(*s)) {
+            eprintln!("S1/S2/S4: one instance, in-process broker");
+            single_instance(&args, &run, &mut report).await;
+        }
+        if run.contains("s1x") || run.contains("s2x") {
+            eprintln!("S1x/S2x: several instances on one Redis");
+            cluster_scale(&args, &run, &mut report).await;
+        }
+        if run.contains("s3") {
+            eprintln!("S3: targeted events through Redis");
+            targeted(&args, &mut report).await;
+        }
+        report.put("harness_seconds", json!(started.elapsed().as_secs_f64()));
 
-        let report = Value::Object(results);
-        println!("{:<42} value", "figure");
-        for (k, v) in report.as_object().unwrap() {
+        println!("{:<50} value", "figure");
+        for (k, v) in &report.figures {
             let shown = v.as_f64().map_or_else(
                 || v.to_string(),
                 |f| {
@@ -412,17 +798,272 @@ mod bench {
                     }
                 },
             );
-            println!("{k:<42} {shown}");
+            println!("{k:<50} {shown}");
+        }
+        println!();
+        println!("{:<5} {:<4} {:<66} measured", "", "met", "target");
+        for (scenario, target, measured, met) in &report.targets {
+            println!(
+                "{scenario:<5} {:<4} {target:<66} {measured}",
+                if *met { "yes" } else { "no" }
+            );
         }
         if let Some(path) = args.0.get("json") {
-            std::fs::write(path, serde_json::to_string_pretty(&report).unwrap()).expect("write --json");
+            let mut out = report.figures.clone();
+            out.insert(
+                "targets".into(),
+                json!(report
+                    .targets
+                    .iter()
+                    .map(|(s, t, m, met)| json!({"scenario": s, "target": t, "measured": m, "met": met}))
+                    .collect::<Vec<_>>()),
+            );
+            std::fs::write(path, serde_json::to_string_pretty(&Value::Object(out)).unwrap())
+                .expect("write --json");
         }
-        let ok = held == connections && received == held;
-        if ok {
+        if report.correct {
             ExitCode::SUCCESS
         } else {
-            eprintln!("not every connection was held or reached");
+            eprintln!("FAILED: an event was lost, duplicated or misdelivered, or a connection was not held");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A worker process: holds SSE connections like browsers would and reports what arrived.
+#[cfg(feature = "ssr")]
+mod worker {
+    use std::{
+        net::{IpAddr, Ipv4Addr, SocketAddr},
+        process::ExitCode,
+        sync::{
+            atomic::{AtomicU64, AtomicUsize, Ordering},
+            Arc, Mutex,
+        },
+        time::{Duration, Instant},
+    };
+
+    use serde_json::json;
+    use tokio::{
+        io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+        net::{TcpSocket, TcpStream},
+        sync::{watch, Semaphore},
+    };
+
+    use crate::bench::{now_us, Args, SECRET};
+
+    #[derive(Default)]
+    struct Counters {
+        connected: AtomicUsize,
+        failed: AtomicUsize,
+        open: AtomicUsize,
+        /// Streams the server ended that were opened again.
+        reconnects: AtomicUsize,
+        /// Streams back after the last storm, and when the last came back.
+        back: AtomicUsize,
+        last_back_us: AtomicU64,
+        /// `[user, seq, latency_us]` of every bench event, committed at the frame's end.
+        seen: Mutex<Vec<[u32; 3]>>,
+    }
+
+    /// Holds `--connections` streams from `--source`; prints `ready` once they are open, then
+    /// answers `report`, `clear` and `storm` lines on stdin; exits on EOF.
+    pub async fn run(args: Args) -> ExitCode {
+        let server: SocketAddr = args.text("server", "127.0.0.1:3000").parse().expect("--server");
+        let source: Ipv4Addr = args.text("source", "127.0.0.1").parse().expect("--source");
+        let n: usize = args.get("connections", 100);
+        let first_user: usize = args.get("first-user", 0);
+        let auth = sse_notify::server::Auth::new(Some(SECRET));
+        let counters = Arc::new(Counters::default());
+        let gate = Arc::new(Semaphore::new(256));
+        let (storm_tx, storm_rx) = watch::channel(0u64);
+        for i in 0..n {
+            let user = (first_user + i) as u32;
+            let token = auth
+                .issue(&format!("bench-{user}"), None, Duration::from_secs(3600))
+                .expect("token");
+            let link = Link {
+                server,
+                source,
+                token,
+                user,
+            };
+            tokio::spawn(link.hold(counters.clone(), gate.clone(), storm_rx.clone()));
+        }
+        let start = Instant::now();
+        while counters.connected.load(Ordering::Relaxed) + counters.failed.load(Ordering::Relaxed) < n
+            && start.elapsed() < Duration::from_secs(180)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "{}",
+            json!({"ready": counters.connected.load(Ordering::Relaxed), "failed": counters.failed.load(Ordering::Relaxed)})
+        );
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match line.trim() {
+                "report" => {
+                    let seen = counters.seen.lock().unwrap().clone();
+                    println!(
+                        "{}",
+                        json!({"seen": seen, "open": counters.open.load(Ordering::Relaxed),
+                               "reconnects": counters.reconnects.load(Ordering::Relaxed)})
+                    );
+                }
+                "clear" => {
+                    counters.seen.lock().unwrap().clear();
+                    println!("{}", json!({"cleared": true}));
+                }
+                "storm" => {
+                    let expected = counters.open.load(Ordering::Relaxed);
+                    counters.back.store(0, Ordering::Relaxed);
+                    counters.last_back_us.store(0, Ordering::Relaxed);
+                    storm_tx.send_modify(|generation| *generation += 1);
+                    let started = Instant::now();
+                    while counters.back.load(Ordering::Relaxed) < expected
+                        && started.elapsed() < Duration::from_secs(30)
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    println!(
+                        "{}",
+                        json!({"back": counters.back.load(Ordering::Relaxed), "expected": expected,
+                               "last_back_us": counters.last_back_us.load(Ordering::Relaxed)})
+                    );
+                }
+                _ => {}
+            }
+        }
+        ExitCode::SUCCESS
+    }
+
+    /// One simulated browser tab: a user, a token, and where to connect.
+    struct Link {
+        server: SocketAddr,
+        source: Ipv4Addr,
+        token: String,
+        user: u32,
+    }
+
+    impl Link {
+        /// Opens the stream and keeps it open, reconnecting with `Last-Event-ID` when the
+        /// server ends it or a storm is called, as `EventSource` does.
+        async fn hold(self, counters: Arc<Counters>, gate: Arc<Semaphore>, mut storm: watch::Receiver<u64>) {
+            let mut last_id: Option<String> = None;
+            let mut first = true;
+            let mut permit = gate.acquire_owned().await.ok();
+            let mut attempts = 0;
+            loop {
+                let opened = self.open(last_id.as_deref()).await;
+                drop(permit.take());
+                let reader = match opened {
+                    Ok(reader) => reader,
+                    Err(_) if first => {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(_) if attempts < 100 => {
+                        attempts += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                attempts = 0;
+                counters.open.fetch_add(1, Ordering::Relaxed);
+                if first {
+                    first = false;
+                    counters.connected.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    counters.back.fetch_add(1, Ordering::Relaxed);
+                    counters.last_back_us.fetch_max(now_us(), Ordering::Relaxed);
+                }
+                let stormed = self.read(reader, &counters, &mut last_id, &mut storm).await;
+                counters.open.fetch_sub(1, Ordering::Relaxed);
+                if !stormed {
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+
+        async fn open(&self, last_id: Option<&str>) -> std::io::Result<BufReader<TcpStream>> {
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(IpAddr::V4(self.source), 0))?;
+            let connect = socket.connect(self.server);
+            let mut stream = tokio::time::timeout(Duration::from_secs(30), connect).await??;
+            let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+            let request = format!(
+                "GET /api/sse HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
+                self.token
+            );
+            stream.write_all(request.as_bytes()).await?;
+            let mut reader = BufReader::with_capacity(2048, stream);
+            let mut status = String::new();
+            reader.read_line(&mut status).await?;
+            if !status.contains(" 200 ") {
+                return Err(std::io::Error::other(status));
+            }
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).await? == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            Ok(reader)
+        }
+
+        /// Reads frames until the stream ends (false) or a storm is called (true). A frame
+        /// counts, and its id becomes the resume point, only once its blank line arrives.
+        async fn read(
+            &self,
+            mut reader: BufReader<TcpStream>,
+            counters: &Counters,
+            last_id: &mut Option<String>,
+            storm: &mut watch::Receiver<u64>,
+        ) -> bool {
+            let mut line = String::new();
+            let mut frame_id: Option<String> = None;
+            let mut frame_bench: Option<(u32, u32)> = None;
+            loop {
+                line.clear();
+                let read = tokio::select! {
+                    read = reader.read_line(&mut line) => read,
+                    changed = storm.changed() => {
+                        if changed.is_ok() {
+                            return true;
+                        }
+                        continue;
+                    }
+                };
+                match read {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) => {}
+                }
+                if let Some(id) = line.strip_prefix("id: ") {
+                    frame_id = Some(id.trim_end().to_string());
+                } else if line.starts_with("data: ") {
+                    frame_bench = parse_bench(&line);
+                } else if line == "\n" {
+                    if let Some(id) = frame_id.take() {
+                        *last_id = Some(id);
+                    }
+                    if let Some((seq, latency)) = frame_bench.take() {
+                        counters.seen.lock().unwrap().push([self.user, seq, latency]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `..."bench:<sent_us>:<seq>"...` -> (seq, latency in µs).
+    fn parse_bench(line: &str) -> Option<(u32, u32)> {
+        let at = line.find("bench:")?;
+        let mut parts = line[at + 6..].split([':', '"']);
+        let sent: u64 = parts.next()?.parse().ok()?;
+        let seq: u32 = parts.next()?.parse().ok()?;
+        let latency = now_us().saturating_sub(sent).min(u64::from(u32::MAX)) as u32;
+        Some((seq, latency))
     }
 }
