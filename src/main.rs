@@ -5,7 +5,7 @@
 async fn main() -> std::process::ExitCode {
     use std::{net::SocketAddr, process::ExitCode};
 
-    use sse_notify::server::{SseConfig, SseService};
+    use sse_notify::server::{SseConfig, SseListener, SseService};
     use tracing_subscriber::EnvFilter;
 
     tracing_subscriber::fmt()
@@ -35,7 +35,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let app = sse_notify::app::router(options, service.clone());
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match SseListener::bind(addr, app.clone()).await {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("sse-notify: cannot listen on {addr} (LEPTOS_SITE_ADDR): {e}");

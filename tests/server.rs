@@ -674,3 +674,107 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
     assert!(server.service.send_notification("z", note("late")).await.is_err());
     assert_eq!(server.get_json("/healthz").await.0, 503);
 }
+
+/// Sends `request` on a fresh TCP connection and reads the response head (status line and
+/// headers, lower-cased names) plus whatever body bytes arrive within `wait`.
+async fn raw_exchange(socket: &mut tokio::net::TcpStream, request: &str, wait: Duration) -> (String, String) {
+    use tokio::io::AsyncWriteExt;
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let text = read_for(socket, wait).await;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_lowercase(), body.to_string())
+}
+
+/// Whatever arrives on `socket` within `wait` (or until it closes).
+async fn read_for(socket: &mut tokio::net::TcpStream, wait: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&received).to_string()
+}
+
+/// The lean stream path: chunked SSE with the design's headers; an oversized head gets 431
+/// with a JSON body naming the field; a missing token gets the router's 401; and a client
+/// that hangs up is unregistered at once.
+#[tokio::test]
+async fn lean_stream_path_frames_errors_and_hang_ups() {
+    let server = start_server(test_config()).await;
+
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token("lean")
+    );
+    let (head, body) = raw_exchange(&mut socket, &request, Duration::from_millis(500)).await;
+    assert!(head.starts_with("http/1.1 200 ok"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(head.contains("cache-control: no-cache, no-transform"), "{head}");
+    assert!(
+        body.contains("retry: "),
+        "first chunk carries the retry hint: {body:?}"
+    );
+    server.wait_for_clients("lean", 1).await;
+    server
+        .service
+        .send_notification("lean", note("over the lean path"))
+        .await
+        .unwrap();
+    let body = read_for(&mut socket, Duration::from_millis(500)).await;
+    assert!(body.contains("over the lean path"), "{body:?}");
+    drop(socket);
+    server.wait_for_clients("lean", 0).await;
+
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let huge = format!("GET /api/sse HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    let (head, body) = raw_exchange(&mut socket, &huge, WAIT).await;
+    assert!(head.starts_with("http/1.1 431"), "{head}");
+    assert!(body.contains(r#""field":"request""#), "{body}");
+
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (head, body) = raw_exchange(&mut socket, "GET /api/sse HTTP/1.1\r\nHost: x\r\n\r\n", WAIT).await;
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["field"], "token");
+}
+
+/// A stream requested on a keep-alive connection that already served another request is
+/// served by axum/hyper instead, with the same events.
+#[tokio::test]
+async fn stream_on_a_reused_keep_alive_connection_still_works() {
+    let server = start_server(test_config()).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (head, _) = raw_exchange(
+        &mut socket,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_millis(300),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let request = format!(
+        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token("reuser")
+    );
+    let (head, _) = raw_exchange(&mut socket, &request, Duration::from_millis(500)).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        !head.contains("connection: close"),
+        "hyper keeps the connection: {head}"
+    );
+    server.wait_for_clients("reuser", 1).await;
+    server
+        .service
+        .send_notification("reuser", note("through hyper"))
+        .await
+        .unwrap();
+    let body = read_for(&mut socket, Duration::from_millis(500)).await;
+    assert!(body.contains("through hyper"), "{body:?}");
+}

@@ -7,7 +7,7 @@ use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use sse_notify::{
     events::{Notification, NotificationKind},
-    server::{router, SseConfig, SseService},
+    server::{router, SseConfig, SseListener, SseService},
 };
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
@@ -41,8 +41,10 @@ pub fn test_config() -> SseConfig {
 pub async fn start_server(config: SseConfig) -> TestServer {
     let service = SseService::start(config).await.expect("service starts");
     let app: axum::Router = router(service.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let listener = SseListener::bind("127.0.0.1:0".parse().unwrap(), app.clone())
+        .await
+        .unwrap();
+    let addr = axum::serve::Listener::local_addr(&listener).unwrap();
     let task = tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .await

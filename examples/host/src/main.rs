@@ -2,7 +2,7 @@
 use axum::{extract::State, routing::post, Router};
 use sse_notify::{
     events::{Notification, NotificationKind},
-    server::{router, SseConfig, SseService},
+    server::{router, SseConfig, SseListener, SseService},
 };
 
 /// A handler of the host app that notifies a user.
@@ -26,7 +26,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/orders/shipped", post(order_shipped))
         .with_state(sse.clone())
         .merge(router(sse.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:3100").await?;
+    // SseListener serves open streams on a lean path; plain tokio TcpListener works too.
+    let listener = SseListener::bind("127.0.0.1:3100".parse()?, app.clone()).await?;
     axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
     Ok(())
 }
