@@ -179,17 +179,27 @@ async fn events_filter_passes_only_named_events_and_heartbeats() {
     assert_eq!(names, ["custom.one", "reel_ready"]);
 }
 
-/// Heartbeats come every interval (never early), carry a timestamp, and no id.
+/// Heartbeats come every interval (never early), carry a timestamp, and no id of their own:
+/// the last event id a client sees on them stays the stream's start id.
 #[tokio::test]
 async fn heartbeats_arrive_every_interval() {
     let interval = Duration::from_millis(300);
     let server = start_server(test_config().heartbeat_interval(interval)).await;
+    let start = server
+        .service
+        .send_notification("someone-else", note("moves the head"))
+        .await
+        .unwrap();
     let mut client = server.connect("hb", "", None).await;
     let mut arrivals = Vec::new();
     while arrivals.len() < 4 {
         let event = client.next_any().await.unwrap();
         assert_eq!(event.event, "heartbeat");
-        assert!(event.id.is_empty(), "heartbeat must not move the resume point");
+        assert_eq!(
+            event.id,
+            start.to_string(),
+            "heartbeat must not move the resume point"
+        );
         assert!(data(&event)["timestamp"].as_u64().unwrap() > 1_600_000_000_000);
         arrivals.push(tokio::time::Instant::now());
     }
@@ -777,4 +787,44 @@ async fn stream_on_a_reused_keep_alive_connection_still_works() {
         .unwrap();
     let body = read_for(&mut socket, Duration::from_millis(500)).await;
     assert!(body.contains("through hyper"), "{body:?}");
+}
+
+/// Every stream starts with an id-only frame, so a tab that drops before its first event
+/// resumes from where it started: here a second tab (not the user's first connection, so
+/// no offline replay) drops, an event is sent, and the resume still delivers it.
+#[tokio::test]
+async fn a_stream_that_drops_before_its_first_event_resumes_without_loss() {
+    let server = start_server(test_config()).await;
+    server
+        .service
+        .send_notification("someone-else", note("moves the head"))
+        .await
+        .unwrap();
+    let _first_tab = server.connect("tabs", "", None).await;
+    server.wait_for_clients("tabs", 1).await;
+
+    let mut second_tab = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token("tabs")
+    );
+    let (_, body) = raw_exchange(&mut second_tab, &request, Duration::from_millis(500)).await;
+    let start_id = body
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap_or_else(|| panic!("no id-only frame in {body:?}"))
+        .to_string();
+    assert!(!body.contains("data:"), "the id frame fires no event: {body:?}");
+    drop(second_tab);
+    server.wait_for_clients("tabs", 1).await;
+
+    server
+        .service
+        .send_notification("tabs", note("sent while away"))
+        .await
+        .unwrap();
+    let mut resumed = server.connect("tabs", "", Some(&start_id)).await;
+    let event = resumed.next().await;
+    assert_eq!(event.event, "notification");
+    assert!(event.data.contains("sent while away"), "{}", event.data);
 }

@@ -954,8 +954,10 @@ mod worker {
             let mut first = true;
             let mut permit = gate.acquire_owned().await.ok();
             let mut attempts = 0;
+            let mut round = 0;
             loop {
-                let opened = self.open(last_id.as_deref()).await;
+                let opened = self.open(last_id.as_deref(), round).await;
+                round += 1;
                 drop(permit.take());
                 let reader = match opened {
                     Ok(reader) => reader,
@@ -988,9 +990,14 @@ mod worker {
             }
         }
 
-        async fn open(&self, last_id: Option<&str>) -> std::io::Result<BufReader<TcpStream>> {
+        /// Connects from `--source` on even rounds and from the same address in 127.1.x.x on
+        /// odd ones: the ports of the streams just closed sit in TIME_WAIT on the client, and
+        /// real clients reconnecting are many machines, not one address out of ports.
+        async fn open(&self, last_id: Option<&str>, round: u32) -> std::io::Result<BufReader<TcpStream>> {
             let socket = TcpSocket::new_v4()?;
-            socket.bind(SocketAddr::new(IpAddr::V4(self.source), 0))?;
+            socket.set_reuseaddr(true)?;
+            let source = Ipv4Addr::from(u32::from(self.source) + (round % 2) * (1 << 16));
+            socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
             let connect = socket.connect(self.server);
             let mut stream = tokio::time::timeout(Duration::from_secs(30), connect).await??;
             let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));

@@ -536,6 +536,12 @@ mod browser {
         };
         let mut c = shared.borrow_mut();
         if msg.event == names::HEARTBEAT {
+            // The stream opens with an id-only frame (where it starts); heartbeats repeat
+            // that id. Adopt it so a tab that drops before its first event still resumes.
+            if c.last_id.is_none() && !msg.id.is_empty() {
+                c.last_id = Some(msg.id.clone());
+                c.signals.last_event_id.set(Some(msg.id));
+            }
             return;
         }
         // EventSource repeats the last id on events sent without one; only new ids count.

@@ -13,7 +13,15 @@
 //! space or `?`; anything else (other routes, HTTP/2, TLS from a proxy that misroutes, a
 //! reused keep-alive connection) goes to axum/hyper as it would without this listener.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use axum::{
     body::Body,
@@ -25,9 +33,8 @@ use axum::{
 use futures::StreamExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpSocket, TcpStream},
     sync::mpsc,
-    task::JoinHandle,
 };
 use tower::ServiceExt;
 
@@ -60,7 +67,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SseListener {
     local_addr: SocketAddr,
     others: mpsc::Receiver<(TcpStream, SocketAddr)>,
-    acceptor: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
 }
 
 impl SseListener {
@@ -77,14 +84,25 @@ impl SseListener {
         };
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
-        let listener = socket.listen(BACKLOG)?;
+        let listener = socket.listen(BACKLOG)?.into_std()?;
+        listener.set_nonblocking(false)?;
         let local_addr = listener.local_addr()?;
         let (tx, others) = mpsc::channel(1024);
-        let acceptor = tokio::spawn(accept_loop(listener, Arc::new(app), tx));
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = Acceptor {
+            listener,
+            app: Arc::new(app),
+            others: tx,
+            runtime: tokio::runtime::Handle::current(),
+            stop: stop.clone(),
+        };
+        std::thread::Builder::new()
+            .name("sse-accept".into())
+            .spawn(move || acceptor.run())?;
         let listener = Self {
             local_addr,
             others,
-            acceptor,
+            stop,
         };
         Ok(listener.tap_io(no_delay as fn(&mut TcpStream)))
     }
@@ -92,8 +110,17 @@ impl SseListener {
 
 impl Drop for SseListener {
     /// axum drops the listener when a graceful shutdown starts: stop accepting then too.
+    /// The accept thread sleeps in `accept`, so a connection of our own wakes it.
     fn drop(&mut self) {
-        self.acceptor.abort();
+        self.stop.store(true, Ordering::SeqCst);
+        let mut wake = self.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = std::net::TcpStream::connect_timeout(&wake, Duration::from_secs(1));
     }
 }
 
@@ -104,7 +131,7 @@ impl axum::serve::Listener for SseListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.others.recv().await {
             Some(connection) => connection,
-            // The accept loop only ends when this listener is dropped.
+            // The accept thread only ends when this listener is dropped.
             None => std::future::pending().await,
         }
     }
@@ -118,24 +145,52 @@ fn no_delay(stream: &mut TcpStream) {
     let _ = stream.set_nodelay(true);
 }
 
-async fn accept_loop(listener: TcpListener, app: Arc<Router>, others: mpsc::Sender<(TcpStream, SocketAddr)>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let (app, others) = (app.clone(), others.clone());
-                tokio::spawn(async move {
-                    if is_sse_request(&stream).await {
-                        serve_sse(stream, peer, &app).await;
-                    } else {
-                        let _ = others.send((stream, peer)).await;
-                    }
-                });
+/// Accepts on a thread of its own, so the kernel's accept queue is drained however busy
+/// the runtime is: during a reconnect storm the runtime's workers are all serving new
+/// streams, and an accept task queued behind them let the queue overflow (dropped SYNs
+/// cost the client a 1 s, then 3 s, retransmit). Each connection becomes a runtime task.
+struct Acceptor {
+    listener: std::net::TcpListener,
+    app: Arc<Router>,
+    others: mpsc::Sender<(TcpStream, SocketAddr)>,
+    runtime: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+}
+
+impl Acceptor {
+    fn run(self) {
+        let _runtime = self.runtime.enter();
+        while !self.stop.load(Ordering::SeqCst) {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if self.stop.load(Ordering::SeqCst) {
+                break;
             }
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            let stream = match stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+            {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!("accepted connection unusable: {e}");
+                    continue;
+                }
+            };
+            let (app, others) = (self.app.clone(), self.others.clone());
+            self.runtime.spawn(async move {
+                if is_sse_request(&stream).await {
+                    serve_sse(stream, peer, &app).await;
+                } else {
+                    let _ = others.send((stream, peer)).await;
+                }
+            });
         }
     }
 }

@@ -161,6 +161,18 @@ pub async fn sse_handler(
         // Live events up to here came through the replay (or were meant for nobody yet).
         replayed_through = replay_through.max(after).max(fresh_head.unwrap_or_default());
     }
+    // An id-only frame (no data, so no event fires) tells `EventSource` where this stream
+    // starts: a client that drops before its first event still resumes from here, instead of
+    // reconnecting without `Last-Event-ID` and missing what was sent in between. For another
+    // tab of a connected user that is the head read after registering: anything newer is in
+    // this connection's queue, behind this frame.
+    let starts_after = match replayed_through {
+        EventId(0) => inner.broker.head().await.map_err(unavailable)?,
+        through => through,
+    };
+    if starts_after > EventId(0) {
+        prelude.extend_from_slice(format!("id: {starts_after}\n\n").as_bytes());
+    }
     tracing::debug!(user = %user, resume = ?resume_from, "sse connection opened");
 
     let mut guard = guard;
