@@ -828,3 +828,12 @@ async fn a_stream_that_drops_before_its_first_event_resumes_without_loss() {
     assert_eq!(event.event, "notification");
     assert!(event.data.contains("sent while away"), "{}", event.data);
 }
+
+/// A second server on a port that is taken fails to start instead of sharing the port.
+#[tokio::test]
+async fn a_taken_port_is_refused() {
+    let server = start_server(test_config()).await;
+    let app: axum::Router = sse_notify::server::router(server.service.clone());
+    let again = sse_notify::server::SseListener::bind(server.addr, app).await;
+    assert!(again.is_err(), "bound twice to {}", server.addr);
+}

@@ -245,13 +245,19 @@ mod bench {
 
     impl Pool {
         /// Spreads `connections` users over the servers, at most `per_worker` per process.
-        fn plan(servers: &[SocketAddr], connections: usize, per_worker: usize) -> Vec<Share> {
+        ///
+        /// Source addresses are 127.<2 x phase>.<run>.<2 + worker>: a closed client socket
+        /// holds its port in TIME_WAIT for 60 s, and a search for a free port among
+        /// thousands of those costs seconds of kernel time, so no phase or run reuses
+        /// another's addresses (a reconnect storm moves to the next second octet).
+        fn plan(servers: &[SocketAddr], connections: usize, per_worker: usize, phase: u8) -> Vec<Share> {
+            let run = (now_us() / 1_000_000 % 250) as u8 + 1;
             let workers = connections.div_ceil(per_worker).max(servers.len()).max(1);
             let each = connections.div_ceil(workers);
             (0..workers)
                 .map(|w| Share {
                     server: servers[w % servers.len()],
-                    source: format!("127.0.0.{}", 2 + w),
+                    source: format!("127.{}.{run}.{}", 2 * phase, 2 + w),
                     connections: each.min(connections.saturating_sub(w * each)),
                     first_user: w * each,
                 })
@@ -509,7 +515,7 @@ mod bench {
         let idle_secs: u64 = args.get("idle-secs", 10);
         let cluster = Cluster::start(&args.text("server-bin", "target/release/sse-notify"), 1, false).await;
         let (rss_before, _) = cluster.figures();
-        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, 9_500)).await;
+        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, 9_500, 0)).await;
         let held = pool.held;
         report.correct &= held == connections;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -646,7 +652,7 @@ mod bench {
         )
         .await;
         let (rss_before, _) = cluster.figures();
-        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, 17_000)).await;
+        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, 17_000, 1)).await;
         let held = pool.held;
         report.correct &= held == connections;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -680,7 +686,7 @@ mod bench {
         let rate: u64 = args.get("s3-rate", 20_000);
         let secs: f64 = args.get("s3-secs", 30.0);
         let cluster = Cluster::start(&args.text("server-bin", "target/release/sse-notify"), 2, true).await;
-        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), users, 17_000)).await;
+        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), users, 17_000, 2)).await;
         report.correct &= pool.held == users;
         let (_, cpu_before) = cluster.figures();
         let (expected, refused) =
@@ -990,12 +996,11 @@ mod worker {
             }
         }
 
-        /// Connects from `--source` on even rounds and from the same address in 127.1.x.x on
-        /// odd ones: the ports of the streams just closed sit in TIME_WAIT on the client, and
+        /// Connects from `--source` on even rounds and from the next second octet on odd
+        /// ones: the ports of the streams just closed sit in TIME_WAIT on the client, and
         /// real clients reconnecting are many machines, not one address out of ports.
         async fn open(&self, last_id: Option<&str>, round: u32) -> std::io::Result<BufReader<TcpStream>> {
             let socket = TcpSocket::new_v4()?;
-            socket.set_reuseaddr(true)?;
             let source = Ipv4Addr::from(u32::from(self.source) + (round % 2) * (1 << 16));
             socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
             let connect = socket.connect(self.server);

@@ -13,15 +13,7 @@
 //! space or `?`; anything else (other routes, HTTP/2, TLS from a proxy that misroutes, a
 //! reused keep-alive connection) goes to axum/hyper as it would without this listener.
 
-use std::{
-    io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
@@ -33,15 +25,20 @@ use axum::{
 use futures::StreamExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::mpsc,
+    task::JoinHandle,
 };
 use tower::ServiceExt;
 
-/// Pending connections the kernel queues before `accept` (capped by `net.core.somaxconn`).
-/// A reconnect storm sends thousands of SYNs at once; a short queue drops them and the
-/// clients wait a whole SYN retransmit (1 s) before trying again.
+/// Pending connections the kernel queues before `accept`, per accept queue (capped by
+/// `net.core.somaxconn`, 4096 on most systems).
 const BACKLOG: u32 = 4096;
+/// Accept queues on the one port (`SO_REUSEPORT`; the kernel spreads new connections over
+/// them). A reconnect storm completes thousands of handshakes within milliseconds while the
+/// runtime is busy with the streams just opened; one 4096-deep queue overflowed at 19,000
+/// clients, and each dropped handshake costs its client a 1 s, then 3 s, retransmit.
+const ACCEPT_QUEUES: usize = 8;
 /// Largest request head the SSE path reads; larger ones get 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How long a new connection may take to send its request head.
@@ -67,42 +64,40 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SseListener {
     local_addr: SocketAddr,
     others: mpsc::Receiver<(TcpStream, SocketAddr)>,
-    stop: Arc<AtomicBool>,
+    acceptors: Vec<JoinHandle<()>>,
 }
 
 impl SseListener {
-    /// Listens on `addr` (port 0 picks a free one) with a deep accept queue.
+    /// Listens on `addr` (port 0 picks a free one) with deep accept queues.
     ///
     /// The listener comes wrapped in axum's [`TapIo`], which turns on `TCP_NODELAY` for the
     /// connections axum serves and lets `into_make_service_with_connect_info::<SocketAddr>()`
     /// see client addresses.
     pub async fn bind(addr: SocketAddr, app: Router) -> io::Result<TapIo<Self, fn(&mut TcpStream)>> {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(BACKLOG)?.into_std()?;
-        listener.set_nonblocking(false)?;
-        let local_addr = listener.local_addr()?;
         let (tx, others) = mpsc::channel(1024);
-        let stop = Arc::new(AtomicBool::new(false));
-        let acceptor = Acceptor {
-            listener,
-            app: Arc::new(app),
-            others: tx,
-            runtime: tokio::runtime::Handle::current(),
-            stop: stop.clone(),
-        };
-        std::thread::Builder::new()
-            .name("sse-accept".into())
-            .spawn(move || acceptor.run())?;
+        let app = Arc::new(app);
+        // A plain bind first: `SO_REUSEPORT` alone would let a second server on the same
+        // port silently share its connections instead of failing with "address in use".
+        let probe = new_socket(addr)?;
+        probe.set_reuseaddr(true)?;
+        probe.bind(addr)?;
+        let local_addr = probe.local_addr()?;
+        drop(probe);
+        let mut acceptors = Vec::with_capacity(ACCEPT_QUEUES);
+        for _ in 0..ACCEPT_QUEUES {
+            let socket = new_socket(addr)?;
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(local_addr)?;
+            let listener = socket.listen(BACKLOG)?;
+            // Unconstrained: drain the queue on each wake-up rather than yield every 128 accepts.
+            let accept = tokio::task::unconstrained(accept_loop(listener, app.clone(), tx.clone()));
+            acceptors.push(tokio::spawn(accept));
+        }
         let listener = Self {
             local_addr,
             others,
-            stop,
+            acceptors,
         };
         Ok(listener.tap_io(no_delay as fn(&mut TcpStream)))
     }
@@ -110,17 +105,10 @@ impl SseListener {
 
 impl Drop for SseListener {
     /// axum drops the listener when a graceful shutdown starts: stop accepting then too.
-    /// The accept thread sleeps in `accept`, so a connection of our own wakes it.
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut wake = self.local_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-            });
+        for acceptor in &self.acceptors {
+            acceptor.abort();
         }
-        let _ = std::net::TcpStream::connect_timeout(&wake, Duration::from_secs(1));
     }
 }
 
@@ -131,7 +119,7 @@ impl axum::serve::Listener for SseListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.others.recv().await {
             Some(connection) => connection,
-            // The accept thread only ends when this listener is dropped.
+            // The accept loops only end when this listener is dropped.
             None => std::future::pending().await,
         }
     }
@@ -141,57 +129,39 @@ impl axum::serve::Listener for SseListener {
     }
 }
 
+fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+}
+
 fn no_delay(stream: &mut TcpStream) {
     let _ = stream.set_nodelay(true);
 }
 
-/// Accepts on a thread of its own, so the kernel's accept queue is drained however busy
-/// the runtime is: during a reconnect storm the runtime's workers are all serving new
-/// streams, and an accept task queued behind them let the queue overflow (dropped SYNs
-/// cost the client a 1 s, then 3 s, retransmit). Each connection becomes a runtime task.
-struct Acceptor {
-    listener: std::net::TcpListener,
-    app: Arc<Router>,
-    others: mpsc::Sender<(TcpStream, SocketAddr)>,
-    runtime: tokio::runtime::Handle,
-    stop: Arc<AtomicBool>,
-}
-
-impl Acceptor {
-    fn run(self) {
-        let _runtime = self.runtime.enter();
-        while !self.stop.load(Ordering::SeqCst) {
-            let (stream, peer) = match self.listener.accept() {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            };
-            if self.stop.load(Ordering::SeqCst) {
-                break;
+/// Accepts from one queue; each connection becomes a task: the SSE path, or a hand-over
+/// to axum.
+async fn accept_loop(listener: TcpListener, app: Arc<Router>, others: mpsc::Sender<(TcpStream, SocketAddr)>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-            let stream = match stream
-                .set_nonblocking(true)
-                .and_then(|()| TcpStream::from_std(stream))
-            {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!("accepted connection unusable: {e}");
-                    continue;
-                }
-            };
-            let (app, others) = (self.app.clone(), self.others.clone());
-            self.runtime.spawn(async move {
-                if is_sse_request(&stream).await {
-                    serve_sse(stream, peer, &app).await;
-                } else {
-                    let _ = others.send((stream, peer)).await;
-                }
-            });
-        }
+        };
+        let (app, others) = (app.clone(), others.clone());
+        tokio::spawn(async move {
+            if is_sse_request(&stream).await {
+                serve_sse(stream, peer, &app).await;
+            } else {
+                let _ = others.send((stream, peer)).await;
+            }
+        });
     }
 }
 
