@@ -7,7 +7,9 @@ use std::{
 
 use async_trait::async_trait;
 
-use super::{Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay, Retention};
+use super::{
+    Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay, Retention, Target,
+};
 use crate::server::{hub::Hub, now_ms};
 
 /// Keeps history in a ring ordered by id and hands events to the hub while still holding
@@ -23,6 +25,10 @@ struct State {
     next_id: u64,
     /// Increasing ids, oldest first (with holes where short-lived events expired).
     history: VecDeque<Arc<PublishedEvent>>,
+    /// The same events by audience, so a replay reads only what is for its user instead of
+    /// scanning everyone's history (that scan was a third of the server's CPU in a
+    /// reconnect storm).
+    index: Index,
     /// Highest id no longer in `history` (or issued before this process started).
     forgotten_through: u64,
     /// Per user: the highest id a closed connection had received, and when.
@@ -40,6 +46,7 @@ impl MemoryBroker {
             state: Mutex::new(State {
                 next_id: first_id,
                 history: VecDeque::new(),
+                index: Index::default(),
                 forgotten_through: first_id - 1,
                 delivered: HashMap::new(),
             }),
@@ -56,7 +63,69 @@ impl MemoryBroker {
     fn forget_oldest(state: &mut State) {
         if let Some(old) = state.history.pop_front() {
             state.forgotten_through = state.forgotten_through.max(old.id.0);
+            state.index.forget_oldest(&old);
         }
+    }
+}
+
+/// History by audience: each list in id order, holding the same events as `history`.
+#[derive(Default)]
+struct Index {
+    broadcasts: VecDeque<Arc<PublishedEvent>>,
+    users: HashMap<Arc<str>, VecDeque<Arc<PublishedEvent>>>,
+}
+
+impl Index {
+    fn list_mut(&mut self, target: &Target) -> &mut VecDeque<Arc<PublishedEvent>> {
+        match target {
+            Target::Broadcast => &mut self.broadcasts,
+            Target::User(user) => self.users.entry(user.clone()).or_default(),
+        }
+    }
+
+    fn add(&mut self, event: &Arc<PublishedEvent>) {
+        self.list_mut(&event.target).push_back(event.clone());
+    }
+
+    /// `event` was the oldest in history, so it is the oldest of its list.
+    fn forget_oldest(&mut self, event: &PublishedEvent) {
+        let list = self.list_mut(&event.target);
+        if list.front().is_some_and(|e| e.id == event.id) {
+            list.pop_front();
+        }
+        if let Target::User(user) = &event.target {
+            if self.users.get(user).is_some_and(VecDeque::is_empty) {
+                self.users.remove(user);
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&PublishedEvent) -> bool) {
+        self.broadcasts.retain(|e| keep(e));
+        self.users.retain(|_, list| {
+            list.retain(|e| keep(e));
+            !list.is_empty()
+        });
+    }
+
+    /// The user's events and broadcasts after `after`, merged in id order.
+    fn after(&self, user: &str, after: EventId) -> Vec<Arc<PublishedEvent>> {
+        let empty = VecDeque::new();
+        let own = self.users.get(user).unwrap_or(&empty);
+        let mut own = own.range(own.partition_point(|e| e.id <= after)..).peekable();
+        let all = &self.broadcasts;
+        let mut all = all.range(all.partition_point(|e| e.id <= after)..).peekable();
+        let mut merged = Vec::new();
+        loop {
+            let next = match (own.peek(), all.peek()) {
+                (Some(a), Some(b)) if a.id < b.id => own.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => all.next(),
+                (Some(_), None) => own.next(),
+                (None, None) => break,
+            };
+            merged.extend(next.cloned());
+        }
+        merged
     }
 }
 
@@ -78,6 +147,7 @@ impl Broker for MemoryBroker {
                 Self::forget_oldest(&mut state);
             }
             state.history.push_back(event.clone());
+            state.index.add(&event);
             self.hub.dispatch(&event);
             ids.push(id);
         }
@@ -94,14 +164,7 @@ impl Broker for MemoryBroker {
             });
         }
         let gap = after.0 < state.forgotten_through;
-        let start = state.history.partition_point(|e| e.id <= after);
-        let events = state
-            .history
-            .iter()
-            .skip(start)
-            .filter(|e| e.is_for(user))
-            .cloned()
-            .collect();
+        let events = state.index.after(user, after);
         Ok(Replay { events, gap })
     }
 
@@ -129,6 +192,7 @@ impl Broker for MemoryBroker {
         let mut state = self.lock();
         let State {
             history,
+            index,
             forgotten_through,
             delivered,
             ..
@@ -140,6 +204,7 @@ impl Broker for MemoryBroker {
             }
             keep
         });
+        index.retain(|e| self.retention.keeps(e, now));
         let longest = self.retention.longest().as_millis() as u64;
         delivered.retain(|_, (_, at)| now.saturating_sub(*at) <= longest);
     }
@@ -169,6 +234,41 @@ mod tests {
             default,
             offline: Vec::new(),
         }
+    }
+
+    /// The per-audience index forgets with the history: once capacity pushes events out, a
+    /// replay neither returns them nor misses a newer one, and broadcasts interleave by id.
+    #[tokio::test]
+    async fn replay_after_capacity_eviction_keeps_only_what_history_holds() {
+        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), keep(Duration::from_secs(60)), 3);
+        let ids = broker
+            .publish(vec![
+                envelope(to("a")),
+                envelope(to("b")),
+                envelope(to("a")),
+                envelope(Target::Broadcast),
+                envelope(to("a")),
+            ])
+            .await
+            .unwrap();
+        let before_all = EventId(ids[0].0 - 1);
+        let replay = broker.replay("a", before_all).await.unwrap();
+        assert!(replay.gap, "two events were pushed out");
+        let got: Vec<_> = replay.events.iter().map(|e| e.id).collect();
+        assert_eq!(got, vec![ids[2], ids[3], ids[4]]);
+        let got: Vec<_> = broker
+            .replay("b", before_all)
+            .await
+            .unwrap()
+            .events
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(got, vec![ids[3]], "b's own event is gone, the broadcast stays");
+        assert!(
+            !broker.lock().index.users.contains_key("b"),
+            "empty lists are dropped"
+        );
     }
 
     #[tokio::test]
