@@ -271,10 +271,7 @@ async fn a_client_that_never_reads_is_disconnected_with_bounded_queue() {
     let capacity = 16;
     let server = start_server(test_config().queue_capacity(capacity)).await;
     let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let request = format!(
-        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        server.token("slow")
-    );
+    let request = stream_request(&server, "slow");
     socket.write_all(request.as_bytes()).await.unwrap();
     server.wait_for_clients("slow", 1).await;
     let big = "x".repeat(1900);
@@ -685,6 +682,14 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
     assert_eq!(server.get_json("/healthz").await.0, 503);
 }
 
+/// A bare `GET /api/sse` request head for `user`, as a raw TCP client sends it.
+fn stream_request(server: &TestServer, user: &str) -> String {
+    format!(
+        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token(user)
+    )
+}
+
 /// Sends `request` on a fresh TCP connection and reads the response head (status line and
 /// headers, lower-cased names) plus whatever body bytes arrive within `wait`.
 async fn raw_exchange(socket: &mut tokio::net::TcpStream, request: &str, wait: Duration) -> (String, String) {
@@ -718,10 +723,7 @@ async fn lean_stream_path_frames_errors_and_hang_ups() {
     let server = start_server(test_config()).await;
 
     let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let request = format!(
-        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        server.token("lean")
-    );
+    let request = stream_request(&server, "lean");
     let (head, body) = raw_exchange(&mut socket, &request, Duration::from_millis(500)).await;
     assert!(head.starts_with("http/1.1 200 ok"), "{head}");
     assert!(head.contains("transfer-encoding: chunked"), "{head}");
@@ -769,10 +771,7 @@ async fn stream_on_a_reused_keep_alive_connection_still_works() {
     )
     .await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    let request = format!(
-        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        server.token("reuser")
-    );
+    let request = stream_request(&server, "reuser");
     let (head, _) = raw_exchange(&mut socket, &request, Duration::from_millis(500)).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(
@@ -804,10 +803,7 @@ async fn a_stream_that_drops_before_its_first_event_resumes_without_loss() {
     server.wait_for_clients("tabs", 1).await;
 
     let mut second_tab = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let request = format!(
-        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        server.token("tabs")
-    );
+    let request = stream_request(&server, "tabs");
     let (_, body) = raw_exchange(&mut second_tab, &request, Duration::from_millis(500)).await;
     let start_id = body
         .lines()

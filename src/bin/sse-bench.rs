@@ -509,21 +509,55 @@ mod bench {
 
     // ------------------------------------------------------------ scenarios
 
+    /// What holding connections cost: the S1 and S1x figures.
+    struct Held {
+        count: usize,
+        rss_before: u64,
+        rss_held: u64,
+        per_conn: f64,
+        idle_pct: f64,
+    }
+
+    impl Held {
+        /// Opens `connections` on `cluster`, lets them settle, then idles `idle_secs`.
+        async fn measure(
+            cluster: &Cluster,
+            connections: usize,
+            per_worker: usize,
+            phase: u8,
+            idle_secs: u64,
+        ) -> (Pool, Self) {
+            let (rss_before, _) = cluster.figures();
+            let pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, per_worker, phase)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (rss_held, cpu_start) = cluster.figures();
+            tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+            let (_, cpu_end) = cluster.figures();
+            let held = Self {
+                count: pool.held,
+                rss_before,
+                rss_held,
+                per_conn: rss_held.saturating_sub(rss_before) as f64 / pool.held.max(1) as f64,
+                idle_pct: (cpu_end - cpu_start) / idle_secs.max(1) as f64 * 100.0,
+            };
+            (pool, held)
+        }
+    }
+
     /// S1, S2 and S4 on one instance (in-process broker), on the same connections.
     async fn single_instance(args: &Args, run: &HashSet<String>, report: &mut Report) {
         let connections: usize = args.get("connections", 19_000);
         let idle_secs: u64 = args.get("idle-secs", 10);
         let cluster = Cluster::start(&args.text("server-bin", "target/release/sse-notify"), 1, false).await;
-        let (rss_before, _) = cluster.figures();
-        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, 9_500, 0)).await;
-        let held = pool.held;
-        report.correct &= held == connections;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (rss_held, cpu_idle_start) = cluster.figures();
-        tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-        let (_, cpu_idle_end) = cluster.figures();
-        let per_conn = rss_held.saturating_sub(rss_before) as f64 / held.max(1) as f64;
-        let idle_pct = (cpu_idle_end - cpu_idle_start) / idle_secs as f64 * 100.0;
+        let (mut pool, held) = Held::measure(&cluster, connections, 9_500, 0, idle_secs).await;
+        report.correct &= held.count == connections;
+        let Held {
+            count: held,
+            rss_before,
+            rss_held,
+            per_conn,
+            idle_pct,
+        } = held;
         report.put("s1_connections_held", json!(held));
         report.put("s1_open_seconds", json!(pool.open_secs));
         report.put("s1_rss_before_kib", json!(rss_before));
@@ -651,16 +685,14 @@ mod bench {
             true,
         )
         .await;
-        let (rss_before, _) = cluster.figures();
-        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, 17_000, 1)).await;
-        let held = pool.held;
-        report.correct &= held == connections;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (rss_held, cpu_start) = cluster.figures();
-        tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-        let (_, cpu_end) = cluster.figures();
-        let per_conn = rss_held.saturating_sub(rss_before) as f64 / held.max(1) as f64;
-        let idle_pct = (cpu_end - cpu_start) / idle_secs as f64 * 100.0;
+        let (mut pool, held) = Held::measure(&cluster, connections, 17_000, 1, idle_secs).await;
+        report.correct &= held.count == connections;
+        let Held {
+            count: held,
+            per_conn,
+            idle_pct,
+            ..
+        } = held;
         report.put("s1x_instances", json!(instances));
         report.put("s1x_connections_held", json!(held));
         report.put("s1x_open_seconds", json!(pool.open_secs));
