@@ -228,6 +228,9 @@ mod bench {
         }
     }
 
+    /// Source addresses per worker process (see [`Pool::plan`]).
+    pub const SOURCES_PER_WORKER: usize = 8;
+
     /// Worker processes holding connections; user `i` is `bench-<i>`, one connection each.
     struct Pool {
         workers: Vec<Worker>,
@@ -246,10 +249,12 @@ mod bench {
     impl Pool {
         /// Spreads `connections` users over the servers, at most `per_worker` per process.
         ///
-        /// Source addresses are 127.<2 x phase>.<run>.<2 + worker>: a closed client socket
-        /// holds its port in TIME_WAIT for 60 s, and a search for a free port among
-        /// thousands of those costs seconds of kernel time, so no phase or run reuses
-        /// another's addresses (a reconnect storm moves to the next second octet).
+        /// Each worker gets eight source addresses, 127.<2 x phase>.<run>.<2 + 8 x worker + k>:
+        /// the kernel's search for a free port when binding gets slow with thousands of
+        /// sockets on one address (perf: S1x spent its 97 s opening in `inet_bhash2_conflict`
+        /// in the clients), and a closed socket holds its port in TIME_WAIT for 60 s, so no
+        /// phase or run reuses another's addresses (a reconnect storm moves to the next
+        /// second octet).
         fn plan(servers: &[SocketAddr], connections: usize, per_worker: usize, phase: u8) -> Vec<Share> {
             let run = (now_us() / 1_000_000 % 250) as u8 + 1;
             let workers = connections.div_ceil(per_worker).max(servers.len()).max(1);
@@ -257,7 +262,7 @@ mod bench {
             (0..workers)
                 .map(|w| Share {
                     server: servers[w % servers.len()],
-                    source: format!("127.{}.{run}.{}", 2 * phase, 2 + w),
+                    source: format!("127.{}.{run}.{}", 2 * phase, 2 + SOURCES_PER_WORKER * w),
                     connections: each.min(connections.saturating_sub(w * each)),
                     first_user: w * each,
                 })
@@ -888,7 +893,7 @@ mod worker {
         sync::{watch, Semaphore},
     };
 
-    use crate::bench::{now_us, Args, SECRET};
+    use crate::bench::{now_us, Args, SECRET, SOURCES_PER_WORKER};
 
     #[derive(Default)]
     struct Counters {
@@ -922,7 +927,7 @@ mod worker {
                 .expect("token");
             let link = Link {
                 server,
-                source,
+                source: Ipv4Addr::from(u32::from(source) + (i % SOURCES_PER_WORKER) as u32),
                 token,
                 user,
             };
