@@ -322,6 +322,25 @@ mod bench {
             all
         }
 
+        /// Polls the workers until every event in `expected` (seq -> user) has arrived or
+        /// `wait` is over; returns what was seen and its audit (lost, duplicated, wrong user).
+        async fn settle(
+            &mut self,
+            expected: &HashMap<u32, u32>,
+            wait: Duration,
+            poll: Duration,
+        ) -> (Vec<[u32; 3]>, (usize, usize, usize)) {
+            let deadline = Instant::now() + wait;
+            loop {
+                let seen = self.seen().await;
+                let audit = audit(&seen, expected);
+                if audit.0 == 0 || Instant::now() > deadline {
+                    return (seen, audit);
+                }
+                tokio::time::sleep(poll).await;
+            }
+        }
+
         async fn close(self) {
             for mut worker in self.workers {
                 drop(worker.child.stdin.take());
@@ -652,15 +671,9 @@ mod bench {
             .unwrap_or(0);
         let back_secs = last_back.saturating_sub(storm_at) as f64 / 1e6;
         let (expected, refused) = publishing.await.expect("publisher");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let (seen, (lost, duplicated, wrong)) = loop {
-            let seen = pool.seen().await;
-            let audit = audit(&seen, &expected);
-            if audit.0 == 0 || Instant::now() > deadline {
-                break (seen, audit);
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        };
+        let (seen, (lost, duplicated, wrong)) = pool
+            .settle(&expected, Duration::from_secs(20), Duration::from_millis(250))
+            .await;
         report.put("s4_clients", json!(expected_back));
         report.put("s4_back", json!(back));
         report.put("s4_all_back_seconds", json!(back_secs));
@@ -728,15 +741,9 @@ mod bench {
         let (_, cpu_before) = cluster.figures();
         let (expected, refused) =
             publish_targeted(cluster.addrs(), rate, secs, pool.held as u32, 1_000_000).await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (seen, (lost, duplicated, wrong)) = loop {
-            let seen = pool.seen().await;
-            let audit = audit(&seen, &expected);
-            if audit.0 == 0 || Instant::now() > deadline {
-                break (seen, audit);
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
+        let (seen, (lost, duplicated, wrong)) = pool
+            .settle(&expected, Duration::from_secs(30), Duration::from_millis(500))
+            .await;
         let (_, cpu_after) = cluster.figures();
         let reconnects: u64 = pool
             .ask("report")

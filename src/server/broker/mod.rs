@@ -84,14 +84,6 @@ impl PublishedEvent {
         }
     }
 
-    /// Whether `user` should receive it.
-    pub fn is_for(&self, user: &str) -> bool {
-        match &self.target {
-            Target::Broadcast => true,
-            Target::User(u) => &**u == user,
-        }
-    }
-
     /// The JSON of its `data`, read back out of the frame (for brokers that store it).
     pub fn data(&self) -> &str {
         let text = std::str::from_utf8(&self.frame).unwrap_or_default();
