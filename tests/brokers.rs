@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::{
-    net::TcpListener,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::*;
 use serde_json::json;
@@ -16,71 +12,6 @@ use sse_notify::{
     events::{ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus},
     server::{SendError, SseConfig},
 };
-
-/// A `redis-server` of this test's own, without persistence, stopped on drop.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self { port, child: None };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (make setup)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        cmd.query_async(&mut conn).await.unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn alert(message: &str) -> SystemAlert {
     SystemAlert {
@@ -165,33 +96,29 @@ async fn check_resync(config: SseConfig) {
     );
 }
 
-/// A connection that opens while events are being published misses none after its first.
+/// Connections that open (without `Last-Event-ID`) while another thread publishes to their
+/// user miss nothing and get nothing twice: from the first event each receives, it gets
+/// every later one once, in order. Repeated so publishes land between registering, reading
+/// the head and the replay.
 async fn check_connect_during_publishing(config: SseConfig) {
-    let server = start_server(config).await;
-    let sse = server.service.clone();
-    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-    let publisher = tokio::spawn(async move {
-        let mut ids = Vec::new();
-        for n in 0.. {
-            ids.push(sse.send_notification("busy", note(&n.to_string())).await.unwrap());
-            if stopped.try_recv().is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+    let server = start_server(config.queue_capacity(100_000)).await;
+    for round in 0..10 {
+        let user = format!("busy-{round}");
+        let publishing = Publishing::start(server.service.clone(), &user);
+        let mut client = server.connect(&user, "", None).await;
+        let ids = publishing.stop_after(20).await;
+        let first = client.next().await;
+        let start = ids
+            .iter()
+            .position(|id| id.to_string() == first.id)
+            .expect("a known id");
+        for expected in &ids[start + 1..] {
+            assert_eq!(client.next().await.id, expected.to_string(), "round {round}");
         }
-        ids
-    });
-    let mut client = server.connect("busy", "", None).await;
-    stop.send(()).unwrap();
-    let ids = publisher.await.unwrap();
-    // From the first event it receives to the last one published, nothing is skipped.
-    let first = client.next().await;
-    let start = ids
-        .iter()
-        .position(|id| id.to_string() == first.id)
-        .expect("a known id");
-    for expected in &ids[start + 1..] {
-        assert_eq!(client.next().await.id, expected.to_string());
+        assert!(
+            client.nothing_within(Duration::from_millis(50)).await,
+            "round {round}: a duplicate after the last event"
+        );
     }
 }
 
@@ -277,11 +204,13 @@ macro_rules! behaviour_suite {
     ($($check:ident),*) => {
         mod memory_broker {
             use super::*;
-            $(#[tokio::test] async fn $check() { super::$check(test_config()).await; })*
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() { super::$check(test_config()).await; })*
         }
         mod redis_broker {
             use super::*;
-            $(#[tokio::test] async fn $check() {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
                 let redis = RedisServer::start();
                 super::$check(test_config().redis_url(Some(redis.url()))).await;
             })*
@@ -332,19 +261,19 @@ async fn two_instances_act_as_one() {
 }
 
 /// A client of instance A reconnects to instance B with `Last-Event-ID` and gets every
-/// missed event (user and broadcast) once; also when A died.
+/// missed event (user and broadcast) once, after A crashed: A is a real server process
+/// killed with `SIGKILL`, so none of its shutdown code runs.
 #[tokio::test]
-async fn reconnect_to_another_instance_resumes_without_loss() {
+async fn reconnect_to_another_instance_after_a_crash_resumes_without_loss() {
     let redis = RedisServer::start();
-    let config = || test_config().redis_url(Some(redis.url()));
-    let a = start_server(config()).await;
-    let b = start_server(config()).await;
-    let mut on_a = a.connect("w", "", None).await;
+    let url = redis.url();
+    let mut a = ServerProcess::start(&[("REDIS_URL", &url)]).await;
+    let b = start_server(test_config().redis_url(Some(url.clone()))).await;
+    let mut on_a = a.connect("w").await;
     b.service.send_notification("w", note("seen")).await.unwrap();
     let seen = on_a.next().await;
-    // Instance A dies: its streams end.
-    a.service.shutdown().await;
-    assert!(on_a.until_end().await.is_empty());
+    a.crash();
+    assert!(on_a.until_closed().await.is_empty());
     b.service.send_notification("w", note("m1")).await.unwrap();
     b.service.send_system_alert(alert("mb")).await.unwrap();
     b.service.send_notification("w", note("m2")).await.unwrap();
@@ -476,5 +405,119 @@ async fn events_published_while_an_instance_was_cut_off_are_recovered() {
     assert!(
         on_a.nothing_within(Duration::from_millis(300)).await,
         "duplicates after recovery"
+    );
+}
+
+/// Redis keys expire with the retention of what they hold: a user's stream as long as its
+/// longest-kept event (a notification waits 24 h for an offline user), a stream of custom
+/// events after the replay retention, the delivery position after the longest retention;
+/// with a short retention, the keys are gone once it has passed.
+#[tokio::test]
+async fn redis_keys_expire_with_their_retention() {
+    let redis = RedisServer::start();
+    let server = start_server(test_config().redis_url(Some(redis.url()))).await;
+    let sse = &server.service;
+    sse.send_notification("ttl", note("n")).await.unwrap();
+    sse.send_custom_event("ttl-custom", "job.done", json!({}))
+        .await
+        .unwrap();
+    let pttl = |key: &str| redis::cmd("PTTL").arg(key).clone();
+    let day: i64 = 24 * 3600 * 1000;
+    let notification_ttl: i64 = redis.query(&mut pttl("sse:stream:u:ttl")).await;
+    assert!(
+        day - 60_000 < notification_ttl && notification_ttl <= day,
+        "{notification_ttl}"
+    );
+    let custom_ttl: i64 = redis.query(&mut pttl("sse:stream:u:ttl-custom")).await;
+    assert!(240_000 < custom_ttl && custom_ttl <= 300_000, "{custom_ttl}");
+    // A closed connection records its position with the longest retention.
+    drop(server.resume_point("ttl").await);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let delivered_ttl = loop {
+        let ttl: i64 = redis.query(&mut pttl("sse:delivered:u:ttl")).await;
+        if ttl > 0 || tokio::time::Instant::now() > deadline {
+            break ttl;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        day - 60_000 < delivered_ttl && delivered_ttl <= day,
+        "{delivered_ttl}"
+    );
+
+    let short = start_server(
+        test_config()
+            .redis_url(Some(redis.url()))
+            .event_retention(Duration::from_millis(300))
+            .offline_retention(Vec::new()),
+    )
+    .await;
+    short.service.send_notification("brief", note("n")).await.unwrap();
+    let exists = || redis::cmd("EXISTS").arg("sse:stream:u:brief").clone();
+    assert_eq!(redis.query::<i64>(&mut exists()).await, 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        redis.query::<i64>(&mut exists()).await,
+        0,
+        "the stream outlived its retention"
+    );
+}
+
+/// Ids never go back, even when Redis loses its data: an event published after `FLUSHALL`
+/// gets a higher id than every one before, so no client mistakes it for one it has seen.
+#[tokio::test]
+async fn ids_never_go_back_when_redis_loses_its_data() {
+    let redis = RedisServer::start();
+    let server = start_server(test_config().redis_url(Some(redis.url()))).await;
+    let mut before = Vec::new();
+    for n in 0..50 {
+        before.push(
+            server
+                .service
+                .send_notification("i", note(&n.to_string()))
+                .await
+                .unwrap(),
+        );
+    }
+    let _: String = redis.query(&mut redis::cmd("FLUSHALL")).await;
+    let after = server
+        .service
+        .send_notification("i", note("after"))
+        .await
+        .unwrap();
+    assert!(
+        after > *before.last().unwrap(),
+        "{after} after {:?}",
+        before.last()
+    );
+}
+
+/// Offline delivery across instances: the position a connection on A reached is where a
+/// later first connection on B starts, so B sends only what came after it.
+#[tokio::test]
+async fn offline_delivery_continues_on_another_instance() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(Some(redis.url()));
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let mut on_a = a.connect("roam", "", None).await;
+    a.service
+        .send_notification("roam", note("seen on a"))
+        .await
+        .unwrap();
+    assert_eq!(text(&on_a.next().await), "seen on a");
+    drop(on_a);
+    a.wait_for_clients("roam", 0).await;
+    // The closed connection's position is recorded asynchronously; give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.service
+        .send_notification("roam", note("while away"))
+        .await
+        .unwrap();
+    let mut on_b = b.connect("roam", "", None).await;
+    assert_eq!(text(&on_b.next().await), "while away");
+    assert!(
+        on_b.nothing_within(Duration::from_millis(300)).await,
+        "what A already delivered came again"
     );
 }

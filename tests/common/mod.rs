@@ -1,7 +1,11 @@
 //! Test helpers: the real router served on a free port, and a real SSE client over TCP.
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
 
 use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
@@ -124,11 +128,16 @@ impl TestServer {
 
     /// Waits until `user` has `n` connections registered (connects are asynchronous).
     pub async fn wait_for_clients(&self, user: &str, n: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
+        self.wait_for_clients_within(user, n, WAIT).await;
+    }
+
+    /// Like [`wait_for_clients`](Self::wait_for_clients), failing after `within`.
+    pub async fn wait_for_clients_within(&self, user: &str, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
         while self.service.client_count_for_user(user) != n {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{user} never had {n} connections"
+                "{user} did not have {n} connections within {within:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -184,6 +193,20 @@ impl SseClient {
         }
     }
 
+    /// Reads until the stream ends or breaks (a server that died resets it); returns the
+    /// non-heartbeat events seen on the way.
+    pub async fn until_closed(&mut self) -> Vec<Event> {
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.events.next()).await {
+                Err(_) => panic!("the stream did not end"),
+                Ok(Some(Ok(event))) if event.event != "heartbeat" => seen.push(event),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_)) | None) => return seen,
+            }
+        }
+    }
+
     /// Reads until the stream ends; returns the non-heartbeat events seen on the way.
     pub async fn until_end(&mut self) -> Vec<Event> {
         let mut seen = Vec::new();
@@ -207,5 +230,191 @@ pub fn note(title: &str) -> Notification {
         message: "m".into(),
         kind: NotificationKind::Info,
         action_url: None,
+    }
+}
+
+/// Notifications for one user published without pause from an OS thread of their own (with
+/// its own runtime), so they race whatever the test does on its runtime's threads.
+pub struct Publishing {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    published: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<Vec<sse_notify::server::EventId>>,
+}
+
+impl Publishing {
+    pub fn start(service: SseService, user: &str) -> Self {
+        use std::sync::{
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+            Arc,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let published = Arc::new(AtomicUsize::new(0));
+        let (user, flag, count) = (user.to_string(), stop.clone(), published.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut ids = Vec::new();
+                while !flag.load(Ordering::Relaxed) {
+                    let title = ids.len().to_string();
+                    ids.push(service.send_notification(&user, note(&title)).await.unwrap());
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                ids
+            })
+        });
+        Self {
+            stop,
+            published,
+            thread,
+        }
+    }
+
+    /// Lets `more` events go out after this call, then stops; returns every id published.
+    pub async fn stop_after(self, more: usize) -> Vec<sse_notify::server::EventId> {
+        use std::sync::atomic::Ordering;
+        let target = self.published.load(Ordering::Relaxed) + more;
+        while self.published.load(Ordering::Relaxed) < target {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || self.thread.join().expect("publisher thread"))
+            .await
+            .unwrap()
+    }
+}
+
+/// The real `sse-notify` binary in a process of its own, so a test can crash it
+/// (`SIGKILL`: no shutdown code runs). Killed on drop.
+pub struct ServerProcess {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl ServerProcess {
+    /// Starts the binary with the test secrets and `env`, and waits until `/healthz` answers.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sse-notify"))
+            .env("LEPTOS_SITE_ADDR", addr.to_string())
+            .env("SSE_JWT_SECRET", SECRET)
+            .env("SSE_PUBLISH_KEY", PUBLISH_KEY)
+            .env("SSE_CONNECT_RATE_PER_IP", "0")
+            .env("SSE_CONNECT_RATE_PER_USER", "0")
+            .env("RUST_LOG", "warn")
+            .env_remove("REDIS_URL")
+            .envs(env.iter().copied())
+            .spawn()
+            .expect("the sse-notify binary");
+        let server = Self { addr, child };
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while http.get(format!("http://{addr}/healthz")).send().await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server process did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    }
+
+    /// Opens `/api/sse` on this process as `user`.
+    pub async fn connect(&self, user: &str) -> SseClient {
+        let token = sse_notify::server::Auth::new(Some(SECRET))
+            .issue(user, None, Duration::from_secs(3600))
+            .unwrap();
+        let response = reqwest::Client::new()
+            .get(format!("http://{}/api/sse", self.addr))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(response.status(), 200);
+        SseClient::new(response)
+    }
+
+    /// `SIGKILL`: the process dies at once, as in a crash.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// A `redis-server` of the test's own, without persistence, stopped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self { port, child: None };
+        server.spawn();
+        server
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (make setup)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        cmd.query_async(&mut conn).await.unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
