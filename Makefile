@@ -20,9 +20,10 @@ run: setup
 test: setup lint test-rust check-host test-e2e
 
 lint:
-	cargo fmt --check
+	cargo fmt --all --check
 	cargo clippy --all-targets --features ssr,demo -- -D warnings
 	cargo clippy --lib --features hydrate,demo --target wasm32-unknown-unknown -- -D warnings
+	cargo clippy -p sse-bench -p sse-notify-testkit --all-targets -- -D warnings
 
 test-rust:
 	cargo test --features ssr,demo
@@ -34,17 +35,18 @@ test-e2e: build
 	cd end2end && SSE_NOTIFY_BIN=$(CURDIR)/target/$(E2E_PROFILE)/sse-notify npx playwright test
 
 fmt:
-	cargo fmt
+	cargo fmt --all
 
-## Load harness (release build), scenarios S1-S5 of issue #6; prints a table, JSON in target/bench.json.
-## Narrow it with e.g. `make bench BENCH_ARGS="--scenarios s1,s2 --connections 5000"`.
+## Load harness (bench/, release build): prints a table, JSON in target/bench.json.
+## Narrow it with e.g. `make bench BENCH_ARGS="--scenarios s1,s2 --connections 5000"`;
+## `target/release/sse-bench --help` lists every option.
 BENCH_ARGS ?=
 bench: setup
 	cargo leptos build --release
-	cargo build --release --features ssr --bin sse-bench
+	cargo build --release -p sse-bench
 	target/release/sse-bench --json target/bench.json $(BENCH_ARGS)
 
 ## The example host app builds against the library without `demo` (no second hydrate export).
 check-host:
-	CARGO_TARGET_DIR=$(CURDIR)/target/host cargo build --manifest-path examples/host/Cargo.toml --features ssr
-	CARGO_TARGET_DIR=$(CURDIR)/target/host cargo build --manifest-path examples/host/Cargo.toml --lib --features hydrate --target wasm32-unknown-unknown
+	cargo build -p sse-notify-host-example --features ssr
+	cargo build -p sse-notify-host-example --lib --features hydrate --target wasm32-unknown-unknown

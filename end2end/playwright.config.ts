@@ -7,8 +7,8 @@ export default defineConfig({
   expect: { timeout: 10_000 },
   fullyParallel: true,
   workers: 2,
-  // One retry absorbs a scheduling hiccup on a busy 2-core machine; a broken feature fails twice.
-  retries: process.env.CI ? 1 : 0,
+  // No retries: a flaky test must fail, not pass on its second try.
+  retries: 0,
   reporter: [["list"]],
   outputDir: "test-results",
   use: {

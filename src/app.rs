@@ -14,7 +14,11 @@ use leptos_router::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    client::{use_sse_with_options, ConnectionStatus, Position, SseMessage, SseNotifications, UseSseOptions},
+    api::{self, Stats},
+    client::{
+        use_sse_with_options, ConnectionReadyState, ConnectionStatus, Position, SseMessage, SseNotifications,
+        UseSseError, UseSseOptions,
+    },
     events::{NotificationKind, SystemAlertKind, UserUpdateKind},
 };
 
@@ -129,13 +133,14 @@ pub async fn send_demo_event(event: DemoEvent) -> Result<String, ServerFnError> 
 mod server_side {
     use std::time::Duration;
 
-    use axum::http::{header, HeaderMap, HeaderValue};
+    use axum::http::{header, HeaderValue};
+    use axum_extra::extract::CookieJar;
     use leptos::prelude::*;
 
     use super::DemoEvent;
     use crate::{
         events::{Event, Notification, ReelReady, ReelUploadProgress, SystemAlert, UploadStatus, UserUpdate},
-        server::{auth::cookie, SseService, SESSION_COOKIE},
+        server::{SseService, SESSION_COOKIE},
     };
 
     fn err(e: impl std::fmt::Display) -> ServerFnError {
@@ -143,10 +148,10 @@ mod server_side {
     }
 
     pub async fn session_user() -> Result<String, ServerFnError> {
-        let headers: HeaderMap = leptos_axum::extract().await.map_err(err)?;
-        let token = cookie(&headers, SESSION_COOKIE).ok_or_else(|| err("not signed in"))?;
+        let jar: CookieJar = leptos_axum::extract().await.map_err(err)?;
+        let token = jar.get(SESSION_COOKIE).ok_or_else(|| err("not signed in"))?;
         Ok(expect_context::<SseService>()
-            .verify_token(token)
+            .verify_token(token.value())
             .map_err(err)?
             .sub)
     }
@@ -255,7 +260,7 @@ fn HomePage() -> impl IntoView {
     let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
 
     let query = use_query_map();
-    let (position, max, dismiss, auto) = query.with_untracked(|q| {
+    let (position, max, dismiss, auto, stall) = query.with_untracked(|q| {
         (
             q.get("position")
                 .and_then(|p| Position::parse(&p))
@@ -263,6 +268,7 @@ fn HomePage() -> impl IntoView {
             q.get("max").and_then(|m| m.parse().ok()).unwrap_or(5usize),
             q.get("dismiss").and_then(|d| d.parse().ok()).unwrap_or(5_000u64),
             q.get("auto").map(|a| a != "false").unwrap_or(true),
+            q.get("stall").and_then(|s| s.parse::<u64>().ok()),
         )
     });
     let status = RwSignal::new(ConnectionStatus::default());
@@ -284,6 +290,7 @@ fn HomePage() -> impl IntoView {
             status
             on_message
             extra_events=vec!["demo.ping".to_string()]
+            retry_timeout=stall
         />
         <section class="hero">
             <h1>"Live notifications for Leptos"</h1>
@@ -312,20 +319,15 @@ fn HomePage() -> impl IntoView {
 
 #[component]
 fn StatusBadge(status: RwSignal<ConnectionStatus>) -> impl IntoView {
-    let state = move || {
-        status.with(|s| match (s.connected, s.connecting) {
-            (true, _) => "connected",
-            (false, true) => "connecting",
-            (false, false) => "disconnected",
-        })
-    };
+    let state = move || status.with(|s| s.state);
     let label = move || match state() {
-        "connected" => "Live",
-        "connecting" => "Connecting…",
-        _ => "Offline",
+        ConnectionReadyState::Open => "Live",
+        ConnectionReadyState::Connecting => "Connecting…",
+        ConnectionReadyState::Closing | ConnectionReadyState::Closed => "Offline",
     };
+    let error = move || status.with(|s| s.error.as_ref().map(UseSseError::code));
     view! {
-        <p class="status" data-status=state role="status">
+        <p class="status" data-status=move || state().as_str() data-error=error role="status">
             <span class="status__dot" aria-hidden="true"></span>
             {label}
         </p>
@@ -461,32 +463,18 @@ fn EventLog(log: RwSignal<Vec<SseMessage>>) -> impl IntoView {
     }
 }
 
-/// What `/api/stats/stream` sends every second.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct DashboardStats {
-    clients: u64,
-    users: u64,
-    events_published: u64,
-    events_delivered: u64,
-    events_failed: u64,
-    slow_client_disconnects: u64,
-    broker: String,
-    broker_health: String,
-}
-
 /// Live connections and throughput, streamed over SSE.
 #[component]
 fn DashboardPage() -> impl IntoView {
     const SAMPLES: usize = 60;
-    let latest = RwSignal::new(None::<DashboardStats>);
+    let latest = RwSignal::new(None::<Stats>);
     // Events delivered per second, newest last.
     let rates = RwSignal::new(Vec::<u64>::new());
     let options = UseSseOptions::default()
-        .url("/api/stats/stream")
+        .url(api::STATS_STREAM_PATH)
         .events(vec!["stats".into()])
         .on_message(move |msg| {
-            let Ok(stats) = serde_json::from_str::<DashboardStats>(&msg.data) else {
+            let Ok(stats) = serde_json::from_str::<Stats>(&msg.data) else {
                 return;
             };
             let previous = latest.get_untracked().map(|p| p.events_delivered);
@@ -501,7 +489,7 @@ fn DashboardPage() -> impl IntoView {
             latest.set(Some(stats));
         });
     let sse = use_sse_with_options(options);
-    let stat = move |f: fn(&DashboardStats) -> String| {
+    let stat = move |f: fn(&Stats) -> String| {
         move || latest.with(|s| s.as_ref().map(f).unwrap_or_else(|| "–".into()))
     };
     let chart = move || {
@@ -517,7 +505,7 @@ fn DashboardPage() -> impl IntoView {
     view! {
         <section class="hero">
             <h1>"Dashboard"</h1>
-            <p>{move || if sse.is_connected.get() { "Live, updated every second." } else { "Connecting…" }}</p>
+            <p>{move || if sse.ready_state.get() == ConnectionReadyState::Open { "Live, updated every second." } else { "Connecting…" }}</p>
         </section>
         <div class="tiles">
             <div class="tile"><span class="tile__label">"Connections"</span><span class="tile__value" data-testid="clients">{stat(|s| s.clients.to_string())}</span></div>
@@ -526,7 +514,7 @@ fn DashboardPage() -> impl IntoView {
             <div class="tile"><span class="tile__label">"Delivered"</span><span class="tile__value" data-testid="delivered">{stat(|s| s.events_delivered.to_string())}</span></div>
             <div class="tile"><span class="tile__label">"Failed"</span><span class="tile__value">{stat(|s| s.events_failed.to_string())}</span></div>
             <div class="tile"><span class="tile__label">"Slow clients cut"</span><span class="tile__value">{stat(|s| s.slow_client_disconnects.to_string())}</span></div>
-            <div class="tile"><span class="tile__label">"Broker"</span><span class="tile__value">{stat(|s| format!("{} ({})", s.broker, s.broker_health))}</span></div>
+            <div class="tile"><span class="tile__label">"Broker"</span><span class="tile__value">{stat(|s| format!("{} ({:?})", s.broker, s.broker_health).to_lowercase())}</span></div>
         </div>
         <div class="card">
             <h2>"Deliveries per second"</h2>

@@ -388,6 +388,42 @@ impl Event {
             other => serde_json::to_value(other).unwrap_or(Value::Null),
         }
     }
+
+    /// The `data` as one line of JSON with `"timestamp": timestamp_ms` added (a custom event
+    /// that has a `timestamp` of its own keeps it), serialised once.
+    ///
+    /// ```
+    /// use sse_notify::events::{Event, SystemAlert};
+    ///
+    /// let alert = Event::SystemAlert(SystemAlert { message: "m".into(), kind: Default::default(), duration: None });
+    /// assert_eq!(alert.data_json_with_timestamp(7), r#"{"message":"m","type":"info","timestamp":7}"#);
+    /// ```
+    pub fn data_json_with_timestamp(&self, timestamp_ms: u64) -> String {
+        let (mut json, has_own) = match self {
+            Event::Custom { data, .. } => (data.to_string(), data.get("timestamp").is_some()),
+            other => (
+                serde_json::to_string(other).unwrap_or_else(|_| "{}".into()),
+                false,
+            ),
+        };
+        if !has_own && json.ends_with('}') {
+            json.pop();
+            if json.len() > 1 {
+                json.push(',');
+            }
+            json.push_str(&format!("\"timestamp\":{timestamp_ms}}}"));
+        }
+        json
+    }
+
+    /// Events of one name with the same key replace each other on replay (latest wins):
+    /// the reel of a `reel_upload_progress`.
+    pub fn coalesce_key(&self) -> Option<&str> {
+        match self {
+            Event::ReelUploadProgress(p) => Some(&p.reel_id),
+            _ => None,
+        }
+    }
 }
 
 /// Deserialises `data` into `T`, naming the offending field (`data.progress`) on failure.

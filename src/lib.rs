@@ -1,6 +1,7 @@
 //! Real-time server-to-client notifications for Leptos apps over Server-Sent Events.
 //!
-//! - [`events`]: the event model shared by server and browser.
+//! - [`events`]: the event model shared by server and browser; [`api`]: the HTTP contract
+//!   (route paths, stats) both sides rely on; [`backoff`]: the one retry formula.
 //! - [`client`]: the browser side, the [`use_sse`](client::use_sse) hook and the
 //!   [`SseNotifications`](client::SseNotifications) toasts (no-ops when rendered on the server).
 //! - `server` (feature `ssr`): the SSE endpoint, publish API and [`SseService`](server::SseService).
@@ -8,6 +9,8 @@
 
 #![recursion_limit = "256"]
 
+pub mod api;
+pub mod backoff;
 pub mod client;
 pub mod events;
 

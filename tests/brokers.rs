@@ -212,7 +212,7 @@ macro_rules! behaviour_suite {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
                 let redis = RedisServer::start();
-                super::$check(test_config().redis_url(Some(redis.url()))).await;
+                super::$check(test_config().redis_url(redis.url())).await;
             })*
         }
     };
@@ -233,7 +233,7 @@ behaviour_suite!(
 #[tokio::test]
 async fn two_instances_act_as_one() {
     let redis = RedisServer::start();
-    let config = || test_config().redis_url(Some(redis.url()));
+    let config = || test_config().redis_url(redis.url());
     let a = start_server(config()).await;
     let b = start_server(config()).await;
     let mut on_b = b.connect("u", "", None).await;
@@ -268,7 +268,7 @@ async fn reconnect_to_another_instance_after_a_crash_resumes_without_loss() {
     let redis = RedisServer::start();
     let url = redis.url();
     let mut a = ServerProcess::start(&[("REDIS_URL", &url)]).await;
-    let b = start_server(test_config().redis_url(Some(url.clone()))).await;
+    let b = start_server(test_config().redis_url(url.clone())).await;
     let mut on_a = a.connect("w").await;
     b.service.send_notification("w", note("seen")).await.unwrap();
     let seen = on_a.next().await;
@@ -293,7 +293,7 @@ async fn reconnect_to_another_instance_after_a_crash_resumes_without_loss() {
 #[tokio::test]
 async fn instances_subscribe_only_to_their_users() {
     let redis = RedisServer::start();
-    let config = || test_config().redis_url(Some(redis.url()));
+    let config = || test_config().redis_url(redis.url());
     let a = start_server(config()).await;
     let b = start_server(config()).await;
     let numsub = |user: &str| {
@@ -307,24 +307,22 @@ async fn instances_subscribe_only_to_their_users() {
     let client = a.connect("x", "", None).await;
     a.wait_for_clients("x", 1).await;
     assert_eq!(
-        subscribers(redis.query(&mut numsub("x")).await),
+        subscribers(redis_query(&redis, &mut numsub("x")).await),
         1,
         "only A listens for x"
     );
-    let broadcast: (String, u64) = redis
-        .query(redis::cmd("PUBSUB").arg("NUMSUB").arg("sse:broadcast"))
-        .await;
+    let broadcast: (String, u64) =
+        redis_query(&redis, redis::cmd("PUBSUB").arg("NUMSUB").arg("sse:broadcast")).await;
     assert_eq!(broadcast.1, 2, "both instances listen for broadcasts");
-    let channels: Vec<String> = redis
-        .query(redis::cmd("PUBSUB").arg("CHANNELS").arg("sse:u:*"))
-        .await;
+    let channels: Vec<String> =
+        redis_query(&redis, redis::cmd("PUBSUB").arg("CHANNELS").arg("sse:u:*")).await;
     assert_eq!(channels, ["sse:u:x"]);
     let _ = &b;
 
     drop(client);
     a.wait_for_clients("x", 0).await;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while subscribers(redis.query(&mut numsub("x")).await) != 0 {
+    while subscribers(redis_query(&redis, &mut numsub("x")).await) != 0 {
         assert!(tokio::time::Instant::now() < deadline, "A still subscribed to x");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -335,7 +333,7 @@ async fn instances_subscribe_only_to_their_users() {
 #[tokio::test]
 async fn redis_outage_is_reported_and_survived() {
     let mut redis = RedisServer::start();
-    let server = start_server(test_config().redis_url(Some(redis.url()))).await;
+    let server = start_server(test_config().redis_url(redis.url())).await;
     let mut client = server.connect("o", "", None).await;
     server
         .service
@@ -354,7 +352,7 @@ async fn redis_outage_is_reported_and_survived() {
         .await;
     assert_eq!(status, 503, "{body}");
 
-    redis.spawn();
+    redis.restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         if server.service.send_notification("o", note("after")).await.is_ok() {
@@ -378,16 +376,14 @@ async fn redis_outage_is_reported_and_survived() {
 #[tokio::test]
 async fn events_published_while_an_instance_was_cut_off_are_recovered() {
     let redis = RedisServer::start();
-    let config = || test_config().redis_url(Some(redis.url()));
+    let config = || test_config().redis_url(redis.url());
     let a = start_server(config()).await;
     let b = start_server(config()).await;
     let mut on_a = a.connect("k", "", None).await;
     b.service.send_notification("k", note("first")).await.unwrap();
     assert_eq!(text(&on_a.next().await), "first");
     // Cut every pub/sub connection (A's and B's), then publish before they come back.
-    let _: u64 = redis
-        .query(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"))
-        .await;
+    let _: u64 = redis_query(&redis, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub")).await;
     for n in 0..5 {
         b.service
             .send_notification("k", note(&format!("missed {n}")))
@@ -415,7 +411,7 @@ async fn events_published_while_an_instance_was_cut_off_are_recovered() {
 #[tokio::test]
 async fn redis_keys_expire_with_their_retention() {
     let redis = RedisServer::start();
-    let server = start_server(test_config().redis_url(Some(redis.url()))).await;
+    let server = start_server(test_config().redis_url(redis.url())).await;
     let sse = &server.service;
     sse.send_notification("ttl", note("n")).await.unwrap();
     sse.send_custom_event("ttl-custom", "job.done", json!({}))
@@ -423,18 +419,18 @@ async fn redis_keys_expire_with_their_retention() {
         .unwrap();
     let pttl = |key: &str| redis::cmd("PTTL").arg(key).clone();
     let day: i64 = 24 * 3600 * 1000;
-    let notification_ttl: i64 = redis.query(&mut pttl("sse:stream:u:ttl")).await;
+    let notification_ttl: i64 = redis_query(&redis, &mut pttl("sse:stream:u:ttl")).await;
     assert!(
         day - 60_000 < notification_ttl && notification_ttl <= day,
         "{notification_ttl}"
     );
-    let custom_ttl: i64 = redis.query(&mut pttl("sse:stream:u:ttl-custom")).await;
+    let custom_ttl: i64 = redis_query(&redis, &mut pttl("sse:stream:u:ttl-custom")).await;
     assert!(240_000 < custom_ttl && custom_ttl <= 300_000, "{custom_ttl}");
     // A closed connection records its position with the longest retention.
     drop(server.resume_point("ttl").await);
     let deadline = tokio::time::Instant::now() + WAIT;
     let delivered_ttl = loop {
-        let ttl: i64 = redis.query(&mut pttl("sse:delivered:u:ttl")).await;
+        let ttl: i64 = redis_query(&redis, &mut pttl("sse:delivered:u:ttl")).await;
         if ttl > 0 || tokio::time::Instant::now() > deadline {
             break ttl;
         }
@@ -447,17 +443,17 @@ async fn redis_keys_expire_with_their_retention() {
 
     let short = start_server(
         test_config()
-            .redis_url(Some(redis.url()))
+            .redis_url(redis.url())
             .event_retention(Duration::from_millis(300))
             .offline_retention(Vec::new()),
     )
     .await;
     short.service.send_notification("brief", note("n")).await.unwrap();
     let exists = || redis::cmd("EXISTS").arg("sse:stream:u:brief").clone();
-    assert_eq!(redis.query::<i64>(&mut exists()).await, 1);
+    assert_eq!(redis_query::<i64>(&redis, &mut exists()).await, 1);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
-        redis.query::<i64>(&mut exists()).await,
+        redis_query::<i64>(&redis, &mut exists()).await,
         0,
         "the stream outlived its retention"
     );
@@ -468,7 +464,7 @@ async fn redis_keys_expire_with_their_retention() {
 #[tokio::test]
 async fn ids_never_go_back_when_redis_loses_its_data() {
     let redis = RedisServer::start();
-    let server = start_server(test_config().redis_url(Some(redis.url()))).await;
+    let server = start_server(test_config().redis_url(redis.url())).await;
     let mut before = Vec::new();
     for n in 0..50 {
         before.push(
@@ -479,7 +475,7 @@ async fn ids_never_go_back_when_redis_loses_its_data() {
                 .unwrap(),
         );
     }
-    let _: String = redis.query(&mut redis::cmd("FLUSHALL")).await;
+    let _: String = redis_query(&redis, &mut redis::cmd("FLUSHALL")).await;
     let after = server
         .service
         .send_notification("i", note("after"))
@@ -497,7 +493,7 @@ async fn ids_never_go_back_when_redis_loses_its_data() {
 #[tokio::test]
 async fn offline_delivery_continues_on_another_instance() {
     let redis = RedisServer::start();
-    let config = || test_config().redis_url(Some(redis.url()));
+    let config = || test_config().redis_url(redis.url());
     let a = start_server(config()).await;
     let b = start_server(config()).await;
     let mut on_a = a.connect("roam", "", None).await;

@@ -43,7 +43,7 @@ fn moved(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &s
 #[tokio::test]
 async fn every_series_counts_what_happened() {
     let mut redis = RedisServer::start();
-    let server = start_server(test_config().redis_url(Some(redis.url()))).await;
+    let server = start_server(test_config().redis_url(redis.url())).await;
     let limited = start_server(test_config().connect_rate_per_user(1).queue_capacity(2)).await;
     let start = scrape(&server).await;
     assert_eq!(start.get("sse_broker_healthy"), Some(&1.0));
@@ -198,7 +198,7 @@ async fn every_series_counts_what_happened() {
         1.0
     );
     assert_eq!(after.get("sse_broker_healthy"), Some(&0.0));
-    redis.spawn();
+    redis.restart();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while server.service.broker_health() != BrokerHealth::Healthy
         || server

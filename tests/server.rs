@@ -345,7 +345,7 @@ async fn a_client_that_never_reads_is_disconnected() {
 #[tokio::test]
 async fn bad_tokens_are_refused() {
     let server = start_server(test_config()).await;
-    let other_secret = sse_notify::server::Auth::new(Some("some-other-secret-123456"));
+    let other_secret = sse_notify::server::Auth::new(Some(&"some-other-secret-123456".into()));
     let forged = other_secret
         .issue("alice", None, Duration::from_secs(60))
         .unwrap();
@@ -594,7 +594,11 @@ async fn newlines_in_data_cannot_forge_fields_or_events() {
 /// The publish API is off without a key.
 #[tokio::test]
 async fn publish_api_is_disabled_without_a_key() {
-    let server = start_server(test_config().publish_key(None)).await;
+    let server = start_server(SseConfig {
+        publish_key: None,
+        ..test_config()
+    })
+    .await;
     let (status, json) = server
         .publish(json!({"user_id": "a", "event": "x", "data": {}}))
         .await;
@@ -709,14 +713,26 @@ async fn cors_allows_only_listed_origins() {
     assert!(response.headers().get("access-control-allow-origin").is_none());
 }
 
-/// Shutdown ends open streams (so clients reconnect elsewhere), refuses new ones and new events.
+/// Shutdown ends open streams, the stats stream included (so clients reconnect elsewhere and
+/// a graceful shutdown does not hang on them), and refuses new streams and new events.
 #[tokio::test]
 async fn shutdown_ends_streams_and_refuses_new_work() {
     let server = start_server(test_config()).await;
     let mut client = server.connect("z", "", None).await;
     server.wait_for_clients("z", 1).await;
+    let stats = server
+        .http
+        .get(server.url("/api/stats/stream"))
+        .send()
+        .await
+        .unwrap();
+    let mut stats = SseClient::new(stats);
+    assert_eq!(stats.next().await.event, "stats");
     server.service.shutdown().await;
     assert!(client.until_end().await.is_empty());
+    // The stats stream ends too, so a graceful shutdown does not wait on it.
+    let rest = stats.until_end().await;
+    assert!(rest.iter().all(|e| e.event == "stats"), "{rest:?}");
     let response = server
         .http
         .get(server.url("/api/sse"))
@@ -941,8 +957,7 @@ async fn offline_retention_ages_apply_end_to_end() {
         "SSE_OFFLINE_RETENTION_MS",
         "system_alert=0,reel_ready=300,notification=3600000",
     )];
-    let from_env =
-        SseConfig::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())).unwrap();
+    let from_env = SseConfig::from_vars(vars).unwrap();
     let server = start_server(
         test_config()
             .offline_retention(from_env.offline_retention)

@@ -119,7 +119,7 @@ export async function signIn(context: BrowserContext, server: Server, user: stri
 export async function openLive(page: Page, server: Server, query = ""): Promise<void> {
   await page.goto(server.url(`/${query}`));
   await expect(page.locator('[data-hydrated="true"]')).toBeVisible();
-  await expect(page.locator('.status[data-status="connected"]')).toBeVisible();
+  await expect(page.locator('.status[data-status="open"]')).toBeVisible();
 }
 
 /** Console errors and hydration warnings seen by a page. */

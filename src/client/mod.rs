@@ -8,5 +8,5 @@ mod use_sse;
 
 pub use notifications::{ConnectionStatus, Position, SseNotifications, Toast, ToastKind, ToastStore};
 pub use use_sse::{
-    backoff_delay, use_sse, use_sse_with_options, SseMessage, UseSseError, UseSseOptions, UseSseReturn,
+    use_sse, use_sse_with_options, ConnectionReadyState, SseMessage, UseSseError, UseSseOptions, UseSseReturn,
 };

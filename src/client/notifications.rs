@@ -22,7 +22,9 @@ use std::collections::VecDeque;
 
 use leptos::prelude::*;
 
-use super::use_sse::{use_sse_with_options, SseMessage, UseSseOptions, UseSseReturn};
+use super::use_sse::{
+    use_sse_with_options, ConnectionReadyState, SseMessage, UseSseError, UseSseOptions, UseSseReturn,
+};
 use crate::events::{
     Event, NotificationKind, ReelUploadProgress, SystemAlertKind, UploadStatus, UserUpdateKind,
 };
@@ -286,10 +288,9 @@ impl ToastStore {
 /// Connection state, for a status indicator beside the toasts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionStatus {
-    pub connected: bool,
-    pub connecting: bool,
-    /// The latest problem, if any, as text.
-    pub error: Option<String>,
+    pub state: ConnectionReadyState,
+    /// The latest problem, if any.
+    pub error: Option<UseSseError>,
 }
 
 /// Toasts for the notification stream. Opens one stream with [`use_sse_with_options`].
@@ -323,6 +324,10 @@ pub fn SseNotifications(
     /// Extra event names to listen for, beyond the built-in ones (for `on_message`).
     #[prop(optional)]
     extra_events: Vec<String>,
+    /// Milliseconds without any event or heartbeat before the stream counts as stalled and
+    /// is reopened. Defaults to `None`: the hook's default (65,000).
+    #[prop(default = None)]
+    retry_timeout: Option<u64>,
 ) -> impl IntoView {
     let store = RwSignal::new(ToastStore::new(max_notifications));
     let mut options = UseSseOptions::default().on_message(move |msg| {
@@ -335,6 +340,9 @@ pub fn SseNotifications(
         options = options.user_id(user_id);
     }
     options = options.session_id(session_id);
+    if let Some(ms) = retry_timeout {
+        options = options.retry_timeout(ms);
+    }
     if !extra_events.is_empty() {
         let mut events: Vec<String> = crate::events::names::BUILT_IN
             .iter()
@@ -344,22 +352,18 @@ pub fn SseNotifications(
         options = options.events(events);
     }
     let UseSseReturn {
-        is_connected,
-        is_connecting,
-        error,
-        ..
+        ready_state, error, ..
     } = use_sse_with_options(options);
     if let Some(status) = status {
         Effect::new(move |_| {
             status.set(ConnectionStatus {
-                connected: is_connected.get(),
-                connecting: is_connecting.get(),
-                error: error.get().map(|e| e.to_string()),
+                state: ready_state.get(),
+                error: error.get(),
             });
         });
     }
 
-    #[cfg(feature = "hydrate")]
+    #[cfg(not(feature = "ssr"))]
     {
         // Escape dismisses the toast that holds focus, else the newest one.
         let handle = window_event_listener(leptos::ev::keydown, move |e| {
@@ -475,15 +479,14 @@ fn ToastView(store: RwSignal<ToastStore>, key: u64, auto_dismiss: bool, dismiss_
 
 /// A pausable one-shot timer. Under SSR it never fires.
 #[derive(Clone, Copy)]
+#[cfg_attr(feature = "ssr", allow(dead_code))]
 struct AutoDismiss {
-    #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
     state: StoredValue<TimerState, LocalStorage>,
-    #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
     on_fire: StoredValue<Box<dyn Fn()>, LocalStorage>,
 }
 
 #[derive(Default)]
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+#[cfg_attr(feature = "ssr", allow(dead_code))]
 struct TimerState {
     remaining_ms: Option<f64>,
     started_at: f64,
@@ -502,7 +505,7 @@ impl AutoDismiss {
     }
 
     fn clear(self) {
-        #[cfg(feature = "hydrate")]
+        #[cfg(not(feature = "ssr"))]
         {
             let _ = self.state.try_update_value(|s| {
                 if let Some(h) = s.handle.take() {
@@ -513,7 +516,7 @@ impl AutoDismiss {
     }
 
     fn start(self, delay_ms: u64) {
-        #[cfg(feature = "hydrate")]
+        #[cfg(not(feature = "ssr"))]
         {
             self.clear();
             self.state
@@ -522,11 +525,11 @@ impl AutoDismiss {
                 self.run();
             }
         }
-        #[cfg(not(feature = "hydrate"))]
+        #[cfg(feature = "ssr")]
         let _ = delay_ms;
     }
 
-    #[cfg(feature = "hydrate")]
+    #[cfg(not(feature = "ssr"))]
     fn run(self) {
         let Some(remaining) = self.state.with_value(|s| s.remaining_ms) else {
             return;
@@ -545,7 +548,7 @@ impl AutoDismiss {
     }
 
     fn pause(self) {
-        #[cfg(feature = "hydrate")]
+        #[cfg(not(feature = "ssr"))]
         {
             self.clear();
             self.state.update_value(|s| {
@@ -560,7 +563,7 @@ impl AutoDismiss {
     }
 
     fn resume(self) {
-        #[cfg(feature = "hydrate")]
+        #[cfg(not(feature = "ssr"))]
         {
             let was_paused = self
                 .state

@@ -4,17 +4,17 @@
 //!
 //! ```no_run
 //! use leptos::prelude::*;
-//! use sse_notify::client::{use_sse_with_options, UseSseOptions, UseSseReturn};
+//! use sse_notify::client::{use_sse_with_options, ConnectionReadyState, UseSseOptions, UseSseReturn};
 //!
 //! #[component]
 //! fn Status() -> impl IntoView {
-//!     let UseSseReturn { is_connected, last_event, .. } = use_sse_with_options(
+//!     let UseSseReturn { ready_state, last_event, .. } = use_sse_with_options(
 //!         UseSseOptions::default()
 //!             .events(vec!["notification".into(), "order.shipped".into()])
-//!             .on_message(|msg| leptos::logging::log!("{} {}", msg.event, msg.data)),
+//!             .on_message(|msg: &sse_notify::client::SseMessage| leptos::logging::log!("{} {}", msg.event, msg.data)),
 //!     );
 //!     view! {
-//!         <p>{move || if is_connected.get() { "live" } else { "offline" }}</p>
+//!         <p>{move || if ready_state.get() == ConnectionReadyState::Open { "live" } else { "offline" }}</p>
 //!         <p>{move || last_event.get().map(|m| m.data)}</p>
 //!     }
 //! }
@@ -32,14 +32,43 @@
 //!
 //! ## Server-Side Rendering
 //!
-//! On the server the hook opens nothing: the signals keep their initial values and
-//! `connect` / `disconnect` do nothing. The signature is the same on both sides.
+//! On the server (feature `ssr`) the hook opens nothing: the signals keep their initial
+//! values and `open` / `close` do nothing. The signature is the same on both sides, and the
+//! browser code runs in any build without `ssr` (hydrated or client-side rendered).
 
 use std::sync::Arc;
 
+use default_struct_builder::DefaultBuilder;
 use leptos::prelude::*;
 
-use crate::events::{names, Event, ValidationError};
+use crate::{
+    api,
+    events::{names, Event, ValidationError},
+};
+
+/// Where the stream is, as `EventSource.readyState` and leptos-use name it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ConnectionReadyState {
+    /// Opening, or waiting to reopen after an error.
+    Connecting,
+    Open,
+    Closing,
+    /// Closed, and not reopening by itself.
+    #[default]
+    Closed,
+}
+
+impl ConnectionReadyState {
+    /// `connecting`, `open`, `closing` or `closed`, e.g. for a `data-` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionReadyState::Connecting => "connecting",
+            ConnectionReadyState::Open => "open",
+            ConnectionReadyState::Closing => "closing",
+            ConnectionReadyState::Closed => "closed",
+        }
+    }
+}
 
 /// One event as received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,18 +108,30 @@ pub enum UseSseError {
     GaveUp(u32),
 }
 
-type MessageHandler = Arc<dyn Fn(&SseMessage) + Send + Sync>;
-type ErrorHandler = Arc<dyn Fn(&UseSseError) + Send + Sync>;
-type Notify = Arc<dyn Fn() + Send + Sync>;
+impl UseSseError {
+    /// A short stable name of the kind of error, e.g. for a `data-` attribute or a log field:
+    /// `connection`, `stalled`, `resync`, `replaced` or `gave-up`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UseSseError::Connection => "connection",
+            UseSseError::Stalled(_) => "stalled",
+            UseSseError::Resync(_) => "resync",
+            UseSseError::Replaced => "replaced",
+            UseSseError::GaveUp(_) => "gave-up",
+        }
+    }
+}
 
 /// Options of [`use_sse_with_options`].
-#[derive(Clone)]
+#[derive(Clone, DefaultBuilder)]
 pub struct UseSseOptions {
     /// The stream URL. Defaults to `/api/sse`.
+    #[builder(into)]
     pub url: String,
     /// The signed-in user. When given, the stream is open only while it is `Some`, and is
     /// reopened when it changes (the server takes the identity from the session, this only
     /// tells the hook when the session changed). Defaults to `None`: connect at once.
+    #[builder(into)]
     pub user_id: Option<Signal<Option<String>>>,
     /// A session token sent as `?token=`, for pages that cannot use the `sse_session`
     /// cookie (e.g. another origin). Defaults to `None`.
@@ -98,19 +139,20 @@ pub struct UseSseOptions {
     /// Event names to receive (sent as the `events=` filter). An EventSource only hears
     /// events it listens for by name, so custom events must be named here. Defaults to
     /// `None`: the five built-in events.
+    #[builder(into)]
     pub events: Option<Vec<String>>,
     /// Milliseconds without any event or heartbeat after which the stream counts as
     /// stalled and is reopened; set it above twice the server's heartbeat interval.
     /// Defaults to 65,000.
     pub retry_timeout: u64,
     /// Called for every event (heartbeats excepted), in order. Defaults to nothing.
-    pub on_message: MessageHandler,
+    pub on_message: Arc<dyn Fn(&SseMessage) + Send + Sync>,
     /// Called on every error. Defaults to nothing.
-    pub on_error: ErrorHandler,
+    pub on_error: Arc<dyn Fn(&UseSseError) + Send + Sync>,
     /// Called when the stream opens. Defaults to nothing.
-    pub on_open: Notify,
+    pub on_open: Arc<dyn Fn() + Send + Sync>,
     /// Called when the stream closes. Defaults to nothing.
-    pub on_close: Notify,
+    pub on_close: Arc<dyn Fn() + Send + Sync>,
     /// Reconnect after errors and stalls. Defaults to `true`.
     pub auto_reconnect: bool,
     /// First reconnect delay in ms; it doubles per failed attempt, with jitter, up to 30 s.
@@ -123,7 +165,7 @@ pub struct UseSseOptions {
 impl Default for UseSseOptions {
     fn default() -> Self {
         Self {
-            url: "/api/sse".into(),
+            url: api::STREAM_PATH.into(),
             user_id: None,
             session_id: None,
             events: None,
@@ -140,80 +182,7 @@ impl Default for UseSseOptions {
 }
 
 impl UseSseOptions {
-    /// Sets [`url`](Self::url).
-    #[must_use]
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.url = url.into();
-        self
-    }
-    /// Sets [`user_id`](Self::user_id).
-    #[must_use]
-    pub fn user_id(mut self, user_id: impl Into<Signal<Option<String>>>) -> Self {
-        self.user_id = Some(user_id.into());
-        self
-    }
-    /// Sets [`session_id`](Self::session_id).
-    #[must_use]
-    pub fn session_id(mut self, token: Option<String>) -> Self {
-        self.session_id = token;
-        self
-    }
-    /// Sets [`events`](Self::events).
-    #[must_use]
-    pub fn events(mut self, events: Vec<String>) -> Self {
-        self.events = Some(events);
-        self
-    }
-    /// Sets [`retry_timeout`](Self::retry_timeout).
-    #[must_use]
-    pub fn retry_timeout(mut self, ms: u64) -> Self {
-        self.retry_timeout = ms;
-        self
-    }
-    /// Sets [`on_message`](Self::on_message).
-    #[must_use]
-    pub fn on_message(mut self, f: impl Fn(&SseMessage) + Send + Sync + 'static) -> Self {
-        self.on_message = Arc::new(f);
-        self
-    }
-    /// Sets [`on_error`](Self::on_error).
-    #[must_use]
-    pub fn on_error(mut self, f: impl Fn(&UseSseError) + Send + Sync + 'static) -> Self {
-        self.on_error = Arc::new(f);
-        self
-    }
-    /// Sets [`on_open`](Self::on_open).
-    #[must_use]
-    pub fn on_open(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
-        self.on_open = Arc::new(f);
-        self
-    }
-    /// Sets [`on_close`](Self::on_close).
-    #[must_use]
-    pub fn on_close(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
-        self.on_close = Arc::new(f);
-        self
-    }
-    /// Sets [`auto_reconnect`](Self::auto_reconnect).
-    #[must_use]
-    pub fn auto_reconnect(mut self, on: bool) -> Self {
-        self.auto_reconnect = on;
-        self
-    }
-    /// Sets [`reconnect_interval`](Self::reconnect_interval).
-    #[must_use]
-    pub fn reconnect_interval(mut self, ms: u64) -> Self {
-        self.reconnect_interval = ms;
-        self
-    }
-    /// Sets [`max_reconnect_attempts`](Self::max_reconnect_attempts).
-    #[must_use]
-    pub fn max_reconnect_attempts(mut self, attempts: Option<u32>) -> Self {
-        self.max_reconnect_attempts = attempts;
-        self
-    }
-
-    #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+    #[cfg_attr(feature = "ssr", allow(dead_code))]
     /// The names the EventSource listens for: the payload events plus the control ones.
     fn listened_names(&self) -> Vec<String> {
         let mut listened: Vec<String> = match &self.events {
@@ -228,7 +197,7 @@ impl UseSseOptions {
         listened
     }
 
-    #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+    #[cfg_attr(feature = "ssr", allow(dead_code))]
     /// The stream URL with filter, resume point and token.
     fn stream_url(&self, last_event_id: Option<&str>) -> String {
         let mut params = Vec::new();
@@ -251,7 +220,7 @@ impl UseSseOptions {
 }
 
 /// Percent-encodes a query value.
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+#[cfg_attr(feature = "ssr", allow(dead_code))]
 fn encode(value: &str) -> String {
     value
         .bytes()
@@ -264,25 +233,14 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-/// The reconnect delay before attempt `attempt` (0-based): `base * 2^attempt`, capped at
-/// 30 s, then a random point in its upper half (`jitter` in `0.0..1.0`) so a crowd of
-/// clients does not come back in one wave.
-pub fn backoff_delay(base_ms: u64, attempt: u32, jitter: f64) -> u64 {
-    const CAP_MS: u64 = 30_000;
-    let full = base_ms.saturating_mul(1u64 << attempt.min(16)).min(CAP_MS);
-    full / 2 + (full as f64 / 2.0 * jitter.clamp(0.0, 1.0)) as u64
-}
-
 /// What [`use_sse`] returns.
-pub struct UseSseReturn<Connect, Disconnect>
+pub struct UseSseReturn<Open, Close>
 where
-    Connect: Fn() + Clone + Send + Sync,
-    Disconnect: Fn() + Clone + Send + Sync,
+    Open: Fn() + Clone + Send + Sync,
+    Close: Fn() + Clone + Send + Sync,
 {
-    /// The stream is open.
-    pub is_connected: Signal<bool>,
-    /// A connection or reconnect is under way.
-    pub is_connecting: Signal<bool>,
+    /// Where the stream is: connecting, open or closed.
+    pub ready_state: Signal<ConnectionReadyState>,
     /// The latest problem, cleared when the stream opens again.
     pub error: Signal<Option<UseSseError>>,
     /// The latest event (heartbeats excepted). Use `on_message` to see every one of a burst.
@@ -290,9 +248,9 @@ where
     /// The id the next reconnect resumes after.
     pub last_event_id: Signal<Option<String>>,
     /// (Re)opens the stream now, resuming after the last seen id.
-    pub connect: Connect,
+    pub open: Open,
     /// Closes the stream and stops reconnecting.
-    pub disconnect: Disconnect,
+    pub close: Close,
 }
 
 /// [`use_sse_with_options`] with the default options.
@@ -304,51 +262,42 @@ pub fn use_sse() -> UseSseReturn<impl Fn() + Clone + Send + Sync, impl Fn() + Cl
 pub fn use_sse_with_options(
     options: UseSseOptions,
 ) -> UseSseReturn<impl Fn() + Clone + Send + Sync, impl Fn() + Clone + Send + Sync> {
-    let is_connected = RwSignal::new(false);
-    let is_connecting = RwSignal::new(false);
-    let error = RwSignal::new(None::<UseSseError>);
-    let last_event = RwSignal::new(None::<SseMessage>);
-    let last_event_id = RwSignal::new(None::<String>);
     let signals = Signals {
-        is_connected,
-        is_connecting,
-        error,
-        last_event,
-        last_event_id,
+        ready_state: RwSignal::new(ConnectionReadyState::Closed),
+        error: RwSignal::new(None::<UseSseError>),
+        last_event: RwSignal::new(None::<SseMessage>),
+        last_event_id: RwSignal::new(None::<String>),
     };
 
-    #[cfg(feature = "hydrate")]
-    let (connect, disconnect) = browser::start(options, signals);
+    #[cfg(not(feature = "ssr"))]
+    let (open, close) = browser::start(options, signals);
 
-    #[cfg(not(feature = "hydrate"))]
-    let (connect, disconnect) = {
-        let _ = (options, signals);
+    #[cfg(feature = "ssr")]
+    let (open, close) = {
+        let _ = options;
         (|| (), || ())
     };
 
     UseSseReturn {
-        is_connected: is_connected.into(),
-        is_connecting: is_connecting.into(),
-        error: error.into(),
-        last_event: last_event.into(),
-        last_event_id: last_event_id.into(),
-        connect,
-        disconnect,
+        ready_state: signals.ready_state.into(),
+        error: signals.error.into(),
+        last_event: signals.last_event.into(),
+        last_event_id: signals.last_event_id.into(),
+        open,
+        close,
     }
 }
 
 #[derive(Clone, Copy)]
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
 struct Signals {
-    is_connected: RwSignal<bool>,
-    is_connecting: RwSignal<bool>,
+    ready_state: RwSignal<ConnectionReadyState>,
     error: RwSignal<Option<UseSseError>>,
     last_event: RwSignal<Option<SseMessage>>,
     last_event_id: RwSignal<Option<String>>,
 }
 
 /// The browser side: the EventSource, its listeners and the timers.
-#[cfg(feature = "hydrate")]
+#[cfg(not(feature = "ssr"))]
 mod browser {
     use std::{cell::RefCell, collections::VecDeque, rc::Rc, time::Duration};
 
@@ -357,6 +306,10 @@ mod browser {
     use web_sys::{EventSource, EventSourceInit, MessageEvent};
 
     use super::*;
+    use crate::backoff::backoff_delay;
+
+    /// Reconnect delays never grow past this.
+    const MAX_RECONNECT_DELAY_MS: u64 = 30_000;
 
     /// How many recent ids are remembered to drop duplicates.
     const SEEN_IDS: usize = 512;
@@ -463,8 +416,7 @@ mod browser {
             c.stopped = true;
             let was_open = c.source.is_some();
             close_source(&mut c);
-            c.signals.is_connected.set(false);
-            c.signals.is_connecting.set(false);
+            c.signals.ready_state.set(ConnectionReadyState::Closed);
             was_open
         };
         if was_open {
@@ -484,7 +436,7 @@ mod browser {
             fail(shared, UseSseError::Connection);
             return;
         };
-        c.signals.is_connecting.set(true);
+        c.signals.ready_state.set(ConnectionReadyState::Connecting);
         let mut listeners = Vec::new();
         let on_open = {
             let shared = shared.clone();
@@ -518,8 +470,7 @@ mod browser {
         let on_open = {
             let mut c = shared.borrow_mut();
             c.attempts = 0;
-            c.signals.is_connected.set(true);
-            c.signals.is_connecting.set(false);
+            c.signals.ready_state.set(ConnectionReadyState::Open);
             c.signals.error.set(None);
             c.options.on_open.clone()
         };
@@ -581,9 +532,9 @@ mod browser {
     fn fail(shared: &Shared, err: UseSseError) {
         let (on_error, on_close, was_open) = {
             let mut c = shared.borrow_mut();
-            let was_open = c.signals.is_connected.get_untracked();
+            let was_open = c.signals.ready_state.get_untracked() == ConnectionReadyState::Open;
             close_source(&mut c);
-            c.signals.is_connected.set(false);
+            c.signals.ready_state.set(ConnectionReadyState::Closed);
             c.signals.error.set(Some(err.clone()));
             (c.options.on_error.clone(), c.options.on_close.clone(), was_open)
         };
@@ -597,7 +548,6 @@ mod browser {
     fn schedule_reconnect(shared: &Shared) {
         let mut c = shared.borrow_mut();
         if c.stopped || !c.options.auto_reconnect {
-            c.signals.is_connecting.set(false);
             return;
         }
         if c.options
@@ -605,16 +555,20 @@ mod browser {
             .is_some_and(|max| c.attempts >= max)
         {
             let err = UseSseError::GaveUp(c.attempts);
-            c.signals.is_connecting.set(false);
             c.signals.error.set(Some(err.clone()));
             let on_error = c.options.on_error.clone();
             drop(c);
             on_error(&err);
             return;
         }
-        let delay = backoff_delay(c.options.reconnect_interval, c.attempts, js_sys::Math::random());
+        let delay = backoff_delay(
+            c.options.reconnect_interval,
+            MAX_RECONNECT_DELAY_MS,
+            c.attempts,
+            js_sys::Math::random(),
+        );
         c.attempts += 1;
-        c.signals.is_connecting.set(true);
+        c.signals.ready_state.set(ConnectionReadyState::Connecting);
         let again = shared.clone();
         c.reconnect_timer = set_timeout_with_handle(move || open(&again), Duration::from_millis(delay)).ok();
     }
@@ -637,15 +591,6 @@ mod browser {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_caps_and_jitters_in_the_upper_half() {
-        assert_eq!(backoff_delay(1_000, 0, 0.0), 500);
-        assert_eq!(backoff_delay(1_000, 0, 1.0), 1_000);
-        assert_eq!(backoff_delay(1_000, 3, 1.0), 8_000);
-        assert_eq!(backoff_delay(1_000, 10, 1.0), 30_000);
-        assert_eq!(backoff_delay(1_000, 40, 0.0), 15_000);
-    }
 
     #[test]
     fn stream_url_carries_filter_resume_point_and_token() {

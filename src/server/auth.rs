@@ -7,16 +7,18 @@
 //! use std::time::Duration;
 //! use sse_notify::server::Auth;
 //!
-//! let auth = Auth::new(Some("a-secret-of-at-least-16-bytes"));
+//! let auth = Auth::new(Some(&"a-secret-of-at-least-16-bytes".into()));
 //! let token = auth.issue("alice", None, Duration::from_secs(60)).unwrap();
 //! assert_eq!(auth.verify(&token).unwrap().sub, "alice");
-//! assert!(Auth::new(Some("another-secret-0123456")).verify(&token).is_err());
+//! assert!(Auth::new(Some(&"another-secret-0123456".into())).verify(&token).is_err());
 //! ```
 
 use std::time::Duration;
 
 use axum::http::{header, HeaderMap};
+use axum_extra::extract::CookieJar;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// Name of the session cookie set by `POST /api/session`.
@@ -56,9 +58,9 @@ pub struct Auth {
 impl Auth {
     /// Uses `secret`, or a random per-process secret (tokens then die with the process and
     /// cannot be shared between instances) when `None`.
-    pub fn new(secret: Option<&str>) -> Self {
+    pub fn new(secret: Option<&SecretString>) -> Self {
         let secret: Vec<u8> = match secret {
-            Some(s) => s.as_bytes().to_vec(),
+            Some(s) => s.expose_secret().as_bytes().to_vec(),
             None => {
                 tracing::warn!(
                     "SSE_JWT_SECRET is not set: using a random secret; sessions end with this process \
@@ -100,8 +102,11 @@ impl Auth {
     /// Finds the token of a request (bearer header, then cookie, then `token` query
     /// parameter) and verifies it.
     pub fn authenticate(&self, headers: &HeaderMap, query_token: Option<&str>) -> Result<Claims, AuthError> {
+        let cookie = CookieJar::from_headers(headers)
+            .get(SESSION_COOKIE)
+            .map(|c| c.value().to_string());
         let token = bearer_token(headers)
-            .or_else(|| cookie(headers, SESSION_COOKIE))
+            .or(cookie.as_deref())
             .or(query_token)
             .ok_or(AuthError::Missing)?;
         self.verify(token)
@@ -129,27 +134,19 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// The value of cookie `name`, if the request sent it.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const SECRET: &str = "0123456789abcdef-test";
 
+    fn auth() -> Auth {
+        Auth::new(Some(&SECRET.into()))
+    }
+
     #[test]
     fn expired_and_forged_tokens_are_refused() {
-        let auth = Auth::new(Some(SECRET));
+        let auth = auth();
         let expired = Claims {
             sub: "a".into(),
             exp: 1_000,
@@ -163,10 +160,17 @@ mod tests {
         .unwrap();
         assert!(auth.verify(&token).is_err());
         let good = auth.issue("a", Some("s1"), Duration::from_secs(60)).unwrap();
-        let mut forged = good.clone();
-        forged.pop();
-        forged.push(if good.ends_with('A') { 'B' } else { 'A' });
-        assert!(auth.verify(&forged).is_err());
+        // Change one byte of the signature itself (a swapped last character can leave the
+        // decoded bytes as they were: it carries padding bits).
+        use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+        let (signed, signature) = good.rsplit_once('.').unwrap();
+        let mut bytes = URL_SAFE_NO_PAD.decode(signature).unwrap();
+        bytes[7] ^= 0x01;
+        let forged = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&bytes));
+        assert!(
+            matches!(auth.verify(&forged), Err(AuthError::Invalid(e)) if e.contains("InvalidSignature")),
+            "a changed signature must fail as a bad signature"
+        );
         assert_eq!(auth.verify(&good).unwrap().sid.as_deref(), Some("s1"));
     }
 
@@ -174,12 +178,12 @@ mod tests {
     fn alg_none_is_refused() {
         // {"alg":"none"} . {"sub":"a","exp":9999999999} . (no signature)
         let token = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIiwiZXhwIjo5OTk5OTk5OTk5fQ.";
-        assert!(Auth::new(Some(SECRET)).verify(token).is_err());
+        assert!(auth().verify(token).is_err());
     }
 
     #[test]
     fn token_sources_in_order() {
-        let auth = Auth::new(Some(SECRET));
+        let auth = auth();
         let a = auth.issue("a", None, Duration::from_secs(60)).unwrap();
         let b = auth.issue("b", None, Duration::from_secs(60)).unwrap();
         let mut headers = HeaderMap::new();

@@ -1,5 +1,6 @@
 //! [`SseConfig`]: every tunable of the server, with defaults, `SSE_*` environment overrides
-//! and a start-up error that names the variable when a value is bad.
+//! (read with `envy`) and a start-up error that names the variable when a value is bad.
+//! Secrets are [`SecretString`]s, so no `Debug` output or log line can print them.
 //!
 //! ```
 //! use std::time::Duration;
@@ -10,25 +11,40 @@
 //!     .max_clients_per_user(3);
 //! assert_eq!(config.max_clients_per_user, 3);
 //!
-//! let err = SseConfig::from_lookup(|k| (k == "SSE_MAX_CLIENTS_PER_USER").then(|| "lots".to_string()))
-//!     .unwrap_err();
-//! assert!(err.to_string().contains("SSE_MAX_CLIENTS_PER_USER"));
+//! let err = SseConfig::from_vars([("SSE_MAX_CLIENTS_PER_USER", "lots")]).unwrap_err();
+//! assert_eq!(err.variable, "SSE_MAX_CLIENTS_PER_USER");
 //! ```
 
 use std::time::Duration;
 
+use default_struct_builder::DefaultBuilder;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::server::broker::Retention;
+
 /// A configuration value that could not be used. The server refuses to start with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{variable}={value:?} is not valid: expected {expected}")]
+#[error("{variable} is not valid: {problem}")]
 pub struct ConfigError {
-    pub variable: &'static str,
-    pub value: String,
-    pub expected: &'static str,
+    /// The environment variable at fault.
+    pub variable: String,
+    /// What was wrong and what was expected (never the value of a secret).
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(variable: &str, problem: impl Into<String>) -> Self {
+        Self {
+            variable: variable.into(),
+            problem: problem.into(),
+        }
+    }
 }
 
 /// Tunables of the SSE server. Build with [`SseConfig::default`] and the setters, or read
 /// them from the environment with [`SseConfig::from_env`].
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Debug, DefaultBuilder)]
 pub struct SseConfig {
     /// How often every connection gets a `heartbeat` event. Defaults to 30 s (`SSE_HEARTBEAT_INTERVAL_MS`).
     pub heartbeat_interval: Duration,
@@ -64,13 +80,17 @@ pub struct SseConfig {
     /// Defaults to 120 (`SSE_CONNECT_RATE_PER_USER`).
     pub connect_rate_per_user: u32,
     /// HS256 secret for session tokens; `None` makes a random one per process (`SSE_JWT_SECRET`).
-    pub jwt_secret: Option<String>,
+    #[builder(into)]
+    pub jwt_secret: Option<SecretString>,
     /// Bearer key of `POST /api/events`; `None` disables that route (`SSE_PUBLISH_KEY`).
-    pub publish_key: Option<String>,
+    #[builder(into)]
+    pub publish_key: Option<SecretString>,
     /// Origins allowed by CORS; empty means same origin only (`SSE_ALLOWED_ORIGINS`, comma-separated).
     pub allowed_origins: Vec<String>,
     /// Shared Redis for several instances; `None` runs on the in-process broker (`REDIS_URL`).
-    pub redis_url: Option<String>,
+    /// Secret: the URL may hold the password.
+    #[builder(into)]
+    pub redis_url: Option<SecretString>,
 }
 
 impl Default for SseConfig {
@@ -102,82 +122,54 @@ impl Default for SseConfig {
     }
 }
 
-impl std::fmt::Debug for SseConfig {
-    /// Like a derived `Debug`, but never prints the secrets.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redact = |s: &Option<String>| s.as_ref().map(|_| "<set>");
-        f.debug_struct("SseConfig")
-            .field("heartbeat_interval", &self.heartbeat_interval)
-            .field("max_clients_per_user", &self.max_clients_per_user)
-            .field("cleanup_interval", &self.cleanup_interval)
-            .field("event_retention", &self.event_retention)
-            .field("offline_retention", &self.offline_retention)
-            .field("queue_capacity", &self.queue_capacity)
-            .field("history_capacity", &self.history_capacity)
-            .field("max_payload_bytes", &self.max_payload_bytes)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("max_batch", &self.max_batch)
-            .field("retry", &self.retry)
-            .field("connect_rate_per_ip", &self.connect_rate_per_ip)
-            .field("connect_rate_per_user", &self.connect_rate_per_user)
-            .field("jwt_secret", &redact(&self.jwt_secret))
-            .field("publish_key", &redact(&self.publish_key))
-            .field("allowed_origins", &self.allowed_origins)
-            .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
-            .finish()
-    }
+/// The `SSE_*` variables as they come (prefix stripped, names lower-cased by `envy`).
+#[derive(Deserialize)]
+struct SseVars {
+    heartbeat_interval_ms: Option<u64>,
+    max_clients_per_user: Option<usize>,
+    cleanup_interval_ms: Option<u64>,
+    event_retention_ms: Option<u64>,
+    offline_retention_ms: Option<String>,
+    queue_capacity: Option<usize>,
+    history_capacity: Option<usize>,
+    max_payload_bytes: Option<usize>,
+    max_body_bytes: Option<usize>,
+    max_batch: Option<usize>,
+    retry_ms: Option<u64>,
+    connect_rate_per_ip: Option<u32>,
+    connect_rate_per_user: Option<u32>,
+    jwt_secret: Option<SecretString>,
+    publish_key: Option<SecretString>,
+    allowed_origins: Option<String>,
 }
 
-macro_rules! setter {
-    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
-        $(#[$doc])*
-        #[must_use]
-        pub fn $name(mut self, value: $ty) -> Self {
-            self.$name = value;
-            self
-        }
+/// The Redis variables, which have no `SSE_` prefix.
+#[derive(Deserialize)]
+struct RedisVars {
+    redis_url: Option<String>,
+    upstash_redis_rest_url: Option<String>,
+    upstash_redis_rest_token: Option<SecretString>,
+}
+
+/// An `envy` error as a [`ConfigError`]: its message names the variable, without the
+/// prefix ("... provided by HEARTBEAT_INTERVAL_MS"), for a value that does not parse.
+fn envy_error(e: envy::Error, prefix: &str) -> ConfigError {
+    let message = e.to_string();
+    let variable = message
+        .rsplit_once(" provided by ")
+        .map(|(_, var)| format!("{prefix}{var}"))
+        .unwrap_or_else(|| format!("{prefix}*"));
+    let problem = match message.split_once(" while parsing value") {
+        Some((why, _)) => format!("expected a whole number ({why})"),
+        None => message,
     };
+    ConfigError { variable, problem }
 }
 
 impl SseConfig {
-    setter!(/// Sets [`SseConfig::heartbeat_interval`].
-        heartbeat_interval: Duration);
-    setter!(/// Sets [`SseConfig::max_clients_per_user`].
-        max_clients_per_user: usize);
-    setter!(/// Sets [`SseConfig::cleanup_interval`].
-        cleanup_interval: Duration);
-    setter!(/// Sets [`SseConfig::event_retention`].
-        event_retention: Duration);
-    setter!(/// Sets [`SseConfig::offline_retention`].
-        offline_retention: Vec<(String, Duration)>);
-    setter!(/// Sets [`SseConfig::queue_capacity`].
-        queue_capacity: usize);
-    setter!(/// Sets [`SseConfig::history_capacity`].
-        history_capacity: usize);
-    setter!(/// Sets [`SseConfig::max_payload_bytes`].
-        max_payload_bytes: usize);
-    setter!(/// Sets [`SseConfig::max_body_bytes`].
-        max_body_bytes: usize);
-    setter!(/// Sets [`SseConfig::max_batch`].
-        max_batch: usize);
-    setter!(/// Sets [`SseConfig::retry`].
-        retry: Duration);
-    setter!(/// Sets [`SseConfig::connect_rate_per_ip`].
-        connect_rate_per_ip: u32);
-    setter!(/// Sets [`SseConfig::connect_rate_per_user`].
-        connect_rate_per_user: u32);
-    setter!(/// Sets [`SseConfig::jwt_secret`].
-        jwt_secret: Option<String>);
-    setter!(/// Sets [`SseConfig::publish_key`].
-        publish_key: Option<String>);
-    setter!(/// Sets [`SseConfig::allowed_origins`].
-        allowed_origins: Vec<String>);
-    setter!(/// Sets [`SseConfig::redis_url`].
-        redis_url: Option<String>);
-
     /// How long events are kept, by type.
-    pub fn retention(&self) -> crate::server::broker::Retention {
-        crate::server::broker::Retention {
+    pub fn retention(&self) -> Retention {
+        Retention {
             default: self.event_retention,
             offline: self.offline_retention.clone(),
         }
@@ -185,204 +177,231 @@ impl SseConfig {
 
     /// Reads the configuration from the process environment (see the README's table).
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|key| std::env::var(key).ok())
+        Self::from_vars(std::env::vars())
     }
 
-    /// Reads the configuration through `lookup`, which maps a variable name to its value.
-    /// Unset and empty variables keep their defaults.
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let get = |key: &str| lookup(key).filter(|v| !v.trim().is_empty());
-        let mut config = Self::default();
-        let millis = |variable: &'static str, default: Duration| -> Result<Duration, ConfigError> {
-            match get(variable) {
-                None => Ok(default),
-                Some(v) => match v.trim().parse::<u64>() {
-                    Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
-                    _ => Err(ConfigError {
-                        variable,
-                        value: v,
-                        expected: "a whole number of milliseconds greater than 0",
-                    }),
-                },
-            }
-        };
-        let count = |variable: &'static str, default: usize, min: usize| -> Result<usize, ConfigError> {
-            match get(variable) {
-                None => Ok(default),
-                Some(v) => match v.trim().parse::<usize>() {
-                    Ok(n) if n >= min => Ok(n),
-                    _ => Err(ConfigError {
-                        variable,
-                        value: v,
-                        expected: if min == 0 {
-                            "a whole number (0 or more)"
-                        } else {
-                            "a whole number greater than 0"
-                        },
-                    }),
-                },
-            }
-        };
-        config.heartbeat_interval = millis("SSE_HEARTBEAT_INTERVAL_MS", config.heartbeat_interval)?;
-        config.cleanup_interval = millis("SSE_CLEANUP_INTERVAL_MS", config.cleanup_interval)?;
-        config.event_retention = millis("SSE_EVENT_RETENTION_MS", config.event_retention)?;
-        config.retry = millis("SSE_RETRY_MS", config.retry)?;
-        config.max_clients_per_user = count("SSE_MAX_CLIENTS_PER_USER", config.max_clients_per_user, 1)?;
-        config.queue_capacity = count("SSE_QUEUE_CAPACITY", config.queue_capacity, 1)?;
-        config.history_capacity = count("SSE_HISTORY_CAPACITY", config.history_capacity, 1)?;
-        config.max_payload_bytes = count("SSE_MAX_PAYLOAD_BYTES", config.max_payload_bytes, 1)?;
-        config.max_body_bytes = count("SSE_MAX_BODY_BYTES", config.max_body_bytes, 1)?;
-        config.max_batch = count("SSE_MAX_BATCH", config.max_batch, 1)?;
-        let rate = |variable: &'static str, default: u32| -> Result<u32, ConfigError> {
-            let n = count(variable, default as usize, 0)?;
-            u32::try_from(n).map_err(|_| ConfigError {
-                variable,
-                value: n.to_string(),
-                expected: "a number of connections per minute below 2^32",
-            })
-        };
-        config.connect_rate_per_ip = rate("SSE_CONNECT_RATE_PER_IP", config.connect_rate_per_ip)?;
-        config.connect_rate_per_user = rate("SSE_CONNECT_RATE_PER_USER", config.connect_rate_per_user)?;
+    /// Reads the configuration from `(name, value)` pairs, as [`from_env`](Self::from_env)
+    /// does from the environment. Unset and empty variables keep their defaults.
+    pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self, ConfigError>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .filter(|(_, v)| !v.trim().is_empty())
+            .map(|(k, v)| (k, v.trim().to_string()))
+            .collect();
+        let sse: SseVars = envy::prefixed("SSE_")
+            .from_iter(vars.iter().cloned())
+            .map_err(|e| envy_error(e, "SSE_"))?;
+        let redis: RedisVars = envy::from_iter(vars.iter().cloned()).map_err(|e| envy_error(e, ""))?;
 
-        if let Some(list) = get("SSE_OFFLINE_RETENTION_MS") {
-            for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let parsed = pair.split_once('=').and_then(|(name, ms)| {
-                    crate::events::validate_event_name(name.trim()).ok()?;
-                    Some((
-                        name.trim().to_string(),
-                        Duration::from_millis(ms.trim().parse().ok()?),
-                    ))
-                });
-                let Some((name, duration)) = parsed else {
-                    return Err(ConfigError {
-                        variable: "SSE_OFFLINE_RETENTION_MS",
-                        value: pair.to_string(),
-                        expected: "event=milliseconds pairs, e.g. notification=86400000,system_alert=0",
-                    });
-                };
-                config.offline_retention.retain(|(n, _)| *n != name);
-                config.offline_retention.push((name, duration));
+        let mut config = Self::default();
+        let positive_ms = |variable: &str, ms: Option<u64>, default: Duration| match ms {
+            None => Ok(default),
+            Some(0) => Err(ConfigError::new(variable, "expected milliseconds greater than 0")),
+            Some(ms) => Ok(Duration::from_millis(ms)),
+        };
+        let positive = |variable: &str, n: Option<usize>, default: usize| match n {
+            None => Ok(default),
+            Some(0) => Err(ConfigError::new(
+                variable,
+                "expected a whole number greater than 0",
+            )),
+            Some(n) => Ok(n),
+        };
+        config.heartbeat_interval = positive_ms(
+            "SSE_HEARTBEAT_INTERVAL_MS",
+            sse.heartbeat_interval_ms,
+            config.heartbeat_interval,
+        )?;
+        config.cleanup_interval = positive_ms(
+            "SSE_CLEANUP_INTERVAL_MS",
+            sse.cleanup_interval_ms,
+            config.cleanup_interval,
+        )?;
+        config.event_retention = positive_ms(
+            "SSE_EVENT_RETENTION_MS",
+            sse.event_retention_ms,
+            config.event_retention,
+        )?;
+        config.retry = positive_ms("SSE_RETRY_MS", sse.retry_ms, config.retry)?;
+        config.max_clients_per_user = positive(
+            "SSE_MAX_CLIENTS_PER_USER",
+            sse.max_clients_per_user,
+            config.max_clients_per_user,
+        )?;
+        config.queue_capacity = positive("SSE_QUEUE_CAPACITY", sse.queue_capacity, config.queue_capacity)?;
+        config.history_capacity = positive(
+            "SSE_HISTORY_CAPACITY",
+            sse.history_capacity,
+            config.history_capacity,
+        )?;
+        config.max_payload_bytes = positive(
+            "SSE_MAX_PAYLOAD_BYTES",
+            sse.max_payload_bytes,
+            config.max_payload_bytes,
+        )?;
+        config.max_body_bytes = positive("SSE_MAX_BODY_BYTES", sse.max_body_bytes, config.max_body_bytes)?;
+        config.max_batch = positive("SSE_MAX_BATCH", sse.max_batch, config.max_batch)?;
+        config.connect_rate_per_ip = sse.connect_rate_per_ip.unwrap_or(config.connect_rate_per_ip);
+        config.connect_rate_per_user = sse.connect_rate_per_user.unwrap_or(config.connect_rate_per_user);
+        if let Some(list) = sse.offline_retention_ms {
+            merge_offline_retention(&mut config.offline_retention, &list)?;
+        }
+        if let Some(secret) = &sse.jwt_secret {
+            use secrecy::ExposeSecret;
+            if secret.expose_secret().len() < 16 {
+                return Err(ConfigError::new(
+                    "SSE_JWT_SECRET",
+                    "expected a secret of at least 16 bytes",
+                ));
             }
         }
-        config.jwt_secret = get("SSE_JWT_SECRET");
-        if let Some(secret) = &config.jwt_secret {
-            if secret.len() < 16 {
-                return Err(ConfigError {
-                    variable: "SSE_JWT_SECRET",
-                    value: "<hidden>".into(),
-                    expected: "a secret of at least 16 bytes",
-                });
-            }
+        config.jwt_secret = sse.jwt_secret;
+        config.publish_key = sse.publish_key;
+        if let Some(origins) = sse.allowed_origins {
+            config.allowed_origins = parse_origins(&origins)?;
         }
-        config.publish_key = get("SSE_PUBLISH_KEY");
-        if let Some(origins) = get("SSE_ALLOWED_ORIGINS") {
-            config.allowed_origins = origins
-                .split(',')
-                .map(|o| o.trim().trim_end_matches('/').to_string())
-                .filter(|o| !o.is_empty())
-                .collect();
-            if let Some(bad) = config
-                .allowed_origins
-                .iter()
-                .find(|o| !(o.starts_with("http://") || o.starts_with("https://")))
-            {
-                return Err(ConfigError {
-                    variable: "SSE_ALLOWED_ORIGINS",
-                    value: bad.clone(),
-                    expected: "comma-separated origins such as https://app.example.com",
-                });
+        config.redis_url = match redis.redis_url {
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => Some(url.into()),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "REDIS_URL",
+                    "expected a redis:// or rediss:// URL",
+                ))
             }
-        }
-        config.redis_url = match get("REDIS_URL") {
-            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => Some(url),
-            Some(url) => {
-                return Err(ConfigError {
-                    variable: "REDIS_URL",
-                    value: url,
-                    expected: "a redis:// or rediss:// URL",
-                })
-            }
-            None => upstash_url(get("UPSTASH_REDIS_REST_URL"), get("UPSTASH_REDIS_REST_TOKEN"))?,
+            None => upstash_url(redis.upstash_redis_rest_url, redis.upstash_redis_rest_token)?,
         };
         Ok(config)
     }
 }
 
+/// Merges `name=ms,name=ms` over the defaults; `name=0` turns one type off.
+fn merge_offline_retention(retention: &mut Vec<(String, Duration)>, list: &str) -> Result<(), ConfigError> {
+    for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let parsed = pair.split_once('=').and_then(|(name, ms)| {
+            crate::events::validate_event_name(name.trim()).ok()?;
+            Some((
+                name.trim().to_string(),
+                Duration::from_millis(ms.trim().parse().ok()?),
+            ))
+        });
+        let Some((name, duration)) = parsed else {
+            return Err(ConfigError::new(
+                "SSE_OFFLINE_RETENTION_MS",
+                format!(
+                    "{pair:?}: expected event=milliseconds pairs, e.g. notification=86400000,system_alert=0"
+                ),
+            ));
+        };
+        retention.retain(|(n, _)| *n != name);
+        retention.push((name, duration));
+    }
+    Ok(())
+}
+
+fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
+    let origins: Vec<String> = list
+        .split(',')
+        .map(|o| o.trim().trim_end_matches('/').to_string())
+        .filter(|o| !o.is_empty())
+        .collect();
+    match origins
+        .iter()
+        .find(|o| !(o.starts_with("http://") || o.starts_with("https://")))
+    {
+        Some(bad) => Err(ConfigError::new(
+            "SSE_ALLOWED_ORIGINS",
+            format!("{bad:?}: expected comma-separated origins such as https://app.example.com"),
+        )),
+        None => Ok(origins),
+    }
+}
+
 /// Turns the original design's Upstash REST variables into a `rediss://` URL of the same database.
-fn upstash_url(rest_url: Option<String>, token: Option<String>) -> Result<Option<String>, ConfigError> {
+fn upstash_url(
+    rest_url: Option<String>,
+    token: Option<SecretString>,
+) -> Result<Option<SecretString>, ConfigError> {
+    use secrecy::ExposeSecret;
     match (rest_url, token) {
         (None, None) => Ok(None),
         (Some(url), Some(token)) => {
             let host = url
-                .trim()
                 .trim_start_matches("https://")
                 .trim_start_matches("http://")
                 .trim_end_matches('/');
             if host.is_empty() || host.contains('/') || host.contains('@') {
-                return Err(ConfigError {
-                    variable: "UPSTASH_REDIS_REST_URL",
-                    value: url,
-                    expected: "https://<host> of an Upstash database",
-                });
+                return Err(ConfigError::new(
+                    "UPSTASH_REDIS_REST_URL",
+                    "expected https://<host> of an Upstash database",
+                ));
             }
             let host = host.split(':').next().unwrap_or(host);
-            Ok(Some(format!("rediss://default:{token}@{host}:6379")))
+            let url = format!("rediss://default:{}@{host}:6379", token.expose_secret());
+            Ok(Some(url.into()))
         }
-        (Some(_), None) => Err(ConfigError {
-            variable: "UPSTASH_REDIS_REST_TOKEN",
-            value: String::new(),
-            expected: "to be set together with UPSTASH_REDIS_REST_URL",
-        }),
-        (None, Some(_)) => Err(ConfigError {
-            variable: "UPSTASH_REDIS_REST_URL",
-            value: String::new(),
-            expected: "to be set together with UPSTASH_REDIS_REST_TOKEN",
-        }),
+        (Some(_), None) => Err(ConfigError::new(
+            "UPSTASH_REDIS_REST_TOKEN",
+            "expected to be set together with UPSTASH_REDIS_REST_URL",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            "UPSTASH_REDIS_REST_URL",
+            "expected to be set together with UPSTASH_REDIS_REST_TOKEN",
+        )),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use secrecy::ExposeSecret;
 
     fn from(pairs: &[(&str, &str)]) -> Result<SseConfig, ConfigError> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        SseConfig::from_lookup(|k| map.get(k).cloned())
+        SseConfig::from_vars(pairs.iter().copied())
     }
 
     #[test]
     fn defaults_match_the_design() {
         let c = from(&[]).unwrap();
-        assert_eq!(c, SseConfig::default());
         assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
         assert_eq!(c.max_clients_per_user, 5);
         assert_eq!(c.cleanup_interval, Duration::from_secs(60));
         assert_eq!(c.event_retention, Duration::from_secs(300));
-        assert_eq!(c.redis_url, None);
+        assert!(c.redis_url.is_none());
+        assert_eq!(format!("{c:?}"), format!("{:?}", SseConfig::default()));
     }
 
     #[test]
     fn env_overrides_apply() {
         let c = from(&[
             ("SSE_HEARTBEAT_INTERVAL_MS", "1500"),
-            ("SSE_MAX_CLIENTS_PER_USER", "2"),
+            ("SSE_MAX_CLIENTS_PER_USER", " 2 "),
             ("SSE_ALLOWED_ORIGINS", "https://a.example, http://localhost:8080/"),
             ("SSE_CONNECT_RATE_PER_IP", "0"),
+            ("SSE_QUEUE_CAPACITY", ""),
             ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("UNRELATED", "x"),
         ])
         .unwrap();
         assert_eq!(c.heartbeat_interval, Duration::from_millis(1500));
         assert_eq!(c.max_clients_per_user, 2);
+        assert_eq!(c.queue_capacity, 256, "empty keeps the default");
         assert_eq!(
             c.allowed_origins,
             vec!["https://a.example", "http://localhost:8080"]
         );
         assert_eq!(c.connect_rate_per_ip, 0);
-        assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert_eq!(
+            c.redis_url
+                .as_ref()
+                .map(|u| u.expose_secret().to_string())
+                .as_deref(),
+            Some("redis://127.0.0.1:6379")
+        );
         let c = from(&[("SSE_OFFLINE_RETENTION_MS", "system_alert=0, order.shipped=60000")]).unwrap();
         let r = c.retention();
         assert_eq!(r.offline_for("system_alert"), None);
@@ -396,7 +415,9 @@ mod tests {
             ("SSE_HEARTBEAT_INTERVAL_MS", "0"),
             ("SSE_HEARTBEAT_INTERVAL_MS", "-5"),
             ("SSE_MAX_CLIENTS_PER_USER", "many"),
+            ("SSE_MAX_CLIENTS_PER_USER", "0"),
             ("SSE_EVENT_RETENTION_MS", "1.5"),
+            ("SSE_CONNECT_RATE_PER_IP", "99999999999"),
             ("SSE_JWT_SECRET", "short"),
             ("SSE_ALLOWED_ORIGINS", "example.com"),
             ("REDIS_URL", "http://localhost"),
@@ -405,6 +426,7 @@ mod tests {
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{err}");
+            assert!(err.to_string().starts_with(var), "{err}");
         }
     }
 
@@ -416,8 +438,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            c.redis_url.as_deref(),
-            Some("rediss://default:tok@eu1-fine-cat-123.upstash.io:6379")
+            c.redis_url.unwrap().expose_secret(),
+            "rediss://default:tok@eu1-fine-cat-123.upstash.io:6379"
         );
         let err = from(&[("UPSTASH_REDIS_REST_URL", "https://x.upstash.io")]).unwrap_err();
         assert_eq!(err.variable, "UPSTASH_REDIS_REST_TOKEN");
@@ -427,15 +449,22 @@ mod tests {
             ("UPSTASH_REDIS_REST_URL", "https://x.upstash.io"),
         ])
         .unwrap();
-        assert_eq!(c.redis_url.as_deref(), Some("redis://r:1"));
+        assert_eq!(c.redis_url.unwrap().expose_secret(), "redis://r:1");
     }
 
     #[test]
     fn secrets_are_not_printed() {
-        let c = SseConfig::default()
-            .jwt_secret(Some("super-secret-value-123".into()))
-            .publish_key(Some("publish-key-xyz".into()));
+        let c = from(&[
+            ("SSE_JWT_SECRET", "super-secret-value-123"),
+            ("SSE_PUBLISH_KEY", "publish-key-xyz"),
+            ("REDIS_URL", "redis://:hunter2@r:1"),
+        ])
+        .unwrap();
         let printed = format!("{c:?}");
-        assert!(!printed.contains("super-secret") && !printed.contains("publish-key-xyz"));
+        for secret in ["super-secret", "publish-key-xyz", "hunter2"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        let err = from(&[("SSE_JWT_SECRET", "short-secret")]).unwrap_err();
+        assert!(!err.to_string().contains("short-secret"), "{err}");
     }
 }

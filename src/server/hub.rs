@@ -19,7 +19,10 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{broker::PublishedEvent, metrics as m};
+use super::{
+    event::{PublishedEvent, Target},
+    metrics as m,
+};
 
 /// What a connection's queue carries.
 #[derive(Debug, Clone)]
@@ -154,7 +157,7 @@ impl Hub {
         self.counters
             .replaced
             .fetch_add(replaced as u64, Ordering::Relaxed);
-        m::set_connections(self.client_count());
+        m::connections_changed(1 - replaced as isize);
         Some(Registration {
             id,
             queue,
@@ -177,9 +180,8 @@ impl Hub {
             inner.users.remove(user);
         }
         inner.connections -= removed;
-        let total = inner.connections;
         drop(inner);
-        m::set_connections(total);
+        m::connections_changed(-(removed as isize));
         removed > 0 && last
     }
 
@@ -188,6 +190,7 @@ impl Hub {
     pub fn dispatch(&self, event: &Arc<PublishedEvent>) {
         let mut delivered = 0u64;
         let mut inner = self.lock();
+        let before = inner.connections;
         let Inner {
             users, connections, ..
         } = &mut *inner;
@@ -206,7 +209,7 @@ impl Hub {
             });
         };
         match &event.target {
-            super::broker::Target::User(user) => {
+            Target::User(user) => {
                 if let Some(conns) = users.get_mut(user) {
                     offer_all(conns);
                     if conns.is_empty() {
@@ -214,16 +217,16 @@ impl Hub {
                     }
                 }
             }
-            super::broker::Target::Broadcast => {
+            Target::Broadcast => {
                 users.values_mut().for_each(&mut offer_all);
                 users.retain(|_, conns| !conns.is_empty());
             }
         }
-        let total = *connections;
+        let after = *connections;
         drop(inner);
         self.counters.delivered.fetch_add(delivered, Ordering::Relaxed);
         m::event_delivered(&event.name, delivered);
-        m::set_connections(total);
+        m::connections_changed(after as isize - before as isize);
     }
 
     /// Queues a control frame (heartbeat) on every connection, whatever its filter.
@@ -244,8 +247,8 @@ impl Hub {
             conns.iter_mut().for_each(|c| c.close(CloseReason::Shutdown));
         }
         inner.users.clear();
+        m::connections_changed(-(inner.connections as isize));
         inner.connections = 0;
-        m::set_connections(0);
     }
 
     fn retain_connections(&self, mut keep: impl FnMut(&mut Connection, &HubCounters) -> bool) {
@@ -253,13 +256,15 @@ impl Hub {
         let Inner {
             users, connections, ..
         } = &mut *inner;
+        let mut removed = 0;
         for conns in users.values_mut() {
             let before = conns.len();
             conns.retain_mut(|c| keep(c, &self.counters));
-            *connections -= before - conns.len();
+            removed += before - conns.len();
         }
+        *connections -= removed;
         users.retain(|_, conns| !conns.is_empty());
-        m::set_connections(*connections);
+        m::connections_changed(-(removed as isize));
     }
 
     /// Open connections in this process.
@@ -276,37 +281,22 @@ impl Hub {
     pub fn user_count(&self) -> usize {
         self.lock().users.len()
     }
-
-    /// Users with at least one open connection in this process.
-    pub fn online_users(&self) -> Vec<Arc<str>> {
-        self.lock().users.keys().cloned().collect()
-    }
-
-    /// Events waiting in the queue of each of `user`'s connections (for tests and stats).
-    pub fn queued_for_user(&self, user: &str) -> Vec<usize> {
-        let inner = self.lock();
-        inner.users.get(user).map_or_else(Vec::new, |conns| {
-            conns
-                .iter()
-                .map(|c| self.queue_capacity - c.queue.capacity())
-                .collect()
-        })
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::broker::{encode_frame, EventId, Target};
+    use crate::server::event::{Envelope, EventId};
 
     fn event(id: u64, target: Target, name: &str) -> Arc<PublishedEvent> {
-        Arc::new(PublishedEvent {
-            id: EventId(id),
+        let envelope = Envelope {
             target,
             name: name.into(),
-            published_at_ms: 0,
-            frame: encode_frame(Some(EventId(id)), name, "{}"),
-        })
+            data: "{}".into(),
+            timestamp_ms: 0,
+            coalesce_key: None,
+        };
+        Arc::new(PublishedEvent::new(EventId(id), envelope))
     }
 
     fn user(name: &str) -> Arc<str> {

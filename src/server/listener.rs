@@ -83,6 +83,7 @@ impl SseListener {
         probe.bind(addr)?;
         let local_addr = probe.local_addr()?;
         drop(probe);
+        let prefix: Arc<[u8]> = format!("GET {}", crate::api::STREAM_PATH).into_bytes().into();
         let mut acceptors = Vec::with_capacity(ACCEPT_QUEUES);
         for _ in 0..ACCEPT_QUEUES {
             let socket = new_socket(addr)?;
@@ -91,7 +92,8 @@ impl SseListener {
             socket.bind(local_addr)?;
             let listener = socket.listen(BACKLOG)?;
             // Unconstrained: drain the queue on each wake-up rather than yield every 128 accepts.
-            let accept = tokio::task::unconstrained(accept_loop(listener, app.clone(), tx.clone()));
+            let accept = accept_loop(listener, app.clone(), prefix.clone(), tx.clone());
+            let accept = tokio::task::unconstrained(accept);
             acceptors.push(tokio::spawn(accept));
         }
         let listener = Self {
@@ -143,7 +145,12 @@ fn no_delay(stream: &mut TcpStream) {
 
 /// Accepts from one queue; each connection becomes a task: the SSE path, or a hand-over
 /// to axum.
-async fn accept_loop(listener: TcpListener, app: Arc<Router>, others: mpsc::Sender<(TcpStream, SocketAddr)>) {
+async fn accept_loop(
+    listener: TcpListener,
+    app: Arc<Router>,
+    prefix: Arc<[u8]>,
+    others: mpsc::Sender<(TcpStream, SocketAddr)>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -154,9 +161,9 @@ async fn accept_loop(listener: TcpListener, app: Arc<Router>, others: mpsc::Send
                 continue;
             }
         };
-        let (app, others) = (app.clone(), others.clone());
+        let (app, prefix, others) = (app.clone(), prefix.clone(), others.clone());
         tokio::spawn(async move {
-            if is_sse_request(&stream).await {
+            if is_sse_request(&stream, &prefix).await {
                 serve_sse(stream, peer, &app).await;
             } else {
                 let _ = others.send((stream, peer)).await;
@@ -165,22 +172,21 @@ async fn accept_loop(listener: TcpListener, app: Arc<Router>, others: mpsc::Send
     }
 }
 
-/// Peeks (without consuming) until the first bytes show whether this is `GET /api/sse`.
-async fn is_sse_request(stream: &TcpStream) -> bool {
-    const PREFIX: &[u8] = b"GET /api/sse";
-    let mut peeked = [0u8; PREFIX.len() + 1];
+/// Peeks (without consuming) until the first bytes show whether this is `GET <stream path>`.
+async fn is_sse_request(stream: &TcpStream, prefix: &[u8]) -> bool {
+    let mut peeked = vec![0u8; prefix.len() + 1];
     let wait = async {
         loop {
             let n = stream.peek(&mut peeked).await.unwrap_or(0);
             if n == 0 {
                 return false; // closed, or an error: let hyper see it.
             }
-            let common = n.min(PREFIX.len());
-            if peeked[..common] != PREFIX[..common] {
+            let common = n.min(prefix.len());
+            if peeked[..common] != prefix[..common] {
                 return false;
             }
             if n == peeked.len() {
-                return matches!(peeked[PREFIX.len()], b' ' | b'?');
+                return matches!(peeked[prefix.len()], b' ' | b'?');
             }
             // A partial packet: wait for more.
             tokio::time::sleep(Duration::from_millis(5)).await;

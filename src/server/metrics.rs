@@ -40,8 +40,11 @@ fn label(name: &str) -> &'static str {
         .unwrap_or("custom")
 }
 
-pub fn set_connections(n: usize) {
-    gauge!("sse_connections").set(n as f64);
+/// Open connections moved by `delta`; the gauge sums every service in the process.
+pub fn connections_changed(delta: isize) {
+    if delta != 0 {
+        gauge!("sse_connections").increment(delta as f64);
+    }
 }
 
 pub fn event_published(name: &str) {

@@ -20,10 +20,21 @@
 //! # Ok(()) }
 //! ```
 
+//!
+//! Layout, from the bottom up (each module uses only those above it in this list):
+//! - `event`: event ids, targets and published events with their shared SSE frame;
+//! - `hub`: this process's connections, per user, each with a bounded queue;
+//! - `broker`: ids, history and fan-out (in-process or Redis), handing events to a sink;
+//! - `service` + `connection`: [`SseService`], which owns the hub and the broker and runs
+//!   the protocol of opening and closing a stream;
+//! - `stream`, `publish`, `routes`, `listener`: HTTP glue around the service.
+
 pub mod auth;
 pub mod broker;
 pub mod config;
-pub mod hub;
+mod connection;
+pub mod event;
+mod hub;
 mod listener;
 pub mod metrics;
 pub mod publish;
@@ -31,14 +42,17 @@ mod routes;
 pub mod service;
 pub mod stream;
 
+pub use crate::api::{BrokerHealth, Stats};
 pub use auth::{Auth, AuthError, Claims, SESSION_COOKIE};
-pub use broker::{Broker, BrokerError, BrokerHealth, EventId, Target};
+pub use broker::{Broker, BrokerError};
 pub use config::{ConfigError, SseConfig};
+pub use connection::EventStream;
+pub use event::{EventId, Target};
 pub use listener::SseListener;
 pub use routes::router;
 #[cfg(feature = "demo")]
 pub use routes::{session_cookie, SESSION_TTL};
-pub use service::{SendError, SseService, StartError, Stats};
+pub use service::{OpenError, RateLimited, SendError, SseService, StartError};
 
 use axum::{
     http::{header, HeaderValue, StatusCode},

@@ -4,7 +4,7 @@ use std::{convert::Infallible, time::Duration};
 
 use axum::{
     extract::{DefaultBodyLimit, State},
-    http::{header, HeaderValue, Method, StatusCode},
+    http::{header, HeaderValue, Method},
     response::{
         sse::{Event as SseFrame, KeepAlive, Sse},
         IntoResponse, Response,
@@ -12,10 +12,12 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::IntervalStream;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use super::{publish::publish_handler, stream::sse_handler, ApiError, BrokerHealth, SseService};
+use super::{publish::publish_handler, stream::sse_handler, ApiError, SseService};
+use crate::api;
 
 /// The routes of the notification server, ready to merge into an app of any state type:
 /// `GET /api/sse`, `POST /api/events`, `GET /api/stats`, `GET /api/stats/stream`,
@@ -26,15 +28,15 @@ use super::{publish::publish_handler, stream::sse_handler, ApiError, BrokerHealt
 pub fn router<S: Clone + Send + Sync + 'static>(service: SseService) -> Router<S> {
     let config = service.config();
     let mut api = Router::new()
-        .route("/api/sse", get(sse_handler))
+        .route(api::STREAM_PATH, get(sse_handler))
         .route(
-            "/api/events",
+            api::PUBLISH_PATH,
             post(publish_handler).layer(DefaultBodyLimit::max(config.max_body_bytes)),
         )
-        .route("/api/stats", get(stats))
-        .route("/api/stats/stream", get(stats_stream))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz));
+        .route(api::STATS_PATH, get(stats))
+        .route(api::STATS_STREAM_PATH, get(stats_stream))
+        .route(api::METRICS_PATH, get(metrics))
+        .route(api::HEALTH_PATH, get(healthz));
     #[cfg(feature = "demo")]
     {
         api = api.route(
@@ -68,27 +70,19 @@ async fn stats(State(service): State<SseService>) -> Response {
     Json(service.stats()).into_response()
 }
 
-/// `GET /api/stats/stream`: a `stats` event every second, for live dashboards.
+/// `GET /api/stats/stream`: a `stats` event at once and then every second, for live
+/// dashboards, until the service shuts down.
 async fn stats_stream(
     State(service): State<SseService>,
 ) -> Sse<impl Stream<Item = Result<SseFrame, Infallible>>> {
-    let ticks = tokio_stream_interval(Duration::from_secs(1));
-    let stream = futures::StreamExt::map(ticks, move |()| {
+    let ticks = IntervalStream::new(tokio::time::interval(Duration::from_secs(1)));
+    let stream = ticks.take_until(service.shutting_down()).map(move |_| {
         Ok(SseFrame::default()
             .event("stats")
             .json_data(service.stats())
             .unwrap_or_default())
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
-}
-
-/// A stream that yields at once and then every `period`.
-fn tokio_stream_interval(period: Duration) -> impl Stream<Item = ()> {
-    futures::stream::unfold(None::<tokio::time::Interval>, move |interval| async move {
-        let mut interval = interval.unwrap_or_else(|| tokio::time::interval(period));
-        interval.tick().await;
-        Some(((), Some(interval)))
-    })
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -100,22 +94,18 @@ async fn metrics() -> Response {
         .into_response()
 }
 
-/// `GET /healthz`: 200 while serving; the body tells whether the broker is healthy.
+/// `GET /healthz`: 200 while serving, with the broker's health in the body (a degraded
+/// broker still serves its local connections); 503 while shutting down.
 async fn healthz(State(service): State<SseService>) -> Response {
     if service.is_shutting_down() {
         return ApiError::unavailable("shutting down").into_response();
     }
-    let health = service.broker_health();
-    let body = serde_json::json!({
+    Json(serde_json::json!({
         "status": "ok",
-        "broker": service.stats().broker,
-        "brokerHealth": health,
-    });
-    let status = StatusCode::OK;
-    if health != BrokerHealth::Healthy {
-        tracing::debug!("healthz: broker degraded");
-    }
-    (status, Json(body)).into_response()
+        "broker": service.broker_kind(),
+        "brokerHealth": service.broker_health(),
+    }))
+    .into_response()
 }
 
 #[cfg(feature = "demo")]
@@ -142,7 +132,7 @@ async fn session(
             "body"
         };
         let status = match &e {
-            axum::extract::rejection::JsonRejection::JsonDataError(_) => StatusCode::BAD_REQUEST,
+            axum::extract::rejection::JsonRejection::JsonDataError(_) => axum::http::StatusCode::BAD_REQUEST,
             other => other.status(),
         };
         ApiError::new(status, e.body_text()).field(field)

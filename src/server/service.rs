@@ -44,29 +44,35 @@
 //! ```
 
 use std::{
+    collections::VecDeque,
+    net::IpAddr,
     num::NonZeroU32,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
 };
 
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use bytes::BytesMut;
+use governor::{clock::Clock, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::Value;
 use tokio::task::JoinHandle;
+use tokio_stream::{wrappers::IntervalStream, StreamExt};
 
 use super::{
     auth::{self, Auth},
-    broker::{
-        encode_frame, Broker, BrokerError, BrokerHealth, Envelope, EventId, MemoryBroker, RedisBroker,
-        Retention, Target,
-    },
+    broker::{coalesce_latest, Broker, BrokerError, EventSink, MemoryBroker, RedisBroker, Retention},
+    connection::{Closer, EventStream},
+    event::{encode_frame, Envelope, EventId, PublishedEvent, Target},
     hub::Hub,
     metrics as m, now_ms, SseConfig,
 };
-use crate::events::{
-    names, Event, Notification, ReelReady, ReelUploadProgress, SystemAlert, UserUpdate, ValidationError,
+use crate::{
+    api::{BrokerHealth, Stats},
+    events::{
+        names, Event, Notification, ReelReady, ReelUploadProgress, SystemAlert, UserUpdate, ValidationError,
+    },
 };
 
 /// Why an event was not sent. The caller always hears about it: nothing is dropped silently.
@@ -90,41 +96,48 @@ pub enum StartError {
     Redis(String),
 }
 
-/// Figures for `/api/stats`.
-#[derive(Debug, Clone, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Stats {
-    pub clients: usize,
-    pub users: usize,
-    pub events_published: u64,
-    pub events_delivered: u64,
-    pub events_failed: u64,
-    pub slow_client_disconnects: u64,
-    pub connections_replaced: u64,
-    pub broker: &'static str,
-    pub broker_health: BrokerHealth,
-    pub uptime_ms: u64,
+/// Why a stream could not be opened. Nothing is lost: the client retries with its id.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the server is shutting down; reconnect shortly")]
+    ShuttingDown,
+    #[error("the event broker is unavailable; retry shortly")]
+    Broker(#[from] BrokerError),
 }
 
-pub(crate) struct Inner {
-    pub(crate) config: SseConfig,
-    pub(crate) hub: Arc<Hub>,
-    pub(crate) broker: Arc<dyn Broker>,
-    pub(crate) auth: Auth,
-    pub(crate) retention: Retention,
-    pub(crate) ip_limiter: Option<DefaultKeyedRateLimiter<std::net::IpAddr>>,
-    pub(crate) user_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
-    shutting_down: AtomicBool,
+/// A new connection refused by a rate limit: who hit it, and when to try again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("too many new connections from {who}; retry in {} s", retry_after.as_secs())]
+pub struct RateLimited {
+    /// `this address` or `this user`.
+    pub who: &'static str,
+    /// Whole seconds, at least 1.
+    pub retry_after: Duration,
+}
+
+struct Inner {
+    config: SseConfig,
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+    auth: Auth,
+    retention: Retention,
+    ip_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    user_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
+    /// `true` once [`SseService::shutdown`] began; long-lived responses end on it.
+    shutting_down: tokio::sync::watch::Sender<bool>,
     published: AtomicU64,
     failed: AtomicU64,
     started_at_ms: u64,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// The notification service: send events, count clients, shut down.
+/// The notification service: send events, open streams, count clients, shut down.
+///
+/// It owns the local [`Hub`] of connections and the broker, and runs the connection
+/// protocol between them; HTTP handlers only adapt requests to it.
 #[derive(Clone)]
 pub struct SseService {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for SseService {
@@ -146,25 +159,37 @@ impl SseService {
     pub async fn start(config: SseConfig) -> Result<Self, StartError> {
         m::install();
         let hub = Arc::new(Hub::new(config.max_clients_per_user, config.queue_capacity));
+        let sink: EventSink = {
+            let hub = hub.clone();
+            Arc::new(move |event| hub.dispatch(&event))
+        };
         let broker: Arc<dyn Broker> = match &config.redis_url {
-            Some(url) => RedisBroker::connect(url, hub.clone(), config.retention(), config.history_capacity)
+            Some(url) => {
+                use secrecy::ExposeSecret;
+                RedisBroker::connect(
+                    url.expose_secret(),
+                    sink,
+                    config.retention(),
+                    config.history_capacity,
+                )
                 .await
-                .map_err(|e| StartError::Redis(e.to_string()))?,
+                .map_err(|e| StartError::Redis(e.to_string()))?
+            }
             None => Arc::new(MemoryBroker::new(
-                hub.clone(),
+                sink,
                 config.retention(),
                 config.history_capacity,
             )),
         };
         let inner = Arc::new(Inner {
-            auth: Auth::new(config.jwt_secret.as_deref()),
+            auth: Auth::new(config.jwt_secret.as_ref()),
             retention: config.retention(),
             ip_limiter: limiter(config.connect_rate_per_ip),
             user_limiter: limiter(config.connect_rate_per_user),
             config,
             hub,
             broker,
-            shutting_down: AtomicBool::new(false),
+            shutting_down: tokio::sync::watch::Sender::new(false),
             published: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             started_at_ms: now_ms(),
@@ -177,16 +202,18 @@ impl SseService {
     }
 
     fn spawn_background_tasks(&self) {
+        let config = &self.inner.config;
+        // The first tick of each is one period after start, not after the task is first polled.
+        let every = |period: Duration| {
+            let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            IntervalStream::new(interval)
+        };
         let heartbeat = {
             let inner = Arc::downgrade(&self.inner);
-            let period = self.inner.config.heartbeat_interval;
-            // The first tick is one period after start, not after the task is first polled.
-            let first = tokio::time::Instant::now() + period;
+            let mut ticks = every(config.heartbeat_interval);
             tokio::spawn(async move {
-                let mut ticks = tokio::time::interval_at(first, period);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    ticks.tick().await;
+                while ticks.next().await.is_some() {
                     let Some(inner) = inner.upgrade() else { break };
                     inner.hub.send_control(heartbeat_frame());
                 }
@@ -194,12 +221,9 @@ impl SseService {
         };
         let cleanup = {
             let inner = Arc::downgrade(&self.inner);
-            let period = self.inner.config.cleanup_interval;
-            let first = tokio::time::Instant::now() + period;
+            let mut ticks = every(config.cleanup_interval);
             tokio::spawn(async move {
-                let mut ticks = tokio::time::interval_at(first, period);
-                loop {
-                    ticks.tick().await;
+                while ticks.next().await.is_some() {
                     let Some(inner) = inner.upgrade() else { break };
                     inner.hub.sweep();
                     inner.broker.cleanup().await;
@@ -216,6 +240,160 @@ impl SseService {
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
         tasks.push(heartbeat);
         tasks.push(cleanup);
+    }
+
+    /// Verifies the session token of a request (bearer header, `sse_session` cookie, then
+    /// the `token` query parameter).
+    pub fn authenticate(
+        &self,
+        headers: &axum::http::HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<auth::Claims, auth::AuthError> {
+        self.inner.auth.authenticate(headers, query_token)
+    }
+
+    /// Counts a new connection against the per-address and per-user rates.
+    pub fn admit(&self, ip: Option<IpAddr>, user: &Arc<str>) -> Result<(), RateLimited> {
+        let refused = |who, not_until: governor::NotUntil<_>| {
+            m::connection_refused("rate_limited");
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            RateLimited {
+                who,
+                retry_after: Duration::from_secs(wait.as_secs() + 1),
+            }
+        };
+        if let (Some(limiter), Some(ip)) = (&self.inner.ip_limiter, ip) {
+            limiter.check_key(&ip).map_err(|n| refused("this address", n))?;
+        }
+        if let Some(limiter) = &self.inner.user_limiter {
+            limiter.check_key(user).map_err(|n| refused("this user", n))?;
+        }
+        Ok(())
+    }
+
+    /// Opens a stream of `user`'s events and broadcasts: the opening half of the connection
+    /// protocol.
+    ///
+    /// 1. Register in the hub *first*, so nothing published from here on is missed.
+    /// 2. Decide what to replay: after `resume_from` (the client's `Last-Event-ID`); or, for
+    ///    the user's first connection here, what waited for them while they were offline
+    ///    (from where their last connection stopped) plus anything published while the
+    ///    broker starts listening for them (after the head read now).
+    /// 3. Subscribe the broker to the user (first connection only), read the replay, and
+    ///    skip live events the replay already sent: no gap, no duplicate.
+    /// 4. End the prelude with an id-only frame (no data, so no event fires) that tells
+    ///    `EventSource` where this stream starts: a client that drops before its first event
+    ///    still resumes from there.
+    ///
+    /// `filter` keeps only the named events (heartbeats and control events always pass).
+    pub async fn open_stream(
+        &self,
+        user: &str,
+        resume_from: Option<EventId>,
+        filter: Option<Arc<[String]>>,
+    ) -> Result<EventStream, OpenError> {
+        let inner = &self.inner;
+        if self.is_shutting_down() {
+            return Err(OpenError::ShuttingDown);
+        }
+        let user: Arc<str> = user.into();
+        let registration = inner
+            .hub
+            .register(&user, filter.clone())
+            .ok_or(OpenError::ShuttingDown)?;
+        // From here on, dropping the closer unregisters the connection, also on an error.
+        let mut closer = Closer {
+            service: self.clone(),
+            user: user.clone(),
+            id: registration.id,
+            delivered_through: EventId(0),
+        };
+        let broker = &inner.broker;
+        let replay_plan = match resume_from {
+            Some(after) => Some((after, None)),
+            None if registration.first_for_user => {
+                let head = broker.head().await?;
+                let cursor = broker.delivered_through(&user).await?;
+                Some((cursor.unwrap_or_default().min(head), Some(head)))
+            }
+            None => None,
+        };
+        if registration.first_for_user {
+            broker.subscribe(&user).await;
+        }
+
+        let mut prelude = BytesMut::new();
+        prelude.extend_from_slice(format!("retry: {}\n\n", inner.config.retry.as_millis()).as_bytes());
+        let mut replayed_through = EventId(0);
+        if let Some((after, fresh_head)) = replay_plan {
+            let replay = broker.replay(&user, after).await?;
+            let replay_through = replay.events.last().map_or(after, |e| e.id);
+            let now = now_ms();
+            let wanted = |e: &PublishedEvent| {
+                let offline_ok = || {
+                    inner
+                        .retention
+                        .offline_for(&e.name)
+                        .is_some_and(|keep| now.saturating_sub(e.published_at_ms) <= keep.as_millis() as u64)
+                };
+                let passes_filter = filter.as_ref().is_none_or(|f| f.iter().any(|n| **n == *e.name));
+                passes_filter && fresh_head.is_none_or(|head| e.id > head || offline_ok())
+            };
+            let events = coalesce_latest(replay.events.into_iter().filter(|e| wanted(e)).collect());
+            let resync = replay.gap && fresh_head.is_none();
+            m::replayed(events.len(), resync);
+            if resync {
+                let data = format!(
+                    r#"{{"reason":"events after this id are no longer kept; reload state","lastEventId":"{after}","timestamp":{now}}}"#
+                );
+                prelude.extend_from_slice(&encode_frame(names::RESYNC, &data));
+            }
+            for event in &events {
+                prelude.extend_from_slice(&event.frame);
+            }
+            // Live events up to here came through the replay (or were meant for nobody yet).
+            replayed_through = replay_through.max(after).max(fresh_head.unwrap_or_default());
+        }
+        // For another tab of a connected user, the start is the head read after registering:
+        // anything newer is in this connection's queue, behind the start frame.
+        let starts_after = match replayed_through {
+            EventId(0) => broker.head().await?,
+            through => through,
+        };
+        if starts_after > EventId(0) {
+            prelude.extend_from_slice(format!("id: {starts_after}\n\n").as_bytes());
+        }
+        tracing::debug!(user = %user, resume = ?resume_from, "stream opened");
+        closer.delivered_through = replayed_through;
+        Ok(EventStream {
+            prelude: VecDeque::from([prelude.freeze()]),
+            queue: registration.queue,
+            closed: Some(registration.closed),
+            skip_through: replayed_through,
+            closer,
+        })
+    }
+
+    /// The closing half of the protocol, run when a stream is dropped: unregister it, record
+    /// how far it got (where the user's offline delivery starts next time), and stop the
+    /// broker listening for the user if this was their last connection here.
+    pub(super) fn stream_closed(&self, user: Arc<str>, id: u64, delivered_through: EventId) {
+        let last = self.inner.hub.unregister(&user, id);
+        tracing::debug!(user = %user, "stream closed");
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let service = self.clone();
+        runtime.spawn(async move {
+            let broker = &service.inner.broker;
+            if delivered_through.0 > 0 {
+                broker.set_delivered_through(&user, delivered_through).await;
+            }
+            // The user may have come back while this was scheduled.
+            if last && service.inner.hub.client_count_for_user(&user) == 0 {
+                broker.unsubscribe(&user).await;
+            }
+        });
     }
 
     /// Sends a `notification` to every connection of `user_id`.
@@ -375,11 +553,8 @@ impl SseService {
             auth::validate_user_id(user).map_err(|m| ValidationError::new("user_id", m))?;
         }
         event.validate()?;
-        let mut data = event.to_data();
-        if let Value::Object(object) = &mut data {
-            object.entry("timestamp").or_insert_with(|| now_ms().into());
-        }
-        let data = data.to_string();
+        let timestamp_ms = now_ms();
+        let data = event.data_json_with_timestamp(timestamp_ms);
         let limit = self.inner.config.max_payload_bytes;
         if data.len() > limit {
             return Err(ValidationError::new(
@@ -391,6 +566,8 @@ impl SseService {
             target,
             name: event.name().into(),
             data,
+            timestamp_ms,
+            coalesce_key: event.coalesce_key().map(Into::into),
         })
     }
 
@@ -402,17 +579,6 @@ impl SseService {
     /// Open SSE connections of `user_id` in this process.
     pub fn client_count_for_user(&self, user_id: &str) -> usize {
         self.inner.hub.client_count_for_user(user_id)
-    }
-
-    /// Events waiting in the fullest queue of `user_id`'s connections in this process.
-    /// It never passes [`SseConfig::queue_capacity`]: a full queue closes its connection.
-    pub fn queue_depth_for_user(&self, user_id: &str) -> usize {
-        self.inner
-            .hub
-            .queued_for_user(user_id)
-            .into_iter()
-            .max()
-            .unwrap_or(0)
     }
 
     /// A session token for `user_id`, valid for `ttl`, as `/api/sse` accepts it.
@@ -435,6 +601,11 @@ impl SseService {
         &self.inner.config
     }
 
+    /// The broker's kind: `memory` or `redis`.
+    pub fn broker_kind(&self) -> &'static str {
+        self.inner.broker.kind()
+    }
+
     /// The broker's current health.
     pub fn broker_health(&self) -> BrokerHealth {
         self.inner.broker.health()
@@ -442,21 +613,31 @@ impl SseService {
 
     /// Whether [`shutdown`](Self::shutdown) has begun.
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutting_down.load(Ordering::Relaxed)
+        *self.inner.shutting_down.borrow()
+    }
+
+    /// Completes once [`shutdown`](Self::shutdown) has begun: long-lived responses other than
+    /// event streams (which the hub closes) end on it.
+    pub fn shutting_down(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut flag = self.inner.shutting_down.subscribe();
+        async move {
+            let _ = flag.wait_for(|down| *down).await;
+        }
     }
 
     /// Figures for `/api/stats`.
     pub fn stats(&self) -> Stats {
         let inner = &self.inner;
+        let counters = &inner.hub.counters;
         Stats {
             clients: inner.hub.client_count(),
             users: inner.hub.user_count(),
             events_published: inner.published.load(Ordering::Relaxed),
-            events_delivered: inner.hub.counters.delivered.load(Ordering::Relaxed),
+            events_delivered: counters.delivered.load(Ordering::Relaxed),
             events_failed: inner.failed.load(Ordering::Relaxed),
-            slow_client_disconnects: inner.hub.counters.slow_disconnects.load(Ordering::Relaxed),
-            connections_replaced: inner.hub.counters.replaced.load(Ordering::Relaxed),
-            broker: inner.broker.kind(),
+            slow_client_disconnects: counters.slow_disconnects.load(Ordering::Relaxed),
+            connections_replaced: counters.replaced.load(Ordering::Relaxed),
+            broker: inner.broker.kind().into(),
             broker_health: inner.broker.health(),
             uptime_ms: now_ms().saturating_sub(inner.started_at_ms),
         }
@@ -465,7 +646,7 @@ impl SseService {
     /// Ends every stream (clients reconnect, to another instance if there is one), refuses
     /// new connections and events, and stops background tasks. Idempotent.
     pub async fn shutdown(&self) {
-        if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
+        if self.inner.shutting_down.send_replace(true) {
             return;
         }
         tracing::info!(clients = self.client_count(), "sse service shutting down");
@@ -478,11 +659,7 @@ impl SseService {
 
 /// A heartbeat frame: no id, so it never moves a client's `Last-Event-ID`.
 fn heartbeat_frame() -> bytes::Bytes {
-    encode_frame(
-        None,
-        names::HEARTBEAT,
-        &format!(r#"{{"timestamp":{}}}"#, now_ms()),
-    )
+    encode_frame(names::HEARTBEAT, &format!(r#"{{"timestamp":{}}}"#, now_ms()))
 }
 
 #[cfg(test)]
@@ -500,7 +677,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn heartbeats_follow_the_interval_exactly() {
         let config = SseConfig::default()
-            .jwt_secret(Some("paused-clock-secret-123".into()))
+            .jwt_secret("paused-clock-secret-123")
             .heartbeat_interval(Duration::from_secs(30));
         let service = SseService::start(config).await.unwrap();
         let mut conn = service.inner.hub.register(&"u".into(), None).unwrap();

@@ -1,11 +1,7 @@
 //! Test helpers: the real router served on a free port, and a real SSE client over TCP.
 #![allow(dead_code)]
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
@@ -36,8 +32,8 @@ impl Drop for TestServer {
 /// Defaults for tests: known secret and publish key, no rate limits.
 pub fn test_config() -> SseConfig {
     SseConfig::default()
-        .jwt_secret(Some(SECRET.into()))
-        .publish_key(Some(PUBLISH_KEY.into()))
+        .jwt_secret(SECRET)
+        .publish_key(PUBLISH_KEY)
         .connect_rate_per_ip(0)
         .connect_rate_per_user(0)
 }
@@ -328,7 +324,7 @@ impl ServerProcess {
 
     /// Opens `/api/sse` on this process as `user`.
     pub async fn connect(&self, user: &str) -> SseClient {
-        let token = sse_notify::server::Auth::new(Some(SECRET))
+        let token = sse_notify::server::Auth::new(Some(&SECRET.into()))
             .issue(user, None, Duration::from_secs(3600))
             .unwrap();
         let response = reqwest::Client::new()
@@ -354,67 +350,12 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A `redis-server` of the test's own, without persistence, stopped on drop.
-pub struct RedisServer {
-    pub port: u16,
-    child: Option<Child>,
-}
+/// A real `redis-server` on a free port (from the shared test kit), with a query helper.
+pub use sse_notify_testkit::RedisServer;
 
-impl RedisServer {
-    pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self { port, child: None };
-        server.spawn();
-        server
-    }
-
-    pub fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (make setup)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &mut redis::Cmd) -> T {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        cmd.query_async(&mut conn).await.unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Runs one command on `redis` and returns its reply.
+pub async fn redis_query<T: redis::FromRedisValue>(redis: &RedisServer, cmd: &mut redis::Cmd) -> T {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    cmd.query_async(&mut conn).await.unwrap()
 }

@@ -28,6 +28,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .merge(router(sse.clone()));
     // SseListener serves open streams on a lean path; plain tokio TcpListener works too.
     let listener = SseListener::bind("127.0.0.1:3100".parse()?, app.clone()).await?;
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .await?;
     Ok(())
 }

@@ -8,15 +8,16 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay, Retention, Target,
+    Broker, BrokerError, BrokerHealth, Envelope, EventId, EventSink, PublishedEvent, Replay, Retention,
+    Target,
 };
-use crate::server::{hub::Hub, now_ms};
+use crate::server::now_ms;
 
-/// Keeps history in a ring ordered by id and hands events to the hub while still holding
-/// its lock, so the hub sees them in id order even when many tasks publish at once.
+/// Keeps history in a ring ordered by id and hands events to its sink while still holding
+/// its lock, so the sink sees them in id order even when many tasks publish at once.
 pub struct MemoryBroker {
     state: Mutex<State>,
-    hub: Arc<Hub>,
+    sink: EventSink,
     retention: Retention,
     capacity: usize,
 }
@@ -36,9 +37,9 @@ struct State {
 }
 
 impl MemoryBroker {
-    /// A broker that delivers to `hub`, keeps events as `retention` says and at most
+    /// A broker that hands events to `sink`, keeps them as `retention` says and at most
     /// `capacity` of them.
-    pub fn new(hub: Arc<Hub>, retention: Retention, capacity: usize) -> Self {
+    pub fn new(sink: EventSink, retention: Retention, capacity: usize) -> Self {
         // Ids start at the clock (ms x 1000), so a restarted server never reuses an id a
         // browser still holds: an older id is recognised and answered with `resync`.
         let first_id = now_ms().saturating_mul(1000);
@@ -50,7 +51,7 @@ impl MemoryBroker {
                 forgotten_through: first_id - 1,
                 delivered: HashMap::new(),
             }),
-            hub,
+            sink,
             retention,
             capacity: capacity.max(1),
         }
@@ -136,19 +137,18 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
-        let now = now_ms();
         let mut state = self.lock();
         let mut ids = Vec::with_capacity(events.len());
         for envelope in events {
             let id = EventId(state.next_id);
             state.next_id += 1;
-            let event = Arc::new(PublishedEvent::new(id, envelope, now));
+            let event = Arc::new(PublishedEvent::new(id, envelope));
             if state.history.len() >= self.capacity {
                 Self::forget_oldest(&mut state);
             }
             state.history.push_back(event.clone());
             state.index.add(&event);
-            self.hub.dispatch(&event);
+            (self.sink)(event);
             ids.push(id);
         }
         Ok(ids)
@@ -222,7 +222,13 @@ mod tests {
             target,
             name: "notification".into(),
             data: "{}".into(),
+            timestamp_ms: now_ms(),
+            coalesce_key: None,
         }
+    }
+
+    fn broker(retention: Retention, capacity: usize) -> MemoryBroker {
+        MemoryBroker::new(Arc::new(|_| {}), retention, capacity)
     }
 
     fn to(user: &str) -> Target {
@@ -240,7 +246,7 @@ mod tests {
     /// replay neither returns them nor misses a newer one, and broadcasts interleave by id.
     #[tokio::test]
     async fn replay_after_capacity_eviction_keeps_only_what_history_holds() {
-        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), keep(Duration::from_secs(60)), 3);
+        let broker = broker(keep(Duration::from_secs(60)), 3);
         let ids = broker
             .publish(vec![
                 envelope(to("a")),
@@ -273,7 +279,7 @@ mod tests {
 
     #[tokio::test]
     async fn replay_returns_exactly_what_the_user_missed_in_order() {
-        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), keep(Duration::from_secs(60)), 100);
+        let broker = broker(keep(Duration::from_secs(60)), 100);
         let ids = broker
             .publish(vec![
                 envelope(to("a")),
@@ -293,7 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn ids_older_than_history_or_unknown_ask_for_resync() {
-        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), keep(Duration::from_secs(60)), 2);
+        let broker = broker(keep(Duration::from_secs(60)), 2);
         let ids = broker
             .publish((0..4).map(|_| envelope(to("a"))).collect())
             .await
@@ -312,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn cleanup_forgets_events_past_retention() {
-        let broker = MemoryBroker::new(Arc::new(Hub::new(5, 8)), keep(Duration::from_millis(1)), 100);
+        let broker = broker(keep(Duration::from_millis(1)), 100);
         let ids = broker
             .publish(vec![envelope(to("a")), envelope(to("a"))])
             .await

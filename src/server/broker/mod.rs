@@ -2,8 +2,10 @@
 //!
 //! One broker serves one process. [`MemoryBroker`] (the default) keeps everything in this
 //! process; [`RedisBroker`] shares ids, history and fan-out between any number of instances.
-//! Both hand every event to the local [`Hub`](super::hub::Hub) in id order, so each connection
-//! sees ids increase and a `Last-Event-ID` is always a safe place to resume from.
+//! A broker knows nothing of connections: it is given an [`EventSink`] when it is built and
+//! hands it every event (published here or, with Redis, anywhere) in id order, so each
+//! connection sees ids increase and a `Last-Event-ID` is always a safe place to resume from.
+//! The [`SseService`](super::SseService) decides which users the broker listens for.
 
 mod memory;
 mod redis;
@@ -11,105 +13,15 @@ mod redis;
 pub use self::redis::RedisBroker;
 pub use memory::MemoryBroker;
 
-use std::{collections::HashSet, fmt, str::FromStr, sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use bytes::{BufMut, Bytes, BytesMut};
 
-/// The id of a published event: opaque to clients, increasing, valid as `Last-Event-ID`.
-///
-/// Ids come from one counter per broker (one per Redis for [`RedisBroker`]), so a user's
-/// events and broadcasts share one order and one id resumes both exactly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct EventId(pub u64);
+pub use super::event::{Envelope, EventId, PublishedEvent, Target};
+pub use crate::api::BrokerHealth;
 
-impl fmt::Display for EventId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for EventId {
-    type Err = std::num::ParseIntError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.trim().parse().map(EventId)
-    }
-}
-
-impl serde::Serialize for EventId {
-    /// As a string: ids may pass 2^53, past what a JavaScript number holds exactly.
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// Who an event is for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
-    User(Arc<str>),
-    /// Every connected user.
-    Broadcast,
-}
-
-/// A validated event on its way to the broker: target, name and the JSON of its `data`.
-#[derive(Debug, Clone)]
-pub struct Envelope {
-    pub target: Target,
-    pub name: Arc<str>,
-    /// The `data` object as JSON text, `timestamp` included.
-    pub data: String,
-}
-
-/// An event with its id, encoded once as an SSE frame that every connection shares.
-#[derive(Debug)]
-pub struct PublishedEvent {
-    pub id: EventId,
-    pub target: Target,
-    pub name: Arc<str>,
-    /// When the broker accepted it, ms since the Unix epoch; drives retention.
-    pub published_at_ms: u64,
-    /// `id: ..\nevent: ..\ndata: ..\n\n`, ready to write to any connection.
-    pub frame: Bytes,
-}
-
-impl PublishedEvent {
-    pub fn new(id: EventId, envelope: Envelope, published_at_ms: u64) -> Self {
-        let frame = encode_frame(Some(id), &envelope.name, &envelope.data);
-        Self {
-            id,
-            target: envelope.target,
-            name: envelope.name,
-            published_at_ms,
-            frame,
-        }
-    }
-
-    /// The JSON of its `data`, read back out of the frame (for brokers that store it).
-    pub fn data(&self) -> &str {
-        let text = std::str::from_utf8(&self.frame).unwrap_or_default();
-        text.split_once("\ndata: ")
-            .map(|(_, rest)| rest.trim_end_matches('\n'))
-            .unwrap_or("{}")
-    }
-}
-
-/// Encodes one SSE frame. `name` must be a validated event name and `data` one line of
-/// JSON (serde_json never emits a raw newline), so no payload can forge a field.
-pub fn encode_frame(id: Option<EventId>, name: &str, data: &str) -> Bytes {
-    debug_assert!(!name.contains(['\n', '\r']) && !data.contains(['\n', '\r']));
-    let mut buf = BytesMut::with_capacity(name.len() + data.len() + 40);
-    if let Some(id) = id {
-        buf.put_slice(b"id: ");
-        buf.put_slice(id.to_string().as_bytes());
-        buf.put_u8(b'\n');
-    }
-    buf.put_slice(b"event: ");
-    buf.put_slice(name.as_bytes());
-    buf.put_slice(b"\ndata: ");
-    buf.put_slice(data.as_bytes());
-    buf.put_slice(b"\n\n");
-    buf.freeze()
-}
+/// Where a broker hands events, in id order: in the service, the local hub's dispatch.
+pub type EventSink = Arc<dyn Fn(Arc<PublishedEvent>) + Send + Sync>;
 
 /// How long events are kept: `default` for replay by `Last-Event-ID`, longer for the event
 /// types listed in `offline`, which are also delivered to a user who was not connected.
@@ -148,21 +60,19 @@ impl Retention {
     }
 }
 
-/// Latest wins for upload progress: of several `reel_upload_progress` events for one reel,
-/// only the newest stays. Order is kept.
-pub fn latest_progress_only(events: Vec<Arc<PublishedEvent>>) -> Vec<Arc<PublishedEvent>> {
-    let reel_of = |e: &PublishedEvent| -> Option<String> {
-        if &*e.name != crate::events::names::REEL_UPLOAD_PROGRESS {
-            return None;
-        }
-        let data: serde_json::Value = serde_json::from_str(e.data()).ok()?;
-        data.get("reelId")?.as_str().map(str::to_string)
-    };
+/// Latest wins: of several events with the same name and [coalescing
+/// key](PublishedEvent::coalesce_key) (the progress of one reel), only the newest stays.
+/// Order is kept.
+pub fn coalesce_latest(events: Vec<Arc<PublishedEvent>>) -> Vec<Arc<PublishedEvent>> {
     let mut seen = HashSet::new();
     let mut kept: Vec<_> = events
         .into_iter()
         .rev()
-        .filter(|e| reel_of(e).is_none_or(|reel| seen.insert(reel)))
+        .filter(|e| {
+            e.coalesce_key
+                .as_ref()
+                .is_none_or(|key| seen.insert((e.name.clone(), key.clone())))
+        })
         .collect();
     kept.reverse();
     kept
@@ -178,15 +88,6 @@ pub struct Replay {
     pub gap: bool,
 }
 
-/// How the broker is doing, for `/healthz`, `/api/stats` and `/metrics`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BrokerHealth {
-    Healthy,
-    /// Cannot reach its backing store; publishing fails, local connections keep working.
-    Degraded,
-}
-
 /// Why a broker could not publish or replay.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -196,10 +97,10 @@ pub enum BrokerError {
     ShutDown,
 }
 
-/// Assigns ids, keeps history for replay, and fans events out to the local hub.
+/// Assigns ids, keeps history for replay, and fans events out to its [`EventSink`].
 ///
-/// Implementations must hand events to the hub in id order, and must make an event
-/// replayable no later than they hand it to the hub.
+/// Implementations must hand events to the sink in id order, and must make an event
+/// replayable no later than they hand it to the sink.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// A short name for stats: `memory` or `redis`.
@@ -222,11 +123,12 @@ pub trait Broker: Send + Sync + 'static {
     /// higher than what is recorded).
     async fn set_delivered_through(&self, user: &str, id: EventId);
 
-    /// The first local connection of `user` opened: start receiving their events.
-    async fn user_online(&self, _user: &str) {}
+    /// Start handing `user`'s events to the sink: their first local connection opened.
+    /// Broadcasts always come. The in-process broker hands over everything anyway.
+    async fn subscribe(&self, _user: &str) {}
 
-    /// The last local connection of `user` closed: stop receiving their events.
-    async fn user_offline(&self, _user: &str) {}
+    /// Stop handing `user`'s events to the sink: their last local connection closed.
+    async fn unsubscribe(&self, _user: &str) {}
 
     /// Current health.
     fn health(&self) -> BrokerHealth;
@@ -242,36 +144,30 @@ pub trait Broker: Send + Sync + 'static {
 mod tests {
     use super::*;
 
-    fn progress(id: u64, reel: &str, pct: u8) -> Arc<PublishedEvent> {
-        let data = format!(r#"{{"reelId":"{reel}","progress":{pct},"status":"uploading"}}"#);
+    fn event(id: u64, name: &str, key: Option<&str>) -> Arc<PublishedEvent> {
         let envelope = Envelope {
             target: Target::Broadcast,
-            name: "reel_upload_progress".into(),
-            data,
+            name: name.into(),
+            data: "{}".into(),
+            timestamp_ms: 0,
+            coalesce_key: key.map(Into::into),
         };
-        Arc::new(PublishedEvent::new(EventId(id), envelope, 0))
+        Arc::new(PublishedEvent::new(EventId(id), envelope))
     }
 
     #[test]
-    fn only_the_newest_progress_per_reel_survives() {
-        let other = Arc::new(PublishedEvent::new(
-            EventId(3),
-            Envelope {
-                target: Target::Broadcast,
-                name: "notification".into(),
-                data: "{}".into(),
-            },
-            0,
-        ));
+    fn only_the_newest_of_each_name_and_key_survives() {
         let events = vec![
-            progress(1, "a", 10),
-            progress(2, "b", 10),
-            other,
-            progress(4, "a", 50),
-            progress(5, "a", 90),
+            event(1, "reel_upload_progress", Some("a")),
+            event(2, "reel_upload_progress", Some("b")),
+            event(3, "notification", None),
+            event(4, "reel_upload_progress", Some("a")),
+            event(5, "other.progress", Some("a")),
+            event(6, "reel_upload_progress", Some("a")),
+            event(7, "notification", None),
         ];
-        let ids: Vec<u64> = latest_progress_only(events).iter().map(|e| e.id.0).collect();
-        assert_eq!(ids, [2, 3, 5]);
+        let ids: Vec<u64> = coalesce_latest(events).iter().map(|e| e.id.0).collect();
+        assert_eq!(ids, [2, 3, 5, 6, 7]);
     }
 
     #[test]
@@ -291,22 +187,5 @@ mod tests {
             "zero turns offline delivery off"
         );
         assert_eq!(r.longest(), Duration::from_secs(86_400));
-    }
-
-    #[test]
-    fn frame_is_one_sse_event() {
-        let frame = encode_frame(Some(EventId(42)), "notification", r#"{"title":"a\nb"}"#);
-        assert_eq!(
-            &frame[..],
-            b"id: 42\nevent: notification\ndata: {\"title\":\"a\\nb\"}\n\n"
-        );
-        let event = PublishedEvent {
-            id: EventId(42),
-            target: Target::Broadcast,
-            name: "notification".into(),
-            published_at_ms: 0,
-            frame,
-        };
-        assert_eq!(event.data(), r#"{"title":"a\nb"}"#);
     }
 }

@@ -33,6 +33,7 @@
 //! what was published while it was away, so connected clients miss nothing.
 
 use std::{
+    collections::HashSet,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Weak,
@@ -46,9 +47,13 @@ use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, aio::PubSubSin
 use tokio::sync::Mutex;
 
 use super::{
-    Broker, BrokerError, BrokerHealth, Envelope, EventId, PublishedEvent, Replay, Retention, Target,
+    Broker, BrokerError, BrokerHealth, Envelope, EventId, EventSink, PublishedEvent, Replay, Retention,
+    Target,
 };
-use crate::server::{hub::Hub, metrics as m, now_ms};
+use crate::{
+    backoff::backoff_delay,
+    server::{metrics as m, now_ms},
+};
 
 const SEQ_KEY: &str = "sse:seq";
 const BROADCAST_STREAM: &str = "sse:stream:broadcast";
@@ -68,16 +73,16 @@ fn delivered_key(user: &str) -> String {
 
 const PUBLISH_SCRIPT: &str = r#"
 -- KEYS[1] = counter, KEYS[2..] = one stream per event
--- ARGV[1] = now ms, ARGV[2] = max stream length, then per event: channel, name, data, ttl ms
+-- ARGV[1] = now ms, ARGV[2] = max stream length, then per event: channel, name, data, ttl ms, key, timestamp ms
 -- A counter lost with Redis's data restarts at the clock (ms x 1000, as the in-process
 -- broker does), above every id handed out before, so no client mistakes new ids for old.
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1] .. '000') end
 local ids = {}
 for i = 2, #KEYS do
-  local at = 2 + (i - 2) * 4
+  local at = 2 + (i - 2) * 6
   -- Lua numbers are doubles: format the id as an integer, never as 1.79e+15.
   local id = string.format('%.0f', redis.call('INCR', KEYS[1]))
-  redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[2], id .. '-0', 'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[1])
+  redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[2], id .. '-0', 'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
   -- A stream lives as long as its longest-kept event: only ever extend its expiry.
   if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[at + 4]) then redis.call('PEXPIRE', KEYS[i], ARGV[at + 4]) end
   redis.call('PUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
@@ -119,11 +124,11 @@ return out
 pub struct RedisBroker {
     client: Client,
     conn: ConnectionManager,
-    hub: Arc<Hub>,
-    /// Subscribe/unsubscribe handle of the current subscriber connection; `None` while down.
-    sink: Mutex<Option<PubSubSink>>,
+    sink: EventSink,
+    /// Who this instance listens for, and the subscriber connection's handle.
+    subscriptions: Mutex<Subscriptions>,
     healthy: AtomicBool,
-    /// Highest id handed to the hub: recovery after a reconnect starts here.
+    /// Highest id handed to the sink: recovery after a reconnect starts here.
     last_dispatched: AtomicU64,
     retention: Retention,
     max_stream_len: usize,
@@ -133,15 +138,26 @@ pub struct RedisBroker {
     subscriber: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// The users whose channels this instance listens to, and the subscribe/unsubscribe handle
+/// of the current subscriber connection (`None` while it is down). One lock for both: a
+/// user who subscribes while the connection is rebuilt is either in the set the rebuild
+/// subscribes, or subscribes on the new connection itself.
+#[derive(Default)]
+struct Subscriptions {
+    users: HashSet<Arc<str>>,
+    pubsub: Option<PubSubSink>,
+}
+
 fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
 impl RedisBroker {
-    /// Connects to `url` (`redis://` or `rediss://`) and starts the subscriber task.
+    /// Connects to `url` (`redis://` or `rediss://`), starts the subscriber task, and hands
+    /// every event of the subscribed users, and every broadcast, to `sink`.
     pub async fn connect(
         url: &str,
-        hub: Arc<Hub>,
+        sink: EventSink,
         retention: Retention,
         max_stream_len: usize,
     ) -> Result<Arc<Self>, BrokerError> {
@@ -157,8 +173,8 @@ impl RedisBroker {
         let broker = Arc::new(Self {
             client,
             conn,
-            hub,
-            sink: Mutex::new(None),
+            sink,
+            subscriptions: Mutex::new(Subscriptions::default()),
             healthy: AtomicBool::new(true),
             last_dispatched: AtomicU64::new(0),
             retention,
@@ -187,14 +203,14 @@ impl RedisBroker {
         m::broker_healthy(healthy);
     }
 
-    /// Hands one live or recovered event to the hub, unless it was handed over already.
+    /// Hands one live or recovered event to the sink, unless it was handed over already.
     fn dispatch(&self, event: PublishedEvent) {
         // One subscriber connection delivers in publish order, so ids only grow here.
         if event.id.0 <= self.last_dispatched.load(Ordering::Relaxed) {
             return;
         }
         self.last_dispatched.store(event.id.0, Ordering::Relaxed);
-        self.hub.dispatch(&Arc::new(event));
+        (self.sink)(Arc::new(event));
     }
 
     /// Reads the streams of `users` and broadcast after `after`, merged in id order.
@@ -261,9 +277,10 @@ fn decode_entry(target: &Target, entry_id: &str, fields: &[(String, String)]) ->
         target: target.clone(),
         name: field("n")?.into(),
         data: field("d")?.to_string(),
+        timestamp_ms: field("t").and_then(|t| t.parse().ok()).unwrap_or(0),
+        coalesce_key: field("k").filter(|k| !k.is_empty()).map(Into::into),
     };
-    let at = field("t").and_then(|t| t.parse().ok()).unwrap_or(0);
-    Some(PublishedEvent::new(id, envelope, at))
+    Some(PublishedEvent::new(id, envelope))
 }
 
 /// Parses a live message `"<id> <name> <data>"` from `channel`.
@@ -279,86 +296,84 @@ fn decode_message(channel: &str, payload: &str) -> Option<PublishedEvent> {
         target,
         name: parts.next()?.into(),
         data: parts.next()?.to_string(),
+        // Live events are not kept here; only replays from the streams use their age.
+        timestamp_ms: now_ms(),
+        coalesce_key: None,
     };
-    Some(PublishedEvent::new(id, envelope, now_ms()))
+    Some(PublishedEvent::new(id, envelope))
 }
 
 /// Keeps one subscriber connection up: subscribe, recover what was missed, dispatch; on
-/// loss, back off with jitter and start again. Ends when the broker is dropped.
+/// loss, back off with jitter and start again. A failed recovery read counts as a loss (the
+/// broker stays degraded and tries again from the same point), so it never reports healthy
+/// with events missed. Ends when the broker is dropped.
 async fn run_subscriber(broker: Weak<RedisBroker>, ready: tokio::sync::oneshot::Sender<()>) {
     let mut ready = Some(ready);
     let mut attempt = 0u32;
     loop {
         let Some(this) = broker.upgrade() else { return };
-        let connected = async {
-            let pubsub = this.client.get_async_pubsub().await?;
-            let (mut sink, stream) = pubsub.split();
-            sink.subscribe(BROADCAST_CHANNEL).await?;
-            let users = this.hub.online_users();
-            for user in &users {
-                sink.subscribe(user_channel(user)).await?;
-            }
-            Ok::<_, redis::RedisError>((sink, stream, users))
-        }
-        .await;
-        let mut stream = match connected {
-            Ok((sink, stream, users)) => {
-                *this.sink.lock().await = Some(sink);
-                // Whatever was published while this instance was not listening is in the streams.
-                let since = EventId(this.last_dispatched.load(Ordering::Relaxed));
-                if since.0 > 0 {
-                    match this.read_streams(&users, since).await {
-                        Ok((_, missed, _)) => {
-                            if !missed.is_empty() {
-                                tracing::info!(
-                                    events = missed.len(),
-                                    "recovered events published during the outage"
-                                );
-                            }
-                            missed.into_iter().for_each(|e| this.dispatch(e));
-                        }
-                        Err(e) => tracing::warn!("recovery read failed: {e}"),
-                    }
-                }
+        match this.resubscribe().await {
+            Ok(mut stream) => {
                 this.set_healthy(true);
                 attempt = 0;
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(());
                 }
-                stream
+                drop(this);
+                while let Some(msg) = stream.next().await {
+                    let Some(this) = broker.upgrade() else { return };
+                    let payload: String = msg.get_payload().unwrap_or_default();
+                    match decode_message(msg.get_channel_name(), &payload) {
+                        Some(event) => this.dispatch(event),
+                        None => tracing::warn!(channel = msg.get_channel_name(), "undecodable message"),
+                    }
+                }
+                let Some(this) = broker.upgrade() else { return };
+                this.subscriptions.lock().await.pubsub = None;
+                this.set_healthy(false);
+                tracing::warn!("redis subscriber connection lost; reconnecting");
             }
             Err(e) => {
+                this.subscriptions.lock().await.pubsub = None;
                 this.set_healthy(false);
-                tracing::warn!("redis subscriber cannot connect: {e}");
-                drop(this);
-                backoff(&mut attempt).await;
-                continue;
-            }
-        };
-        drop(this);
-        while let Some(msg) = stream.next().await {
-            let Some(this) = broker.upgrade() else { return };
-            let payload: String = msg.get_payload().unwrap_or_default();
-            match decode_message(msg.get_channel_name(), &payload) {
-                Some(event) => this.dispatch(event),
-                None => tracing::warn!(channel = msg.get_channel_name(), "undecodable message"),
+                tracing::warn!("redis subscriber cannot connect or catch up: {e}");
             }
         }
-        let Some(this) = broker.upgrade() else { return };
-        *this.sink.lock().await = None;
-        this.set_healthy(false);
-        tracing::warn!("redis subscriber connection lost; reconnecting");
-        drop(this);
-        backoff(&mut attempt).await;
+        let delay = backoff_delay(100, 5_000, attempt, rand::random::<f64>());
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
     }
 }
 
-/// Sleeps 100 ms x 2^attempt (capped at 5 s), jittered into its upper half.
-async fn backoff(attempt: &mut u32) {
-    let full = (100u64 << (*attempt).min(6)).min(5_000);
-    let jittered = full / 2 + rand::random::<u64>() % (full / 2 + 1);
-    *attempt += 1;
-    tokio::time::sleep(Duration::from_millis(jittered)).await;
+impl RedisBroker {
+    /// Opens a subscriber connection, subscribes broadcast and every subscribed user, then
+    /// hands over what was published while this instance was not listening (read from the
+    /// streams). Returns the message stream, to be read from then on.
+    async fn resubscribe(&self) -> Result<impl futures::Stream<Item = redis::Msg>, BrokerError> {
+        let pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
+        let (mut pubsub, stream) = pubsub.split();
+        let users: Vec<Arc<str>> = {
+            let mut subscriptions = self.subscriptions.lock().await;
+            pubsub.subscribe(BROADCAST_CHANNEL).await.map_err(unavailable)?;
+            for user in &subscriptions.users {
+                pubsub.subscribe(user_channel(user)).await.map_err(unavailable)?;
+            }
+            subscriptions.pubsub = Some(pubsub);
+            subscriptions.users.iter().cloned().collect()
+        };
+        let since = EventId(self.last_dispatched.load(Ordering::Relaxed));
+        if since.0 > 0 {
+            let (_, missed, _) = self.read_streams(&users, since).await?;
+            if !missed.is_empty() {
+                tracing::info!(
+                    events = missed.len(),
+                    "recovered events published while not listening"
+                );
+            }
+            missed.into_iter().for_each(|e| self.dispatch(e));
+        }
+        Ok(stream)
+    }
 }
 
 #[async_trait]
@@ -382,7 +397,9 @@ impl Broker for RedisBroker {
                 .arg(channel)
                 .arg(&*event.name)
                 .arg(&event.data)
-                .arg(ttl_ms);
+                .arg(ttl_ms)
+                .arg(event.coalesce_key.as_deref().unwrap_or(""))
+                .arg(event.timestamp_ms);
         }
         let mut conn = self.conn.clone();
         let ids: Vec<String> = invocation.invoke_async(&mut conn).await.map_err(|e| {
@@ -438,18 +455,22 @@ impl Broker for RedisBroker {
         }
     }
 
-    async fn user_online(&self, user: &str) {
-        if let Some(sink) = self.sink.lock().await.as_mut() {
-            if let Err(e) = sink.subscribe(user_channel(user)).await {
-                // The reconnect loop subscribes every online user again.
+    async fn subscribe(&self, user: &str) {
+        let mut subscriptions = self.subscriptions.lock().await;
+        subscriptions.users.insert(user.into());
+        if let Some(pubsub) = subscriptions.pubsub.as_mut() {
+            if let Err(e) = pubsub.subscribe(user_channel(user)).await {
+                // The reconnect loop subscribes every user in the set again.
                 tracing::warn!("subscribe failed: {e}");
             }
         }
     }
 
-    async fn user_offline(&self, user: &str) {
-        if let Some(sink) = self.sink.lock().await.as_mut() {
-            let _ = sink.unsubscribe(user_channel(user)).await;
+    async fn unsubscribe(&self, user: &str) {
+        let mut subscriptions = self.subscriptions.lock().await;
+        subscriptions.users.remove(user);
+        if let Some(pubsub) = subscriptions.pubsub.as_mut() {
+            let _ = pubsub.unsubscribe(user_channel(user)).await;
         }
     }
 
@@ -478,7 +499,7 @@ mod tests {
         assert_eq!(e.id, EventId(42));
         assert_eq!(e.target, Target::User("alice".into()));
         assert_eq!(&*e.name, "notification");
-        assert_eq!(e.data(), r#"{"title":"a b"}"#);
+        assert_eq!(e.data_str(), r#"{"title":"a b"}"#);
         let b = decode_message(BROADCAST_CHANNEL, "7 system_alert {}").unwrap();
         assert_eq!(b.target, Target::Broadcast);
         assert!(decode_message("other", "1 x {}").is_none());

@@ -7,37 +7,27 @@
 //! and reports what arrived and how fast, with the servers' RSS and CPU read from `/proc`.
 //! Everything stays on loopback and ends by itself.
 //!
-//! Scenarios (issue #6): `s1` hold connections, `s2` one broadcast, `s4` reconnect storm (on
-//! one instance, in-process broker); `s1x`/`s2x` the same at cluster scale on Redis; `s3`
+//! Scenarios: `s1` hold connections, `s2` one broadcast, `s4` reconnect storm (on one
+//! instance, in-process broker); `s1x`/`s2x` the same at cluster scale on Redis; `s3`
 //! targeted events through Redis at a steady rate; `s5` the release bundle size.
-//!
-//! ```text
-//! sse-bench [--scenarios s1,s2,s4,s1x,s2x,s3,s5] [--connections 19000]
-//!           [--cluster-connections 100000] [--instances 6] [--idle-secs 10]
-//!           [--s3-users 20000] [--s3-rate 20000] [--s3-secs 30]
-//!           [--s4-rate 1000] [--json bench.json] [--server-bin target/release/sse-notify]
-//! sse-bench worker ...   (started by the harness)
-//! ```
+//! `sse-bench --help` lists every option.
 //!
 //! The exit status is non-zero when an event was lost, duplicated or delivered to the wrong
-//! user, or a connection could not be held; a missed speed target only shows in the table.
+//! user, a publisher could not publish, or a connection could not be held; a missed speed
+//! target only shows in the table.
 
-#[cfg(not(feature = "ssr"))]
-fn main() {}
+use clap::Parser;
 
-#[cfg(feature = "ssr")]
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().collect();
+    let cli = bench::Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if args.get(1).map(String::as_str) == Some("worker") {
-        runtime.block_on(worker::run(bench::Args::parse(&args[2..])))
-    } else {
-        runtime.block_on(bench::harness(bench::Args::parse(&args[1..])))
+    match cli.command {
+        Some(bench::Sub::Worker(args)) => runtime.block_on(worker::run(args)),
+        None => runtime.block_on(bench::harness(cli.args)),
     }
 }
 
 /// What every part of the harness shares: options, clock, the bench secrets.
-#[cfg(feature = "ssr")]
 mod bench {
     use std::{
         collections::{HashMap, HashSet},
@@ -56,27 +46,87 @@ mod bench {
     pub const SECRET: &str = "bench-secret-0123456789abcdef";
     const PUBLISH_KEY: &str = "bench-publish-key";
 
-    /// Command-line options, `--name value` pairs.
-    pub struct Args(pub HashMap<String, String>);
+    /// The load harness behind `make bench`.
+    #[derive(clap::Parser)]
+    #[command(version, about)]
+    pub struct Cli {
+        #[command(subcommand)]
+        pub command: Option<Sub>,
+        #[command(flatten)]
+        pub args: Args,
+    }
+
+    #[derive(clap::Subcommand)]
+    pub enum Sub {
+        /// A worker process holding connections (started by the harness itself).
+        Worker(WorkerArgs),
+    }
+
+    /// Which scenarios to run, and at what size.
+    #[derive(clap::Args)]
+    pub struct Args {
+        /// Comma-separated scenarios: s1, s2, s4 (one instance), s1x, s2x (several on Redis),
+        /// s3 (targeted via Redis), s5 (bundle).
+        #[arg(long, default_value = "s1,s2,s4,s1x,s2x,s3,s5", value_delimiter = ',')]
+        pub scenarios: Vec<String>,
+        /// Connections held by the one instance of S1, S2 and S4.
+        #[arg(long, default_value_t = 19_000)]
+        pub connections: usize,
+        /// Connections held by the instances of S1x and S2x.
+        #[arg(long, default_value_t = 100_000)]
+        pub cluster_connections: usize,
+        /// Instances of S1x and S2x.
+        #[arg(long, default_value_t = 6)]
+        pub instances: usize,
+        /// Seconds of idling over which S1 measures CPU (and during which nothing may reconnect).
+        #[arg(long, default_value_t = 10)]
+        pub idle_secs: u64,
+        /// Users (one connection each) of S3.
+        #[arg(long, default_value_t = 20_000)]
+        pub s3_users: usize,
+        /// Targeted events per second of S3.
+        #[arg(long, default_value_t = 20_000)]
+        pub s3_rate: u64,
+        /// Seconds S3 publishes for.
+        #[arg(long, default_value_t = 30.0)]
+        pub s3_secs: f64,
+        /// Targeted events per second during the S4 storm.
+        #[arg(long, default_value_t = 1_000)]
+        pub s4_rate: u64,
+        /// Where to write the figures as JSON.
+        #[arg(long)]
+        pub json: Option<std::path::PathBuf>,
+        /// The server binary (build it with `cargo leptos build --release`).
+        #[arg(long, default_value = "target/release/sse-notify")]
+        pub server_bin: String,
+    }
 
     impl Args {
-        pub fn parse(raw: &[String]) -> Self {
-            let mut map = HashMap::new();
-            let mut it = raw.iter();
-            while let Some(key) = it.next() {
-                if let Some(name) = key.strip_prefix("--") {
-                    map.insert(name.to_string(), it.next().cloned().unwrap_or_default());
-                }
-            }
-            Self(map)
-        }
-        pub fn get<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
-            self.0.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
-        }
-        pub fn text(&self, name: &str, default: &str) -> String {
-            self.0.get(name).cloned().unwrap_or_else(|| default.to_string())
+        fn runs(&self, scenario: &str) -> bool {
+            self.scenarios
+                .iter()
+                .any(|s| s.trim().eq_ignore_ascii_case(scenario))
         }
     }
+
+    /// What one worker holds.
+    #[derive(clap::Args)]
+    pub struct WorkerArgs {
+        #[arg(long)]
+        pub server: SocketAddr,
+        /// The first of its source addresses.
+        #[arg(long)]
+        pub source: std::net::Ipv4Addr,
+        #[arg(long)]
+        pub connections: usize,
+        /// User `i` is `bench-<first_user + i>`.
+        #[arg(long)]
+        pub first_user: usize,
+    }
+
+    /// How long the audit keeps listening after the last expected event arrived, so late
+    /// duplicates and wrong-user deliveries are counted too.
+    const AUDIT_GRACE: Duration = Duration::from_secs(2);
 
     pub fn now_us() -> u64 {
         SystemTime::now()
@@ -84,12 +134,7 @@ mod bench {
             .map_or(0, |d| d.as_micros() as u64)
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port()
-    }
+    use sse_notify_testkit::{free_port, RedisServer};
 
     async fn wait_listening(addr: SocketAddr) {
         for _ in 0..400 {
@@ -118,41 +163,15 @@ mod bench {
 
     // ------------------------------------------------------------ processes
 
-    /// A `redis-server` on a free port, without persistence, killed on drop.
-    struct Redis {
-        _child: Child,
-        url: String,
-    }
-
-    async fn start_redis() -> Redis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--maxclients", "10000"])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server (make setup installs it)");
-        wait_listening(SocketAddr::from(([127, 0, 0, 1], port))).await;
-        Redis {
-            _child: child,
-            url: format!("redis://127.0.0.1:{port}"),
-        }
-    }
-
     /// Server instances on free ports, all on the same broker.
     struct Cluster {
         servers: Vec<(Child, u32, SocketAddr)>,
-        _redis: Option<Redis>,
+        _redis: Option<RedisServer>,
     }
 
     impl Cluster {
         async fn start(binary: &str, instances: usize, with_redis: bool) -> Self {
-            let redis = if with_redis {
-                Some(start_redis().await)
-            } else {
-                None
-            };
+            let redis = with_redis.then(|| RedisServer::start_with(&["--maxclients", "10000"]));
             let mut servers = Vec::new();
             for _ in 0..instances {
                 let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -168,7 +187,7 @@ mod bench {
                     .stdout(Stdio::null())
                     .kill_on_drop(true);
                 if let Some(redis) = &redis {
-                    command.env("REDIS_URL", &redis.url);
+                    command.env("REDIS_URL", redis.url());
                 }
                 let child = command.spawn().expect("server binary (make build first)");
                 let pid = child.id().expect("server pid");
@@ -323,7 +342,9 @@ mod bench {
         }
 
         /// Polls the workers until every event in `expected` (seq -> user) has arrived or
-        /// `wait` is over; returns what was seen and its audit (lost, duplicated, wrong user).
+        /// `wait` is over, then keeps listening for [`AUDIT_GRACE`] so late duplicates and
+        /// wrong-user deliveries count too; returns what was seen and its audit (lost,
+        /// duplicated, wrong user).
         async fn settle(
             &mut self,
             expected: &HashMap<u32, u32>,
@@ -331,14 +352,22 @@ mod bench {
             poll: Duration,
         ) -> (Vec<[u32; 3]>, (usize, usize, usize)) {
             let deadline = Instant::now() + wait;
-            loop {
-                let seen = self.seen().await;
-                let audit = audit(&seen, expected);
-                if audit.0 == 0 || Instant::now() > deadline {
-                    return (seen, audit);
-                }
+            while audit(&self.seen().await, expected).0 > 0 && Instant::now() < deadline {
                 tokio::time::sleep(poll).await;
             }
+            tokio::time::sleep(AUDIT_GRACE).await;
+            let seen = self.seen().await;
+            let audit = audit(&seen, expected);
+            (seen, audit)
+        }
+
+        /// Streams the server ended that the workers opened again, so far.
+        async fn reconnects(&mut self) -> u64 {
+            self.ask("report")
+                .await
+                .iter()
+                .map(|a| a["reconnects"].as_u64().unwrap_or(0))
+                .sum()
         }
 
         async fn close(self) {
@@ -399,25 +428,36 @@ mod bench {
         format!("bench:{sent_us}:{seq}")
     }
 
+    /// What a publishing run got back.
+    #[derive(Default)]
+    struct Published {
+        /// seq -> user of every event a server accepted.
+        accepted: HashMap<u32, u32>,
+        /// Events a server answered with anything but 202.
+        refused: usize,
+        /// A publisher could not connect or lost its connection.
+        failed: bool,
+    }
+
     /// Sends targeted `notification`s at `rate` per second for `secs`, round-robin over
-    /// `users` and over the servers, in 10 ms batches. Returns seq -> user of every event the
-    /// server accepted, and how many it refused.
+    /// `users` and over the servers, in 10 ms batches.
     async fn publish_targeted(
         servers: Vec<SocketAddr>,
         rate: u64,
         secs: f64,
         users: u32,
         first_seq: u32,
-    ) -> (HashMap<u32, u32>, usize) {
+    ) -> Published {
         let mut tasks = Vec::new();
         let lanes = servers.len() as u32;
         for (lane, server) in servers.into_iter().enumerate() {
             let lane = lane as u32;
             tasks.push(tokio::spawn(async move {
-                let mut accepted = HashMap::new();
-                let mut refused = 0;
+                let mut out = Published::default();
                 let Ok(mut publisher) = Publisher::connect(server).await else {
-                    return (accepted, usize::MAX);
+                    eprintln!("publisher: cannot connect to {server}");
+                    out.failed = true;
+                    return out;
                 };
                 let lane_rate = rate as f64 / f64::from(lanes);
                 let started = Instant::now();
@@ -449,21 +489,26 @@ mod bench {
                     .to_string();
                     sent += count;
                     match publisher.post(&body).await {
-                        Ok(202) => accepted.extend(batch),
-                        _ => refused += batch.len(),
+                        Ok(202) => out.accepted.extend(batch),
+                        Ok(_) => out.refused += batch.len(),
+                        Err(e) => {
+                            eprintln!("publisher: lost its connection to {server}: {e}");
+                            out.failed = true;
+                            return out;
+                        }
                     }
                 }
-                (accepted, refused)
+                out
             }));
         }
-        let mut accepted = HashMap::new();
-        let mut refused = 0;
+        let mut all = Published::default();
         for task in tasks {
-            let (a, r) = task.await.expect("publisher task");
-            accepted.extend(a);
-            refused += r;
+            let lane = task.await.expect("publisher task");
+            all.accepted.extend(lane.accepted);
+            all.refused += lane.refused;
+            all.failed |= lane.failed;
         }
-        (accepted, refused)
+        all
     }
 
     // ------------------------------------------------------------ figures
@@ -544,6 +589,8 @@ mod bench {
 
     impl Held {
         /// Opens `connections` on `cluster`, lets them settle, then idles `idle_secs`.
+        /// Connections count as held only if none was dropped and reopened meanwhile (a
+        /// worker reconnects a stream the server ends, which would hide the drop).
         async fn measure(
             cluster: &Cluster,
             connections: usize,
@@ -552,13 +599,18 @@ mod bench {
             idle_secs: u64,
         ) -> (Pool, Self) {
             let (rss_before, _) = cluster.figures();
-            let pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, per_worker, phase)).await;
+            let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, per_worker, phase)).await;
+            let reconnects_before = pool.reconnects().await;
             tokio::time::sleep(Duration::from_secs(2)).await;
             let (rss_held, cpu_start) = cluster.figures();
             tokio::time::sleep(Duration::from_secs(idle_secs)).await;
             let (_, cpu_end) = cluster.figures();
+            let dropped = pool.reconnects().await - reconnects_before;
+            if dropped > 0 {
+                eprintln!("{dropped} connections were dropped and reopened while held");
+            }
             let held = Self {
-                count: pool.held,
+                count: pool.held.saturating_sub(dropped as usize),
                 rss_before,
                 rss_held,
                 per_conn: rss_held.saturating_sub(rss_before) as f64 / pool.held.max(1) as f64,
@@ -569,10 +621,9 @@ mod bench {
     }
 
     /// S1, S2 and S4 on one instance (in-process broker), on the same connections.
-    async fn single_instance(args: &Args, run: &HashSet<String>, report: &mut Report) {
-        let connections: usize = args.get("connections", 19_000);
-        let idle_secs: u64 = args.get("idle-secs", 10);
-        let cluster = Cluster::start(&args.text("server-bin", "target/release/sse-notify"), 1, false).await;
+    async fn single_instance(args: &Args, report: &mut Report) {
+        let (connections, idle_secs) = (args.connections, args.idle_secs);
+        let cluster = Cluster::start(&args.server_bin, 1, false).await;
         let (mut pool, held) = Held::measure(&cluster, connections, 9_500, 0, idle_secs).await;
         report.correct &= held.count == connections;
         let Held {
@@ -595,10 +646,10 @@ mod bench {
             held == connections && per_conn <= 6.0 && idle_pct < 2.0,
         );
 
-        if run.contains("s2") {
+        if args.runs("s2") {
             broadcast("s2", &cluster, &mut pool, report, 50.0).await;
         }
-        if run.contains("s4") {
+        if args.runs("s4") {
             storm(args, &cluster, &mut pool, report).await;
         }
         pool.close().await;
@@ -623,14 +674,12 @@ mod bench {
             Err(_) => 0,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (lost, duplicated, latencies) = loop {
-            let seen = pool.seen().await;
-            let audit = audit_broadcast(&seen, seq, pool.held);
-            if audit.0 == 0 || Instant::now() > deadline {
-                break audit;
-            }
+        while audit_broadcast(&pool.seen().await, seq, pool.held).0 > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        }
+        // Keep listening a little: a duplicate may come after the last first copy.
+        tokio::time::sleep(AUDIT_GRACE).await;
+        let (lost, duplicated, latencies) = audit_broadcast(&pool.seen().await, seq, pool.held);
         let (_, cpu_after) = cluster.figures();
         let received = latencies.len();
         report.put(&format!("{name}_publish_status"), json!(status));
@@ -655,7 +704,7 @@ mod bench {
     /// S4: every client drops and reconnects with `Last-Event-ID` at once while targeted
     /// events flow; then every event must have arrived exactly once.
     async fn storm(args: &Args, cluster: &Cluster, pool: &mut Pool, report: &mut Report) {
-        let rate: u64 = args.get("s4-rate", 1_000);
+        let rate = args.s4_rate;
         pool.ask("clear").await;
         let users = pool.held as u32;
         let publishing = tokio::spawn(publish_targeted(cluster.addrs(), rate, 5.0, users, 1_000));
@@ -670,7 +719,11 @@ mod bench {
             .max()
             .unwrap_or(0);
         let back_secs = last_back.saturating_sub(storm_at) as f64 / 1e6;
-        let (expected, refused) = publishing.await.expect("publisher");
+        let Published {
+            accepted: expected,
+            refused,
+            failed,
+        } = publishing.await.expect("publisher");
         let (seen, (lost, duplicated, wrong)) = pool
             .settle(&expected, Duration::from_secs(20), Duration::from_millis(250))
             .await;
@@ -682,8 +735,9 @@ mod bench {
         report.put("s4_gaps", json!(lost));
         report.put("s4_duplicates", json!(duplicated));
         report.put("s4_wrong_user", json!(wrong));
+        report.put("s4_publisher_failed", json!(failed));
         report.latencies("s4", seen.iter().map(|s| s[2]).collect());
-        report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0;
+        report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0 && !failed;
         report.target(
             "S4",
             &format!("{expected_back} reconnect at once at {rate}/s: all back in 1 s, no gaps/dups"),
@@ -693,16 +747,9 @@ mod bench {
     }
 
     /// S1x and S2x: `--instances` servers on one Redis hold `--cluster-connections`.
-    async fn cluster_scale(args: &Args, run: &HashSet<String>, report: &mut Report) {
-        let connections: usize = args.get("cluster-connections", 100_000);
-        let instances: usize = args.get("instances", 6);
-        let idle_secs: u64 = args.get("idle-secs", 10);
-        let cluster = Cluster::start(
-            &args.text("server-bin", "target/release/sse-notify"),
-            instances,
-            true,
-        )
-        .await;
+    async fn cluster_scale(args: &Args, report: &mut Report) {
+        let (connections, instances, idle_secs) = (args.cluster_connections, args.instances, args.idle_secs);
+        let cluster = Cluster::start(&args.server_bin, instances, true).await;
         let (mut pool, held) = Held::measure(&cluster, connections, 17_000, 1, idle_secs).await;
         report.correct &= held.count == connections;
         let Held {
@@ -722,7 +769,7 @@ mod bench {
             format!("{held} held; {per_conn:.1} KiB/conn; idle {idle_pct:.1} %"),
             held == connections && per_conn <= 6.0,
         );
-        if run.contains("s2x") {
+        if args.runs("s2x") {
             broadcast("s2x", &cluster, &mut pool, report, 250.0).await;
         }
         pool.close().await;
@@ -732,25 +779,21 @@ mod bench {
     /// S3: two instances on Redis, one connection per user, targeted events at a steady rate
     /// published alternately through both instances.
     async fn targeted(args: &Args, report: &mut Report) {
-        let users: usize = args.get("s3-users", 20_000);
-        let rate: u64 = args.get("s3-rate", 20_000);
-        let secs: f64 = args.get("s3-secs", 30.0);
-        let cluster = Cluster::start(&args.text("server-bin", "target/release/sse-notify"), 2, true).await;
+        let (users, rate, secs) = (args.s3_users, args.s3_rate, args.s3_secs);
+        let cluster = Cluster::start(&args.server_bin, 2, true).await;
         let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), users, 17_000, 2)).await;
         report.correct &= pool.held == users;
         let (_, cpu_before) = cluster.figures();
-        let (expected, refused) =
-            publish_targeted(cluster.addrs(), rate, secs, pool.held as u32, 1_000_000).await;
+        let Published {
+            accepted: expected,
+            refused,
+            failed,
+        } = publish_targeted(cluster.addrs(), rate, secs, pool.held as u32, 1_000_000).await;
         let (seen, (lost, duplicated, wrong)) = pool
             .settle(&expected, Duration::from_secs(30), Duration::from_millis(500))
             .await;
         let (_, cpu_after) = cluster.figures();
-        let reconnects: u64 = pool
-            .ask("report")
-            .await
-            .iter()
-            .map(|a| a["reconnects"].as_u64().unwrap_or(0))
-            .sum();
+        let reconnects = pool.reconnects().await;
         report.put("s3_users", json!(pool.held));
         report.put("s3_events_sent", json!(expected.len()));
         report.put("s3_rate_per_second", json!(expected.len() as f64 / secs));
@@ -764,7 +807,8 @@ mod bench {
             "s3_server_cpu_s_per_million_deliveries",
             json!((cpu_after - cpu_before) / seen.len().max(1) as f64 * 1e6),
         );
-        report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0;
+        report.put("s3_publisher_failed", json!(failed));
+        report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0 && !failed;
         report.target(
             "S3",
             &format!("{users} users, {rate}/s for {secs} s via Redis: zero loss, p99 <= 10 ms"),
@@ -809,28 +853,23 @@ mod bench {
     }
 
     pub async fn harness(args: Args) -> ExitCode {
-        let run: HashSet<String> = args
-            .text("scenarios", "s1,s2,s4,s1x,s2x,s3,s5")
-            .split(',')
-            .map(|s| s.trim().to_lowercase())
-            .collect();
         let mut report = Report {
             correct: true,
             ..Report::default()
         };
         let started = Instant::now();
-        if run.contains("s5") {
+        if args.runs("s5") {
             bundle(&mut report);
         }
-        if ["s1", "s2", "s4"].iter().any(|s| run.contains(*s)) {
+        if ["s1", "s2", "s4"].iter().any(|s| args.runs(s)) {
             eprintln!("S1/S2/S4: one instance, in-process broker");
-            single_instance(&args, &run, &mut report).await;
+            single_instance(&args, &mut report).await;
         }
-        if run.contains("s1x") || run.contains("s2x") {
+        if args.runs("s1x") || args.runs("s2x") {
             eprintln!("S1x/S2x: several instances on one Redis");
-            cluster_scale(&args, &run, &mut report).await;
+            cluster_scale(&args, &mut report).await;
         }
-        if run.contains("s3") {
+        if args.runs("s3") {
             eprintln!("S3: targeted events through Redis");
             targeted(&args, &mut report).await;
         }
@@ -858,7 +897,7 @@ mod bench {
                 if *met { "yes" } else { "no" }
             );
         }
-        if let Some(path) = args.0.get("json") {
+        if let Some(path) = &args.json {
             let mut out = report.figures.clone();
             out.insert(
                 "targets".into(),
@@ -881,7 +920,6 @@ mod bench {
 }
 
 /// A worker process: holds SSE connections like browsers would and reports what arrived.
-#[cfg(feature = "ssr")]
 mod worker {
     use std::{
         net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -900,7 +938,7 @@ mod worker {
         sync::{watch, Semaphore},
     };
 
-    use crate::bench::{now_us, Args, SECRET, SOURCES_PER_WORKER};
+    use crate::bench::{now_us, WorkerArgs, SECRET, SOURCES_PER_WORKER};
 
     #[derive(Default)]
     struct Counters {
@@ -918,12 +956,14 @@ mod worker {
 
     /// Holds `--connections` streams from `--source`; prints `ready` once they are open, then
     /// answers `report`, `clear` and `storm` lines on stdin; exits on EOF.
-    pub async fn run(args: Args) -> ExitCode {
-        let server: SocketAddr = args.text("server", "127.0.0.1:3000").parse().expect("--server");
-        let source: Ipv4Addr = args.text("source", "127.0.0.1").parse().expect("--source");
-        let n: usize = args.get("connections", 100);
-        let first_user: usize = args.get("first-user", 0);
-        let auth = sse_notify::server::Auth::new(Some(SECRET));
+    pub async fn run(args: WorkerArgs) -> ExitCode {
+        let WorkerArgs {
+            server,
+            source,
+            connections: n,
+            first_user,
+        } = args;
+        let auth = sse_notify::server::Auth::new(Some(&SECRET.into()));
         let counters = Arc::new(Counters::default());
         let gate = Arc::new(Semaphore::new(256));
         let (storm_tx, storm_rx) = watch::channel(0u64);

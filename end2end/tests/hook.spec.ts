@@ -1,0 +1,58 @@
+// The use_sse hook against the real server: the filter it sends, replacement by a newer
+// connection, and the stall watchdog.
+import { test, expect, signIn, openLive, Server } from "./fixtures";
+
+test("the hook sends its events= filter and receives the custom events it names", async ({ page, context, server }) => {
+  await signIn(context, server, "filter");
+  const streamRequest = page.waitForRequest(/\/api\/sse\?/);
+  await openLive(page, server);
+  const url = new URL((await streamRequest).url());
+  const names = (url.searchParams.get("events") ?? "").split(",");
+  expect(names).toEqual(expect.arrayContaining(["notification", "reel_ready", "system_alert", "demo.ping"]));
+  expect((await server.publish({ user_id: "filter", event: "demo.ping", data: { n: 1 } })).status).toBe(202);
+  await expect(page.getByTestId("event-log")).toContainText("demo.ping");
+});
+
+test("a connection replaced by a newer one of the same user stays closed", async ({ browser }) => {
+  const server = await Server.start({ SSE_MAX_CLIENTS_PER_USER: "1" });
+  try {
+    const contexts = await Promise.all([browser.newContext(), browser.newContext()]);
+    const [older, newer] = await Promise.all(contexts.map((c) => c.newPage()));
+    for (const context of contexts) await signIn(context, server, "twin");
+    await openLive(older, server, "?auto=false");
+    await openLive(newer, server, "?auto=false");
+
+    const status = older.locator(".status");
+    await expect(status).toHaveAttribute("data-error", "replaced");
+    await expect(status).toHaveAttribute("data-status", "closed");
+    // It does not come back on its own (which would replace the newer tab in turn).
+    await older.waitForTimeout(3_000);
+    await expect(status).toHaveAttribute("data-status", "closed");
+    await server.notify("twin", "For the newer tab");
+    await expect(newer.locator(".sse-toast", { hasText: "For the newer tab" })).toBeVisible();
+    await expect(older.locator(".sse-toast", { hasText: "For the newer tab" })).toHaveCount(0);
+    const stats = await (await fetch(server.url("/api/stats"))).json();
+    expect(stats.clients).toBe(1);
+    await Promise.all(contexts.map((c) => c.close()));
+  } finally {
+    await server.stop();
+  }
+});
+
+test("a stream silent for longer than the stall timeout is reported and reopened", async ({ browser }) => {
+  // Heartbeats once a minute, a stall timeout of 1.5 s: the watchdog must fire.
+  const server = await Server.start({ SSE_HEARTBEAT_INTERVAL_MS: "60000" });
+  try {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    await signIn(context, server, "quiet");
+    await openLive(page, server, "?auto=false&stall=1500");
+    await expect(page.locator(".status")).toHaveAttribute("data-error", "stalled", { timeout: 10_000 });
+    await expect(page.locator('.status[data-status="open"]')).toBeVisible();
+    await server.notify("quiet", "Still delivered");
+    await expect(page.locator(".sse-toast", { hasText: "Still delivered" })).toBeVisible();
+    await context.close();
+  } finally {
+    await server.stop();
+  }
+});

@@ -1,0 +1,45 @@
+//! The HTTP contract shared by the server and the browser: default route paths and the
+//! figures of `/api/stats`. One home for each, so the router, the listener's lean stream
+//! path, the hook and the dashboard cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the event stream is served by default (`GET`).
+pub const STREAM_PATH: &str = "/api/sse";
+/// Where other backends publish (`POST`).
+pub const PUBLISH_PATH: &str = "/api/events";
+/// The JSON figures of [`Stats`].
+pub const STATS_PATH: &str = "/api/stats";
+/// The same figures as a `stats` event every second.
+pub const STATS_STREAM_PATH: &str = "/api/stats/stream";
+/// Prometheus metrics.
+pub const METRICS_PATH: &str = "/metrics";
+/// Liveness and broker health.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// How the broker is doing, for `/healthz`, `/api/stats` and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerHealth {
+    Healthy,
+    /// Cannot reach its backing store; publishing fails, local connections keep working.
+    Degraded,
+}
+
+/// Figures of one server instance, served at [`STATS_PATH`] and streamed at
+/// [`STATS_STREAM_PATH`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    pub clients: usize,
+    pub users: usize,
+    pub events_published: u64,
+    pub events_delivered: u64,
+    pub events_failed: u64,
+    pub slow_client_disconnects: u64,
+    pub connections_replaced: u64,
+    /// `memory` or `redis`.
+    pub broker: String,
+    pub broker_health: BrokerHealth,
+    pub uptime_ms: u64,
+}

@@ -1,0 +1,150 @@
+//! What travels between the service, the broker and the hub: events with their target, and
+//! once published, their id and their SSE frame. This module sits below both the broker and
+//! the hub, so neither needs the other.
+
+use std::{fmt, str::FromStr, sync::Arc};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The id of a published event: opaque to clients, increasing, valid as `Last-Event-ID`.
+///
+/// Ids come from one counter per broker (one per Redis for the Redis broker), so a user's
+/// events and broadcasts share one order and one id resumes both exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EventId(pub u64);
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.trim().parse().map(EventId)
+    }
+}
+
+impl serde::Serialize for EventId {
+    /// As a string: ids may pass 2^53, past what a JavaScript number holds exactly.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Who an event is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    User(Arc<str>),
+    /// Every connected user.
+    Broadcast,
+}
+
+/// A validated event on its way to the broker.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub target: Target,
+    pub name: Arc<str>,
+    /// The `data` object as one line of JSON, `timestamp` included.
+    pub data: String,
+    /// The `timestamp` in `data`: when the service accepted it, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Events of one name and key replace each other on replay (latest wins): the reel of a
+    /// `reel_upload_progress`. Set when the event is built, so no one parses `data` again.
+    pub coalesce_key: Option<Arc<str>>,
+}
+
+/// An event with its id, encoded once as an SSE frame that every connection shares.
+#[derive(Debug)]
+pub struct PublishedEvent {
+    pub id: EventId,
+    pub target: Target,
+    pub name: Arc<str>,
+    /// When it was accepted, ms since the Unix epoch; drives retention.
+    pub published_at_ms: u64,
+    /// See [`Envelope::coalesce_key`].
+    pub coalesce_key: Option<Arc<str>>,
+    /// `id: ..\nevent: ..\ndata: ..\n\n`, ready to write to any connection.
+    pub frame: Bytes,
+    /// The `data` JSON, a view into `frame`.
+    pub data: Bytes,
+}
+
+impl PublishedEvent {
+    pub fn new(id: EventId, envelope: Envelope) -> Self {
+        let (frame, data) = encode_event_frame(id, &envelope.name, &envelope.data);
+        Self {
+            id,
+            target: envelope.target,
+            name: envelope.name,
+            published_at_ms: envelope.timestamp_ms,
+            coalesce_key: envelope.coalesce_key,
+            frame,
+            data,
+        }
+    }
+
+    /// The `data` JSON as text.
+    pub fn data_str(&self) -> &str {
+        std::str::from_utf8(&self.data).unwrap_or("{}")
+    }
+}
+
+/// Encodes one SSE frame without an id (control events: heartbeat, resync, ...). `name` must
+/// be a validated event name and `data` one line of JSON (serde_json never emits a raw
+/// newline), so no payload can forge a field.
+pub fn encode_frame(name: &str, data: &str) -> Bytes {
+    let mut buf = BytesMut::with_capacity(name.len() + data.len() + 18);
+    put_name_and_data(&mut buf, name, data);
+    buf.freeze()
+}
+
+/// Encodes an event's frame; returns it and the view of its `data`.
+fn encode_event_frame(id: EventId, name: &str, data: &str) -> (Bytes, Bytes) {
+    let mut buf = BytesMut::with_capacity(name.len() + data.len() + 40);
+    buf.put_slice(b"id: ");
+    buf.put_slice(id.to_string().as_bytes());
+    buf.put_u8(b'\n');
+    let data_at = buf.len() + "event: ".len() + name.len() + "\ndata: ".len();
+    put_name_and_data(&mut buf, name, data);
+    let frame = buf.freeze();
+    let data = frame.slice(data_at..data_at + data.len());
+    (frame, data)
+}
+
+fn put_name_and_data(buf: &mut BytesMut, name: &str, data: &str) {
+    debug_assert!(!name.contains(['\n', '\r']) && !data.contains(['\n', '\r']));
+    buf.put_slice(b"event: ");
+    buf.put_slice(name.as_bytes());
+    buf.put_slice(b"\ndata: ");
+    buf.put_slice(data.as_bytes());
+    buf.put_slice(b"\n\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_one_sse_frame_and_its_data_a_view_into_it() {
+        let envelope = Envelope {
+            target: Target::Broadcast,
+            name: "notification".into(),
+            data: r#"{"title":"a\nb"}"#.into(),
+            timestamp_ms: 7,
+            coalesce_key: None,
+        };
+        let event = PublishedEvent::new(EventId(42), envelope);
+        assert_eq!(
+            &event.frame[..],
+            b"id: 42\nevent: notification\ndata: {\"title\":\"a\\nb\"}\n\n"
+        );
+        assert_eq!(event.data_str(), r#"{"title":"a\nb"}"#);
+        assert_eq!(event.published_at_ms, 7);
+        assert_eq!(
+            &encode_frame("heartbeat", "{}")[..],
+            b"event: heartbeat\ndata: {}\n\n"
+        );
+    }
+}
