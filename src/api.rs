@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 pub const STREAM_PATH: &str = "/api/sse";
 /// Where other backends publish (`POST`).
 pub const PUBLISH_PATH: &str = "/api/events";
+/// Where another backend ends a user's streams (`POST`), e.g. at logout.
+pub const DISCONNECT_PATH: &str = "/api/disconnect";
+/// The demo's sign-in (`POST`, only with `SSE_DEMO=1`).
+pub const SESSION_PATH: &str = "/api/session";
 /// The JSON figures of [`Stats`].
 pub const STATS_PATH: &str = "/api/stats";
 /// The same figures as a `stats` event every second.

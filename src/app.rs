@@ -102,25 +102,29 @@ pub async fn current_user() -> Result<Option<String>, ServerFnError> {
     Ok(server_side::session_user().await.ok())
 }
 
-/// Signs in as `user_id` (any name: this is a demo) and sets the session cookie.
-#[server]
+/// Signs in as `user_id` (any name: this is a demo) and sets the session cookie. JSON
+/// only, so a cross-site form cannot sign a visitor in as someone else.
+#[server(input = server_fn::codec::Json)]
 pub async fn sign_in(user_id: String) -> Result<String, ServerFnError> {
     use crate::server::{session_cookie, SseService};
     let user_id = user_id.trim().to_string();
-    let token = expect_context::<SseService>()
+    let sse = expect_context::<SseService>();
+    let token = sse
         .issue_token(&user_id, None, crate::server::SESSION_TTL)
         .map_err(|e| ServerFnError::new(e.to_string()))?;
-    server_side::set_cookie(&session_cookie(&token))?;
+    let request: axum::http::request::Parts = leptos_axum::extract().await?;
+    server_side::set_cookie(&session_cookie(&sse, &request, &token))?;
     Ok(user_id)
 }
 
-/// Signs out: clears the session cookie.
-#[server]
+/// Signs out: clears the session cookie and ends the user's streams everywhere.
+#[server(input = server_fn::codec::Json)]
 pub async fn sign_out() -> Result<(), ServerFnError> {
-    server_side::set_cookie(&format!(
-        "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0",
-        crate::server::SESSION_COOKIE
-    ))
+    use crate::server::SseService;
+    if let Ok(user) = server_side::session_user().await {
+        let _ = expect_context::<SseService>().disconnect_user(&user).await;
+    }
+    server_side::set_cookie(&crate::server::session_cookie_removal())
 }
 
 /// Sends `event` to the signed-in user (or to everyone, for a system alert).
@@ -303,9 +307,7 @@ fn HomePage() -> impl IntoView {
                 Some(name) => view! {
                     <div class="signed-in">
                         <span>"Signed in as " <strong data-testid="user">{name}</strong></span>
-                        <ActionForm action=sign_out>
-                            <button class="button button--ghost" type="submit">"Sign out"</button>
-                        </ActionForm>
+                        <button class="button button--ghost" type="button" data-testid="sign-out" on:click=move |_| { sign_out.dispatch(SignOut {}); }>"Sign out"</button>
                     </div>
                     <div class="grid">
                         <SendPanel />
@@ -336,17 +338,24 @@ fn StatusBadge(status: RwSignal<ConnectionStatus>) -> impl IntoView {
 
 #[component]
 fn SignInCard(sign_in: ServerAction<SignIn>) -> impl IntoView {
+    let name = RwSignal::new(String::new());
+    let submit = move |ev: leptos::ev::SubmitEvent| {
+        ev.prevent_default();
+        sign_in.dispatch(SignIn {
+            user_id: name.get_untracked(),
+        });
+    };
     view! {
         <div class="card sign-in">
             <h2>"Sign in"</h2>
             <p>"Pick any user name. Open a second browser window as another user to see that events stay private."</p>
-            <ActionForm action=sign_in>
+            <form on:submit=submit>
                 <label for="user_id">"User name"</label>
                 <div class="row">
-                    <input id="user_id" name="user_id" required maxlength="128" placeholder="alice" />
+                    <input id="user_id" name="user_id" required maxlength="128" placeholder="alice" bind:value=name />
                     <button class="button" type="submit">"Sign in"</button>
                 </div>
-            </ActionForm>
+            </form>
             {move || sign_in.value().get().and_then(Result::err).map(|e| view! { <p class="error">{e.to_string()}</p> })}
         </div>
     }
@@ -544,5 +553,10 @@ pub fn router(options: LeptosOptions, service: crate::server::SseService) -> axu
         )
         .fallback(leptos_axum::file_and_error_handler(shell))
         .with_state(options)
-        .merge(crate::server::router(service))
+        .merge(
+            crate::server::Routes::new(&service)
+                .public_stats(true)
+                .demo_session(true)
+                .build(),
+        )
 }

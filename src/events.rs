@@ -41,6 +41,10 @@ pub mod names {
     pub const RESYNC: &str = "resync";
     /// Sent to the oldest connection of a user who opened one more than the limit, before it closes.
     pub const CONNECTION_REPLACED: &str = "connection_replaced";
+    /// Sent before a stream closes because its session ended: `reason` is `expired` (the
+    /// token's `exp` passed) or `disconnected` (ended on purpose, e.g. at logout). The
+    /// client must not reconnect with the same credentials.
+    pub const SESSION_ENDED: &str = "session_ended";
 
     /// The payload events a client listens to by default.
     pub const BUILT_IN: [&str; 5] = [
@@ -50,8 +54,20 @@ pub mod names {
         USER_UPDATE,
         SYSTEM_ALERT,
     ];
-    /// Events only the server may send; publishers are refused these names.
-    pub const RESERVED: [&str; 3] = [HEARTBEAT, RESYNC, CONNECTION_REPLACED];
+    /// Events the server sends on its own.
+    pub const CONTROL: [&str; 4] = [HEARTBEAT, RESYNC, CONNECTION_REPLACED, SESSION_ENDED];
+    /// Names publishers are refused: the control events, and the browser's own
+    /// `EventSource` events (an `event: error` frame would fire every client's error
+    /// handler and loop them all through reconnects).
+    pub const RESERVED: [&str; 7] = [
+        HEARTBEAT,
+        RESYNC,
+        CONNECTION_REPLACED,
+        SESSION_ENDED,
+        "error",
+        "open",
+        "message",
+    ];
 }
 
 /// Longest accepted event name.
@@ -134,8 +150,9 @@ pub fn validate_url(field: &str, url: &str) -> Result<(), ValidationError> {
         ));
     }
     let lower = url.to_ascii_lowercase();
-    // `//host/x` and `\\host` leave the site; a colon before the first `/?#` is a scheme.
-    let leaves_site = url.starts_with("//") || url.starts_with('\\');
+    // `//host/x`, `\\host` and `/\host` leave the site (browsers read `\` as `/`); a colon
+    // before the first `/?#` is a scheme.
+    let leaves_site = url.replace('\\', "/").starts_with("//");
     let has_scheme = lower
         .split(['/', '?', '#'])
         .next()
@@ -508,6 +525,9 @@ mod tests {
             "JavaScript:alert(1)",
             "data:text/html,x",
             "//evil.com/x",
+            "/\\evil.example/x",
+            "\\\\evil.example",
+            "\\/evil.example",
             "https://a b",
         ] {
             assert!(validate_url("u", bad).is_err(), "{bad} accepted");
@@ -538,11 +558,20 @@ mod tests {
         let e = Event::from_value("heartbeat", json!({"timestamp": 1})).unwrap();
         assert!(matches!(e, Event::Heartbeat(_)));
         assert_eq!(e.validate().unwrap_err().field, "event");
-        let custom = Event::Custom {
-            name: "resync".into(),
-            data: json!({}),
-        };
-        assert_eq!(custom.validate().unwrap_err().field, "event");
+        for name in [
+            "resync",
+            "connection_replaced",
+            "session_ended",
+            "error",
+            "open",
+            "message",
+        ] {
+            let custom = Event::Custom {
+                name: name.into(),
+                data: json!({}),
+            };
+            assert_eq!(custom.validate().unwrap_err().field, "event", "{name}");
+        }
         assert_eq!(
             Event::from_value("my.event", json!([1])).unwrap_err().field,
             "data"

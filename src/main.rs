@@ -1,9 +1,13 @@
-//! The demo server: configuration from the environment -> service -> router -> serve.
+//! The `sse-notify` binary: configuration from the environment -> service -> router -> serve.
+//!
+//! Without `SSE_DEMO=1` it is a standalone notification server: the SSE routes, a short
+//! status page at `/`, stats and metrics behind the publish key, and no sign-in. With it,
+//! the demo app: sign in as anyone, send yourself events, watch the dashboard.
 
 #[cfg(feature = "ssr")]
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    use std::{net::SocketAddr, process::ExitCode};
+    use std::process::ExitCode;
 
     use sse_notify::server::{SseConfig, SseListener, SseService};
     use tracing_subscriber::EnvFilter;
@@ -12,6 +16,14 @@ async fn main() -> std::process::ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
 
+    let demo = match std::env::var("SSE_DEMO").as_deref() {
+        Err(_) | Ok("" | "0") => false,
+        Ok("1") => true,
+        Ok(other) => {
+            eprintln!("sse-notify: SSE_DEMO={other:?} is not valid: expected 1 (the demo) or unset");
+            return ExitCode::from(2);
+        }
+    };
     let config = match SseConfig::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -34,19 +46,25 @@ async fn main() -> std::process::ExitCode {
             return ExitCode::from(1);
         }
     };
-    let app = sse_notify::app::router(options, service.clone());
-    let listener = match SseListener::bind(addr, app.clone()).await {
+    let app = if demo {
+        tracing::warn!("SSE_DEMO=1: anyone can sign in as anyone; never run this in production");
+        sse_notify::app::router(options, service.clone())
+    } else {
+        standalone::router(&service)
+    };
+    let listener = match SseListener::bind(addr).await {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("sse-notify: cannot listen on {addr} (LEPTOS_SITE_ADDR): {e}");
             return ExitCode::from(1);
         }
     };
-    tracing::info!("listening on http://{addr}");
-    let served = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown_signal(service))
-        .await;
-    match served {
+    tracing::info!(demo, "listening on http://{addr}");
+    match listener
+        .serve(app, &service)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sse-notify: server error: {e}");
@@ -55,14 +73,51 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-/// Waits for ctrl-c or SIGTERM, then ends every stream so clients reconnect elsewhere and
-/// the graceful shutdown does not wait on streams that never end by themselves.
+/// The standalone server's routes: everything the notification server offers, and a status
+/// page at `/`.
 #[cfg(feature = "ssr")]
-async fn shutdown_signal(service: sse_notify::server::SseService) {
+mod standalone {
+    use axum::{response::Html, routing::get, Router};
+    use sse_notify::server::{Routes, SseService};
+
+    pub fn router(service: &SseService) -> Router {
+        let service_for_page = service.clone();
+        Router::new()
+            .route(
+                "/",
+                get(move || {
+                    let service = service_for_page.clone();
+                    async move { Html(status_page(&service)) }
+                }),
+            )
+            .merge(Routes::new(service).build())
+    }
+
+    fn status_page(service: &SseService) -> String {
+        format!(
+            r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>sse-notify</title></head>
+<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto; padding: 0 1rem; line-height: 1.5">
+<h1>sse-notify</h1>
+<p>A notification server is running here ({broker} broker, {health:?}).</p>
+<p>Browsers stream events from <code>GET {stream}</code> with a session token; other backends publish with
+<code>POST /api/events</code> and the publish key. Stats and metrics need the publish key too.</p>
+</body></html>"#,
+            broker = service.broker_kind(),
+            health = service.broker_health(),
+            stream = service.stream_path(),
+        )
+    }
+}
+
+/// Waits for ctrl-c or SIGTERM; the server then stops accepting, ends every stream (so
+/// clients reconnect elsewhere) and finishes the requests in flight.
+#[cfg(feature = "ssr")]
+async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    #[cfg(unix)]
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
@@ -71,14 +126,11 @@ async fn shutdown_signal(service: sse_notify::server::SseService) {
             Err(_) => std::future::pending().await,
         }
     };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
     }
     tracing::info!("shutdown signal received");
-    service.shutdown().await;
 }
 
 #[cfg(not(feature = "ssr"))]

@@ -26,6 +26,7 @@ async fn scrape(server: &TestServer) -> HashMap<String, f64> {
     let text = server
         .http
         .get(server.url("/metrics"))
+        .bearer_auth(PUBLISH_KEY)
         .send()
         .await
         .unwrap()

@@ -672,6 +672,7 @@ async fn stats_and_metrics_report_activity() {
     let metrics = server
         .http
         .get(server.url("/metrics"))
+        .bearer_auth(PUBLISH_KEY)
         .send()
         .await
         .unwrap()
@@ -694,6 +695,7 @@ async fn cors_allows_only_listed_origins() {
     let response = server
         .http
         .get(server.url("/api/stats"))
+        .bearer_auth(PUBLISH_KEY)
         .header("origin", "https://app.example")
         .send()
         .await
@@ -706,6 +708,7 @@ async fn cors_allows_only_listed_origins() {
     let response = server
         .http
         .get(server.url("/api/stats"))
+        .bearer_auth(PUBLISH_KEY)
         .header("origin", "https://evil.example")
         .send()
         .await
@@ -723,6 +726,7 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
     let stats = server
         .http
         .get(server.url("/api/stats/stream"))
+        .bearer_auth(PUBLISH_KEY)
         .send()
         .await
         .unwrap();
@@ -900,8 +904,7 @@ async fn a_stream_that_drops_before_its_first_event_resumes_without_loss() {
 #[tokio::test]
 async fn a_taken_port_is_refused() {
     let server = start_server(test_config()).await;
-    let app: axum::Router = sse_notify::server::router(server.service.clone());
-    let again = sse_notify::server::SseListener::bind(server.addr, app).await;
+    let again = sse_notify::server::SseListener::bind(server.addr).await;
     assert!(again.is_err(), "bound twice to {}", server.addr);
 }
 

@@ -189,7 +189,7 @@ impl UseSseOptions {
             Some(events) => events.clone(),
             None => names::BUILT_IN.iter().map(|n| n.to_string()).collect(),
         };
-        for control in names::RESERVED {
+        for control in names::CONTROL {
             if !listened.iter().any(|n| n == control) {
                 listened.push(control.to_string());
             }
@@ -608,6 +608,9 @@ mod tests {
     #[test]
     fn control_events_are_always_listened_for() {
         let names = UseSseOptions::default().events(vec!["x".into()]).listened_names();
-        assert_eq!(names, ["x", "heartbeat", "resync", "connection_replaced"]);
+        assert_eq!(
+            names,
+            ["x", "heartbeat", "resync", "connection_replaced", "session_ended"]
+        );
     }
 }

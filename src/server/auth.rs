@@ -1,7 +1,28 @@
-//! Session tokens: JWT, HS256, signed with `SSE_JWT_SECRET`.
+//! Who is asking: the [`Authenticate`] hook that turns a request into an [`Identity`], and
+//! its default, [`Auth`]: session tokens (JWT, HS256, signed with `SSE_JWT_SECRET`).
 //!
 //! Claim `sub` is the user id, `exp` is required, `sid` (session id) is optional. The user
-//! id of a stream comes only from a verified token, never from a query parameter.
+//! id of a stream comes only from the hook (a verified token by default), never from a
+//! query parameter.
+//!
+//! A host app that has sessions of its own (tower-sessions, axum-login, ...) gives the
+//! service an [`Authenticate`] of its own instead, so browsers need no second credential:
+//!
+//! ```no_run
+//! use axum::http::request::Parts;
+//! use sse_notify::server::{AuthError, Identity};
+//!
+//! async fn from_my_session(parts: Parts) -> Result<Identity, AuthError> {
+//!     let user = parts.headers.get("x-user").and_then(|v| v.to_str().ok()).ok_or(AuthError::Missing)?;
+//!     Ok(Identity::new(user))
+//! }
+//! # async fn start() -> Result<(), Box<dyn std::error::Error>> {
+//! let sse = sse_notify::server::SseService::builder(sse_notify::server::SseConfig::from_env()?)
+//!     .authenticate(from_my_session)
+//!     .start()
+//!     .await?;
+//! # Ok(()) }
+//! ```
 //!
 //! ```
 //! use std::time::Duration;
@@ -13,9 +34,10 @@
 //! assert!(Auth::new(Some(&"another-secret-0123456".into())).verify(&token).is_err());
 //! ```
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
-use axum::http::{header, HeaderMap};
+use async_trait::async_trait;
+use axum::http::{header, request::Parts, HeaderMap};
 use axum_extra::extract::CookieJar;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::{ExposeSecret, SecretString};
@@ -38,13 +60,79 @@ pub struct Claims {
     pub sid: Option<String>,
 }
 
-/// Why a token was refused. Shown to the client as a 401.
+/// Why a request was refused. Shown to the client as a 401.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("no session token: send cookie `sse_session`, `Authorization: Bearer <jwt>` or `?token=<jwt>`")]
+    #[error("no session: send cookie `sse_session`, `Authorization: Bearer <jwt>` or `?token=<jwt>`")]
     Missing,
     #[error("invalid session token: {0}")]
     Invalid(String),
+}
+
+/// Who a request comes from, as an [`Authenticate`] hook found out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user whose events the stream carries.
+    pub user_id: String,
+    /// When the identity stops being valid, seconds since the Unix epoch (a token's `exp`):
+    /// the stream ends then. `None`: it lasts as long as the stream.
+    pub expires_at: Option<u64>,
+}
+
+impl Identity {
+    /// `user_id`, valid as long as the stream.
+    pub fn new(user_id: impl Into<String>) -> Self {
+        Self {
+            user_id: user_id.into(),
+            expires_at: None,
+        }
+    }
+
+    /// The same identity, ending at `expires_at` (seconds since the Unix epoch).
+    #[must_use]
+    pub fn expires_at(mut self, expires_at: u64) -> Self {
+        self.expires_at = Some(expires_at);
+        self
+    }
+}
+
+/// Finds who sent a request (the head only: the stream has no body). The service is built
+/// with one; [`Auth`] (JWT) is the default. Any `async fn(Parts) -> Result<Identity,
+/// AuthError>` is one too.
+#[async_trait]
+pub trait Authenticate: Send + Sync + 'static {
+    async fn authenticate(&self, request: Parts) -> Result<Identity, AuthError>;
+}
+
+#[async_trait]
+impl<F, Fut> Authenticate for F
+where
+    F: Fn(Parts) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Identity, AuthError>> + Send,
+{
+    async fn authenticate(&self, request: Parts) -> Result<Identity, AuthError> {
+        self(request).await
+    }
+}
+
+#[async_trait]
+impl Authenticate for Auth {
+    /// The token of the `Authorization: Bearer` header, else the `sse_session` cookie, else
+    /// the `token` query parameter; `sub` is the user, `exp` when the stream ends.
+    async fn authenticate(&self, request: Parts) -> Result<Identity, AuthError> {
+        let query_token = request.uri.query().and_then(|q| url_query_value(q, "token"));
+        let claims = self.authenticate_headers(&request.headers, query_token.as_deref())?;
+        Ok(Identity::new(claims.sub).expires_at(claims.exp))
+    }
+}
+
+/// The decoded value of `name` in a query string.
+fn url_query_value(query: &str, name: &str) -> Option<String> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
 }
 
 /// Signs and verifies session tokens.
@@ -101,7 +189,11 @@ impl Auth {
 
     /// Finds the token of a request (bearer header, then cookie, then `token` query
     /// parameter) and verifies it.
-    pub fn authenticate(&self, headers: &HeaderMap, query_token: Option<&str>) -> Result<Claims, AuthError> {
+    pub fn authenticate_headers(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Claims, AuthError> {
         let cookie = CookieJar::from_headers(headers)
             .get(SESSION_COOKIE)
             .map(|c| c.value().to_string());
@@ -191,11 +283,11 @@ mod tests {
             header::COOKIE,
             format!("x=1; {SESSION_COOKIE}={a}").parse().unwrap(),
         );
-        assert_eq!(auth.authenticate(&headers, Some(&b)).unwrap().sub, "a");
+        assert_eq!(auth.authenticate_headers(&headers, Some(&b)).unwrap().sub, "a");
         headers.insert(header::AUTHORIZATION, format!("Bearer {b}").parse().unwrap());
-        assert_eq!(auth.authenticate(&headers, None).unwrap().sub, "b");
+        assert_eq!(auth.authenticate_headers(&headers, None).unwrap().sub, "b");
         assert!(matches!(
-            auth.authenticate(&HeaderMap::new(), None),
+            auth.authenticate_headers(&HeaderMap::new(), None),
             Err(AuthError::Missing)
         ));
     }

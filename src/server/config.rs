@@ -62,9 +62,20 @@ pub struct SseConfig {
     /// Events waiting for one connection before it counts as too slow and is closed.
     /// Defaults to 256 (`SSE_QUEUE_CAPACITY`).
     pub queue_capacity: usize,
-    /// Most events the in-process broker keeps for replay, whatever their age, so memory stays
-    /// bounded under a flood. Defaults to 100,000 (`SSE_HISTORY_CAPACITY`).
+    /// Most events kept for replay, whatever their age, so memory stays bounded under a
+    /// flood (per stream with Redis). Defaults to 100,000 (`SSE_HISTORY_CAPACITY`).
     pub history_capacity: usize,
+    /// Most bytes of events the in-process broker keeps for replay. Defaults to 64 MiB
+    /// (`SSE_HISTORY_MAX_BYTES`).
+    pub history_max_bytes: usize,
+    /// Long-lived responses (event streams, stats streams) held at once; past it, new ones
+    /// get 503 with `Retry-After`. Defaults to the process's open-file limit minus 1,024
+    /// (`SSE_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// Whether the demo's session cookie is `Secure`: `auto` when the request came over
+    /// HTTPS (or `X-Forwarded-Proto: https`), `always`, or `never`. Defaults to `auto`
+    /// (`SSE_COOKIE_SECURE`).
+    pub cookie_secure: CookieSecure,
     /// Largest `data` of one event, in bytes of JSON. Defaults to 64 KiB (`SSE_MAX_PAYLOAD_BYTES`).
     pub max_payload_bytes: usize,
     /// Largest body `POST /api/events` accepts. Defaults to 1 MiB (`SSE_MAX_BODY_BYTES`).
@@ -108,6 +119,9 @@ impl Default for SseConfig {
             ],
             queue_capacity: 256,
             history_capacity: 100_000,
+            history_max_bytes: 64 * 1024 * 1024,
+            max_connections: default_max_connections(),
+            cookie_secure: CookieSecure::Auto,
             max_payload_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024,
             max_batch: 1_000,
@@ -122,6 +136,30 @@ impl Default for SseConfig {
     }
 }
 
+/// When a session cookie gets the `Secure` attribute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CookieSecure {
+    /// When the request came over HTTPS (directly or, per `X-Forwarded-Proto`, via a proxy).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Long-lived responses one process may hold: its open-file limit (`ulimit -n`) minus 1,024
+/// for everything else (requests, Redis, files), at least 64.
+fn default_max_connections() -> usize {
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .unwrap_or(1_024);
+    limit.saturating_sub(1_024).max(64)
+}
+
 /// The `SSE_*` variables as they come (prefix stripped, names lower-cased by `envy`).
 #[derive(Deserialize)]
 struct SseVars {
@@ -132,6 +170,9 @@ struct SseVars {
     offline_retention_ms: Option<String>,
     queue_capacity: Option<usize>,
     history_capacity: Option<usize>,
+    history_max_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    cookie_secure: Option<String>,
     max_payload_bytes: Option<usize>,
     max_body_bytes: Option<usize>,
     max_batch: Option<usize>,
@@ -239,6 +280,26 @@ impl SseConfig {
             sse.history_capacity,
             config.history_capacity,
         )?;
+        config.history_max_bytes = positive(
+            "SSE_HISTORY_MAX_BYTES",
+            sse.history_max_bytes,
+            config.history_max_bytes,
+        )?;
+        config.max_connections =
+            positive("SSE_MAX_CONNECTIONS", sse.max_connections, config.max_connections)?;
+        if let Some(value) = sse.cookie_secure {
+            config.cookie_secure = match value.to_ascii_lowercase().as_str() {
+                "auto" => CookieSecure::Auto,
+                "always" | "true" | "1" => CookieSecure::Always,
+                "never" | "false" | "0" => CookieSecure::Never,
+                _ => {
+                    return Err(ConfigError::new(
+                        "SSE_COOKIE_SECURE",
+                        "expected auto, always or never",
+                    ))
+                }
+            };
+        }
         config.max_payload_bytes = positive(
             "SSE_MAX_PAYLOAD_BYTES",
             sse.max_payload_bytes,
@@ -321,38 +382,37 @@ fn parse_origins(list: &str) -> Result<Vec<String>, ConfigError> {
     }
 }
 
-/// Turns the original design's Upstash REST variables into a `rediss://` URL of the same database.
+/// The original design's Upstash REST variables. The REST token is not the database's
+/// Redis password, so they cannot become a working `rediss://` URL: when they are set
+/// without `REDIS_URL`, the server stops at start and says exactly what to set instead.
 fn upstash_url(
     rest_url: Option<String>,
     token: Option<SecretString>,
 ) -> Result<Option<SecretString>, ConfigError> {
-    use secrecy::ExposeSecret;
-    match (rest_url, token) {
-        (None, None) => Ok(None),
-        (Some(url), Some(token)) => {
-            let host = url
-                .trim_start_matches("https://")
-                .trim_start_matches("http://")
-                .trim_end_matches('/');
-            if host.is_empty() || host.contains('/') || host.contains('@') {
-                return Err(ConfigError::new(
-                    "UPSTASH_REDIS_REST_URL",
-                    "expected https://<host> of an Upstash database",
-                ));
-            }
-            let host = host.split(':').next().unwrap_or(host);
-            let url = format!("rediss://default:{}@{host}:6379", token.expose_secret());
-            Ok(Some(url.into()))
-        }
-        (Some(_), None) => Err(ConfigError::new(
-            "UPSTASH_REDIS_REST_TOKEN",
-            "expected to be set together with UPSTASH_REDIS_REST_URL",
-        )),
-        (None, Some(_)) => Err(ConfigError::new(
-            "UPSTASH_REDIS_REST_URL",
-            "expected to be set together with UPSTASH_REDIS_REST_TOKEN",
-        )),
-    }
+    let Some(rest_url) = rest_url else {
+        return match token {
+            None => Ok(None),
+            Some(_) => Err(ConfigError::new(
+                "UPSTASH_REDIS_REST_TOKEN",
+                "the REST API is not used: set REDIS_URL=rediss://default:<password>@<host>:6379 instead",
+            )),
+        };
+    };
+    let host = rest_url
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .split(['/', ':'])
+        .next()
+        .filter(|h| !h.is_empty() && !h.contains('@'))
+        .unwrap_or("<host>");
+    Err(ConfigError::new(
+        "UPSTASH_REDIS_REST_URL",
+        format!(
+            "the REST token is not the Redis password, so these variables cannot be used as they are: \
+             set REDIS_URL=rediss://default:<password>@{host}:6379 (the password is on the database's page of the \
+             Upstash console)"
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -423,6 +483,9 @@ mod tests {
             ("REDIS_URL", "http://localhost"),
             ("SSE_OFFLINE_RETENTION_MS", "notification"),
             ("SSE_OFFLINE_RETENTION_MS", "Bad Name=5"),
+            ("SSE_MAX_CONNECTIONS", "0"),
+            ("SSE_HISTORY_MAX_BYTES", "lots"),
+            ("SSE_COOKIE_SECURE", "sometimes"),
         ] {
             let err = from(&[(var, value)]).unwrap_err();
             assert_eq!(err.variable, var, "{err}");
@@ -431,18 +494,22 @@ mod tests {
     }
 
     #[test]
-    fn upstash_variables_become_a_tls_url() {
-        let c = from(&[
+    fn upstash_variables_stop_the_start_with_what_to_set() {
+        let err = from(&[
             ("UPSTASH_REDIS_REST_URL", "https://eu1-fine-cat-123.upstash.io"),
-            ("UPSTASH_REDIS_REST_TOKEN", "tok"),
+            ("UPSTASH_REDIS_REST_TOKEN", "tok-not-a-password"),
         ])
-        .unwrap();
-        assert_eq!(
-            c.redis_url.unwrap().expose_secret(),
-            "rediss://default:tok@eu1-fine-cat-123.upstash.io:6379"
+        .unwrap_err();
+        assert_eq!(err.variable, "UPSTASH_REDIS_REST_URL");
+        let message = err.to_string();
+        assert!(
+            message.contains("set REDIS_URL=rediss://default:<password>@eu1-fine-cat-123.upstash.io:6379"),
+            "{message}"
         );
-        let err = from(&[("UPSTASH_REDIS_REST_URL", "https://x.upstash.io")]).unwrap_err();
+        assert!(!message.contains("tok-not-a-password"), "{message}");
+        let err = from(&[("UPSTASH_REDIS_REST_TOKEN", "t")]).unwrap_err();
         assert_eq!(err.variable, "UPSTASH_REDIS_REST_TOKEN");
+        assert!(err.to_string().contains("REDIS_URL=rediss://"), "{err}");
         // REDIS_URL wins over the Upstash pair.
         let c = from(&[
             ("REDIS_URL", "redis://r:1"),

@@ -35,6 +35,8 @@ pub struct EventStream {
     /// Live events up to this id were already sent by the replay.
     pub(super) skip_through: EventId,
     pub(super) closer: Closer,
+    /// Its place among the server's `max_connections`.
+    pub(super) _permit: super::service::ConnectionPermit,
 }
 
 /// Runs the closing half of the protocol when its stream is dropped.
@@ -67,16 +69,17 @@ impl Stream for EventStream {
         if let Poll::Ready(reason) = Pin::new(closed).poll(cx) {
             this.closed = None;
             // Whatever is still queued stays replayable from the broker's history.
-            return match reason {
+            // Last words: why it closes, so the client knows whether to come back.
+            let (name, reason) = match reason {
                 Ok(CloseReason::Replaced) => {
-                    let data = format!(
-                        r#"{{"reason":"this user opened a newer connection","timestamp":{}}}"#,
-                        now_ms()
-                    );
-                    Poll::Ready(Some(Ok(encode_frame(names::CONNECTION_REPLACED, &data))))
+                    (names::CONNECTION_REPLACED, "this user opened a newer connection")
                 }
-                _ => Poll::Ready(None),
+                Ok(CloseReason::Expired) => (names::SESSION_ENDED, "expired"),
+                Ok(CloseReason::Disconnected) => (names::SESSION_ENDED, "disconnected"),
+                Ok(CloseReason::SlowClient | CloseReason::Shutdown) | Err(_) => return Poll::Ready(None),
             };
+            let data = format!(r#"{{"reason":"{reason}","timestamp":{}}}"#, now_ms());
+            return Poll::Ready(Some(Ok(encode_frame(name, &data))));
         }
         // Hand over everything that is ready in one chunk: one write for a burst.
         let mut first: Option<Bytes> = None;

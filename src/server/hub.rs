@@ -9,7 +9,7 @@
 //! it is a map update or a non-blocking `try_send`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
@@ -41,6 +41,10 @@ pub enum CloseReason {
     SlowClient,
     /// The server is shutting down.
     Shutdown,
+    /// Its session expired (the token's `exp` passed).
+    Expired,
+    /// The user's streams were ended on purpose (e.g. at logout).
+    Disconnected,
 }
 
 /// The receiving half of a registered connection, owned by its HTTP stream.
@@ -58,6 +62,8 @@ struct Connection {
     close: Option<oneshot::Sender<CloseReason>>,
     /// Only these event names are sent (control frames always are); `None` sends all.
     filter: Option<Arc<[String]>>,
+    /// When its session ends, seconds since the Unix epoch.
+    expires_at: Option<u64>,
 }
 
 impl Connection {
@@ -94,6 +100,16 @@ struct Inner {
     connections: usize,
     next_id: u64,
     closed: bool,
+    /// `(expires_at, id, user)` of connections whose session ends, soonest first.
+    expiries: BTreeSet<(u64, u64, Arc<str>)>,
+}
+
+impl Inner {
+    fn forget_expiry(&mut self, user: &Arc<str>, conn: &Connection) {
+        if let Some(at) = conn.expires_at {
+            self.expiries.remove(&(at, conn.id, user.clone()));
+        }
+    }
 }
 
 /// Counters this hub keeps for `/api/stats` (the Prometheus ones are process-wide).
@@ -127,9 +143,15 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a connection for `user`. When the user already holds the maximum, the oldest
-    /// is closed with [`CloseReason::Replaced`]: the newest tab wins. `None` once shut down.
-    pub fn register(&self, user: &Arc<str>, filter: Option<Arc<[String]>>) -> Option<Registration> {
+    /// Adds a connection for `user`, whose session ends at `expires_at` (seconds since the
+    /// Unix epoch) if given. When the user already holds the maximum, the oldest is closed
+    /// with [`CloseReason::Replaced`]: the newest tab wins. `None` once shut down.
+    pub fn register(
+        &self,
+        user: &Arc<str>,
+        filter: Option<Arc<[String]>>,
+        expires_at: Option<u64>,
+    ) -> Option<Registration> {
         let (tx, queue) = mpsc::channel(self.queue_capacity);
         let (close, closed) = oneshot::channel();
         let mut inner = self.lock();
@@ -138,20 +160,28 @@ impl Hub {
         }
         inner.next_id += 1;
         let id = inner.next_id;
-        let mut replaced = 0;
+        let mut replaced = Vec::new();
         let conns = inner.users.entry(user.clone()).or_default();
         let first_for_user = conns.is_empty();
         while conns.len() >= self.max_per_user {
             let mut oldest = conns.remove(0);
             oldest.close(CloseReason::Replaced);
-            replaced += 1;
+            replaced.push(oldest);
         }
         conns.push(Connection {
             id,
             queue: tx,
             close: Some(close),
             filter,
+            expires_at,
         });
+        for old in &replaced {
+            inner.forget_expiry(user, old);
+        }
+        if let Some(at) = expires_at {
+            inner.expiries.insert((at, id, user.clone()));
+        }
+        let replaced = replaced.len();
         inner.connections = inner.connections + 1 - replaced;
         drop(inner);
         self.counters
@@ -172,17 +202,65 @@ impl Hub {
         let Some(conns) = inner.users.get_mut(user) else {
             return false;
         };
-        let before = conns.len();
-        conns.retain(|c| c.id != id);
-        let removed = before - conns.len();
+        let Some(at) = conns.iter().position(|c| c.id == id) else {
+            return false;
+        };
+        let gone = conns.remove(at);
         let last = conns.is_empty();
+        let (user, _) = inner.users.get_key_value(user).expect("present");
+        let user = user.clone();
         if last {
-            inner.users.remove(user);
+            inner.users.remove(&user);
         }
+        inner.forget_expiry(&user, &gone);
+        let removed = 1;
         inner.connections -= removed;
         drop(inner);
         m::connections_changed(-(removed as isize));
-        removed > 0 && last
+        last
+    }
+
+    /// Closes every connection of `user` with `reason`; returns how many there were.
+    pub fn close_user(&self, user: &str, reason: CloseReason) -> usize {
+        let mut inner = self.lock();
+        let Some((user, mut conns)) = inner.users.remove_entry(user) else {
+            return 0;
+        };
+        for conn in &mut conns {
+            conn.close(reason);
+            inner.forget_expiry(&user, conn);
+        }
+        inner.connections -= conns.len();
+        drop(inner);
+        m::connections_changed(-(conns.len() as isize));
+        conns.len()
+    }
+
+    /// Closes the connections whose session ended by `now` (seconds since the Unix epoch)
+    /// with [`CloseReason::Expired`]; returns how many.
+    pub fn expire(&self, now: u64) -> usize {
+        let mut inner = self.lock();
+        let mut expired = 0;
+        while let Some((at, id, user)) = inner.expiries.first().cloned() {
+            if at > now {
+                break;
+            }
+            inner.expiries.pop_first();
+            if let Some(conns) = inner.users.get_mut(&user) {
+                if let Some(i) = conns.iter().position(|c| c.id == id) {
+                    let mut conn = conns.remove(i);
+                    conn.close(CloseReason::Expired);
+                    if conns.is_empty() {
+                        inner.users.remove(&user);
+                    }
+                    inner.connections -= 1;
+                    expired += 1;
+                }
+            }
+        }
+        drop(inner);
+        m::connections_changed(-(expired as isize));
+        expired
     }
 
     /// Queues `event` for every matching connection. Connections whose queue is full are
@@ -247,6 +325,7 @@ impl Hub {
             conns.iter_mut().for_each(|c| c.close(CloseReason::Shutdown));
         }
         inner.users.clear();
+        inner.expiries.clear();
         m::connections_changed(-(inner.connections as isize));
         inner.connections = 0;
     }
@@ -306,8 +385,8 @@ mod tests {
     #[test]
     fn targeted_events_reach_only_their_user() {
         let hub = Hub::new(5, 8);
-        let mut a = hub.register(&user("a"), None).unwrap();
-        let mut b = hub.register(&user("b"), None).unwrap();
+        let mut a = hub.register(&user("a"), None, None).unwrap();
+        let mut b = hub.register(&user("b"), None, None).unwrap();
         hub.dispatch(&event(1, Target::User(user("a")), "notification"));
         assert!(matches!(a.queue.try_recv(), Ok(Outbound::Event(e)) if e.id == EventId(1)));
         assert!(b.queue.try_recv().is_err());
@@ -319,11 +398,11 @@ mod tests {
     #[test]
     fn one_connection_over_the_limit_replaces_the_oldest() {
         let hub = Hub::new(2, 8);
-        let mut first = hub.register(&user("a"), None).unwrap();
+        let mut first = hub.register(&user("a"), None, None).unwrap();
         assert!(first.first_for_user);
-        let second = hub.register(&user("a"), None).unwrap();
+        let second = hub.register(&user("a"), None, None).unwrap();
         assert!(!second.first_for_user);
-        let _third = hub.register(&user("a"), None).unwrap();
+        let _third = hub.register(&user("a"), None, None).unwrap();
         assert_eq!(first.closed.try_recv(), Ok(CloseReason::Replaced));
         assert_eq!(hub.client_count_for_user("a"), 2);
         assert_eq!(hub.client_count(), 2);
@@ -332,7 +411,7 @@ mod tests {
     #[test]
     fn a_full_queue_closes_the_connection_and_memory_stays_bounded() {
         let hub = Hub::new(5, 4);
-        let mut slow = hub.register(&user("a"), None).unwrap();
+        let mut slow = hub.register(&user("a"), None, None).unwrap();
         for id in 1..=10 {
             hub.dispatch(&event(id, Target::User(user("a")), "notification"));
         }
@@ -349,7 +428,7 @@ mod tests {
     fn filters_apply_to_events_but_not_to_control_frames() {
         let hub = Hub::new(5, 8);
         let only: Arc<[String]> = vec!["reel_ready".to_string()].into();
-        let mut conn = hub.register(&user("a"), Some(only)).unwrap();
+        let mut conn = hub.register(&user("a"), Some(only), None).unwrap();
         hub.dispatch(&event(1, Target::User(user("a")), "notification"));
         hub.dispatch(&event(2, Target::User(user("a")), "reel_ready"));
         hub.send_control(Bytes::from_static(b"event: heartbeat\ndata: {}\n\n"));
@@ -359,16 +438,37 @@ mod tests {
     }
 
     #[test]
+    fn sessions_end_at_their_expiry_and_a_user_can_be_disconnected() {
+        let hub = Hub::new(5, 8);
+        let mut soon = hub.register(&user("a"), None, Some(100)).unwrap();
+        let mut later = hub.register(&user("a"), None, Some(200)).unwrap();
+        let mut never = hub.register(&user("b"), None, None).unwrap();
+        assert_eq!(hub.expire(99), 0);
+        assert_eq!(hub.expire(100), 1);
+        assert_eq!(soon.closed.try_recv(), Ok(CloseReason::Expired));
+        assert!(later.closed.try_recv().is_err());
+        assert_eq!(hub.client_count(), 2);
+        // Unregistered before its expiry: nothing left to expire.
+        assert!(hub.unregister("a", later.id));
+        assert_eq!(hub.expire(1_000), 0);
+        let _b2 = hub.register(&user("b"), None, None).unwrap();
+        assert_eq!(hub.close_user("b", CloseReason::Disconnected), 2);
+        assert_eq!(never.closed.try_recv(), Ok(CloseReason::Disconnected));
+        assert_eq!(hub.client_count(), 0);
+        assert_eq!(hub.close_user("b", CloseReason::Disconnected), 0);
+    }
+
+    #[test]
     fn unregister_reports_the_last_connection_and_close_all_refuses_new_ones() {
         let hub = Hub::new(5, 8);
-        let one = hub.register(&user("a"), None).unwrap();
-        let two = hub.register(&user("a"), None).unwrap();
+        let one = hub.register(&user("a"), None, None).unwrap();
+        let two = hub.register(&user("a"), None, None).unwrap();
         assert!(!hub.unregister("a", one.id));
         assert!(hub.unregister("a", two.id));
         assert_eq!(hub.user_count(), 0);
-        let mut three = hub.register(&user("a"), None).unwrap();
+        let mut three = hub.register(&user("a"), None, None).unwrap();
         hub.close_all();
         assert_eq!(three.closed.try_recv(), Ok(CloseReason::Shutdown));
-        assert!(hub.register(&user("a"), None).is_none());
+        assert!(hub.register(&user("a"), None, None).is_none());
     }
 }

@@ -1,35 +1,54 @@
-//! [`SseListener`]: a TCP listener for `axum::serve` that serves long-lived SSE streams on a
-//! lean HTTP/1.1 path of its own and hands every other connection to axum unchanged.
+//! [`SseListener`] and [`Serve`]: the server's sockets, and the loop that serves them.
 //!
-//! Why: hyper keeps a read buffer (8-16 KiB) and its write buffers for the whole life of
-//! every HTTP/1 connection. That is right for request/response traffic but dominates the
-//! memory of an SSE server, whose connections live for hours and never send a second
-//! request. This path reads the request head into a short-lived buffer, runs the same axum
-//! router (so auth, limits, CORS and the handler are the ones every other request gets),
-//! then keeps only the socket and the response stream: about a quarter of the memory per
-//! connection (see the README's benchmark section).
+//! Why not `axum::serve`: it gives hyper no timer, so a socket that never sends a request
+//! (or stops half-way, or idles between keep-alive requests) is held forever, and 20,000 of
+//! them exhaust the process; and hyper keeps a read buffer (8-16 KiB) and its write buffers
+//! for the whole life of every HTTP/1 connection, which is right for request/response
+//! traffic but dominates the memory of an SSE server whose connections live for hours.
 //!
-//! A connection takes this path when its first bytes are `GET <sse_path>` followed by a
-//! space or `?`; anything else (other routes, HTTP/2, TLS from a proxy that misroutes, a
-//! reused keep-alive connection) goes to axum/hyper as it would without this listener.
+//! So every accepted socket first shows its first bytes within [`HEAD_TIMEOUT`]:
+//! - `GET <stream path>` (then a space or `?`): the lean path. The request head is read
+//!   into a short-lived buffer, the same axum router answers it (auth, limits, CORS and the
+//!   handler are the ones every other request gets), then only the socket and the response
+//!   stream stay: about a quarter of the memory per connection.
+//! - anything else: hyper (HTTP/1.1, or HTTP/2 with prior knowledge), with the bytes read so
+//!   far replayed, a timer, and the same [`HEAD_TIMEOUT`] for every request head, so idle
+//!   keep-alive connections are closed too.
+//!
+//! Reading the first bytes (instead of peeking) means a socket that sends one byte and
+//! stops costs nothing while it waits: no polling loop.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::{Future, IntoFuture},
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
     body::Body,
     extract::ConnectInfo,
     http::{header, HeaderName, HeaderValue, Method, Request, Version},
-    serve::{ListenerExt, TapIo},
     Router,
 };
+use bytes::Bytes;
 use futures::StreamExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::mpsc,
-    task::JoinHandle,
+    sync::watch,
 };
 use tower::ServiceExt;
+
+use super::{address_key, metrics as m, SseService};
 
 /// Pending connections the kernel queues before `accept`, per accept queue (capped by
 /// `net.core.somaxconn`, 4096 on most systems).
@@ -39,43 +58,43 @@ const BACKLOG: u32 = 4096;
 /// runtime is busy with the streams just opened; one 4096-deep queue overflowed at 19,000
 /// clients, and each dropped handshake costs its client a 1 s, then 3 s, retransmit.
 const ACCEPT_QUEUES: usize = 8;
-/// Largest request head the SSE path reads; larger ones get 431.
+/// Largest request head the lean path reads; larger ones get 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// How long a new connection may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may take to send a complete request head, the first or (on
+/// keep-alive) the next one.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write that makes no progress for this long means the client stopped reading: the
 /// connection is dropped so its buffers are freed (the events stay replayable).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections from one address (IPv6: one /64) that have not yet sent a complete request:
+/// past it, more are closed at once, so one client cannot fill the socket budget with
+/// silent connections.
+const MAX_PENDING_PER_ADDRESS: usize = 256;
+/// File descriptors kept free of client sockets (Redis connections, files, the listeners).
+const FD_HEADROOM: usize = 128;
 
-/// Accepts TCP connections for `axum::serve`, serving `GET /api/sse` itself.
+/// The listening sockets: eight accept queues on one port.
 ///
 /// ```no_run
-/// # async fn run(app: axum::Router) -> std::io::Result<()> {
-/// use std::net::SocketAddr;
+/// # async fn run(app: axum::Router, sse: sse_notify::server::SseService) -> std::io::Result<()> {
 /// use sse_notify::server::SseListener;
 ///
-/// let listener = SseListener::bind("127.0.0.1:3000".parse().unwrap(), app.clone()).await?;
-/// axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+/// let listener = SseListener::bind("127.0.0.1:3000".parse().unwrap()).await?;
+/// listener
+///     .serve(app, &sse)
+///     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
+///     .await?;
 /// # Ok(()) }
 /// ```
-///
-/// `app` must be the same router that `axum::serve` gets (with [`router`](super::router)
-/// merged in), so both paths answer alike.
 pub struct SseListener {
+    listeners: Vec<TcpListener>,
     local_addr: SocketAddr,
-    others: mpsc::Receiver<(TcpStream, SocketAddr)>,
-    acceptors: Vec<JoinHandle<()>>,
 }
 
 impl SseListener {
-    /// Listens on `addr` (port 0 picks a free one) with deep accept queues.
-    ///
-    /// The listener comes wrapped in axum's [`TapIo`], which turns on `TCP_NODELAY` for the
-    /// connections axum serves and lets `into_make_service_with_connect_info::<SocketAddr>()`
-    /// see client addresses.
-    pub async fn bind(addr: SocketAddr, app: Router) -> io::Result<TapIo<Self, fn(&mut TcpStream)>> {
-        let (tx, others) = mpsc::channel(1024);
-        let app = Arc::new(app);
+    /// Listens on `addr` (port 0 picks a free one) with deep accept queues. Fails if the
+    /// port is taken (it is not silently shared).
+    pub async fn bind(addr: SocketAddr) -> io::Result<Self> {
         // A plain bind first: `SO_REUSEPORT` alone would let a second server on the same
         // port silently share its connections instead of failing with "address in use".
         let probe = new_socket(addr)?;
@@ -83,52 +102,115 @@ impl SseListener {
         probe.bind(addr)?;
         let local_addr = probe.local_addr()?;
         drop(probe);
-        let prefix: Arc<[u8]> = format!("GET {}", crate::api::STREAM_PATH).into_bytes().into();
-        let mut acceptors = Vec::with_capacity(ACCEPT_QUEUES);
+        let mut listeners = Vec::with_capacity(ACCEPT_QUEUES);
         for _ in 0..ACCEPT_QUEUES {
             let socket = new_socket(addr)?;
             socket.set_reuseaddr(true)?;
             socket.set_reuseport(true)?;
             socket.bind(local_addr)?;
-            let listener = socket.listen(BACKLOG)?;
-            // Unconstrained: drain the queue on each wake-up rather than yield every 128 accepts.
-            let accept = accept_loop(listener, app.clone(), prefix.clone(), tx.clone());
-            let accept = tokio::task::unconstrained(accept);
-            acceptors.push(tokio::spawn(accept));
+            listeners.push(socket.listen(BACKLOG)?);
         }
-        let listener = Self {
+        Ok(Self {
+            listeners,
             local_addr,
-            others,
-            acceptors,
-        };
-        Ok(listener.tap_io(no_delay as fn(&mut TcpStream)))
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves `app` (with [`Routes`](super::Routes) merged in), taking the lean path for
+    /// `sse`'s stream path. Await the result, or add
+    /// [`with_graceful_shutdown`](Serve::with_graceful_shutdown).
+    pub fn serve(self, app: Router, sse: &SseService) -> Serve {
+        Serve {
+            listener: self,
+            app,
+            service: sse.clone(),
+        }
     }
 }
 
-impl Drop for SseListener {
-    /// axum drops the listener when a graceful shutdown starts: stop accepting then too.
+/// A running server; see [`SseListener::serve`].
+pub struct Serve {
+    listener: SseListener,
+    app: Router,
+    service: SseService,
+}
+
+impl Serve {
+    /// Serves until `signal` completes, then stops accepting, shuts the [`SseService`]
+    /// down (which ends every stream, so clients reconnect elsewhere), lets requests in
+    /// flight finish, and returns.
+    pub async fn with_graceful_shutdown<F>(self, signal: F) -> io::Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Serve {
+            listener,
+            app,
+            service,
+        } = self;
+        let (shutdown, watching) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            app,
+            stream_prefix: format!("GET {}", service.stream_path()).into_bytes().into(),
+            sockets: AtomicUsize::new(0),
+            max_sockets: file_limit().saturating_sub(FD_HEADROOM).max(64),
+            pending: Mutex::new(HashMap::new()),
+            shutdown: watching,
+        });
+        // Accepting stops when this future completes or is dropped.
+        let acceptors = AbortOnDrop(
+            listener
+                .listeners
+                .into_iter()
+                .map(|l| tokio::spawn(tokio::task::unconstrained(accept_loop(l, shared.clone()))))
+                .collect(),
+        );
+        signal.await;
+        tracing::info!("shutting down: no new connections");
+        drop(acceptors);
+        let _ = shutdown.send(true);
+        service.shutdown().await;
+        drop(shared);
+        // Every connection holds a receiver until it is done.
+        shutdown.closed().await;
+        Ok(())
+    }
+}
+
+impl IntoFuture for Serve {
+    type Output = io::Result<()>;
+    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.with_graceful_shutdown(std::future::pending()))
+    }
+}
+
+/// Tasks aborted when this is dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        for acceptor in &self.acceptors {
-            acceptor.abort();
-        }
+        self.0.iter().for_each(tokio::task::JoinHandle::abort);
     }
 }
 
-impl axum::serve::Listener for SseListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.others.recv().await {
-            Some(connection) => connection,
-            // The accept loops only end when this listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local_addr)
-    }
+/// What every connection task shares.
+struct Shared {
+    app: Router,
+    /// `GET <stream path>`.
+    stream_prefix: Arc<[u8]>,
+    /// Open client sockets, and the most allowed (below the process's file limit).
+    sockets: AtomicUsize,
+    max_sockets: usize,
+    /// Connections per address that have not sent a complete request yet.
+    pending: Mutex<HashMap<IpAddr, usize>>,
+    shutdown: watch::Receiver<bool>,
 }
 
 fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
@@ -139,18 +221,19 @@ fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     }
 }
 
-fn no_delay(stream: &mut TcpStream) {
-    let _ = stream.set_nodelay(true);
+/// The soft limit on open files of this process (`ulimit -n`).
+fn file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse().ok()
+        })
+        .unwrap_or(1024)
 }
 
-/// Accepts from one queue; each connection becomes a task: the SSE path, or a hand-over
-/// to axum.
-async fn accept_loop(
-    listener: TcpListener,
-    app: Arc<Router>,
-    prefix: Arc<[u8]>,
-    others: mpsc::Sender<(TcpStream, SocketAddr)>,
-) {
+/// Accepts from one queue; each connection becomes a task.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -161,52 +244,190 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (app, prefix, others) = (app.clone(), prefix.clone(), others.clone());
+        let Some(slot) = SocketSlot::take(&shared) else {
+            m::connection_refused("socket_limit");
+            continue; // dropping the stream closes it
+        };
+        let Some(pending) = PendingSlot::take(&shared, peer.ip()) else {
+            m::connection_refused("pending_per_address");
+            continue;
+        };
+        let shared = shared.clone();
         tokio::spawn(async move {
-            if is_sse_request(&stream, &prefix).await {
-                serve_sse(stream, peer, &app).await;
-            } else {
-                let _ = others.send((stream, peer)).await;
-            }
+            let _slot = slot;
+            handle(stream, peer, pending, &shared).await;
         });
     }
 }
 
-/// Peeks (without consuming) until the first bytes show whether this is `GET <stream path>`.
-async fn is_sse_request(stream: &TcpStream, prefix: &[u8]) -> bool {
-    let mut peeked = vec![0u8; prefix.len() + 1];
-    let wait = async {
-        loop {
-            let n = stream.peek(&mut peeked).await.unwrap_or(0);
-            if n == 0 {
-                return false; // closed, or an error: let hyper see it.
-            }
-            let common = n.min(prefix.len());
-            if peeked[..common] != prefix[..common] {
-                return false;
-            }
-            if n == peeked.len() {
-                return matches!(peeked[prefix.len()], b' ' | b'?');
-            }
-            // A partial packet: wait for more.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+/// One open client socket, counted against the budget while it lives.
+struct SocketSlot(Arc<Shared>);
+
+impl SocketSlot {
+    fn take(shared: &Arc<Shared>) -> Option<Self> {
+        let open = shared.sockets.fetch_add(1, Ordering::Relaxed);
+        if open >= shared.max_sockets {
+            shared.sockets.fetch_sub(1, Ordering::Relaxed);
+            return None;
         }
-    };
-    tokio::time::timeout(HEAD_TIMEOUT, wait).await.unwrap_or(false)
+        Some(Self(shared.clone()))
+    }
 }
 
-/// Reads the head, runs the router, writes the response and streams its body until either
-/// side ends. Nothing from the request outlives the router call.
-async fn serve_sse(mut stream: TcpStream, peer: SocketAddr, app: &Router) {
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection that has not sent a complete request yet, counted per address.
+struct PendingSlot {
+    shared: Arc<Shared>,
+    key: IpAddr,
+    released: bool,
+}
+
+impl PendingSlot {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let key = address_key(ip);
+        let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let count = pending.entry(key).or_default();
+        if *count >= MAX_PENDING_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            shared: shared.clone(),
+            key,
+            released: false,
+        })
+    }
+
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        let mut pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = pending.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                pending.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Reads the first bytes, then serves the connection on the lean path or through hyper.
+async fn handle(mut stream: TcpStream, peer: SocketAddr, mut pending: PendingSlot, shared: &Shared) {
     let _ = stream.set_nodelay(true);
-    let request = match Box::pin(tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream))).await {
+    let prefix = &shared.stream_prefix;
+    let mut first = Vec::with_capacity(prefix.len() + 1);
+    let lean = tokio::time::timeout(HEAD_TIMEOUT, async {
+        let mut buf = [0u8; 256];
+        loop {
+            let n = stream.read(&mut buf[..prefix.len() + 1 - first.len()]).await?;
+            if n == 0 {
+                return Ok::<_, io::Error>(None); // closed before deciding
+            }
+            first.extend_from_slice(&buf[..n]);
+            let common = first.len().min(prefix.len());
+            if first[..common] != prefix[..common] {
+                return Ok(Some(false));
+            }
+            if first.len() > prefix.len() {
+                return Ok(Some(matches!(first[prefix.len()], b' ' | b'?')));
+            }
+        }
+    })
+    .await;
+    let lean = match lean {
+        Ok(Ok(Some(lean))) => lean,
+        Ok(Ok(None) | Err(_)) => return,
+        Err(_) => {
+            m::connection_refused("head_timeout");
+            return;
+        }
+    };
+    let shutdown = shared.shutdown.clone();
+    if lean {
+        serve_lean(stream, peer, first, pending, &shared.app, shutdown).await;
+    } else {
+        // hyper takes over, with its own timer for every request head; the connection
+        // counts as pending only until this hand-over.
+        pending.release();
+        serve_hyper(
+            Rewind::new(first.into(), stream),
+            peer,
+            shared.app.clone(),
+            shutdown,
+        )
+        .await;
+    }
+}
+
+/// Serves one connection through hyper (HTTP/1.1, or HTTP/2 with prior knowledge), with
+/// upgrades (WebSocket), header-read timeouts and a graceful end on shutdown.
+async fn serve_hyper(
+    io: Rewind<TcpStream>,
+    peer: SocketAddr,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        app.clone().oneshot(request.map(Body::new))
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HEAD_TIMEOUT)
+        .keep_alive_timeout(HEAD_TIMEOUT)
+        .max_concurrent_streams(64);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = &mut connection => return,
+        _ = shutdown.wait_for(|down| *down) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
+}
+
+/// Reads the head (the first bytes already read are `first`), runs the router, writes the
+/// response and streams its body until either side ends. Nothing from the request outlives
+/// the router call.
+async fn serve_lean(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    first: Vec<u8>,
+    mut pending: PendingSlot,
+    app: &Router,
+    _shutdown: watch::Receiver<bool>,
+) {
+    let request = match Box::pin(tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, first))).await {
         Ok(Ok(request)) => request,
         Ok(Err(status)) => {
             let _ = write_plain(&mut stream, status).await;
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            m::connection_refused("head_timeout");
+            return;
+        }
     };
+    pending.release();
+    drop(pending);
     let http11 = request.version() == Version::HTTP_11;
     let mut request = request;
     request.extensions_mut().insert(ConnectInfo(peer));
@@ -238,7 +459,10 @@ async fn serve_sse(mut stream: TcpStream, peer: SocketAddr, app: &Router) {
     }
     head.extend_from_slice(b"\r\n");
     drop(parts);
-    if write_with_timeout(&mut stream, &head).await.is_err() {
+    if write_with_progress(&mut stream, &head, WRITE_TIMEOUT)
+        .await
+        .is_err()
+    {
         return;
     }
     drop(head);
@@ -254,9 +478,9 @@ async fn serve_sse(mut stream: TcpStream, peer: SocketAddr, app: &Router) {
                         chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
                         chunk.extend_from_slice(&data);
                         chunk.extend_from_slice(b"\r\n");
-                        write_with_timeout(&mut stream, &chunk).await
+                        write_with_progress(&mut stream, &chunk, WRITE_TIMEOUT).await
                     } else {
-                        write_with_timeout(&mut stream, &data).await
+                        write_with_progress(&mut stream, &data, WRITE_TIMEOUT).await
                     };
                     if sent.is_err() {
                         return;
@@ -279,15 +503,18 @@ async fn serve_sse(mut stream: TcpStream, peer: SocketAddr, app: &Router) {
         }
     }
     if chunked {
-        let _ = write_with_timeout(&mut stream, b"0\r\n\r\n").await;
+        let _ = write_with_progress(&mut stream, b"0\r\n\r\n", WRITE_TIMEOUT).await;
     }
     let _ = stream.shutdown().await;
 }
 
-/// Reads and parses the request head; the buffer is freed on return.
-async fn read_head(stream: &mut TcpStream) -> Result<Request<Body>, u16> {
-    let mut buf = Vec::with_capacity(1024);
+/// Reads until the request head is complete, starting from `buf` (bytes already read), and
+/// parses it; the buffer is freed on return. Errors are the status to answer with.
+async fn read_head<R: AsyncRead + Unpin>(stream: &mut R, mut buf: Vec<u8>) -> Result<Request<Body>, u16> {
     loop {
+        if let Some(parsed) = parse_head(&buf)? {
+            return Ok(parsed);
+        }
         if buf.len() >= MAX_HEAD_BYTES {
             return Err(431);
         }
@@ -297,18 +524,24 @@ async fn read_head(stream: &mut TcpStream) -> Result<Request<Body>, u16> {
             return Err(400);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => return build_request(&parsed),
-            Ok(httparse::Status::Partial) => continue,
-            Err(httparse::Error::TooManyHeaders) => return Err(431),
-            Err(_) => return Err(400),
-        }
     }
 }
 
-fn build_request(parsed: &httparse::Request<'_, '_>) -> Result<Request<Body>, u16> {
+/// Parses a complete `GET` request head; `Ok(None)` while it is incomplete, `Err(status)`
+/// when it can never be valid. Never panics, whatever the bytes.
+pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Request<Body>>, u16> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => return Err(431),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(431),
+        Err(_) => return Err(400),
+    }
+    if parsed.method != Some("GET") {
+        return Err(400);
+    }
     let mut builder = Request::builder()
         .method(Method::GET)
         .uri(parsed.path.ok_or(400u16)?)
@@ -322,14 +555,25 @@ fn build_request(parsed: &httparse::Request<'_, '_>) -> Result<Request<Body>, u1
         let value = HeaderValue::from_bytes(h.value).map_err(|_| 400u16)?;
         builder = builder.header(name, value);
     }
-    builder.body(Body::empty()).map_err(|_| 400)
+    builder.body(Body::empty()).map(Some).map_err(|_| 400)
 }
 
-async fn write_with_timeout(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
-    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+/// Writes all of `bytes`, failing only when no byte could be written for `stall`: a slow
+/// reader that keeps taking data is never cut off, one that stopped reading is.
+pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    mut bytes: &[u8],
+    stall: Duration,
+) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(stall, stream.write(bytes)).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => bytes = &bytes[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        }
     }
+    stream.flush().await
 }
 
 /// A bare error response for a request the router never saw (unparseable head).
@@ -344,6 +588,135 @@ async fn write_plain(stream: &mut TcpStream, status: u16) -> io::Result<()> {
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    write_with_timeout(stream, response.as_bytes()).await?;
+    write_with_progress(stream, response.as_bytes(), WRITE_TIMEOUT).await?;
     stream.shutdown().await
+}
+
+/// An IO that first replays bytes already read from it.
+struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    fn new(prefix: Bytes, inner: T) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let replay = self.prefix.split_to(n);
+            buf.put_slice(&replay);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    /// A reader that keeps taking bytes, however slowly, is never cut off; one that stops
+    /// is cut off 30 s after its last progress (not 30 s after the write began).
+    #[tokio::test(start_paused = true)]
+    async fn the_write_timeout_is_no_progress_for_30_s() {
+        let (mut server, mut client) = duplex(64);
+        let payload = vec![b'x'; 4096];
+        let writer = tokio::spawn(async move {
+            let result = write_with_progress(&mut server, &payload, WRITE_TIMEOUT).await;
+            (result.map_err(|e| e.kind()), tokio::time::Instant::now())
+        });
+        // A slow reader: 64 bytes every 20 s for 2,000 s; the whole write takes far longer
+        // than 30 s but never stalls that long.
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let mut read = 0;
+        while read < 2048 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            read += client.read(&mut buf).await.unwrap();
+        }
+        assert!(started.elapsed() > Duration::from_secs(600));
+        assert!(!writer.is_finished(), "cut off while still making progress");
+        // Now the reader stops: the write fails 30 s after the last progress.
+        let stopped = tokio::time::Instant::now();
+        let (result, failed_at) = writer.await.unwrap();
+        assert_eq!(result, Err(io::ErrorKind::TimedOut));
+        let after = failed_at - stopped;
+        assert!(
+            after <= WRITE_TIMEOUT && after >= WRITE_TIMEOUT - Duration::from_secs(1),
+            "{after:?}"
+        );
+    }
+
+    #[test]
+    fn heads_parse_or_refuse_with_a_status() {
+        let ok = parse_head(b"GET /api/sse?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ok.uri(), "/api/sse?x=1");
+        assert!(parse_head(b"GET /api/sse HTTP/1.1\r\nHost: a\r\n")
+            .unwrap()
+            .is_none());
+        assert_eq!(parse_head(b"POST /api/sse HTTP/1.1\r\n\r\n").unwrap_err(), 400);
+        assert_eq!(parse_head(b"GET /\x01 HTTP/1.1\r\n\r\n").unwrap_err(), 400);
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD_BYTES));
+        assert_eq!(parse_head(big.as_bytes()).unwrap_err(), 431);
+    }
+
+    #[test]
+    fn ipv6_addresses_share_a_budget_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(address_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_what_was_read_first() {
+        let (mut far, near) = duplex(64);
+        far.write_all(b"rest").await.unwrap();
+        drop(far);
+        let mut io = Rewind::new(Bytes::from_static(b"GET "), near);
+        let mut all = String::new();
+        io.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "GET rest");
+    }
 }

@@ -34,7 +34,7 @@ pub fn install() -> &'static PrometheusHandle {
 fn label(name: &str) -> &'static str {
     names::BUILT_IN
         .iter()
-        .chain(names::RESERVED.iter())
+        .chain(names::CONTROL.iter())
         .find(|n| **n == name)
         .copied()
         .unwrap_or("custom")

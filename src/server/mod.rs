@@ -1,33 +1,35 @@
 //! The server half (feature `ssr`): the SSE endpoint, the publish API and the typed
 //! [`SseService`] API, on an in-process or Redis [`Broker`](broker::Broker).
 //!
-//! Merge [`router`] into your Axum app, put the [`SseService`] into the Leptos context, and
-//! serve through [`SseListener`] (plain `tokio::net::TcpListener` works too, with about four
-//! times the memory per open stream):
+//! Build the [`Routes`] into your Axum app, put the [`SseService`] into the Leptos context,
+//! and serve through [`SseListener`] (on unix; plain `axum::serve` works too, with about
+//! four times the memory per open stream and no protection against idle sockets):
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use sse_notify::server::{router, SseConfig, SseListener, SseService};
+//! use sse_notify::server::{Routes, SseConfig, SseListener, SseService};
 //!
 //! let sse = SseService::start(SseConfig::from_env()?).await?;
 //! let app: axum::Router = axum::Router::new()
 //!     // .leptos_routes_with_context(&options, routes, { let s = sse.clone(); move || leptos::prelude::provide_context(s.clone()) }, ..)
-//!     .merge(router(sse.clone()));
-//! let listener = SseListener::bind("127.0.0.1:3000".parse()?, app.clone()).await?;
-//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-//!     .with_graceful_shutdown(async move { let _ = tokio::signal::ctrl_c().await; sse.shutdown().await })
+//!     .merge(Routes::new(&sse).build());
+//! SseListener::bind("127.0.0.1:3000".parse()?)
+//!     .await?
+//!     .serve(app, &sse)
+//!     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
 //!     .await?;
 //! # Ok(()) }
 //! ```
-
 //!
 //! Layout, from the bottom up (each module uses only those above it in this list):
 //! - `event`: event ids, targets and published events with their shared SSE frame;
 //! - `hub`: this process's connections, per user, each with a bounded queue;
-//! - `broker`: ids, history and fan-out (in-process or Redis), handing events to a sink;
+//! - `broker`: ids, history and fan-out (in-process or Redis), handing events to a
+//!   [`Delivery`](broker::Delivery);
 //! - `service` + `connection`: [`SseService`], which owns the hub and the broker and runs
 //!   the protocol of opening and closing a stream;
-//! - `stream`, `publish`, `routes`, `listener`: HTTP glue around the service.
+//! - `auth`: who a request is from; `stream`, `publish`, `routes`, `listener`: HTTP glue
+//!   around the service.
 
 pub mod auth;
 pub mod broker;
@@ -35,6 +37,7 @@ pub mod config;
 mod connection;
 pub mod event;
 mod hub;
+#[cfg(unix)]
 mod listener;
 pub mod metrics;
 pub mod publish;
@@ -43,16 +46,19 @@ pub mod service;
 pub mod stream;
 
 pub use crate::api::{BrokerHealth, Stats};
-pub use auth::{Auth, AuthError, Claims, SESSION_COOKIE};
+pub use auth::{Auth, AuthError, Authenticate, Claims, Identity, SESSION_COOKIE};
 pub use broker::{Broker, BrokerError};
-pub use config::{ConfigError, SseConfig};
+pub use config::{ConfigError, CookieSecure, SseConfig};
 pub use connection::EventStream;
 pub use event::{EventId, Target};
-pub use listener::SseListener;
-pub use routes::router;
+#[cfg(unix)]
+pub use listener::{Serve, SseListener};
+pub use routes::Routes;
 #[cfg(feature = "demo")]
-pub use routes::{session_cookie, SESSION_TTL};
-pub use service::{OpenError, RateLimited, SendError, SseService, StartError};
+pub use routes::{session_cookie, session_cookie_removal, SESSION_TTL};
+pub use service::{
+    ConnectionPermit, OpenError, RateLimited, SendError, SseService, SseServiceBuilder, StartError,
+};
 
 use axum::{
     http::{header, HeaderValue, StatusCode},
@@ -61,6 +67,23 @@ use axum::{
 };
 
 use crate::events::ValidationError;
+
+/// The key of per-address budgets and rate limits: the address, or its /64 for IPv6 (one
+/// subscriber usually holds a whole /64); IPv4-mapped IPv6 addresses count as IPv4.
+pub(crate) fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut bytes = v6.octets();
+                bytes[8..].fill(0);
+                IpAddr::V6(bytes.into())
+            }
+        },
+    }
+}
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

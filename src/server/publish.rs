@@ -11,9 +11,11 @@
 //! published, so a batch is taken whole or refused whole with the first bad field named
 //! (`[2].data.title`).
 
+use std::time::Duration;
+
 use axum::{
-    body::Bytes,
-    extract::{rejection::BytesRejection, State},
+    body::{Body, Bytes},
+    extract::{Request, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -29,44 +31,59 @@ use super::{
 };
 use crate::events::{Event, ValidationError};
 
-/// `POST /api/events`.
-pub async fn publish_handler(
-    State(service): State<SseService>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let config = service.config();
-    let Some(key) = config.publish_key.as_ref() else {
+/// How long a request body may take to arrive: one that trickles in is cut off.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks `Authorization: Bearer <SSE_PUBLISH_KEY>`: 403 when no key is configured (the
+/// routes that need it are off), 401 without a key, 403 with a wrong one.
+pub(crate) fn check_publish_key(service: &SseService, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = service.config().publish_key.as_ref() else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "the publish API is disabled: set SSE_PUBLISH_KEY to enable it",
+            "this route is disabled: set SSE_PUBLISH_KEY to enable it",
         ));
     };
-    match bearer_token(&headers) {
-        None => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "send `Authorization: Bearer <SSE_PUBLISH_KEY>`",
-            )
-            .field("Authorization"))
-        }
+    match bearer_token(headers) {
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "send `Authorization: Bearer <SSE_PUBLISH_KEY>`",
+        )
+        .field("Authorization")),
         // Compared without stopping at the first difference, so timing does not leak the key.
         Some(given) if !bool::from(given.as_bytes().ct_eq(key.expose_secret().as_bytes())) => {
-            return Err(ApiError::new(StatusCode::FORBIDDEN, "wrong publish key").field("Authorization"))
+            Err(ApiError::new(StatusCode::FORBIDDEN, "wrong publish key").field("Authorization"))
         }
-        Some(_) => {}
+        Some(_) => Ok(()),
     }
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body is larger than {} bytes", config.max_body_bytes),
-            )
-            .field("body")
-        } else {
-            ApiError::bad_request(rejection.body_text()).field("body")
-        }
-    })?;
+}
+
+/// Reads a body of at most `limit` bytes within [`BODY_TIMEOUT`]: 413 past the limit, 408
+/// when it trickles in too slowly.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+        )
+        .field("body")),
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body is larger than {limit} bytes"),
+        )
+        .field("body")),
+        Ok(Ok(bytes)) => Ok(bytes),
+    }
+}
+
+/// `POST /api/events`. The key is checked before a byte of the body is read.
+pub async fn publish_handler(
+    State(service): State<SseService>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    check_publish_key(&service, &parts.headers)?;
+    let config = service.config();
+    let body = read_body(body, config.max_body_bytes).await?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")).field("body"))?;
 
@@ -142,6 +159,36 @@ fn target(item: &mut Map<String, Value>) -> Result<Target, ValidationError> {
             "is required (or set broadcast: true)",
         )),
     }
+}
+
+/// `POST /api/disconnect` `{"user_id": "..."}`: ends every stream of that user on every
+/// instance (e.g. at logout); `200 {"closed": n}`.
+pub async fn disconnect_handler(
+    State(service): State<SseService>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Disconnect {
+        user_id: String,
+    }
+    let (parts, body) = request.into_parts();
+    check_publish_key(&service, &parts.headers)?;
+    let body = read_body(body, 4 * 1024).await?;
+    let request: Disconnect = serde_json::from_slice(&body).map_err(|e| {
+        let field = if e.to_string().contains("user_id") {
+            "user_id"
+        } else {
+            "body"
+        };
+        ApiError::bad_request(format!("expected {{\"user_id\": \"...\"}}: {e}")).field(field)
+    })?;
+    super::auth::validate_user_id(&request.user_id).map_err(|e| ApiError::bad_request(e).field("user_id"))?;
+    let closed = service
+        .disconnect_user(&request.user_id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(serde_json::json!({ "closed": closed })).into_response())
 }
 
 #[cfg(test)]

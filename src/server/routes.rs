@@ -1,10 +1,11 @@
-//! [`router`] and the small endpoints: session sign-in, stats, metrics, health.
+//! [`Routes`]: which HTTP routes a server exposes and under which prefix, and the small
+//! endpoints (stats, metrics, health, disconnect, the demo's sign-in).
 
 use std::{convert::Infallible, time::Duration};
 
 use axum::{
-    extract::{DefaultBodyLimit, State},
-    http::{header, HeaderValue, Method},
+    extract::State,
+    http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode},
     response::{
         sse::{Event as SseFrame, KeepAlive, Sse},
         IntoResponse, Response,
@@ -12,57 +13,186 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use tokio_stream::wrappers::IntervalStream;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use super::{publish::publish_handler, stream::sse_handler, ApiError, SseService};
+use super::{
+    publish::{check_publish_key, disconnect_handler, publish_handler},
+    stream::sse_handler,
+    ApiError, SseService,
+};
 use crate::api;
 
-/// The routes of the notification server, ready to merge into an app of any state type:
-/// `GET /api/sse`, `POST /api/events`, `GET /api/stats`, `GET /api/stats/stream`,
-/// `GET /metrics`, `GET /healthz`, and with feature `demo` the sign-in `POST /api/session`.
+/// The routes of the notification server, to merge into an app of any state type.
 ///
-/// Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so the per-IP
-/// connection limit can see client addresses.
-pub fn router<S: Clone + Send + Sync + 'static>(service: SseService) -> Router<S> {
-    let config = service.config();
-    let mut api = Router::new()
-        .route(api::STREAM_PATH, get(sse_handler))
-        .route(
-            api::PUBLISH_PATH,
-            post(publish_handler).layer(DefaultBodyLimit::max(config.max_body_bytes)),
-        )
-        .route(api::STATS_PATH, get(stats))
-        .route(api::STATS_STREAM_PATH, get(stats_stream))
-        .route(api::METRICS_PATH, get(metrics))
-        .route(api::HEALTH_PATH, get(healthz));
+/// By default: `GET /api/sse` (the stream), `POST /api/events` (publish), `POST
+/// /api/disconnect`, `GET /api/stats` and `/api/stats/stream`, `GET /metrics`, `GET /healthz`.
+/// Stats and metrics need the publish key unless [`public_stats`](Self::public_stats) is
+/// set. Turn any of them off, and put them all under a prefix; the
+/// [`SseListener`](super::SseListener)'s lean stream path follows the prefix.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use sse_notify::server::{Routes, SseConfig, SseService};
+///
+/// let sse = SseService::start(SseConfig::from_env()?).await?;
+/// // /notify/api/sse, /notify/api/events, /notify/api/disconnect, /notify/healthz
+/// let notify: axum::Router = Routes::new(&sse).prefix("/notify").stats(false).metrics(false).build();
+/// # Ok(()) }
+/// ```
+///
+/// Serve the app with [`SseListener::serve`](super::SseListener::serve) (or axum's
+/// `into_make_service_with_connect_info::<SocketAddr>()`), so the per-address connection
+/// limit sees client addresses.
+#[must_use]
+pub struct Routes {
+    service: SseService,
+    prefix: String,
+    stream: bool,
+    publish: bool,
+    disconnect: bool,
+    stats: bool,
+    public_stats: bool,
+    metrics: bool,
+    health: bool,
+    session: bool,
+}
+
+impl Routes {
+    /// Every route except the demo sign-in, at the root.
+    pub fn new(service: &SseService) -> Self {
+        Self {
+            service: service.clone(),
+            prefix: String::new(),
+            stream: true,
+            publish: true,
+            disconnect: true,
+            stats: true,
+            public_stats: false,
+            metrics: true,
+            health: true,
+            session: false,
+        }
+    }
+
+    /// Puts every route under `prefix` (e.g. `/notify`). Defaults to none.
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.trim_end_matches('/').to_string();
+        self
+    }
+
+    /// `GET /api/sse`, the event stream. Defaults to on.
+    pub fn stream(mut self, on: bool) -> Self {
+        self.stream = on;
+        self
+    }
+
+    /// `POST /api/events`, publishing for other backends (with `SSE_PUBLISH_KEY`). Defaults to on.
+    pub fn publish(mut self, on: bool) -> Self {
+        self.publish = on;
+        self
+    }
+
+    /// `POST /api/disconnect`, ending a user's streams (with `SSE_PUBLISH_KEY`). Defaults to on.
+    pub fn disconnect(mut self, on: bool) -> Self {
+        self.disconnect = on;
+        self
+    }
+
+    /// `GET /api/stats` and `GET /api/stats/stream`. Defaults to on.
+    pub fn stats(mut self, on: bool) -> Self {
+        self.stats = on;
+        self
+    }
+
+    /// Stats and metrics without the publish key (the demo's dashboard). Defaults to off.
+    pub fn public_stats(mut self, on: bool) -> Self {
+        self.public_stats = on;
+        self
+    }
+
+    /// `GET /metrics`, Prometheus. Defaults to on.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self
+    }
+
+    /// `GET /healthz`. Defaults to on.
+    pub fn health(mut self, on: bool) -> Self {
+        self.health = on;
+        self
+    }
+
+    /// `POST /api/session`: sign in as any user (the demo's; never in production).
+    /// Defaults to off.
     #[cfg(feature = "demo")]
-    {
-        api = api.route(
-            "/api/session",
-            post(session).layer(DefaultBodyLimit::max(4 * 1024)),
-        );
+    pub fn demo_session(mut self, on: bool) -> Self {
+        self.session = on;
+        self
     }
-    if !config.allowed_origins.is_empty() {
-        let origins: Vec<HeaderValue> = config
-            .allowed_origins
-            .iter()
-            .filter_map(|o| HeaderValue::from_str(o).ok())
-            .collect();
-        api = api.layer(
-            CorsLayer::new()
-                .allow_origin(AllowOrigin::list(origins))
-                .allow_credentials(true)
-                .allow_methods([Method::GET, Method::POST])
-                .allow_headers([
-                    header::AUTHORIZATION,
-                    header::CONTENT_TYPE,
-                    header::HeaderName::from_static("last-event-id"),
-                ]),
-        );
+
+    /// The router; records the stream's full path in the service for the lean path.
+    pub fn build<S: Clone + Send + Sync + 'static>(self) -> Router<S> {
+        let service = self.service.clone();
+        let at = |path: &str| format!("{}{path}", self.prefix);
+        service.set_stream_path(&at(api::STREAM_PATH));
+        let mut routes = Router::new();
+        if self.stream {
+            routes = routes.route(&at(api::STREAM_PATH), get(sse_handler));
+        }
+        if self.publish {
+            routes = routes.route(&at(api::PUBLISH_PATH), post(publish_handler));
+        }
+        if self.disconnect {
+            routes = routes.route(&at(api::DISCONNECT_PATH), post(disconnect_handler));
+        }
+        if self.stats {
+            let (json, stream) = if self.public_stats {
+                (get(stats), get(stats_stream))
+            } else {
+                (get(protected_stats), get(protected_stats_stream))
+            };
+            routes = routes
+                .route(&at(api::STATS_PATH), json)
+                .route(&at(api::STATS_STREAM_PATH), stream);
+        }
+        if self.metrics {
+            let metrics = if self.public_stats {
+                get(metrics)
+            } else {
+                get(protected_metrics)
+            };
+            routes = routes.route(&at(api::METRICS_PATH), metrics);
+        }
+        if self.health {
+            routes = routes.route(&at(api::HEALTH_PATH), get(healthz));
+        }
+        #[cfg(feature = "demo")]
+        if self.session {
+            routes = routes.route(&at(api::SESSION_PATH), post(session));
+        }
+        let config = service.config();
+        if !config.allowed_origins.is_empty() {
+            let origins: Vec<HeaderValue> = config
+                .allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect();
+            routes = routes.layer(
+                CorsLayer::new()
+                    .allow_origin(AllowOrigin::list(origins))
+                    .allow_credentials(true)
+                    .allow_methods([Method::GET, Method::HEAD, Method::POST])
+                    .allow_headers([
+                        header::AUTHORIZATION,
+                        header::CONTENT_TYPE,
+                        header::HeaderName::from_static("last-event-id"),
+                    ]),
+            );
+        }
+        routes.with_state(service)
     }
-    api.with_state(service)
 }
 
 /// `GET /api/stats`.
@@ -70,19 +200,39 @@ async fn stats(State(service): State<SseService>) -> Response {
     Json(service.stats()).into_response()
 }
 
-/// `GET /api/stats/stream`: a `stats` event at once and then every second, for live
-/// dashboards, until the service shuts down.
-async fn stats_stream(
+async fn protected_stats(
     State(service): State<SseService>,
-) -> Sse<impl Stream<Item = Result<SseFrame, Infallible>>> {
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_publish_key(&service, &headers)?;
+    Ok(stats(State(service)).await)
+}
+
+/// `GET /api/stats/stream`: a `stats` event at once and then every second, for live
+/// dashboards, until the service shuts down. Counts against `max_connections`.
+async fn stats_stream(State(service): State<SseService>) -> Result<Response, ApiError> {
+    let permit = service.hold_connection().ok_or_else(|| {
+        ApiError::unavailable("the server holds as many connections as it may; retry shortly")
+    })?;
     let ticks = IntervalStream::new(tokio::time::interval(Duration::from_secs(1)));
     let stream = ticks.take_until(service.shutting_down()).map(move |_| {
-        Ok(SseFrame::default()
-            .event("stats")
-            .json_data(service.stats())
-            .unwrap_or_default())
+        let _held = &permit;
+        Ok::<_, Infallible>(
+            SseFrame::default()
+                .event("stats")
+                .json_data(service.stats())
+                .unwrap_or_default(),
+        )
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+async fn protected_stats_stream(
+    State(service): State<SseService>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_publish_key(&service, &headers)?;
+    stats_stream(State(service)).await
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -92,6 +242,14 @@ async fn metrics() -> Response {
         super::metrics::install().render(),
     )
         .into_response()
+}
+
+async fn protected_metrics(
+    State(service): State<SseService>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_publish_key(&service, &headers)?;
+    Ok(metrics().await)
 }
 
 /// `GET /healthz`: 200 while serving, with the broker's health in the body (a degraded
@@ -120,9 +278,11 @@ struct SessionRequest {
 pub const SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// `POST /api/session` (demo): signs in as any user id and sets the `sse_session` cookie.
+/// JSON only, so no cross-site form can sign a browser in; the token is only in the cookie.
 #[cfg(feature = "demo")]
 async fn session(
     State(service): State<SseService>,
+    parts: Parts,
     body: Result<Json<SessionRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(request) = body.map_err(|e| {
@@ -132,7 +292,7 @@ async fn session(
             "body"
         };
         let status = match &e {
-            axum::extract::rejection::JsonRejection::JsonDataError(_) => axum::http::StatusCode::BAD_REQUEST,
+            axum::extract::rejection::JsonRejection::JsonDataError(_) => StatusCode::BAD_REQUEST,
             other => other.status(),
         };
         ApiError::new(status, e.body_text()).field(field)
@@ -140,17 +300,53 @@ async fn session(
     let token = service
         .issue_token(&request.user_id, None, SESSION_TTL)
         .map_err(|e| ApiError::bad_request(e.to_string()).field("user_id"))?;
-    let cookie = session_cookie(&token);
-    let body = serde_json::json!({ "user_id": request.user_id, "token": token });
+    let cookie = session_cookie(&service, &parts, &token);
+    let body = serde_json::json!({ "user_id": request.user_id });
     Ok(([(header::SET_COOKIE, cookie)], Json(body)).into_response())
 }
 
-/// The `Set-Cookie` value of a session: HttpOnly, SameSite=Lax, for the whole site.
+/// The `Set-Cookie` value of a demo session: HttpOnly, SameSite=Lax, for the whole site,
+/// `Secure` as `SSE_COOKIE_SECURE` says (by default when the request came over HTTPS).
 #[cfg(feature = "demo")]
-pub fn session_cookie(token: &str) -> String {
-    format!(
-        "{}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}",
-        super::SESSION_COOKIE,
-        SESSION_TTL.as_secs()
-    )
+pub fn session_cookie(service: &SseService, request: &Parts, token: &str) -> String {
+    use axum_extra::extract::cookie::{Cookie, SameSite};
+
+    use super::config::CookieSecure;
+    let https = request.uri.scheme_str() == Some("https")
+        || request
+            .headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    let secure = match service.config().cookie_secure {
+        CookieSecure::Auto => https,
+        CookieSecure::Always => true,
+        CookieSecure::Never => false,
+    };
+    Cookie::build((super::SESSION_COOKIE, token.to_string()))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .max_age(time_span(SESSION_TTL))
+        .secure(secure)
+        .build()
+        .to_string()
+}
+
+/// The `Set-Cookie` value that ends a demo session.
+#[cfg(feature = "demo")]
+pub fn session_cookie_removal() -> String {
+    use axum_extra::extract::cookie::{Cookie, SameSite};
+    Cookie::build((super::SESSION_COOKIE, ""))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .max_age(time_span(Duration::ZERO))
+        .build()
+        .to_string()
+}
+
+#[cfg(feature = "demo")]
+fn time_span(d: Duration) -> cookie::time::Duration {
+    cookie::time::Duration::seconds(d.as_secs() as i64)
 }

@@ -48,7 +48,7 @@ use std::{
     net::IpAddr,
     num::NonZeroU32,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -61,15 +61,17 @@ use tokio::task::JoinHandle;
 use tokio_stream::{wrappers::IntervalStream, StreamExt};
 
 use super::{
-    auth::{self, Auth},
-    broker::{coalesce_latest, Broker, BrokerError, EventSink, MemoryBroker, RedisBroker, Retention},
+    auth::{self, Auth, Authenticate, Identity},
+    broker::{
+        coalesce_latest, Broker, BrokerError, Delivery, EventSink, MemoryBroker, RedisBroker, Retention,
+    },
     connection::{Closer, EventStream},
     event::{encode_frame, Envelope, EventId, PublishedEvent, Target},
-    hub::Hub,
+    hub::{CloseReason, Hub},
     metrics as m, now_ms, SseConfig,
 };
 use crate::{
-    api::{BrokerHealth, Stats},
+    api::{self, BrokerHealth, Stats},
     events::{
         names, Event, Notification, ReelReady, ReelUploadProgress, SystemAlert, UserUpdate, ValidationError,
     },
@@ -101,6 +103,8 @@ pub enum StartError {
 pub enum OpenError {
     #[error("the server is shutting down; reconnect shortly")]
     ShuttingDown,
+    #[error("the server holds as many connections as it may ({0}); retry shortly")]
+    TooManyConnections(usize),
     #[error("the event broker is unavailable; retry shortly")]
     Broker(#[from] BrokerError),
 }
@@ -119,7 +123,15 @@ struct Inner {
     config: SseConfig,
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
+    /// Signs and verifies session tokens ([`SseService::issue_token`]).
     auth: Auth,
+    /// Who a stream request is from: `auth` unless the host gave its own.
+    authenticator: Arc<dyn Authenticate>,
+    /// Where the stream is served (with the routes' prefix), for the listener's lean path.
+    stream_path: std::sync::RwLock<Arc<str>>,
+    /// Long-lived responses open now (streams, stats streams), and the most allowed.
+    long_lived: Arc<AtomicUsize>,
+    max_long_lived: usize,
     retention: Retention,
     ip_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
     user_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
@@ -154,15 +166,29 @@ fn limiter<K: std::hash::Hash + Eq + Clone>(per_minute: u32) -> Option<DefaultKe
 }
 
 impl SseService {
-    /// Starts the service: picks the broker (Redis when `config.redis_url` is set, else the
-    /// in-process one) and spawns the heartbeat and cleanup tasks. Call inside a Tokio runtime.
+    /// Starts the service with the default identity (session tokens, see [`Auth`]): picks
+    /// the broker (Redis when `config.redis_url` is set, else the in-process one) and spawns
+    /// the heartbeat, expiry and cleanup tasks. Call inside a Tokio runtime.
     pub async fn start(config: SseConfig) -> Result<Self, StartError> {
+        Self::builder(config).start().await
+    }
+
+    /// A service to configure further before it starts, e.g. with the host app's own
+    /// [`Authenticate`] hook.
+    pub fn builder(config: SseConfig) -> SseServiceBuilder {
+        SseServiceBuilder {
+            config,
+            authenticator: None,
+        }
+    }
+
+    async fn start_with(
+        config: SseConfig,
+        authenticator: Option<Arc<dyn Authenticate>>,
+    ) -> Result<Self, StartError> {
         m::install();
         let hub = Arc::new(Hub::new(config.max_clients_per_user, config.queue_capacity));
-        let sink: EventSink = {
-            let hub = hub.clone();
-            Arc::new(move |event| hub.dispatch(&event))
-        };
+        let sink: EventSink = Arc::new(HubDelivery(hub.clone()));
         let broker: Arc<dyn Broker> = match &config.redis_url {
             Some(url) => {
                 use secrecy::ExposeSecret;
@@ -179,10 +205,16 @@ impl SseService {
                 sink,
                 config.retention(),
                 config.history_capacity,
+                config.history_max_bytes,
             )),
         };
+        let auth = Auth::new(config.jwt_secret.as_ref());
         let inner = Arc::new(Inner {
-            auth: Auth::new(config.jwt_secret.as_ref()),
+            authenticator: authenticator.unwrap_or_else(|| Arc::new(auth.clone())),
+            auth,
+            stream_path: std::sync::RwLock::new(api::STREAM_PATH.into()),
+            long_lived: Arc::new(AtomicUsize::new(0)),
+            max_long_lived: config.max_connections,
             retention: config.retention(),
             ip_limiter: limiter(config.connect_rate_per_ip),
             user_limiter: limiter(config.connect_rate_per_user),
@@ -197,7 +229,11 @@ impl SseService {
         });
         let service = Self { inner };
         service.spawn_background_tasks();
-        tracing::info!(broker = service.inner.broker.kind(), "sse service started");
+        tracing::info!(
+            broker = service.inner.broker.kind(),
+            max_connections = service.inner.max_long_lived,
+            "sse service started"
+        );
         Ok(service)
     }
 
@@ -237,22 +273,56 @@ impl SseService {
                 }
             })
         };
+        // Streams end when their session does: checked every second, one ordered index.
+        let expiry = {
+            let inner = Arc::downgrade(&self.inner);
+            let mut ticks = every(Duration::from_secs(1));
+            tokio::spawn(async move {
+                while ticks.next().await.is_some() {
+                    let Some(inner) = inner.upgrade() else { break };
+                    inner.hub.expire(now_ms() / 1000);
+                }
+            })
+        };
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.push(heartbeat);
-        tasks.push(cleanup);
+        tasks.extend([heartbeat, cleanup, expiry]);
     }
 
-    /// Verifies the session token of a request (bearer header, `sse_session` cookie, then
-    /// the `token` query parameter).
-    pub fn authenticate(
+    /// Who a stream request comes from, by the service's [`Authenticate`] hook.
+    pub async fn authenticate(
         &self,
-        headers: &axum::http::HeaderMap,
-        query_token: Option<&str>,
-    ) -> Result<auth::Claims, auth::AuthError> {
-        self.inner.auth.authenticate(headers, query_token)
+        request: axum::http::request::Parts,
+    ) -> Result<Identity, auth::AuthError> {
+        self.inner.authenticator.authenticate(request).await
     }
 
-    /// Counts a new connection against the per-address and per-user rates.
+    /// Where the stream is served: `/api/sse` under the prefix the routes were built with.
+    pub fn stream_path(&self) -> Arc<str> {
+        self.inner
+            .stream_path
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(super) fn set_stream_path(&self, path: &str) {
+        *self.inner.stream_path.write().unwrap_or_else(|e| e.into_inner()) = path.into();
+    }
+
+    /// Counts one more long-lived response (a stream, a stats stream) against
+    /// `SseConfig::max_connections`; `None` when that many are open. Dropping the permit
+    /// gives the place back.
+    pub fn hold_connection(&self) -> Option<ConnectionPermit> {
+        let open = self.inner.long_lived.fetch_add(1, Ordering::AcqRel);
+        if open >= self.inner.max_long_lived {
+            self.inner.long_lived.fetch_sub(1, Ordering::AcqRel);
+            m::connection_refused("max_connections");
+            return None;
+        }
+        Some(ConnectionPermit(self.inner.long_lived.clone()))
+    }
+
+    /// Counts a new connection against the per-address (IPv6: per /64) and per-user rates.
     pub fn admit(&self, ip: Option<IpAddr>, user: &Arc<str>) -> Result<(), RateLimited> {
         let refused = |who, not_until: governor::NotUntil<_>| {
             m::connection_refused("rate_limited");
@@ -263,7 +333,8 @@ impl SseService {
             }
         };
         if let (Some(limiter), Some(ip)) = (&self.inner.ip_limiter, ip) {
-            limiter.check_key(&ip).map_err(|n| refused("this address", n))?;
+            let key = super::address_key(ip);
+            limiter.check_key(&key).map_err(|n| refused("this address", n))?;
         }
         if let Some(limiter) = &self.inner.user_limiter {
             limiter.check_key(user).map_err(|n| refused("this user", n))?;
@@ -286,9 +357,10 @@ impl SseService {
     ///    still resumes from there.
     ///
     /// `filter` keeps only the named events (heartbeats and control events always pass).
+    /// The stream ends when `identity` expires.
     pub async fn open_stream(
         &self,
-        user: &str,
+        identity: &Identity,
         resume_from: Option<EventId>,
         filter: Option<Arc<[String]>>,
     ) -> Result<EventStream, OpenError> {
@@ -296,10 +368,13 @@ impl SseService {
         if self.is_shutting_down() {
             return Err(OpenError::ShuttingDown);
         }
-        let user: Arc<str> = user.into();
+        let permit = self
+            .hold_connection()
+            .ok_or(OpenError::TooManyConnections(inner.max_long_lived))?;
+        let user: Arc<str> = identity.user_id.as_str().into();
         let registration = inner
             .hub
-            .register(&user, filter.clone())
+            .register(&user, filter.clone(), identity.expires_at)
             .ok_or(OpenError::ShuttingDown)?;
         // From here on, dropping the closer unregisters the connection, also on an error.
         let mut closer = Closer {
@@ -371,6 +446,7 @@ impl SseService {
             closed: Some(registration.closed),
             skip_through: replayed_through,
             closer,
+            _permit: permit,
         })
     }
 
@@ -643,6 +719,19 @@ impl SseService {
         }
     }
 
+    /// Ends every stream of `user_id`, on every instance (through Redis when it is the
+    /// broker), e.g. at logout; their hooks do not reconnect by themselves. Returns how many
+    /// streams were closed.
+    ///
+    /// ```no_run
+    /// # async fn logout(sse: sse_notify::server::SseService) -> Result<(), sse_notify::server::BrokerError> {
+    /// let closed = sse.disconnect_user("alice").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn disconnect_user(&self, user_id: &str) -> Result<usize, BrokerError> {
+        self.inner.broker.disconnect(user_id).await
+    }
+
     /// Ends every stream (clients reconnect, to another instance if there is one), refuses
     /// new connections and events, and stops background tasks. Idempotent.
     pub async fn shutdown(&self) {
@@ -654,6 +743,50 @@ impl SseService {
         let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         tasks.iter().for_each(JoinHandle::abort);
         self.inner.broker.shutdown().await;
+    }
+}
+
+/// The broker hands events and disconnects to the local hub through this.
+struct HubDelivery(Arc<Hub>);
+
+impl Delivery for HubDelivery {
+    fn deliver(&self, event: Arc<PublishedEvent>) {
+        self.0.dispatch(&event);
+    }
+
+    fn disconnect(&self, user: &str) -> usize {
+        self.0.close_user(user, CloseReason::Disconnected)
+    }
+}
+
+/// Configures an [`SseService`] before it starts; see [`SseService::builder`].
+pub struct SseServiceBuilder {
+    config: SseConfig,
+    authenticator: Option<Arc<dyn Authenticate>>,
+}
+
+impl SseServiceBuilder {
+    /// Who a stream request comes from: the host app's own sessions instead of the default
+    /// session tokens. Any `async fn(Parts) -> Result<Identity, AuthError>` will do.
+    #[must_use]
+    pub fn authenticate(mut self, authenticate: impl Authenticate) -> Self {
+        self.authenticator = Some(Arc::new(authenticate));
+        self
+    }
+
+    /// Starts the service; see [`SseService::start`].
+    pub async fn start(self) -> Result<SseService, StartError> {
+        SseService::start_with(self.config, self.authenticator).await
+    }
+}
+
+/// One place among `SseConfig::max_connections`, held by a long-lived response.
+#[derive(Debug)]
+pub struct ConnectionPermit(Arc<AtomicUsize>);
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -680,7 +813,7 @@ mod tests {
             .jwt_secret("paused-clock-secret-123")
             .heartbeat_interval(Duration::from_secs(30));
         let service = SseService::start(config).await.unwrap();
-        let mut conn = service.inner.hub.register(&"u".into(), None).unwrap();
+        let mut conn = service.inner.hub.register(&"u".into(), None, None).unwrap();
         let mut heartbeats = || {
             let mut n = 0;
             while let Ok(item) = conn.queue.try_recv() {

@@ -10,14 +10,17 @@ use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     body::Body,
-    extract::{ConnectInfo, Query, State},
-    http::{header, Extensions, HeaderMap, HeaderValue, StatusCode},
+    extract::{ConnectInfo, Query, Request, State},
+    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
     response::{IntoResponse, Response},
 };
 use serde::Deserialize;
 
 use super::{event::EventId, metrics as m, service::OpenError, ApiError, SseService};
 use crate::events::validate_event_name;
+
+/// Most distinct names one `events=` filter may list.
+pub const MAX_FILTER_NAMES: usize = 32;
 
 /// Query parameters of `GET /api/sse`.
 #[derive(Debug, Default, Deserialize)]
@@ -27,38 +30,41 @@ pub struct StreamQuery {
     /// Resume after this id, for clients that cannot set the `Last-Event-ID` header.
     #[serde(rename = "lastEventId")]
     pub last_event_id: Option<String>,
-    /// A session token, for clients that can send neither cookie nor header.
+    /// A session token, for clients that can send neither cookie nor header (read by the
+    /// default [`Auth`](super::Auth)).
     pub token: Option<String>,
 }
 
-/// `GET /api/sse`.
-pub async fn sse_handler(
-    State(service): State<SseService>,
-    headers: HeaderMap,
-    Query(query): Query<StreamQuery>,
-    extensions: Extensions,
-) -> Result<Response, ApiError> {
+/// `GET /api/sse`; `HEAD /api/sse` answers whether a `GET` would be let in (204 or 401)
+/// without opening a stream, for a browser that cannot see why its `EventSource` failed.
+pub async fn sse_handler(State(service): State<SseService>, request: Request) -> Result<Response, ApiError> {
     if service.is_shutting_down() {
         return Err(OpenError::ShuttingDown.into());
     }
-    let claims = service
-        .authenticate(&headers, query.token.as_deref())
-        .map_err(|e| {
-            m::connection_refused("unauthorized");
-            ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
-        })?;
-    let user: Arc<str> = claims.sub.into();
-    let ip = extensions
+    let (parts, _) = request.into_parts();
+    let Query(query) = Query::<StreamQuery>::try_from_uri(&parts.uri)
+        .map_err(|e| ApiError::bad_request(e.body_text()).field("query"))?;
+    let filter = parse_filter(query.events.as_deref())?;
+    let resume_from = parse_last_event_id(&parts.headers, query.last_event_id.as_deref())?;
+    let ip = parts
+        .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
+    let probe = parts.method == Method::HEAD;
+    let identity = service.authenticate(parts).await.map_err(|e| {
+        m::connection_refused("unauthorized");
+        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
+    })?;
+    if probe {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let user: Arc<str> = identity.user_id.as_str().into();
     service.admit(ip, &user).map_err(|limited| {
         ApiError::new(StatusCode::TOO_MANY_REQUESTS, limited.to_string())
             .retry_after(limited.retry_after.as_secs())
     })?;
-    let filter = parse_filter(query.events.as_deref())?;
-    let resume_from = parse_last_event_id(&headers, query.last_event_id.as_deref())?;
 
-    let stream = service.open_stream(&user, resume_from, filter).await?;
+    let stream = service.open_stream(&identity, resume_from, filter).await?;
     let mut response = Body::from_stream(stream).into_response();
     let h = response.headers_mut();
     h.insert(
@@ -83,26 +89,34 @@ impl From<OpenError> for ApiError {
     }
 }
 
-/// Parses `events=a,b`, checking each name.
-fn parse_filter(events: Option<&str>) -> Result<Option<Arc<[String]>>, ApiError> {
+/// Parses `events=a,b`: each name checked, duplicates dropped, at most
+/// [`MAX_FILTER_NAMES`] of them.
+pub(crate) fn parse_filter(events: Option<&str>) -> Result<Option<Arc<[String]>>, ApiError> {
     let Some(events) = events.filter(|e| !e.trim().is_empty()) else {
         return Ok(None);
     };
-    let names = events
-        .split(',')
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .map(|n| {
-            validate_event_name(n)
-                .map(|()| n.to_string())
-                .map_err(|e| ApiError::bad_request(e.message).field("events"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut names: Vec<String> = Vec::new();
+    for name in events.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        validate_event_name(name).map_err(|e| ApiError::bad_request(e.message).field("events"))?;
+        if names.iter().any(|n| n == name) {
+            continue;
+        }
+        if names.len() == MAX_FILTER_NAMES {
+            return Err(ApiError::bad_request(format!(
+                "lists more than {MAX_FILTER_NAMES} different event names"
+            ))
+            .field("events"));
+        }
+        names.push(name.to_string());
+    }
     Ok(Some(names.into()))
 }
 
 /// The resume point: the `Last-Event-ID` header, else the `lastEventId` query parameter.
-fn parse_last_event_id(headers: &HeaderMap, query: Option<&str>) -> Result<Option<EventId>, ApiError> {
+pub(crate) fn parse_last_event_id(
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Option<EventId>, ApiError> {
     let (field, raw) = match headers.get("last-event-id") {
         Some(v) => ("Last-Event-ID", v.to_str().unwrap_or("\u{fffd}")),
         None => ("lastEventId", query.unwrap_or_default()),
@@ -120,10 +134,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filter_names_are_validated() {
+    fn filter_names_are_validated_deduplicated_and_capped() {
         assert!(parse_filter(None).unwrap().is_none());
-        assert_eq!(&*parse_filter(Some("a, b")).unwrap().unwrap(), ["a", "b"]);
-        assert!(parse_filter(Some("ok,Bad Name")).is_err());
+        assert_eq!(&*parse_filter(Some("a, b,a")).unwrap().unwrap(), ["a", "b"]);
+        assert_eq!(
+            parse_filter(Some("ok,Bad Name")).unwrap_err().field.as_deref(),
+            Some("events")
+        );
+        let names = |n: usize| (0..n).map(|i| format!("e{i}")).collect::<Vec<_>>().join(",");
+        assert_eq!(parse_filter(Some(&names(32))).unwrap().unwrap().len(), 32);
+        let many = format!("{},{}", names(32), names(32));
+        assert_eq!(
+            parse_filter(Some(&many)).unwrap().unwrap().len(),
+            32,
+            "duplicates do not count"
+        );
+        assert_eq!(
+            parse_filter(Some(&names(33))).unwrap_err().field.as_deref(),
+            Some("events")
+        );
+        assert!(parse_filter(Some(&names(10_000))).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use eventsource_stream::{Event, Eventsource};
 use futures::{Stream, StreamExt};
 use sse_notify::{
     events::{Notification, NotificationKind},
-    server::{router, SseConfig, SseListener, SseService},
+    server::{Routes, SseConfig, SseListener, SseService},
 };
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
@@ -38,17 +38,20 @@ pub fn test_config() -> SseConfig {
         .connect_rate_per_user(0)
 }
 
+/// Starts `service` with every route (the demo sign-in too) on a free port.
 pub async fn start_server(config: SseConfig) -> TestServer {
     let service = SseService::start(config).await.expect("service starts");
-    let app: axum::Router = router(service.clone());
-    let listener = SseListener::bind("127.0.0.1:0".parse().unwrap(), app.clone())
-        .await
-        .unwrap();
-    let addr = axum::serve::Listener::local_addr(&listener).unwrap();
+    serve(service, |sse| Routes::new(sse).demo_session(true).build()).await
+}
+
+/// Serves `service` with the router `routes` builds, on a free port, as the binary does.
+pub async fn serve(service: SseService, routes: impl FnOnce(&SseService) -> axum::Router) -> TestServer {
+    let app = routes(&service);
+    let listener = SseListener::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr();
+    let serving = service.clone();
     let task = tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .await
-            .unwrap();
+        listener.serve(app, &serving).await.unwrap();
     });
     TestServer {
         addr,
@@ -103,8 +106,15 @@ impl TestServer {
         (status, json)
     }
 
+    /// `GET path` with the publish key (which stats and metrics need), as JSON.
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
-        let response = self.http.get(self.url(path)).send().await.unwrap();
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(PUBLISH_KEY)
+            .send()
+            .await
+            .unwrap();
         (
             response.status().as_u16(),
             response.json().await.unwrap_or_default(),

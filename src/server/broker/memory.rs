@@ -20,6 +20,15 @@ pub struct MemoryBroker {
     sink: EventSink,
     retention: Retention,
     capacity: usize,
+    max_bytes: usize,
+}
+
+/// What one kept event costs beyond its frame: the `Arc`, its fields, and its places in
+/// the history ring and the audience index.
+const EVENT_OVERHEAD_BYTES: usize = 192;
+
+fn weight(event: &PublishedEvent) -> usize {
+    event.frame.len() + EVENT_OVERHEAD_BYTES
 }
 
 struct State {
@@ -32,14 +41,16 @@ struct State {
     index: Index,
     /// Highest id no longer in `history` (or issued before this process started).
     forgotten_through: u64,
+    /// What `history` holds, in bytes (see [`weight`]).
+    bytes: usize,
     /// Per user: the highest id a closed connection had received, and when.
     delivered: HashMap<Arc<str>, (u64, u64)>,
 }
 
 impl MemoryBroker {
-    /// A broker that hands events to `sink`, keeps them as `retention` says and at most
-    /// `capacity` of them.
-    pub fn new(sink: EventSink, retention: Retention, capacity: usize) -> Self {
+    /// A broker that hands events to `sink`, keeps them as `retention` says, and at most
+    /// `capacity` of them and `max_bytes` of them (the oldest go first).
+    pub fn new(sink: EventSink, retention: Retention, capacity: usize, max_bytes: usize) -> Self {
         // Ids start at the clock (ms x 1000), so a restarted server never reuses an id a
         // browser still holds: an older id is recognised and answered with `resync`.
         let first_id = now_ms().saturating_mul(1000);
@@ -49,11 +60,13 @@ impl MemoryBroker {
                 history: VecDeque::new(),
                 index: Index::default(),
                 forgotten_through: first_id - 1,
+                bytes: 0,
                 delivered: HashMap::new(),
             }),
             sink,
             retention,
             capacity: capacity.max(1),
+            max_bytes,
         }
     }
 
@@ -64,6 +77,7 @@ impl MemoryBroker {
     fn forget_oldest(state: &mut State) {
         if let Some(old) = state.history.pop_front() {
             state.forgotten_through = state.forgotten_through.max(old.id.0);
+            state.bytes -= weight(&old);
             state.index.forget_oldest(&old);
         }
     }
@@ -139,16 +153,22 @@ impl Broker for MemoryBroker {
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
         let mut state = self.lock();
         let mut ids = Vec::with_capacity(events.len());
+        let clock = now_ms().saturating_mul(1000);
         for envelope in events {
-            let id = EventId(state.next_id);
-            state.next_id += 1;
+            // A hybrid clock, as the Redis broker's: increasing, and close to the time.
+            let id = EventId(state.next_id.max(clock));
+            state.next_id = id.0 + 1;
             let event = Arc::new(PublishedEvent::new(id, envelope));
-            if state.history.len() >= self.capacity {
+            let added = weight(&event);
+            while !state.history.is_empty()
+                && (state.history.len() >= self.capacity || state.bytes + added > self.max_bytes)
+            {
                 Self::forget_oldest(&mut state);
             }
+            state.bytes += added;
             state.history.push_back(event.clone());
             state.index.add(&event);
-            (self.sink)(event);
+            self.sink.deliver(event);
             ids.push(id);
         }
         Ok(ids)
@@ -170,6 +190,10 @@ impl Broker for MemoryBroker {
 
     fn health(&self) -> BrokerHealth {
         BrokerHealth::Healthy
+    }
+
+    async fn disconnect(&self, user: &str) -> Result<usize, BrokerError> {
+        Ok(self.sink.disconnect(user))
     }
 
     async fn head(&self) -> Result<EventId, BrokerError> {
@@ -194,6 +218,7 @@ impl Broker for MemoryBroker {
             history,
             index,
             forgotten_through,
+            bytes,
             delivered,
             ..
         } = &mut *state;
@@ -201,6 +226,7 @@ impl Broker for MemoryBroker {
             let keep = self.retention.keeps(e, now);
             if !keep {
                 *forgotten_through = (*forgotten_through).max(e.id.0);
+                *bytes -= weight(e);
             }
             keep
         });
@@ -227,8 +253,46 @@ mod tests {
         }
     }
 
+    struct Nowhere;
+
+    impl crate::server::broker::Delivery for Nowhere {
+        fn deliver(&self, _: Arc<PublishedEvent>) {}
+        fn disconnect(&self, _: &str) -> usize {
+            0
+        }
+    }
+
     fn broker(retention: Retention, capacity: usize) -> MemoryBroker {
-        MemoryBroker::new(Arc::new(|_| {}), retention, capacity)
+        MemoryBroker::new(Arc::new(Nowhere), retention, capacity, usize::MAX)
+    }
+
+    /// History is bounded in bytes as well as in count: the oldest events go first, and a
+    /// resume from before them is told so.
+    #[tokio::test]
+    async fn history_is_bounded_in_bytes() {
+        let broker = MemoryBroker::new(
+            Arc::new(Nowhere),
+            keep(Duration::from_secs(60)),
+            1_000_000,
+            100_000,
+        );
+        let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(10_000));
+        let mut ids = Vec::new();
+        for _ in 0..100 {
+            let mut e = envelope(to("a"));
+            e.data = big.clone();
+            ids.extend(broker.publish(vec![e]).await.unwrap());
+        }
+        {
+            let state = broker.lock();
+            assert!(state.bytes <= 100_000, "{} bytes kept", state.bytes);
+            assert!(state.history.len() < 10, "{} events kept", state.history.len());
+            let kept: usize = state.history.iter().map(|e| weight(e)).sum();
+            assert_eq!(kept, state.bytes, "the byte count matches what is held");
+        }
+        let replay = broker.replay("a", EventId(ids[0].0 - 1)).await.unwrap();
+        assert!(replay.gap);
+        assert_eq!(replay.events.last().unwrap().id, *ids.last().unwrap());
     }
 
     fn to(user: &str) -> Target {

@@ -2,10 +2,11 @@
 //!
 //! One broker serves one process. [`MemoryBroker`] (the default) keeps everything in this
 //! process; [`RedisBroker`] shares ids, history and fan-out between any number of instances.
-//! A broker knows nothing of connections: it is given an [`EventSink`] when it is built and
+//! A broker knows nothing of connections: it is given a [`Delivery`] when it is built and
 //! hands it every event (published here or, with Redis, anywhere) in id order, so each
-//! connection sees ids increase and a `Last-Event-ID` is always a safe place to resume from.
-//! The [`SseService`](super::SseService) decides which users the broker listens for.
+//! connection sees ids increase and a `Last-Event-ID` is always a safe place to resume from;
+//! it also passes on requests to end a user's streams. The
+//! [`SseService`](super::SseService) decides which users the broker listens for.
 
 mod memory;
 mod redis;
@@ -20,8 +21,17 @@ use async_trait::async_trait;
 pub use super::event::{Envelope, EventId, PublishedEvent, Target};
 pub use crate::api::BrokerHealth;
 
-/// Where a broker hands events, in id order: in the service, the local hub's dispatch.
-pub type EventSink = Arc<dyn Fn(Arc<PublishedEvent>) + Send + Sync>;
+/// What a broker hands over to this process: in the service, the local hub.
+pub trait Delivery: Send + Sync + 'static {
+    /// An event, in id order.
+    fn deliver(&self, event: Arc<PublishedEvent>);
+    /// Ends this process's streams of `user` (a disconnect sent from any instance);
+    /// returns how many there were.
+    fn disconnect(&self, user: &str) -> usize;
+}
+
+/// How brokers hold their [`Delivery`].
+pub type EventSink = Arc<dyn Delivery>;
 
 /// How long events are kept: `default` for replay by `Last-Event-ID`, longer for the event
 /// types listed in `offline`, which are also delivered to a user who was not connected.
@@ -95,6 +105,9 @@ pub enum BrokerError {
     Unavailable(String),
     #[error("broker is shut down")]
     ShutDown,
+    /// The backing store cannot be used (e.g. a Redis too old); found at start.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Assigns ids, keeps history for replay, and fans events out to its [`EventSink`].
@@ -132,6 +145,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Current health.
     fn health(&self) -> BrokerHealth;
+
+    /// Ends every stream of `user` on every instance; returns how many were closed.
+    async fn disconnect(&self, user: &str) -> Result<usize, BrokerError>;
 
     /// Drops history past retention; called every cleanup interval.
     async fn cleanup(&self) {}

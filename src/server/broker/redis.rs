@@ -4,33 +4,40 @@
 //!
 //! | key / channel | what |
 //! |---|---|
-//! | `sse:seq` | the id counter (`INCR`): one order for every instance |
-//! | `sse:stream:u:<user>` | stream of the user's events, entry id `<event id>-0`, fields `n` (name), `d` (data), `t` (ms) |
+//! | `sse:seq` | the newest id issued: one order for every instance |
+//! | `sse:stream:u:<user>` | stream of the user's events, entry id `<event id>-0`, fields `n` (name), `d` (data), `t` (ms), `k` (coalescing key) |
 //! | `sse:stream:broadcast` | stream of broadcasts, same layout |
+//! | `sse:trimmed:<stream>` | the newest id a flood pushed out of that stream (set only when `MAXLEN` trims) |
 //! | `sse:delivered:u:<user>` | highest id a closed connection of the user had received: where offline delivery starts |
-//! | channel `sse:u:<user>` | live fan-out of the user's events: `"<id> <name> <data>"` |
+//! | channel `sse:u:<user>` | live fan-out of the user's events, `"<id> <name> <data>"`, and `"!disconnect <nonce>"` |
 //! | channel `sse:broadcast` | live fan-out of broadcasts |
 //!
-//! Publishing is one Lua script per batch: `INCR` the counter, `XADD` to the stream
-//! (capped with `MAXLEN`, `PEXPIRE`d to the retention), `PUBLISH`: the history and the live
-//! message can never disagree. Because the streams use the global counter as entry id, a
-//! `Last-Event-ID` resumes the user's stream and the broadcast stream at once, exactly.
+//! Publishing is one Lua script per batch: issue the id, `XADD` to the stream (trimmed by
+//! time with `MINID ~`, capped by `MAXLEN`, `PEXPIRE`d to the retention), `PUBLISH`: the
+//! history and the live message can never disagree. Because the streams use the global id
+//! as entry id, a `Last-Event-ID` resumes the user's stream and the broadcast stream at
+//! once, exactly.
+//!
+//! Ids are a hybrid clock: `max(newest + 1, now_ms x 1000, the instance's own newest + 1)`.
+//! They increase, stay close to the time they were issued (so streams can be trimmed by
+//! time), and never go back, even when Redis loses its data.
 //!
 //! Each instance subscribes only to the channels of users connected to it (plus broadcast),
 //! so Redis traffic per instance scales with its users, not with the number of instances.
 //!
-//! ## Redis Cluster
+//! ## Replay and gaps
 //!
-//! The script touches the counter and one stream per event, which Cluster allows only within
-//! one hash slot. To shard: give each user's keys a hash tag (`sse:{u:<user>}:stream`), keep
-//! a counter per slot group, and use sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`). Not done yet:
-//! one Redis serves the scale this project targets (see the README).
+//! A resume reads each stream in pages of 512 entries. Every event is kept at least
+//! the replay retention, so a resume from an id within that window is exact. An older id
+//! (or one from the future, or below what a flood pushed out) answers `resync`.
 //!
 //! ## Faults
 //!
 //! Publishing during an outage returns [`BrokerError::Unavailable`] to the caller. The
 //! subscriber reconnects with backoff and jitter, resubscribes, and reads from the streams
-//! what was published while it was away, so connected clients miss nothing.
+//! what was published while it was away, so connected clients miss nothing; until that
+//! read succeeds the broker stays degraded and tries again. Messages that do not decode
+//! (malformed, an absurd id, a bad name) are logged and skipped.
 
 use std::{
     collections::HashSet,
@@ -43,7 +50,7 @@ use std::{
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, aio::PubSubSink, Client, Script, Value};
+use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, aio::PubSubSink, Client, Script};
 use tokio::sync::Mutex;
 
 use super::{
@@ -52,12 +59,21 @@ use super::{
 };
 use crate::{
     backoff::backoff_delay,
+    events::validate_event_name,
     server::{metrics as m, now_ms},
 };
 
 const SEQ_KEY: &str = "sse:seq";
 const BROADCAST_STREAM: &str = "sse:stream:broadcast";
 const BROADCAST_CHANNEL: &str = "sse:broadcast";
+/// Entries read per round trip when replaying.
+const PAGE: usize = 512;
+/// The oldest Redis this broker runs on: `XADD ... MINID`, `XINFO` fields and sharded
+/// pub/sub need 7.0.
+const MIN_REDIS: (u32, u32) = (7, 0);
+/// A live message whose id is further ahead of this instance's clock is refused: it would
+/// make every later event look old.
+const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
 
 fn user_stream(user: &str) -> String {
     format!("sse:stream:u:{user}")
@@ -71,23 +87,41 @@ fn delivered_key(user: &str) -> String {
     format!("sse:delivered:u:{user}")
 }
 
+fn trimmed_key(stream: &str) -> String {
+    format!("sse:trimmed:{stream}")
+}
+
 const PUBLISH_SCRIPT: &str = r#"
--- KEYS[1] = counter, KEYS[2..] = one stream per event
--- ARGV[1] = now ms, ARGV[2] = max stream length, then per event: channel, name, data, ttl ms, key, timestamp ms
--- A counter lost with Redis's data restarts at the clock (ms x 1000, as the in-process
--- broker does), above every id handed out before, so no client mistakes new ids for old.
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1] .. '000') end
+-- KEYS[1] = id counter, then per event: stream, trimmed marker
+-- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
+-- then per event: channel, name, data, ttl ms, coalescing key, timestamp ms
+-- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53; format them as
+-- integers, never as 1.79e+15.
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+local clock = tonumber(ARGV[1]) * 1000
+local floor = tonumber(ARGV[4])
 local ids = {}
-for i = 2, #KEYS do
-  local at = 2 + (i - 2) * 6
-  -- Lua numbers are doubles: format the id as an integer, never as 1.79e+15.
-  local id = string.format('%.0f', redis.call('INCR', KEYS[1]))
-  redis.call('XADD', KEYS[i], 'MAXLEN', ARGV[2], id .. '-0', 'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
+for i = 0, (#KEYS - 1) / 2 - 1 do
+  local stream, trimmed = KEYS[2 + i * 2], KEYS[3 + i * 2]
+  local at = 4 + i * 6
+  last = math.max(last + 1, clock, floor + 1)
+  local id = string.format('%.0f', last)
+  redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
+    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
+  local ttl = tonumber(ARGV[at + 4])
+  if redis.call('XLEN', stream) > tonumber(ARGV[2]) then
+    redis.call('XTRIM', stream, 'MAXLEN', ARGV[2])
+    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
+    local below = string.format('%.0f', tonumber(string.match(first, '^(%d+)')) - 1)
+    redis.call('SET', trimmed, below, 'PX', ttl)
+  end
   -- A stream lives as long as its longest-kept event: only ever extend its expiry.
-  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[at + 4]) then redis.call('PEXPIRE', KEYS[i], ARGV[at + 4]) end
+  if redis.call('PTTL', stream) < ttl then redis.call('PEXPIRE', stream, ttl) end
+  if redis.call('PTTL', trimmed) > 0 and redis.call('PTTL', trimmed) < ttl then redis.call('PEXPIRE', trimmed, ttl) end
   redis.call('PUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
   ids[#ids + 1] = id
 end
+redis.call('SET', KEYS[1], string.format('%.0f', last))
 return ids
 "#;
 
@@ -100,26 +134,6 @@ end
 return 1
 "#;
 
-const REPLAY_SCRIPT: &str = r#"
--- KEYS[1] = counter, KEYS[2..] = streams; ARGV[1] = after
--- returns {head, then per stream: entries after ARGV[1], first kept id if any were trimmed else '0-0'}
-local out = { redis.call('GET', KEYS[1]) or '0' }
-for i = 2, #KEYS do
-  local entries, trimmed_below = {}, '0-0'
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local info, f = redis.call('XINFO', 'STREAM', KEYS[i]), {}
-    for j = 1, #info, 2 do f[info[j]] = info[j + 1] end
-    if tonumber(f['entries-added']) > tonumber(f['length']) then
-      trimmed_below = f['recorded-first-entry-id']
-    end
-    entries = redis.call('XRANGE', KEYS[i], '(' .. ARGV[1] .. '-0', '+')
-  end
-  out[#out + 1] = entries
-  out[#out + 1] = trimmed_below
-end
-return out
-"#;
-
 /// Shares ids, history and fan-out between instances through one Redis.
 pub struct RedisBroker {
     client: Client,
@@ -130,10 +144,11 @@ pub struct RedisBroker {
     healthy: AtomicBool,
     /// Highest id handed to the sink: recovery after a reconnect starts here.
     last_dispatched: AtomicU64,
+    /// Highest id this instance issued or saw: new ids go above it even if Redis lost its data.
+    floor: AtomicU64,
     retention: Retention,
     max_stream_len: usize,
     publish_script: Script,
-    replay_script: Script,
     set_delivered_script: Script,
     subscriber: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -153,8 +168,9 @@ fn unavailable(e: redis::RedisError) -> BrokerError {
 }
 
 impl RedisBroker {
-    /// Connects to `url` (`redis://` or `rediss://`), starts the subscriber task, and hands
-    /// every event of the subscribed users, and every broadcast, to `sink`.
+    /// Connects to `url` (`redis://` or `rediss://`), checks the server's version, starts
+    /// the subscriber task, and hands every event of the subscribed users, and every
+    /// broadcast, to `sink`.
     pub async fn connect(
         url: &str,
         sink: EventSink,
@@ -167,9 +183,10 @@ impl RedisBroker {
             .set_response_timeout(Duration::from_secs(2))
             .set_number_of_retries(2)
             .set_max_delay(1_000);
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(unavailable)?;
+        check_version(&mut conn).await?;
         let broker = Arc::new(Self {
             client,
             conn,
@@ -177,10 +194,10 @@ impl RedisBroker {
             subscriptions: Mutex::new(Subscriptions::default()),
             healthy: AtomicBool::new(true),
             last_dispatched: AtomicU64::new(0),
+            floor: AtomicU64::new(0),
             retention,
             max_stream_len: max_stream_len.max(1),
             publish_script: Script::new(PUBLISH_SCRIPT),
-            replay_script: Script::new(REPLAY_SCRIPT),
             set_delivered_script: Script::new(SET_DELIVERED_SCRIPT),
             subscriber: std::sync::Mutex::new(None),
         });
@@ -210,97 +227,247 @@ impl RedisBroker {
             return;
         }
         self.last_dispatched.store(event.id.0, Ordering::Relaxed);
-        (self.sink)(Arc::new(event));
+        self.floor.fetch_max(event.id.0, Ordering::Relaxed);
+        self.sink.deliver(Arc::new(event));
     }
 
-    /// Reads the streams of `users` and broadcast after `after`, merged in id order.
+    /// The streams of `users` and broadcast after `after`, merged in id order, read in
+    /// pages; and whether some events after `after` may no longer be kept.
     async fn read_streams(
         &self,
         users: &[Arc<str>],
         after: EventId,
-    ) -> Result<(u64, Vec<PublishedEvent>, bool), BrokerError> {
-        let mut invocation = self.replay_script.prepare_invoke();
-        invocation.key(SEQ_KEY);
-        for user in users {
-            invocation.key(user_stream(user));
-        }
-        invocation.key(BROADCAST_STREAM);
-        invocation.arg(after.0);
+    ) -> Result<(Vec<PublishedEvent>, bool), BrokerError> {
         let mut conn = self.conn.clone();
-        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await.map_err(|e| {
-            self.set_healthy(false);
-            unavailable(e)
-        })?;
-        let head: u64 = reply
-            .first()
-            .and_then(|v| redis::from_redis_value::<String>(v).ok())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let now = now_ms();
-        let mut gap = after.0 > head;
-        let mut events = Vec::new();
-        let targets = users
+        let targets: Vec<(Target, String)> = users
             .iter()
-            .map(|u| Target::User(u.clone()))
-            .chain(std::iter::once(Target::Broadcast));
-        for (target, pair) in targets.zip(reply[1..].chunks(2)) {
-            let [entries, trimmed_below] = pair else { continue };
-            // Entries below the first kept one were trimmed: if any could lie after `after`,
-            // the client may have missed some.
-            let first_kept: u64 = redis::from_redis_value::<String>(trimmed_below)
-                .ok()
-                .and_then(|id| id.split('-').next()?.parse().ok())
-                .unwrap_or(0);
-            gap |= first_kept > after.0 + 1;
-            let entries: Vec<(String, Vec<(String, String)>)> =
-                redis::from_redis_value(entries).map_err(unavailable)?;
-            for (entry_id, fields) in entries {
-                let Some(event) = decode_entry(&target, &entry_id, &fields) else {
-                    continue;
-                };
-                if !self.retention.keeps(&event, now) {
-                    gap = true;
-                    continue;
-                }
-                events.push(event);
+            .map(|u| (Target::User(u.clone()), user_stream(u)))
+            .chain(std::iter::once((Target::Broadcast, BROADCAST_STREAM.to_string())))
+            .collect();
+        // The head and each stream's flood watermark, in one round trip.
+        let mut pipe = redis::pipe();
+        pipe.get(SEQ_KEY);
+        for (_, stream) in &targets {
+            pipe.get(trimmed_key(stream));
+        }
+        let (head, trimmed): (Option<u64>, Vec<Option<u64>>) = {
+            let mut reply: Vec<Option<u64>> = pipe.query_async(&mut conn).await.map_err(|e| {
+                self.set_healthy(false);
+                unavailable(e)
+            })?;
+            let head = reply.remove(0);
+            (head, reply)
+        };
+        let now = now_ms();
+        let replay_horizon = now
+            .saturating_sub(self.retention.default.as_millis() as u64)
+            .saturating_mul(1000);
+        let mut gap = after.0 > head.unwrap_or(0).max(self.floor.load(Ordering::Relaxed))
+            || after.0 < replay_horizon
+            || trimmed.iter().flatten().any(|&below| after.0 < below);
+
+        // Pages: every stream from `after`, then the ones that filled a page, from where
+        // they stopped.
+        let mut events = Vec::new();
+        let mut cursors: Vec<(usize, u64)> = (0..targets.len()).map(|i| (i, after.0)).collect();
+        while !cursors.is_empty() {
+            let mut pipe = redis::pipe();
+            for (i, from) in &cursors {
+                pipe.cmd("XRANGE")
+                    .arg(&targets[*i].1)
+                    .arg(format!("({from}-0"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(PAGE);
             }
+            type Entries = Vec<(String, Vec<(String, String)>)>;
+            let pages: Vec<Entries> = pipe.query_async(&mut conn).await.map_err(|e| {
+                self.set_healthy(false);
+                unavailable(e)
+            })?;
+            let mut next = Vec::new();
+            for ((i, _), page) in cursors.iter().zip(pages) {
+                let full = page.len() == PAGE;
+                let mut last = None;
+                for (entry_id, fields) in page {
+                    let Some(event) = decode_entry(&targets[*i].0, &entry_id, &fields) else {
+                        tracing::warn!(stream = %targets[*i].1, entry = %entry_id, "skipped an undecodable entry");
+                        continue;
+                    };
+                    last = Some(event.id.0);
+                    if !self.retention.keeps(&event, now) {
+                        gap = true;
+                        continue;
+                    }
+                    events.push(event);
+                }
+                if let (true, Some(last)) = (full, last) {
+                    next.push((*i, last));
+                }
+            }
+            cursors = next;
         }
         events.sort_by_key(|e| e.id);
-        Ok((head, events, gap))
+        Ok((events, gap))
     }
+
+    /// Sends `"!disconnect <nonce>"` to the instances listening for `user` and adds up the
+    /// streams each one closed (they answer on a list named after the nonce).
+    async fn disconnect_everywhere(&self, user: &str) -> Result<usize, BrokerError> {
+        let nonce = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+        let mut conn = self.conn.clone();
+        let receivers: usize = redis::cmd("PUBLISH")
+            .arg(user_channel(user))
+            .arg(format!("!disconnect {nonce}"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if receivers == 0 {
+            return Ok(0);
+        }
+        // A connection of its own: BLPOP blocks it.
+        let mut blocking = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(unavailable)?;
+        let key = reply_key(&nonce);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut closed = 0;
+        for _ in 0..receivers {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let reply: Option<(String, usize)> = redis::cmd("BLPOP")
+                .arg(&key)
+                .arg(left.as_secs_f64().max(0.01))
+                .query_async(&mut blocking)
+                .await
+                .map_err(unavailable)?;
+            match reply {
+                Some((_, n)) => closed += n,
+                None => {
+                    tracing::warn!(user, "an instance did not answer a disconnect in time");
+                    break;
+                }
+            }
+        }
+        Ok(closed)
+    }
+
+    /// Answers a disconnect request from any instance: close the local streams, report how many.
+    fn on_disconnect(self: &Arc<Self>, user: &str, nonce: &str) {
+        let closed = self.sink.disconnect(user);
+        let (mut conn, key) = (self.conn.clone(), reply_key(nonce));
+        tokio::spawn(async move {
+            let reply: Result<(), _> = redis::pipe()
+                .rpush(&key, closed)
+                .pexpire(&key, 10_000)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = reply {
+                tracing::warn!("could not answer a disconnect: {e}");
+            }
+        });
+    }
+}
+
+fn reply_key(nonce: &str) -> String {
+    format!("sse:disconnect:{nonce}")
+}
+
+/// Refuses a Redis older than [`MIN_REDIS`] with a message that says so.
+async fn check_version(conn: &mut ConnectionManager) -> Result<(), BrokerError> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .unwrap_or("unknown")
+        .to_string();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < MIN_REDIS {
+        return Err(BrokerError::Unsupported(format!(
+            "Redis {version} is too old: sse-notify needs Redis {}.{} or newer \
+             (stream trimming by MINID and the XINFO fields it reads)",
+            MIN_REDIS.0, MIN_REDIS.1
+        )));
+    }
+    Ok(())
 }
 
 fn decode_entry(target: &Target, entry_id: &str, fields: &[(String, String)]) -> Option<PublishedEvent> {
     let id = EventId(entry_id.split('-').next()?.parse().ok()?);
     let field = |k: &str| fields.iter().find(|(name, _)| name == k).map(|(_, v)| v.as_str());
+    let name = field("n")?;
+    let data = field("d")?;
+    if validate_event_name(name).is_err() || !is_json_object(data) {
+        return None;
+    }
     let envelope = Envelope {
         target: target.clone(),
-        name: field("n")?.into(),
-        data: field("d")?.to_string(),
+        name: name.into(),
+        data: data.to_string(),
         timestamp_ms: field("t").and_then(|t| t.parse().ok()).unwrap_or(0),
         coalesce_key: field("k").filter(|k| !k.is_empty()).map(Into::into),
     };
     Some(PublishedEvent::new(id, envelope))
 }
 
-/// Parses a live message `"<id> <name> <data>"` from `channel`.
-fn decode_message(channel: &str, payload: &str) -> Option<PublishedEvent> {
+/// Whether `data` is one JSON object on one line (what every publisher writes).
+fn is_json_object(data: &str) -> bool {
+    data.starts_with('{')
+        && !data.contains(['\n', '\r'])
+        && serde_json::from_str::<serde::de::IgnoredAny>(data).is_ok()
+}
+
+/// What a live message asks for.
+#[derive(Debug)]
+enum Message {
+    Event(PublishedEvent),
+    Disconnect { user: Arc<str>, nonce: String },
+}
+
+/// Parses a live message from `channel`: `"<id> <name> <data>"`, or `"!disconnect <nonce>"`
+/// on a user's channel. `None` for anything malformed: a bad id (or one absurdly far ahead
+/// of `now_ms`), a bad name, data that is not a JSON object.
+fn decode_message(channel: &str, payload: &str, now_ms: u64) -> Option<Message> {
     let target = if channel == BROADCAST_CHANNEL {
         Target::Broadcast
     } else {
         Target::User(channel.strip_prefix("sse:u:")?.into())
     };
+    if let Some(nonce) = payload.strip_prefix("!disconnect ") {
+        let Target::User(user) = target else { return None };
+        let valid =
+            !nonce.is_empty() && nonce.len() <= 64 && nonce.bytes().all(|b| b.is_ascii_alphanumeric());
+        return valid.then(|| Message::Disconnect {
+            user,
+            nonce: nonce.to_string(),
+        });
+    }
     let mut parts = payload.splitn(3, ' ');
-    let id = EventId(parts.next()?.parse().ok()?);
+    let id: u64 = parts.next()?.parse().ok()?;
+    if id > now_ms.saturating_add(MAX_CLOCK_SKEW_MS).saturating_mul(1000) {
+        return None;
+    }
+    let name = parts.next()?;
+    let data = parts.next()?;
+    if validate_event_name(name).is_err() || !is_json_object(data) {
+        return None;
+    }
     let envelope = Envelope {
         target,
-        name: parts.next()?.into(),
-        data: parts.next()?.to_string(),
+        name: name.into(),
+        data: data.to_string(),
         // Live events are not kept here; only replays from the streams use their age.
-        timestamp_ms: now_ms(),
+        timestamp_ms: now_ms,
         coalesce_key: None,
     };
-    Some(PublishedEvent::new(id, envelope))
+    Some(Message::Event(PublishedEvent::new(EventId(id), envelope)))
 }
 
 /// Keeps one subscriber connection up: subscribe, recover what was missed, dispatch; on
@@ -323,9 +490,12 @@ async fn run_subscriber(broker: Weak<RedisBroker>, ready: tokio::sync::oneshot::
                 while let Some(msg) = stream.next().await {
                     let Some(this) = broker.upgrade() else { return };
                     let payload: String = msg.get_payload().unwrap_or_default();
-                    match decode_message(msg.get_channel_name(), &payload) {
-                        Some(event) => this.dispatch(event),
-                        None => tracing::warn!(channel = msg.get_channel_name(), "undecodable message"),
+                    match decode_message(msg.get_channel_name(), &payload, now_ms()) {
+                        Some(Message::Event(event)) => this.dispatch(event),
+                        Some(Message::Disconnect { user, nonce }) => this.on_disconnect(&user, &nonce),
+                        None => {
+                            tracing::warn!(channel = msg.get_channel_name(), "skipped an undecodable message")
+                        }
                     }
                 }
                 let Some(this) = broker.upgrade() else { return };
@@ -363,7 +533,7 @@ impl RedisBroker {
         };
         let since = EventId(self.last_dispatched.load(Ordering::Relaxed));
         if since.0 > 0 {
-            let (_, missed, _) = self.read_streams(&users, since).await?;
+            let (missed, _) = self.read_streams(&users, since).await?;
             if !missed.is_empty() {
                 tracing::info!(
                     events = missed.len(),
@@ -383,15 +553,24 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
+        let now = now_ms();
+        let trim_below = now
+            .saturating_sub(self.retention.longest().as_millis() as u64)
+            .saturating_mul(1000);
         let mut invocation = self.publish_script.prepare_invoke();
         invocation.key(SEQ_KEY);
-        invocation.arg(now_ms()).arg(self.max_stream_len);
+        invocation
+            .arg(now)
+            .arg(self.max_stream_len)
+            .arg(trim_below)
+            .arg(self.floor.load(Ordering::Relaxed));
         for event in &events {
             let (stream, channel) = match &event.target {
                 Target::User(user) => (user_stream(user), user_channel(user)),
                 Target::Broadcast => (BROADCAST_STREAM.to_string(), BROADCAST_CHANNEL.to_string()),
             };
-            invocation.key(stream);
+            invocation.key(&stream);
+            invocation.key(trimmed_key(&stream));
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
             invocation
                 .arg(channel)
@@ -406,14 +585,19 @@ impl Broker for RedisBroker {
             self.set_healthy(false);
             unavailable(e)
         })?;
-        ids.iter()
+        let ids: Vec<EventId> = ids
+            .iter()
             .map(|id| id.parse().map(EventId))
             .collect::<Result<_, _>>()
-            .map_err(|e| BrokerError::Unavailable(format!("bad id from the publish script: {e}")))
+            .map_err(|e| BrokerError::Unavailable(format!("bad id from the publish script: {e}")))?;
+        if let Some(last) = ids.last() {
+            self.floor.fetch_max(last.0, Ordering::Relaxed);
+        }
+        Ok(ids)
     }
 
     async fn replay(&self, user: &str, after: EventId) -> Result<Replay, BrokerError> {
-        let (_, events, gap) = self.read_streams(&[user.into()], after).await?;
+        let (events, gap) = self.read_streams(&[user.into()], after).await?;
         Ok(Replay {
             events: events.into_iter().map(Arc::new).collect(),
             gap,
@@ -422,22 +606,22 @@ impl Broker for RedisBroker {
 
     async fn head(&self) -> Result<EventId, BrokerError> {
         let mut conn = self.conn.clone();
-        let head: Option<String> = redis::cmd("GET")
+        let head: Option<u64> = redis::cmd("GET")
             .arg(SEQ_KEY)
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(EventId(head.and_then(|h| h.parse().ok()).unwrap_or(0)))
+        Ok(EventId(head.unwrap_or(0)))
     }
 
     async fn delivered_through(&self, user: &str) -> Result<Option<EventId>, BrokerError> {
         let mut conn = self.conn.clone();
-        let id: Option<String> = redis::cmd("GET")
+        let id: Option<u64> = redis::cmd("GET")
             .arg(delivered_key(user))
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(id.and_then(|id| id.parse().ok()).map(EventId))
+        Ok(id.map(EventId))
     }
 
     async fn set_delivered_through(&self, user: &str, id: EventId) {
@@ -474,6 +658,10 @@ impl Broker for RedisBroker {
         }
     }
 
+    async fn disconnect(&self, user: &str) -> Result<usize, BrokerError> {
+        self.disconnect_everywhere(user).await
+    }
+
     fn health(&self) -> BrokerHealth {
         if self.healthy.load(Ordering::Relaxed) {
             BrokerHealth::Healthy
@@ -493,16 +681,51 @@ impl Broker for RedisBroker {
 mod tests {
     use super::*;
 
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn event(channel: &str, payload: &str) -> Option<PublishedEvent> {
+        match decode_message(channel, payload, NOW)? {
+            Message::Event(e) => Some(e),
+            Message::Disconnect { .. } => None,
+        }
+    }
+
     #[test]
     fn live_messages_decode_with_their_target() {
-        let e = decode_message("sse:u:alice", r#"42 notification {"title":"a b"}"#).unwrap();
+        let e = event("sse:u:alice", r#"42 notification {"title":"a b"}"#).unwrap();
         assert_eq!(e.id, EventId(42));
         assert_eq!(e.target, Target::User("alice".into()));
         assert_eq!(&*e.name, "notification");
         assert_eq!(e.data_str(), r#"{"title":"a b"}"#);
-        let b = decode_message(BROADCAST_CHANNEL, "7 system_alert {}").unwrap();
+        let b = event(BROADCAST_CHANNEL, "7 system_alert {}").unwrap();
         assert_eq!(b.target, Target::Broadcast);
-        assert!(decode_message("other", "1 x {}").is_none());
-        assert!(decode_message("sse:u:a", "nope x {}").is_none());
+        assert!(matches!(
+            decode_message("sse:u:bob", "!disconnect abc123", NOW),
+            Some(Message::Disconnect { user, nonce }) if &*user == "bob" && nonce == "abc123"
+        ));
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        for (channel, payload) in [
+            ("other", "1 x {}"),
+            ("sse:u:a", "nope x {}"),
+            ("sse:u:a", "1 Bad-Name {}"),
+            ("sse:u:a", "1 x [1]"),
+            ("sse:u:a", "1 x {not json"),
+            ("sse:u:a", "1 x"),
+            (
+                "sse:u:a",
+                &format!("{} x {{}}", (NOW + MAX_CLOCK_SKEW_MS + 1) * 1000),
+            ),
+            ("sse:u:a", "!disconnect "),
+            ("sse:u:a", "!disconnect a b"),
+            (BROADCAST_CHANNEL, "!disconnect abc"),
+        ] {
+            assert!(
+                decode_message(channel, payload, NOW).is_none(),
+                "{channel} {payload:?}"
+            );
+        }
     }
 }
