@@ -517,3 +517,361 @@ async fn offline_delivery_continues_on_another_instance() {
         "what A already delivered came again"
     );
 }
+
+/// `POST /api/disconnect` on one instance ends the user's streams on every instance and
+/// answers how many there were in all.
+#[tokio::test]
+async fn disconnect_reaches_every_instance() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(redis.url());
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let mut streams = vec![
+        a.connect("bye", "", None).await,
+        a.connect("bye", "", None).await,
+        b.connect("bye", "", None).await,
+    ];
+    let mut other = a.connect("stay", "", None).await;
+    a.wait_for_clients("bye", 2).await;
+    b.wait_for_clients("bye", 1).await;
+    let (status, body) = b.post_json("/api/disconnect", json!({"user_id": "bye"})).await;
+    assert_eq!((status, body["closed"].as_u64()), (200, Some(3)), "{body}");
+    for stream in &mut streams {
+        let last = stream.until_end().await;
+        assert_eq!(last.last().map(|e| e.event.as_str()), Some("session_ended"));
+    }
+    b.service
+        .send_notification("stay", note("unaffected"))
+        .await
+        .unwrap();
+    assert_eq!(text(&other.next().await), "unaffected");
+    let (_, body) = a.post_json("/api/disconnect", json!({"user_id": "bye"})).await;
+    assert_eq!(body["closed"], 0);
+}
+
+/// Streams are trimmed by time to the retention (`XADD ... MINID ~`), not only by length:
+/// old entries go once newer ones are published.
+#[tokio::test]
+async fn redis_streams_are_trimmed_by_time() {
+    // Small stream nodes, so approximate trimming can drop whole nodes of a short stream.
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "4"]);
+    let server = start_server(
+        test_config()
+            .redis_url(redis.url())
+            .event_retention(Duration::from_millis(300))
+            .offline_retention(Vec::new()),
+    )
+    .await;
+    for n in 0..40 {
+        server
+            .service
+            .send_custom_event("old", "job.step", json!({"n": n}))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    server
+        .service
+        .send_custom_event("old", "job.step", json!({"n": "new"}))
+        .await
+        .unwrap();
+    let length: usize = redis_query(&redis, redis::cmd("XLEN").arg("sse:stream:u:old")).await;
+    assert!(length <= 4, "{length} entries left of 41");
+}
+
+/// A resume reads a long backlog in pages, and gets all of it in order, once.
+#[tokio::test]
+async fn a_long_backlog_is_replayed_in_full_in_pages() {
+    let redis = RedisServer::start();
+    let server = start_server(test_config().redis_url(redis.url()).queue_capacity(4_096)).await;
+    let seen = server.resume_point("backlog").await;
+    let mut ids = Vec::new();
+    for n in 0..1_500 {
+        ids.push(
+            server
+                .service
+                .send_custom_event("backlog", "job.step", json!({"n": n}))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut client = server.connect("backlog", "?events=job.step", Some(&seen)).await;
+    for id in &ids {
+        assert_eq!(client.next().await.id, id.to_string());
+    }
+    assert!(client.nothing_within(Duration::from_millis(200)).await);
+}
+
+/// A `Last-Event-ID` older than the replay retention (or from a stream that expired
+/// entirely) is answered with `resync`.
+#[tokio::test]
+async fn an_id_older_than_retention_gets_resync_on_redis() {
+    let redis = RedisServer::start();
+    let server = start_server(test_config().redis_url(redis.url())).await;
+    server
+        .service
+        .send_notification("stale", note("recent"))
+        .await
+        .unwrap();
+    let ten_minutes_ago = (sse_notify::server::now_ms() - 600_000) * 1000;
+    let mut client = server
+        .connect("stale", "", Some(&ten_minutes_ago.to_string()))
+        .await;
+    assert_eq!(client.next().await.event, "resync");
+    assert_eq!(text(&client.next().await), "recent");
+}
+
+/// Messages on our channels that do not decode (junk, a bad name, an id absurdly far in
+/// the future) are skipped, and dispatch goes on: later events still arrive.
+#[tokio::test]
+async fn malformed_messages_are_skipped_and_dispatch_goes_on() {
+    let redis = RedisServer::start();
+    let server = start_server(test_config().redis_url(redis.url())).await;
+    let mut client = server.connect("target", "", None).await;
+    server.wait_for_clients("target", 1).await;
+    let absurd = u64::MAX / 2;
+    for junk in [
+        "garbage".to_string(),
+        "12 Bad-Name {}".to_string(),
+        "13 notification [1,2]".to_string(),
+        format!(r#"{absurd} notification {{"title":"from the future","message":"m"}}"#),
+    ] {
+        let _: i64 = redis_query(&redis, redis::cmd("PUBLISH").arg("sse:u:target").arg(junk)).await;
+    }
+    server
+        .service
+        .send_notification("target", note("after the junk"))
+        .await
+        .unwrap();
+    assert_eq!(text(&client.next().await), "after the junk");
+    assert!(client.nothing_within(Duration::from_millis(200)).await);
+}
+
+/// Users who open their first stream while the subscriber connection is being rebuilt
+/// are subscribed too: their live events arrive.
+#[tokio::test]
+async fn users_arriving_during_a_resubscribe_get_live_events() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(redis.url());
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    for round in 0..8 {
+        let user = format!("arriving-{round}");
+        let _: u64 = redis_query(&redis, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub")).await;
+        let mut client = a.connect(&user, "", None).await;
+        a.wait_for_clients(&user, 1).await;
+        // Wait until A listens again, then publish from B.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while a.service.broker_health() != sse_notify::server::BrokerHealth::Healthy {
+            assert!(tokio::time::Instant::now() < deadline, "A never resubscribed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        b.service.send_notification(&user, note("live")).await.unwrap();
+        assert_eq!(text(&client.next().await), "live", "round {round}");
+    }
+}
+
+/// A catch-up read that fails after a reconnect keeps the broker degraded and is tried
+/// again: it never reports healthy with events missed, and the missed event arrives once
+/// the read works.
+#[tokio::test]
+async fn a_failed_catch_up_keeps_the_broker_degraded_and_retries() {
+    use sse_notify::server::BrokerHealth;
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(redis.url());
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let mut client = a.connect("catch", "", None).await;
+    b.service.send_notification("catch", note("first")).await.unwrap();
+    assert_eq!(text(&client.next().await), "first");
+    // A key of the wrong type makes A's catch-up read fail.
+    let poison = "sse:trimmed:sse:stream:u:catch";
+    let _: i64 = redis_query(&redis, redis::cmd("RPUSH").arg(poison).arg("x")).await;
+    let _: u64 = redis_query(&redis, redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub")).await;
+    b.service
+        .send_notification("catch", note("missed"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(a.service.broker_health(), BrokerHealth::Degraded);
+    assert!(
+        client.nothing_within(Duration::from_millis(100)).await,
+        "delivered without catching up"
+    );
+    let _: i64 = redis_query(&redis, redis::cmd("DEL").arg(poison)).await;
+    assert_eq!(text(&client.next().await), "missed");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while a.service.broker_health() != BrokerHealth::Healthy {
+        assert!(tokio::time::Instant::now() < deadline, "never healthy again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Redis older than 7.0 is refused at start with a message that says so. (No old Redis
+/// is installed here, so a stand-in answers the handshake and `INFO` as Redis 6.2 would.)
+#[tokio::test]
+async fn an_old_redis_is_refused_at_start() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    // One reply per complete command (clients pipeline their handshake).
+                    while let Some((command, used)) = resp_command(&pending) {
+                        pending.drain(..used);
+                        let reply = if command.eq_ignore_ascii_case("INFO") {
+                            let info = "# Server\r\nredis_version:6.2.14\r\n";
+                            format!("${}\r\n{info}\r\n", info.len())
+                        } else {
+                            "+OK\r\n".to_string()
+                        };
+                        if socket.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let err = sse_notify::server::SseService::start(test_config().redis_url(format!("redis://{addr}")))
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("6.2.14") && message.contains("7.0"), "{message}");
+}
+
+/// The name of the first complete RESP command in `buf`, and how many bytes it takes.
+fn resp_command(buf: &[u8]) -> Option<(String, usize)> {
+    let text = std::str::from_utf8(buf).ok()?;
+    let mut lines = text.split_inclusive("\r\n");
+    let header = lines.next()?;
+    let count: usize = header.strip_prefix('*')?.trim_end().parse().ok()?;
+    let mut used = header.len();
+    let mut name = None;
+    for _ in 0..count {
+        let len_line = lines.next()?;
+        let len: usize = len_line.strip_prefix('$')?.trim_end().parse().ok()?;
+        let value = lines.next()?;
+        if value.len() != len + 2 {
+            return None;
+        }
+        used += len_line.len() + value.len();
+        name.get_or_insert_with(|| value.trim_end().to_string());
+    }
+    Some((name?, used))
+}
+
+/// `rediss://`: a real `redis-server` that speaks only TLS, with a certificate from a
+/// private CA made for the test. With that CA (`SSE_REDIS_CA_CERT`) events flow; without
+/// it the server refuses to start, so the certificate is really checked.
+#[tokio::test]
+async fn rediss_over_tls_with_a_private_ca() {
+    let dir = sse_notify_testkit::TempDir::new("sse-tls");
+    let path = |name: &str| dir.path().join(name).to_string_lossy().to_string();
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        &path("ca.key"),
+        "-out",
+        &path("ca.pem"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &path("server.key"),
+        "-out",
+        &path("server.csr"),
+    ]);
+    std::fs::write(
+        path("san.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("server.csr"),
+        "-CA",
+        &path("ca.pem"),
+        "-CAkey",
+        &path("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &path("san.ext"),
+        "-out",
+        &path("server.pem"),
+    ]);
+    let tls_port = sse_notify_testkit::free_port().to_string();
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &path("server.pem"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.pem"),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    sse_notify_testkit::wait_listening(([127, 0, 0, 1], tls_port.parse().unwrap()).into(), WAIT);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+
+    let refused = sse_notify::server::SseService::start(test_config().redis_url(url.clone())).await;
+    assert!(refused.is_err(), "a certificate from an unknown CA was accepted");
+
+    let config = test_config()
+        .redis_url(url)
+        .redis_ca_cert(std::path::PathBuf::from(path("ca.pem")));
+    let server = start_server(config).await;
+    let mut client = server.connect("tls", "", None).await;
+    server
+        .service
+        .send_notification("tls", note("over TLS"))
+        .await
+        .unwrap();
+    let seen = client.next().await;
+    assert_eq!(text(&seen), "over TLS");
+    drop(client);
+    server.wait_for_clients("tls", 0).await;
+    server
+        .service
+        .send_notification("tls", note("replayed over TLS"))
+        .await
+        .unwrap();
+    let mut again = server.connect("tls", "", Some(&seen.id)).await;
+    assert_eq!(text(&again.next().await), "replayed over TLS");
+    drop(redis);
+}

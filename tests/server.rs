@@ -749,39 +749,6 @@ async fn shutdown_ends_streams_and_refuses_new_work() {
     assert_eq!(server.get_json("/healthz").await.0, 503);
 }
 
-/// A bare `GET /api/sse` request head for `user`, as a raw TCP client sends it.
-fn stream_request(server: &TestServer, user: &str) -> String {
-    format!(
-        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        server.token(user)
-    )
-}
-
-/// Sends `request` on a fresh TCP connection and reads the response head (status line and
-/// headers, lower-cased names) plus whatever body bytes arrive within `wait`.
-async fn raw_exchange(socket: &mut tokio::net::TcpStream, request: &str, wait: Duration) -> (String, String) {
-    use tokio::io::AsyncWriteExt;
-    socket.write_all(request.as_bytes()).await.unwrap();
-    let text = read_for(socket, wait).await;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (head.to_lowercase(), body.to_string())
-}
-
-/// Whatever arrives on `socket` within `wait` (or until it closes).
-async fn read_for(socket: &mut tokio::net::TcpStream, wait: Duration) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut received = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + wait;
-    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
-        if n == 0 {
-            break;
-        }
-        received.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&received).to_string()
-}
-
 /// The lean stream path: chunked SSE with the design's headers; an oversized head gets 431
 /// with a JSON body naming the field; a missing token gets the router's 401; and a client
 /// that hangs up is unregistered at once.

@@ -102,6 +102,10 @@ pub struct SseConfig {
     /// Secret: the URL may hold the password.
     #[builder(into)]
     pub redis_url: Option<SecretString>,
+    /// A PEM file of the certificate authority that signed a `rediss://` server's
+    /// certificate, when it is not one of the public web roots (`SSE_REDIS_CA_CERT`).
+    #[builder(into)]
+    pub redis_ca_cert: Option<std::path::PathBuf>,
 }
 
 impl Default for SseConfig {
@@ -132,6 +136,7 @@ impl Default for SseConfig {
             publish_key: None,
             allowed_origins: Vec::new(),
             redis_url: None,
+            redis_ca_cert: None,
         }
     }
 }
@@ -182,6 +187,7 @@ struct SseVars {
     jwt_secret: Option<SecretString>,
     publish_key: Option<SecretString>,
     allowed_origins: Option<String>,
+    redis_ca_cert: Option<std::path::PathBuf>,
 }
 
 /// The Redis variables, which have no `SSE_` prefix.
@@ -326,6 +332,7 @@ impl SseConfig {
         if let Some(origins) = sse.allowed_origins {
             config.allowed_origins = parse_origins(&origins)?;
         }
+        config.redis_ca_cert = sse.redis_ca_cert;
         config.redis_url = match redis.redis_url {
             Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => Some(url.into()),
             Some(_) => {

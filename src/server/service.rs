@@ -63,7 +63,8 @@ use tokio_stream::{wrappers::IntervalStream, StreamExt};
 use super::{
     auth::{self, Auth, Authenticate, Identity},
     broker::{
-        coalesce_latest, Broker, BrokerError, Delivery, EventSink, MemoryBroker, RedisBroker, Retention,
+        coalesce_latest, Broker, BrokerError, Delivery, EventSink, MemoryBroker, RedisBroker, RedisOptions,
+        Retention,
     },
     connection::{Closer, EventStream},
     event::{encode_frame, Envelope, EventId, PublishedEvent, Target},
@@ -192,14 +193,21 @@ impl SseService {
         let broker: Arc<dyn Broker> = match &config.redis_url {
             Some(url) => {
                 use secrecy::ExposeSecret;
-                RedisBroker::connect(
-                    url.expose_secret(),
-                    sink,
-                    config.retention(),
-                    config.history_capacity,
-                )
-                .await
-                .map_err(|e| StartError::Redis(e.to_string()))?
+                let ca_cert = match &config.redis_ca_cert {
+                    Some(path) => Some(std::fs::read(path).map_err(|e| {
+                        StartError::Redis(format!("cannot read SSE_REDIS_CA_CERT {}: {e}", path.display()))
+                    })?),
+                    None => None,
+                };
+                let options = RedisOptions {
+                    url: url.expose_secret().to_string(),
+                    ca_cert,
+                    retention: config.retention(),
+                    max_stream_len: config.history_capacity,
+                };
+                RedisBroker::connect(options, sink)
+                    .await
+                    .map_err(|e| StartError::Redis(e.to_string()))?
             }
             None => Arc::new(MemoryBroker::new(
                 sink,

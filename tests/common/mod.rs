@@ -91,6 +91,25 @@ impl TestServer {
         self.publish_raw(body.to_string(), Some(PUBLISH_KEY)).await
     }
 
+    /// `POST path` with the publish key and a JSON body; the status and the JSON answer.
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(PUBLISH_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Publishes through the publish API at `path` (e.g. under a prefix).
+    pub async fn publish_to(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.post_json(path, body).await
+    }
+
     pub async fn publish_raw(&self, body: String, key: Option<&str>) -> (u16, serde_json::Value) {
         let mut request = self
             .http
@@ -347,6 +366,11 @@ impl ServerProcess {
         SseClient::new(response)
     }
 
+    /// Its process id, for CPU and memory figures from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `SIGKILL`: the process dies at once, as in a crash.
     pub fn crash(&mut self) {
         let _ = self.child.kill();
@@ -368,4 +392,41 @@ pub async fn redis_query<T: redis::FromRedisValue>(redis: &RedisServer, cmd: &mu
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     cmd.query_async(&mut conn).await.unwrap()
+}
+
+/// A bare `GET /api/sse` request head for `user`, as a raw TCP client sends it.
+pub fn stream_request(server: &TestServer, user: &str) -> String {
+    format!(
+        "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token(user)
+    )
+}
+
+/// Sends `request` on a fresh TCP connection and reads the response head (status line and
+/// headers, lower-cased names) plus whatever body bytes arrive within `wait`.
+pub async fn raw_exchange(
+    socket: &mut tokio::net::TcpStream,
+    request: &str,
+    wait: Duration,
+) -> (String, String) {
+    use tokio::io::AsyncWriteExt;
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let text = read_for(socket, wait).await;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_lowercase(), body.to_string())
+}
+
+/// Whatever arrives on `socket` within `wait` (or until it closes).
+pub async fn read_for(socket: &mut tokio::net::TcpStream, wait: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&received).to_string()
 }

@@ -11,7 +11,7 @@
 mod memory;
 mod redis;
 
-pub use self::redis::RedisBroker;
+pub use self::redis::{RedisBroker, RedisOptions};
 pub use memory::MemoryBroker;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};

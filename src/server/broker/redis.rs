@@ -163,21 +163,45 @@ struct Subscriptions {
     pubsub: Option<PubSubSink>,
 }
 
+/// Where and how to reach Redis.
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    /// `redis://` or `rediss://` (TLS).
+    pub url: String,
+    /// A PEM certificate authority to verify a `rediss://` server with, instead of the
+    /// public web roots (for a Redis with a certificate of a private CA).
+    pub ca_cert: Option<Vec<u8>>,
+    /// How long events are kept, by type.
+    pub retention: Retention,
+    /// Most entries one stream keeps.
+    pub max_stream_len: usize,
+}
+
 fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
 impl RedisBroker {
-    /// Connects to `url` (`redis://` or `rediss://`), checks the server's version, starts
-    /// the subscriber task, and hands every event of the subscribed users, and every
-    /// broadcast, to `sink`.
-    pub async fn connect(
-        url: &str,
-        sink: EventSink,
-        retention: Retention,
-        max_stream_len: usize,
-    ) -> Result<Arc<Self>, BrokerError> {
-        let client = Client::open(url).map_err(unavailable)?;
+    /// Connects, checks the server's version, starts the subscriber task, and hands every
+    /// event of the subscribed users, and every broadcast, to `sink`.
+    pub async fn connect(options: RedisOptions, sink: EventSink) -> Result<Arc<Self>, BrokerError> {
+        let RedisOptions {
+            url,
+            ca_cert,
+            retention,
+            max_stream_len,
+        } = options;
+        let client = match ca_cert {
+            None => Client::open(url.as_str()),
+            Some(pem) => Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            ),
+        }
+        .map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(Duration::from_secs(2))

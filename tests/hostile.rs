@@ -1,0 +1,299 @@
+//! Hostile and broken clients: sockets that never finish a request, bodies that trickle
+//! in, more streams than the server may hold, oversized filters, floods of history, and
+//! the cookie and input rules that keep one user's session their own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Whether the server closed `socket` within `within` (EOF or a reset); any bytes it sent
+/// first are read and dropped.
+async fn closed_within(socket: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A socket that sends nothing, one that sends half a request line, and a keep-alive
+/// connection idle after its first request are all closed after the 10 s head timeout.
+#[tokio::test]
+async fn idle_and_half_sent_sockets_are_closed() {
+    let server = start_server(test_config()).await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    partial.write_all(b"G").await.unwrap();
+    let mut half_head = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    half_head
+        .write_all(b"GET /api/sse HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut keep_alive = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (head, _) = raw_exchange(
+        &mut keep_alive,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_millis(200),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let started = tokio::time::Instant::now();
+    for (what, socket) in [
+        ("silent", &mut silent),
+        ("one byte", &mut partial),
+        ("half a head", &mut half_head),
+        ("idle keep-alive", &mut keep_alive),
+    ] {
+        assert!(
+            closed_within(socket, Duration::from_secs(14)).await,
+            "{what} socket still open after {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}
+
+/// CPU seconds (user + system) the process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// Waiting for the rest of a request costs nothing: 500 sockets that sent `G` and stopped
+/// keep the server's CPU near zero (a 5 ms polling loop per socket burned a core).
+#[tokio::test]
+async fn half_sent_requests_cost_no_cpu_while_they_wait() {
+    let server = ServerProcess::start(&[]).await;
+    let mut sockets = Vec::new();
+    for _ in 0..500 {
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        socket.write_all(b"G").await.unwrap();
+        sockets.push(socket);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_seconds(server.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_seconds(server.pid()) - before;
+    assert!(used < 0.3, "500 waiting sockets used {used:.2} s of CPU in 3 s");
+}
+
+/// Past `SSE_MAX_CONNECTIONS` long-lived responses (streams and stats streams together), a
+/// new one gets 503 with `Retry-After`; health and short requests keep answering; a freed
+/// place can be taken again.
+#[tokio::test]
+async fn the_connection_cap_answers_503_and_health_keeps_answering() {
+    let server = start_server(test_config().max_connections(2)).await;
+    let first = server.connect("cap-a", "", None).await;
+    let stats = server
+        .http
+        .get(server.url("/api/stats/stream"))
+        .bearer_auth(PUBLISH_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stats.status(), 200);
+    let refused = server
+        .http
+        .get(server.url("/api/sse"))
+        .bearer_auth(server.token("cap-b"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("connections"), "{body}");
+    assert_eq!(server.get_json("/healthz").await.0, 200);
+    assert_eq!(server.get_json("/api/stats").await.0, 200);
+    drop(first);
+    server.wait_for_clients("cap-a", 0).await;
+    let _again = server.connect("cap-b", "", None).await;
+    drop(stats);
+}
+
+/// The publish key is checked before any of the body is read: a wrong key with a huge
+/// announced body is refused at once.
+#[tokio::test]
+async fn the_publish_key_is_checked_before_the_body() {
+    let server = start_server(test_config()).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = "POST /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n\
+                Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n";
+    let (head, body) = raw_exchange(&mut socket, head, Duration::from_secs(2)).await;
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(body.contains("Authorization"), "{body}");
+}
+
+/// A body that trickles in is cut off after 10 s with 408.
+#[tokio::test]
+async fn a_trickling_body_is_cut_off() {
+    let server = start_server(test_config()).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUBLISH_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"user_id\""
+    );
+    let started = tokio::time::Instant::now();
+    let (head, body) = raw_exchange(&mut socket, &head, Duration::from_secs(14)).await;
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(body.contains(r#""field":"body""#), "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// `events=` with thousands of names is refused with 400 naming the field; duplicates of
+/// a short list are fine.
+#[tokio::test]
+async fn huge_event_filters_are_refused() {
+    let server = start_server(test_config()).await;
+    let many: Vec<String> = (0..1_500).map(|i| format!("e{i}")).collect();
+    let response = server
+        .http
+        .get(server.url(&format!("/api/sse?events={}", many.join(","))))
+        .bearer_auth(server.token("f"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["field"], "events");
+    let repeated = vec!["notification"; 1_000].join(",");
+    let _ok = server.connect("f", &format!("?events={repeated}"), None).await;
+}
+
+/// Names the browser's `EventSource` fires on its own, and the server's control events,
+/// cannot be published.
+#[tokio::test]
+async fn reserved_event_names_are_refused() {
+    let server = start_server(test_config()).await;
+    for name in ["error", "open", "message", "session_ended", "connection_replaced"] {
+        let (status, body) = server
+            .publish(json!({"user_id": "r", "event": name, "data": {}}))
+            .await;
+        assert_eq!(
+            (status, body["field"].as_str()),
+            (400, Some("event")),
+            "{name}: {body}"
+        );
+    }
+    let (status, body) = server
+        .publish(json!({"user_id": "r", "event": "notification",
+                        "data": {"title": "t", "message": "m", "actionUrl": "/\\evil.example/x"}}))
+        .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("data.actionUrl")),
+        "{body}"
+    );
+}
+
+/// Published events do not stay in memory past the byte bound: with
+/// `SSE_HISTORY_MAX_BYTES` at 8 MiB, 100 MB of events leave the server's RSS far below
+/// what went through it (without the bound, the 100,000-event history would keep them
+/// all). `make soak` does the same with 600 MB on the release build.
+#[tokio::test]
+async fn history_does_not_keep_what_went_through() {
+    let server = ServerProcess::start(&[("SSE_HISTORY_MAX_BYTES", "8388608")]).await;
+    let http = reqwest::Client::new();
+    let blob = "x".repeat(60_000);
+    let batch: Vec<serde_json::Value> = (0..10)
+        .map(|_| json!({"user_id": "hoard", "event": "bulk.data", "data": {"blob": blob}}))
+        .collect();
+    let body = serde_json::to_string(&batch).unwrap();
+    for _ in 0..170 {
+        let status = http
+            .post(format!("http://{}/api/events", server.addr))
+            .bearer_auth(PUBLISH_KEY)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 202);
+    }
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(
+        rss_kib < 64 * 1024,
+        "RSS {} MiB after 100 MB of events",
+        rss_kib / 1024
+    );
+}
+
+/// The demo sign-in: JSON only (a cross-site form cannot sign a browser in), the token
+/// only in an HttpOnly cookie, `Secure` over HTTPS (as a proxy reports it), or always
+/// when configured.
+#[tokio::test]
+async fn sign_in_is_json_only_and_its_cookie_is_secure_over_https() {
+    let server = start_server(test_config()).await;
+    let form = server
+        .http
+        .post(server.url("/api/session"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("user_id=victim")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 415);
+    assert!(form.headers().get("set-cookie").is_none());
+
+    let sign_in = |https: bool| {
+        let mut request = server
+            .http
+            .post(server.url("/api/session"))
+            .json(&json!({"user_id": "me"}));
+        if https {
+            request = request.header("x-forwarded-proto", "https");
+        }
+        request.send()
+    };
+    let plain = sign_in(false).await.unwrap();
+    let cookie = plain.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    let body: serde_json::Value = plain.json().await.unwrap();
+    assert_eq!(body, json!({"user_id": "me"}), "no token in the body");
+    let secure = sign_in(true).await.unwrap();
+    assert!(secure.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Secure"));
+
+    let always = start_server(test_config().cookie_secure(sse_notify::server::CookieSecure::Always)).await;
+    let cookie = always
+        .http
+        .post(always.url("/api/session"))
+        .json(&json!({"user_id": "me"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(cookie.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Secure"));
+}
