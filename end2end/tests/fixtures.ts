@@ -51,6 +51,7 @@ export class Server {
         ...process.env,
         LEPTOS_SITE_ADDR: `127.0.0.1:${this.port}`,
         LEPTOS_SITE_ROOT: path.join(ROOT, "target", "site"),
+        SSE_DEMO: "1",
         SSE_PUBLISH_KEY: PUBLISH_KEY,
         SSE_JWT_SECRET: "e2e-secret-0123456789abcdef",
         SSE_HEARTBEAT_INTERVAL_MS: "2000",
