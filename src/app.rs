@@ -2,7 +2,8 @@
 //! watch the toasts, and follow connections and throughput on a live dashboard.
 //!
 //! The home page reads `SseNotifications` options from the query string, so every option
-//! can be tried without code: `/?position=bottom-left&max=3&dismiss=2000&auto=false`.
+//! can be tried without code: `/?position=bottom-left&max=3&dismiss=2000&auto=false&theme=dark`
+//! (also `stall=<ms>`, the stall timeout, and `share=false`, one stream per tab).
 
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
@@ -16,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     api::{self, Stats},
     client::{
-        use_sse_with_options, ConnectionReadyState, ConnectionStatus, Position, SseMessage, SseNotifications,
-        UseSseError, UseSseOptions,
+        use_sse_with_options, use_toaster, ConnectionReadyState, ConnectionStatus, NewToast, Position,
+        SseMessage, SseNotifications, Theme, ToastKind, UseSseError, UseSseOptions,
     },
     events::{NotificationKind, SystemAlertKind, UserUpdateKind},
 };
@@ -264,7 +265,7 @@ fn HomePage() -> impl IntoView {
     let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
 
     let query = use_query_map();
-    let (position, max, dismiss, auto, stall) = query.with_untracked(|q| {
+    let (position, max, dismiss, auto, stall, theme, share) = query.with_untracked(|q| {
         (
             q.get("position")
                 .and_then(|p| Position::parse(&p))
@@ -273,6 +274,8 @@ fn HomePage() -> impl IntoView {
             q.get("dismiss").and_then(|d| d.parse().ok()).unwrap_or(5_000u64),
             q.get("auto").map(|a| a != "false").unwrap_or(true),
             q.get("stall").and_then(|s| s.parse::<u64>().ok()),
+            q.get("theme").and_then(|t| Theme::parse(&t)).unwrap_or_default(),
+            q.get("share").map(|s| s != "false").unwrap_or(true),
         )
     });
     let status = RwSignal::new(ConnectionStatus::default());
@@ -295,6 +298,8 @@ fn HomePage() -> impl IntoView {
             on_message
             extra_events=vec!["demo.ping".to_string()]
             retry_timeout=stall
+            theme
+            share_across_tabs=share
         />
         <section class="hero">
             <h1>"Live notifications for Leptos"</h1>
@@ -310,7 +315,10 @@ fn HomePage() -> impl IntoView {
                         <button class="button button--ghost" type="button" data-testid="sign-out" on:click=move |_| { sign_out.dispatch(SignOut {}); }>"Sign out"</button>
                     </div>
                     <div class="grid">
-                        <SendPanel />
+                        <div>
+                            <SendPanel />
+                            <ToasterPanel />
+                        </div>
                         <EventLog log />
                     </div>
                 }.into_any(),
@@ -328,8 +336,9 @@ fn StatusBadge(status: RwSignal<ConnectionStatus>) -> impl IntoView {
         ConnectionReadyState::Closing | ConnectionReadyState::Closed => "Offline",
     };
     let error = move || status.with(|s| s.error.as_ref().map(UseSseError::code));
+    let leader = move || status.with(|s| s.leader.to_string());
     view! {
-        <p class="status" data-status=move || state().as_str() data-error=error role="status">
+        <p class="status" data-status=move || state().as_str() data-error=error data-leader=leader role="status">
             <span class="status__dot" aria-hidden="true"></span>
             {label}
         </p>
@@ -450,6 +459,45 @@ fn SendPanel() -> impl IntoView {
                     Err(e) => format!("Not sent: {e}"),
                 })}
             </p>
+        </div>
+    }
+}
+
+/// The toaster API from the page: a loading toast that becomes its result, and a toast
+/// with an action button.
+#[component]
+fn ToasterPanel() -> impl IntoView {
+    let toaster = use_toaster();
+    let undone = RwSignal::new(String::new());
+    let save = move |_| {
+        let id = toaster.loading("Saving your draft…");
+        set_timeout(
+            move || {
+                toaster.update(
+                    id,
+                    NewToast::new(ToastKind::Success, "Draft saved").message("All changes are stored."),
+                );
+            },
+            std::time::Duration::from_millis(1_200),
+        );
+    };
+    let archive = move |_| {
+        undone.set(String::new());
+        toaster.show(
+            NewToast::new(ToastKind::Info, "Conversation archived")
+                .sticky()
+                .action("Undo", move || undone.set("Archive undone".into())),
+        );
+    };
+    view! {
+        <div class="card">
+            <h2>"Toaster API"</h2>
+            <p>"App toasts from any component, through the same store as the stream's."</p>
+            <div class="toaster-demo">
+                <button class="button" data-testid="toast-promise" on:click=save>"Save (loading → done)"</button>
+                <button class="button button--ghost" data-testid="toast-action" on:click=archive>"Archive (with Undo)"</button>
+            </div>
+            <p class="undo-result" data-testid="undo-result" aria-live="polite">{move || undone.get()}</p>
         </div>
     }
 }

@@ -1,12 +1,18 @@
-//! The browser side: the [`use_sse`] hook and the [`SseNotifications`] toasts.
+//! The browser side: the [`use_sse`] hook, the [`SseNotifications`] toasts and the
+//! [`Toaster`] behind them.
 //!
-//! Both compile for the server too, where they render the empty markup and open nothing,
+//! All compile for the server too, where they render the empty markup and open nothing,
 //! so they can sit in any SSR-rendered Leptos view.
 
 mod notifications;
+mod toaster;
 mod use_sse;
 
-pub use notifications::{ConnectionStatus, Position, SseNotifications, Toast, ToastKind, ToastStore};
+pub use notifications::{ConnectionStatus, Position, SSENotifications, SseNotifications, Theme, STYLES};
+pub use toaster::{
+    expect_toaster, provide_toaster, use_toaster, NewToast, Toast, ToastAction, ToastDuration, ToastId,
+    ToastKind, ToastLabels, ToastStore, Toaster,
+};
 pub use use_sse::{
     use_sse, use_sse_with_options, ConnectionReadyState, SseMessage, UseSseError, UseSseOptions, UseSseReturn,
 };

@@ -1,33 +1,54 @@
-//! `<SseNotifications/>`: toasts for the events of [`use_sse`](super::use_sse).
+//! `<SseNotifications/>`: toasts for the notification stream, styled out of the box.
 //!
 //! ```no_run
 //! use leptos::prelude::*;
-//! use sse_notify::client::{Position, SseNotifications};
+//! use sse_notify::client::{Position, SseNotifications, Theme};
 //!
 //! #[component]
 //! fn Layout() -> impl IntoView {
-//!     view! { <SseNotifications position=Position::BottomRight max_notifications=3 /> }
+//!     view! { <SseNotifications position=Position::BottomRight max_notifications=3 theme=Theme::System /> }
 //! }
 //! ```
 //!
-//! - a toast per `notification`, styled by its kind, with an action link for `actionUrl`;
-//! - one toast per reel for `reel_upload_progress`, updated in place, that turns into a
-//!   "ready" toast with a link on `reel_ready`;
-//! - `system_alert` as a banner for its `duration`; `user_update` as a quiet toast;
-//! - past `max_notifications`, toasts wait and appear as others leave (none are lost);
-//! - auto-dismiss pauses while hovered or focused; the close button and Escape dismiss;
-//! - a polite live region (errors and alerts assertive); SSR renders the empty region.
-
-use std::collections::VecDeque;
+//! - a toast per `notification`, styled by its kind, with an icon and an action link for
+//!   `actionUrl`; one toast per reel for `reel_upload_progress`, updated in place, that
+//!   turns into a "ready" toast with a link on `reel_ready`; `system_alert` as a banner at
+//!   the top (the top stacks sit below it); `user_update` as a quiet toast;
+//! - the app's own toasts through the same store: see [`use_toaster`](super::use_toaster);
+//! - past `max_notifications`, toasts wait ("+N more") and appear as others leave;
+//! - auto-dismiss pauses while hovered, focused, or while the tab is hidden; the close
+//!   button, a swipe, and Escape (with focus inside the toasts) dismiss; a dismissal in one
+//!   tab reaches the other tabs of the same stream;
+//! - light and dark themes (following `prefers-color-scheme` by default), reduced motion
+//!   respected, full width on narrow screens within the safe area; every string can be
+//!   replaced (`labels`);
+//! - polite and assertive live regions; SSR renders the empty regions.
+//!
+//! ## Styles
+//!
+//! The component brings its stylesheet (a `<style>` element with rules under `.sse-notify`
+//! and `.sse-toast*` only, nothing global) unless `styles=false`. Restyle it with the
+//! CSS variables on `.sse-notify`, e.g. in your own stylesheet:
+//!
+//! ```css
+//! .sse-notify { --sse-notify-radius: 4px; --sse-notify-font: "Inter", sans-serif; }
+//! .sse-notify[data-theme="dark"] { --sse-notify-surface: #111; }
+//! ```
+//!
+//! Every variable is listed at the top of [`STYLES`].
 
 use leptos::prelude::*;
 
-use super::use_sse::{
-    use_sse_with_options, ConnectionReadyState, SseMessage, UseSseError, UseSseOptions, UseSseReturn,
+use super::{
+    toaster::{use_toaster, Toast, ToastDuration, ToastId, ToastKind, ToastLabels, ToastStore},
+    use_sse::{
+        use_sse_with_options, ConnectionReadyState, SseMessage, UseSseError, UseSseOptions, UseSseReturn,
+    },
 };
-use crate::events::{
-    Event, NotificationKind, ReelUploadProgress, SystemAlertKind, UploadStatus, UserUpdateKind,
-};
+use crate::api;
+
+/// The component's stylesheet, with every CSS variable it reads at the top.
+pub const STYLES: &str = include_str!("../../style/sse-notify.css");
 
 /// Where the toast stack sits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,253 +56,68 @@ pub enum Position {
     #[default]
     TopRight,
     TopLeft,
+    TopCenter,
     BottomRight,
     BottomLeft,
+    BottomCenter,
 }
 
 impl Position {
+    const ALL: [Position; 6] = [
+        Position::TopRight,
+        Position::TopLeft,
+        Position::TopCenter,
+        Position::BottomRight,
+        Position::BottomLeft,
+        Position::BottomCenter,
+    ];
+
     /// The CSS modifier, also the value accepted by [`Position::parse`].
     pub fn as_str(self) -> &'static str {
         match self {
             Position::TopRight => "top-right",
             Position::TopLeft => "top-left",
+            Position::TopCenter => "top-center",
             Position::BottomRight => "bottom-right",
             Position::BottomLeft => "bottom-left",
+            Position::BottomCenter => "bottom-center",
         }
     }
 
-    /// `top-right`, `top-left`, `bottom-right` or `bottom-left`.
+    /// `top-right`, `top-left`, `top-center`, `bottom-right`, `bottom-left` or `bottom-center`.
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Position::TopRight,
-            Position::TopLeft,
-            Position::BottomRight,
-            Position::BottomLeft,
-        ]
-        .into_iter()
-        .find(|p| p.as_str() == s)
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    fn is_top(self) -> bool {
+        matches!(self, Position::TopRight | Position::TopLeft | Position::TopCenter)
     }
 }
 
-/// How a toast looks and how loudly it is announced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ToastKind {
-    Info,
-    Success,
-    Warning,
-    Error,
-    /// `user_update`: a quiet note.
-    Quiet,
+/// Light, dark, or whatever the system prefers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Theme {
+    #[default]
+    System,
+    Light,
+    Dark,
 }
 
-impl ToastKind {
-    fn as_str(self) -> &'static str {
+impl Theme {
+    /// `system`, `light` or `dark`: the `data-theme` value.
+    pub fn as_str(self) -> &'static str {
         match self {
-            ToastKind::Info => "info",
-            ToastKind::Success => "success",
-            ToastKind::Warning => "warning",
-            ToastKind::Error => "error",
-            ToastKind::Quiet => "quiet",
-        }
-    }
-}
-
-/// One toast.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Toast {
-    pub key: u64,
-    pub kind: ToastKind,
-    pub title: String,
-    pub message: String,
-    /// `(href, label)` of its action link.
-    pub link: Option<(String, String)>,
-    /// Upload progress in percent, for reel toasts.
-    pub progress: Option<u8>,
-    /// The reel it follows, so later events update it in place.
-    pub reel_id: Option<String>,
-    /// Stays until dismissed by hand (an upload in flight).
-    pub sticky: bool,
-    /// How long it stays, when it overrides the component's `dismiss_delay`.
-    pub duration_ms: Option<u64>,
-}
-
-/// The toasts on screen, those waiting for room, and the system-alert banners.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ToastStore {
-    pub visible: Vec<Toast>,
-    pub waiting: VecDeque<Toast>,
-    pub banners: Vec<Toast>,
-    max_visible: usize,
-    next_key: u64,
-}
-
-impl ToastStore {
-    pub fn new(max_visible: usize) -> Self {
-        Self {
-            max_visible: max_visible.max(1),
-            ..Self::default()
+            Theme::System => "system",
+            Theme::Light => "light",
+            Theme::Dark => "dark",
         }
     }
 
-    /// Turns an event into a toast (or an update of one). Other events are ignored.
-    pub fn apply(&mut self, message: &SseMessage) {
-        let Ok(event) = message.parse() else { return };
-        match event {
-            Event::Notification(n) => {
-                let kind = match n.kind {
-                    NotificationKind::Info => ToastKind::Info,
-                    NotificationKind::Success => ToastKind::Success,
-                    NotificationKind::Warning => ToastKind::Warning,
-                    NotificationKind::Error => ToastKind::Error,
-                };
-                let link = n.action_url.map(|url| (url, "Open".to_string()));
-                self.push(self.toast(kind, n.title, n.message, link));
-            }
-            Event::ReelUploadProgress(p) => self.upload_progress(p),
-            Event::ReelReady(r) => {
-                let link = Some((r.playback_url, "Watch".to_string()));
-                let updated = self.update_reel(&r.reel_id, |t| {
-                    t.kind = ToastKind::Success;
-                    t.title = "Reel ready".into();
-                    t.message = format!("{} is ready to watch", r.reel_id);
-                    t.progress = Some(100);
-                    t.sticky = false;
-                    t.link = link.clone();
-                });
-                if !updated {
-                    let mut toast = self.toast(
-                        ToastKind::Success,
-                        "Reel ready".into(),
-                        format!("{} is ready to watch", r.reel_id),
-                        link,
-                    );
-                    toast.reel_id = Some(r.reel_id);
-                    self.push(toast);
-                }
-            }
-            Event::UserUpdate(u) => {
-                let what = match u.kind {
-                    UserUpdateKind::Profile => "Profile updated",
-                    UserUpdateKind::Settings => "Settings updated",
-                    UserUpdateKind::Subscription => "Subscription updated",
-                };
-                self.push(self.toast(ToastKind::Quiet, what.into(), String::new(), None));
-            }
-            Event::SystemAlert(a) => {
-                let kind = match a.kind {
-                    SystemAlertKind::Info => ToastKind::Info,
-                    SystemAlertKind::Warning | SystemAlertKind::Maintenance => ToastKind::Warning,
-                };
-                let title = match a.kind {
-                    SystemAlertKind::Maintenance => "Maintenance",
-                    SystemAlertKind::Warning => "Warning",
-                    SystemAlertKind::Info => "System notice",
-                };
-                let mut banner = self.toast(kind, title.into(), a.message, None);
-                banner.duration_ms = a.duration;
-                self.next_key += 1;
-                self.banners.push(banner);
-            }
-            Event::Heartbeat(_) | Event::Custom { .. } => {}
-        }
-    }
-
-    fn upload_progress(&mut self, p: ReelUploadProgress) {
-        let (kind, title, sticky) = match p.status {
-            UploadStatus::Uploading => (ToastKind::Info, "Uploading reel", true),
-            UploadStatus::Processing => (ToastKind::Info, "Processing reel", true),
-            UploadStatus::Ready => (ToastKind::Success, "Reel processed", false),
-            UploadStatus::Error => (ToastKind::Error, "Upload failed", false),
-        };
-        let message = p
-            .message
-            .clone()
-            .unwrap_or_else(|| format!("{} — {}%", p.reel_id, p.progress));
-        let updated = self.update_reel(&p.reel_id, |t| {
-            // A late progress event never undoes "ready".
-            if t.kind == ToastKind::Success && t.link.is_some() {
-                return;
-            }
-            t.kind = kind;
-            t.title = title.into();
-            t.message = message.clone();
-            t.progress = Some(p.progress);
-            t.sticky = sticky;
-        });
-        if !updated {
-            let mut toast = self.toast(kind, title.into(), message, None);
-            toast.progress = Some(p.progress);
-            toast.reel_id = Some(p.reel_id);
-            toast.sticky = sticky;
-            self.push(toast);
-        }
-    }
-
-    fn toast(
-        &self,
-        kind: ToastKind,
-        title: String,
-        message: String,
-        link: Option<(String, String)>,
-    ) -> Toast {
-        Toast {
-            key: self.next_key,
-            kind,
-            title,
-            message,
-            link,
-            progress: None,
-            reel_id: None,
-            sticky: false,
-            duration_ms: None,
-        }
-    }
-
-    /// Shows `toast`, or queues it when the stack is full.
-    pub fn push(&mut self, toast: Toast) {
-        self.next_key = self.next_key.max(toast.key) + 1;
-        if self.visible.len() < self.max_visible {
-            self.visible.push(toast);
-        } else {
-            self.waiting.push_back(toast);
-        }
-    }
-
-    /// Updates the toast following `reel_id`, wherever it is. `false` if there is none.
-    fn update_reel(&mut self, reel_id: &str, update: impl FnOnce(&mut Toast)) -> bool {
-        let toast = self
-            .visible
-            .iter_mut()
-            .chain(self.waiting.iter_mut())
-            .find(|t| t.reel_id.as_deref() == Some(reel_id));
-        match toast {
-            Some(t) => {
-                update(t);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Removes a toast or banner; the first waiting toast takes its place.
-    pub fn dismiss(&mut self, key: u64) {
-        self.banners.retain(|t| t.key != key);
-        let before = self.visible.len();
-        self.visible.retain(|t| t.key != key);
-        self.waiting.retain(|t| t.key != key);
-        if self.visible.len() < before {
-            if let Some(next) = self.waiting.pop_front() {
-                self.visible.push(next);
-            }
-        }
-    }
-
-    /// A visible toast or banner by key.
-    pub fn get(&self, key: u64) -> Option<&Toast> {
-        self.visible
-            .iter()
-            .chain(self.banners.iter())
-            .find(|t| t.key == key)
+    /// The inverse of [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Self> {
+        [Theme::System, Theme::Light, Theme::Dark]
+            .into_iter()
+            .find(|t| t.as_str() == s)
     }
 }
 
@@ -291,9 +127,13 @@ pub struct ConnectionStatus {
     pub state: ConnectionReadyState,
     /// The latest problem, if any.
     pub error: Option<UseSseError>,
+    /// This tab holds the stream (other tabs share it).
+    pub leader: bool,
 }
 
-/// Toasts for the notification stream. Opens one stream with [`use_sse_with_options`].
+/// Toasts for the notification stream. Opens the stream with [`use_sse_with_options`] and
+/// shows its events, and the app's own toasts, through the [`Toaster`](super::Toaster) in the context (or
+/// a new one it provides).
 #[component]
 pub fn SseNotifications(
     /// The signed-in user: the stream is open while this is `Some` and reopens when it
@@ -303,6 +143,13 @@ pub fn SseNotifications(
     /// A session token sent as `?token=`, where the cookie cannot be used.
     #[prop(optional, into)]
     session_id: Option<String>,
+    /// Where to fetch a fresh token when the session ends; see [`UseSseOptions::token_url`].
+    #[prop(optional, into)]
+    token_url: Option<String>,
+    /// The stream URL, e.g. `/notify/api/sse` when the routes sit under a prefix.
+    /// Defaults to `/api/sse`.
+    #[prop(into, default = api::STREAM_PATH.to_string())]
+    url: String,
     /// Toasts on screen at once; the rest wait. Defaults to 5.
     #[prop(default = 5)]
     max_notifications: usize,
@@ -312,9 +159,18 @@ pub fn SseNotifications(
     /// Milliseconds a toast stays. Defaults to 5,000.
     #[prop(default = 5_000)]
     dismiss_delay: u64,
-    /// Which corner the stack sits in. Defaults to top right.
+    /// Where the stack sits. Defaults to top right.
     #[prop(default = Position::TopRight)]
     position: Position,
+    /// Light, dark, or following the system. Defaults to the system.
+    #[prop(default = Theme::System)]
+    theme: Theme,
+    /// The strings it shows, to translate. Defaults to English.
+    #[prop(optional)]
+    labels: Option<ToastLabels>,
+    /// Bring the built-in stylesheet. Defaults to `true`.
+    #[prop(default = true)]
+    styles: bool,
     /// Receives the connection state, for a status indicator.
     #[prop(optional)]
     status: Option<RwSignal<ConnectionStatus>>,
@@ -328,18 +184,40 @@ pub fn SseNotifications(
     /// is reopened. Defaults to `None`: the hook's default (65,000).
     #[prop(default = None)]
     retry_timeout: Option<u64>,
+    /// First reconnect delay in ms (it doubles per failed attempt). Defaults to 1,000.
+    #[prop(default = 1_000)]
+    reconnect_interval: u64,
+    /// Failed reconnects in a row before giving up. Defaults to `Some(10)`.
+    #[prop(default = Some(10))]
+    max_reconnect_attempts: Option<u32>,
+    /// Share one stream between tabs. Defaults to `true`.
+    #[prop(default = true)]
+    share_across_tabs: bool,
 ) -> impl IntoView {
-    let store = RwSignal::new(ToastStore::new(max_notifications));
-    let mut options = UseSseOptions::default().on_message(move |msg| {
-        store.update(|s| s.apply(msg));
-        if let Some(cb) = on_message {
-            cb.run(msg.clone());
-        }
+    let toaster = use_toaster();
+    let store = toaster.store();
+    store.update(|s| {
+        *s = std::mem::take(s).with_labels(labels.unwrap_or_default());
+        s.set_max_visible(max_notifications);
     });
+    let sync = DismissSync::new(&url, store);
+
+    let mut options = UseSseOptions::default()
+        .url(url)
+        .session_id(session_id)
+        .token_url(token_url)
+        .reconnect_interval(reconnect_interval)
+        .max_reconnect_attempts(max_reconnect_attempts)
+        .share_across_tabs(share_across_tabs)
+        .on_message(move |msg: &SseMessage| {
+            store.update(|s| s.apply(msg));
+            if let Some(cb) = on_message {
+                cb.run(msg.clone());
+            }
+        });
     if let Some(user_id) = user_id {
         options = options.user_id(user_id);
     }
-    options = options.session_id(session_id);
     if let Some(ms) = retry_timeout {
         options = options.retry_timeout(ms);
     }
@@ -352,128 +230,371 @@ pub fn SseNotifications(
         options = options.events(events);
     }
     let UseSseReturn {
-        ready_state, error, ..
+        ready_state,
+        error,
+        is_leader,
+        ..
     } = use_sse_with_options(options);
     if let Some(status) = status {
         Effect::new(move |_| {
             status.set(ConnectionStatus {
                 state: ready_state.get(),
                 error: error.get(),
+                leader: is_leader.get(),
             });
         });
     }
 
-    #[cfg(not(feature = "ssr"))]
-    {
-        // Escape dismisses the toast that holds focus, else the newest one.
-        let handle = window_event_listener(leptos::ev::keydown, move |e| {
-            if e.key() != "Escape" {
-                return;
-            }
-            let focused = document()
-                .active_element()
-                .and_then(|el| el.closest("[data-toast-key]").ok().flatten())
-                .and_then(|el| el.get_attribute("data-toast-key"))
-                .and_then(|k| k.parse::<u64>().ok());
-            let key = focused.or_else(|| store.with_untracked(|s| s.visible.last().map(|t| t.key)));
-            if let Some(key) = key {
-                store.update(|s| s.dismiss(key));
-            }
-        });
-        on_cleanup(move || handle.remove());
-    }
-
-    let toast_view = move |key: u64| {
-        view! { <ToastView store key auto_dismiss dismiss_delay /> }
+    let page_hidden = page_hidden();
+    let ctx = ToastContext {
+        store,
+        sync,
+        auto_dismiss,
+        dismiss_delay,
+        page_hidden,
     };
-    let polite = move || {
-        store.with(|s| {
-            s.visible
-                .iter()
-                .filter(|t| t.kind != ToastKind::Error)
-                .map(|t| t.key)
-                .collect::<Vec<_>>()
-        })
+    // Escape dismisses the toast that holds focus; only when focus is inside the toasts.
+    let on_keydown = move |e: leptos::ev::KeyboardEvent| {
+        if e.key() != "Escape" {
+            return;
+        }
+        let focused = document()
+            .active_element()
+            .and_then(|el| el.closest("[data-toast-key]").ok().flatten())
+            .and_then(|el| el.get_attribute("data-toast-key"))
+            .and_then(|k| k.parse::<u64>().ok());
+        if let Some(key) = focused {
+            ctx.dismiss(ToastId(key));
+        }
     };
-    let assertive = move || {
-        store.with(|s| {
-            s.visible
-                .iter()
-                .filter(|t| t.kind == ToastKind::Error)
-                .map(|t| t.key)
-                .collect::<Vec<_>>()
-        })
+    let stack = move || view! { <Stack ctx position /> };
+    let (top, bottom) = if position.is_top() {
+        (Some(stack()), None)
+    } else {
+        (None, Some(stack()))
     };
-    let banners = move || store.with(|s| s.banners.iter().map(|t| t.key).collect::<Vec<_>>());
+    let banners = move || store.with(|s| s.banners.iter().map(|t| t.id).collect::<Vec<_>>());
+    let labels = move || store.with(|s| s.labels.clone());
     view! {
-        <section class="sse-banners" aria-label="System alerts" role="alert" aria-live="assertive">
-            <For each=banners key=|k| *k children=toast_view />
-        </section>
+        {styles.then(|| view! { <style data-sse-notify="">{STYLES}</style> })}
+        <div class="sse-notify" data-theme=theme.as_str() data-position=position.as_str() on:keydown=on_keydown>
+            <div class="sse-notify__top">
+                <section class="sse-banners" aria-label=move || labels().alerts role="alert" aria-live="assertive">
+                    <For each=banners key=|id| *id children=move |id| view! { <ToastView ctx id /> } />
+                </section>
+                {top}
+            </div>
+            <div class="sse-notify__bottom">{bottom}</div>
+        </div>
+    }
+}
+
+/// The design card's name for the component; the same as [`SseNotifications`].
+pub use SseNotifications as SSENotifications;
+
+/// What every toast view needs.
+#[derive(Clone, Copy)]
+struct ToastContext {
+    store: RwSignal<ToastStore>,
+    sync: DismissSync,
+    auto_dismiss: bool,
+    dismiss_delay: u64,
+    page_hidden: Signal<bool>,
+}
+
+impl ToastContext {
+    /// Dismisses `id` here and, for a toast from the stream, in the other tabs.
+    fn dismiss(self, id: ToastId) {
+        let source = self
+            .store
+            .with_untracked(|s| s.get(id).and_then(|t| t.source.clone()));
+        self.store.update(|s| s.dismiss(id));
+        if let Some(source) = source {
+            self.sync.announce(&source);
+        }
+    }
+}
+
+/// The stack of toasts: polite and assertive regions, and "+N more" when some wait.
+#[component]
+fn Stack(ctx: ToastContext, position: Position) -> impl IntoView {
+    let store = ctx.store;
+    let ids = move |errors: bool| {
+        store.with(|s| {
+            s.visible
+                .iter()
+                .filter(|t| (t.kind == ToastKind::Error) == errors)
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        })
+    };
+    let waiting = move || store.with(|s| s.waiting.len());
+    let more = move || store.with(|s| s.labels.more.replace("{n}", &s.waiting.len().to_string()));
+    view! {
         <section
             class=format!("sse-toasts sse-toasts--{}", position.as_str())
-            aria-label="Notifications"
+            aria-label=move || store.with(|s| s.labels.region.clone())
             data-position=position.as_str()
         >
             <div class="sse-toasts__list" role="status" aria-live="polite">
-                <For each=polite key=|k| *k children=toast_view />
+                <For each=move || ids(false) key=|id| *id children=move |id| view! { <ToastView ctx id /> } />
             </div>
             <div class="sse-toasts__list" role="alert" aria-live="assertive">
-                <For each=assertive key=|k| *k children=toast_view />
+                <For each=move || ids(true) key=|id| *id children=move |id| view! { <ToastView ctx id /> } />
             </div>
+            <Show when=move || { waiting() > 0 }>
+                <p class="sse-toasts__more" data-testid="toasts-more">{more}</p>
+            </Show>
         </section>
     }
 }
 
-/// One toast, reading its fields from the store by key so progress updates re-render
-/// only what changed. Owns the auto-dismiss timer, paused while hovered or focused.
+/// One toast (or banner), reading its fields from the store by id so progress updates
+/// re-render only what changed. Owns the auto-dismiss timer (paused while hovered, focused
+/// or the page is hidden), the exit animation and the swipe.
 #[component]
-fn ToastView(store: RwSignal<ToastStore>, key: u64, auto_dismiss: bool, dismiss_delay: u64) -> impl IntoView {
-    let toast = Memo::new(move |_| store.with(|s| s.get(key).cloned()));
-    let field = move |f: fn(&Toast) -> String| move || toast.with(|t| t.as_ref().map(f).unwrap_or_default());
-    let dismiss = move || store.update(|s| s.dismiss(key));
+fn ToastView(ctx: ToastContext, id: ToastId) -> impl IntoView {
+    let store = ctx.store;
+    let toast = Memo::new(move |_| store.with(|s| s.get(id).cloned()));
+    let text = move |f: fn(&Toast) -> String| move || toast.with(|t| t.as_ref().map(f).unwrap_or_default());
+    let leaving = RwSignal::new(false);
+    let dismiss = move || {
+        if leaving.get_untracked() {
+            return;
+        }
+        leaving.set(true);
+        // Let the exit animation play (none with reduced motion), then remove it.
+        set_timeout(move || ctx.dismiss(id), std::time::Duration::from_millis(160));
+    };
     let timer = AutoDismiss::new(dismiss);
-    let sticky = Memo::new(move |_| toast.with(|t| t.as_ref().is_none_or(|t| t.sticky)));
-    if auto_dismiss {
-        // Start (or restart) when the toast stops being sticky: an upload that became ready.
+    let hovered = RwSignal::new(false);
+    let focused = RwSignal::new(false);
+    let duration = Memo::new(move |_| toast.with(|t| t.as_ref().map(|t| t.duration)));
+    if ctx.auto_dismiss {
+        // (Re)start when the toast's duration changes: an upload that became ready.
+        Effect::new(move |_| match duration.get() {
+            Some(ToastDuration::Default) => timer.start(ctx.dismiss_delay),
+            Some(ToastDuration::Millis(ms)) => timer.start(ms),
+            Some(ToastDuration::Sticky) | None => timer.stop(),
+        });
         Effect::new(move |_| {
-            if !sticky.get() {
-                let delay = toast
-                    .with_untracked(|t| t.as_ref().and_then(|t| t.duration_ms))
-                    .unwrap_or(dismiss_delay);
-                timer.start(delay);
+            if hovered.get() || focused.get() || ctx.page_hidden.get() {
+                timer.pause();
+            } else {
+                timer.resume();
             }
         });
     }
+    let swipe = Swipe::new();
     let kind = move || toast.with(|t| t.as_ref().map_or("info", |t| t.kind.as_str()));
     let progress = move || toast.with(|t| t.as_ref().and_then(|t| t.progress));
     let link = move || toast.with(|t| t.as_ref().and_then(|t| t.link.clone()));
+    let action = move || toast.with(|t| t.as_ref().and_then(|t| t.action.clone()));
+    let dismiss_label = move || store.with(|s| s.labels.dismiss.clone());
+    let class = move || {
+        let mut class = format!("sse-toast sse-toast--{}", kind());
+        if leaving.get() {
+            class.push_str(" sse-toast--leaving");
+        }
+        class
+    };
     view! {
         <div
-            class=move || format!("sse-toast sse-toast--{}", kind())
-            data-toast-key=key.to_string()
+            class=class
+            data-toast-key=id.0.to_string()
             data-kind=kind
             tabindex="0"
-            on:mouseenter=move |_| timer.pause()
-            on:mouseleave=move |_| timer.resume()
-            on:focusin=move |_| timer.pause()
-            on:focusout=move |_| timer.resume()
+            style=move || swipe.style()
+            on:mouseenter=move |_| hovered.set(true)
+            on:mouseleave=move |_| hovered.set(false)
+            on:focusin=move |_| focused.set(true)
+            on:focusout=move |_| focused.set(false)
+            on:pointerdown=move |e| swipe.start(&e)
+            on:pointermove=move |e| swipe.moved(&e)
+            on:pointerup=move |e| {
+                if swipe.end(&e) {
+                    dismiss();
+                }
+            }
+            on:pointercancel=move |_| swipe.cancel()
         >
+            <span class="sse-toast__icon" aria-hidden="true" inner_html=move || icon(kind())></span>
             <div class="sse-toast__body">
-                <p class="sse-toast__title">{field(|t| t.title.clone())}</p>
+                <p class="sse-toast__title">{text(|t| t.title.clone())}</p>
                 <Show when=move || toast.with(|t| t.as_ref().is_some_and(|t| !t.message.is_empty()))>
-                    <p class="sse-toast__message">{field(|t| t.message.clone())}</p>
+                    <p class="sse-toast__message">{text(|t| t.message.clone())}</p>
                 </Show>
                 {move || progress().map(|p| view! {
                     <div class="sse-toast__progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow=p.to_string()>
                         <div class="sse-toast__bar" style=format!("width: {p}%")></div>
                     </div>
                 })}
-                {move || link().map(|(href, label)| view! { <a class="sse-toast__link" href=href>{label}</a> })}
+                <div class="sse-toast__actions">
+                    {move || link().map(|(href, label)| view! { <a class="sse-toast__link" href=href>{label}</a> })}
+                    {move || action().map(|action| {
+                        let run = action.run.clone();
+                        view! {
+                            <button class="sse-toast__action" type="button" on:click=move |_| {
+                                run();
+                                dismiss();
+                            }>{action.label.clone()}</button>
+                        }
+                    })}
+                </div>
             </div>
-            <button class="sse-toast__close" type="button" aria-label="Dismiss notification" on:click=move |_| dismiss()>
+            <button class="sse-toast__close" type="button" aria-label=dismiss_label on:click=move |_| dismiss()>
                 "×"
             </button>
         </div>
+    }
+}
+
+/// The icon of a kind, as inline SVG (no font or image to load).
+fn icon(kind: &str) -> &'static str {
+    match kind {
+        "success" => {
+            r#"<svg viewBox="0 0 24 24" width="20" height="20"><circle cx="12" cy="12" r="10" fill="currentColor"/><path d="M7 12.5l3.2 3.2L17 9" fill="none" stroke="var(--sse-notify-surface)" stroke-width="2.2" stroke-linecap="round" stroke-linejoin="round"/></svg>"#
+        }
+        "warning" => {
+            r#"<svg viewBox="0 0 24 24" width="20" height="20"><path d="M12 2.8L22.5 21H1.5z" fill="currentColor"/><path d="M12 9v5.5M12 17.5v.5" stroke="var(--sse-notify-surface)" stroke-width="2.2" stroke-linecap="round"/></svg>"#
+        }
+        "error" => {
+            r#"<svg viewBox="0 0 24 24" width="20" height="20"><circle cx="12" cy="12" r="10" fill="currentColor"/><path d="M8.5 8.5l7 7M15.5 8.5l-7 7" stroke="var(--sse-notify-surface)" stroke-width="2.2" stroke-linecap="round"/></svg>"#
+        }
+        "loading" => {
+            r#"<svg class="sse-toast__spinner" viewBox="0 0 24 24" width="20" height="20"><circle cx="12" cy="12" r="9" fill="none" stroke="currentColor" stroke-opacity=".25" stroke-width="3"/><path d="M21 12a9 9 0 0 0-9-9" fill="none" stroke="currentColor" stroke-width="3" stroke-linecap="round"/></svg>"#
+        }
+        "quiet" => {
+            r#"<svg viewBox="0 0 24 24" width="20" height="20"><circle cx="12" cy="12" r="4" fill="currentColor"/></svg>"#
+        }
+        _ => {
+            r#"<svg viewBox="0 0 24 24" width="20" height="20"><circle cx="12" cy="12" r="10" fill="currentColor"/><path d="M12 11v6M12 7.5v.5" stroke="var(--sse-notify-surface)" stroke-width="2.2" stroke-linecap="round"/></svg>"#
+        }
+    }
+}
+
+/// Whether the page is hidden (another tab in front, a minimised window): toasts do not
+/// count down while nobody can see them.
+fn page_hidden() -> Signal<bool> {
+    let hidden = RwSignal::new(false);
+    #[cfg(not(feature = "ssr"))]
+    {
+        let is_hidden = || document().visibility_state() == web_sys::VisibilityState::Hidden;
+        hidden.set(is_hidden());
+        let handle = window_event_listener_untyped("visibilitychange", move |_| hidden.set(is_hidden()));
+        on_cleanup(move || handle.remove());
+    }
+    hidden.into()
+}
+
+/// Tells the other tabs of the same stream which toasts were dismissed here, and hears
+/// theirs (BroadcastChannel; nothing where it is missing or under SSR).
+#[derive(Clone, Copy)]
+struct DismissSync {
+    #[cfg(not(feature = "ssr"))]
+    channel: StoredValue<Option<web_sys::BroadcastChannel>, LocalStorage>,
+}
+
+impl DismissSync {
+    fn new(url: &str, store: RwSignal<ToastStore>) -> Self {
+        #[cfg(not(feature = "ssr"))]
+        {
+            use wasm_bindgen::{closure::Closure, JsCast};
+            let channel = web_sys::BroadcastChannel::new(&format!("sse-notify-toasts:{url}")).ok();
+            if let Some(channel) = &channel {
+                let on_message =
+                    Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
+                        if let Some(source) = e.data().as_string() {
+                            store.update(|s| s.dismiss_source(&source));
+                        }
+                    });
+                channel.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+                let closing = send_wrapper::SendWrapper::new((channel.clone(), on_message));
+                on_cleanup(move || {
+                    let (channel, on_message) = closing.take();
+                    channel.set_onmessage(None);
+                    channel.close();
+                    drop(on_message);
+                });
+            }
+            Self {
+                channel: StoredValue::new_local(channel),
+            }
+        }
+        #[cfg(feature = "ssr")]
+        {
+            // Nothing to share on the server (and no local value to drop on another thread).
+            let _ = (url, store);
+            Self {}
+        }
+    }
+
+    fn announce(self, source: &str) {
+        #[cfg(not(feature = "ssr"))]
+        self.channel.with_value(|channel| {
+            if let Some(channel) = channel {
+                let _ = channel.post_message(&source.into());
+            }
+        });
+        #[cfg(feature = "ssr")]
+        let _ = source;
+    }
+}
+
+/// Horizontal drag to dismiss, for touch (and mouse) users.
+#[derive(Clone, Copy)]
+struct Swipe {
+    start_x: RwSignal<Option<f64>>,
+    offset: RwSignal<f64>,
+}
+
+/// How far a toast must be dragged to go.
+const SWIPE_DISMISS_PX: f64 = 80.0;
+
+impl Swipe {
+    fn new() -> Self {
+        Self {
+            start_x: RwSignal::new(None),
+            offset: RwSignal::new(0.0),
+        }
+    }
+
+    fn start(self, e: &leptos::ev::PointerEvent) {
+        // Only a primary touch or pen drags; a mouse click goes to the buttons.
+        if e.pointer_type() != "mouse" && e.is_primary() {
+            self.start_x.set(Some(f64::from(e.client_x())));
+        }
+    }
+
+    fn moved(self, e: &leptos::ev::PointerEvent) {
+        if let Some(start) = self.start_x.get_untracked() {
+            self.offset.set(f64::from(e.client_x()) - start);
+        }
+    }
+
+    /// `true` when the drag went far enough to dismiss.
+    fn end(self, e: &leptos::ev::PointerEvent) -> bool {
+        let Some(start) = self.start_x.get_untracked() else {
+            return false;
+        };
+        let far = (f64::from(e.client_x()) - start).abs() >= SWIPE_DISMISS_PX;
+        self.cancel();
+        far
+    }
+
+    fn cancel(self) {
+        self.start_x.set(None);
+        self.offset.set(0.0);
+    }
+
+    fn style(self) -> String {
+        let dx = self.offset.get();
+        if dx == 0.0 {
+            String::new()
+        } else {
+            let fade = (1.0 - dx.abs() / (SWIPE_DISMISS_PX * 2.0)).max(0.2);
+            format!("transform: translateX({dx}px); opacity: {fade:.2}")
+        }
     }
 }
 
@@ -515,6 +636,7 @@ impl AutoDismiss {
         }
     }
 
+    /// Counts `delay_ms` from now (or from when it is no longer paused).
     fn start(self, delay_ms: u64) {
         #[cfg(not(feature = "ssr"))]
         {
@@ -527,6 +649,12 @@ impl AutoDismiss {
         }
         #[cfg(feature = "ssr")]
         let _ = delay_ms;
+    }
+
+    /// Stops counting (a sticky toast).
+    fn stop(self) {
+        self.clear();
+        let _ = self.state.try_update_value(|s| s.remaining_ms = None);
     }
 
     #[cfg(not(feature = "ssr"))]
@@ -551,7 +679,7 @@ impl AutoDismiss {
         #[cfg(not(feature = "ssr"))]
         {
             self.clear();
-            self.state.update_value(|s| {
+            let _ = self.state.try_update_value(|s| {
                 if !s.paused {
                     s.paused = true;
                     if let Some(r) = s.remaining_ms.as_mut() {
@@ -579,77 +707,56 @@ impl AutoDismiss {
 mod tests {
     use super::*;
 
-    fn msg(event: &str, data: &str) -> SseMessage {
-        SseMessage {
-            id: "1".into(),
-            event: event.into(),
-            data: data.into(),
-        }
-    }
-
     #[test]
-    fn past_the_maximum_toasts_wait_and_none_are_lost() {
-        let mut store = ToastStore::new(3);
-        for i in 0..8 {
-            store.apply(&msg(
-                "notification",
-                &format!(r#"{{"title":"n{i}","message":"m"}}"#),
-            ));
-        }
-        assert_eq!(store.visible.len(), 3);
-        assert_eq!(store.waiting.len(), 5);
-        let mut seen = Vec::new();
-        while let Some(first) = store.visible.first().cloned() {
-            seen.push(first.title.clone());
-            store.dismiss(first.key);
-        }
-        assert_eq!(seen, (0..8).map(|i| format!("n{i}")).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn reel_progress_updates_one_toast_that_becomes_ready() {
-        let mut store = ToastStore::new(5);
-        for p in [10, 50, 90] {
-            store.apply(&msg(
-                "reel_upload_progress",
-                &format!(r#"{{"reelId":"r1","progress":{p},"status":"uploading"}}"#),
-            ));
-        }
-        assert_eq!(store.visible.len(), 1);
-        assert_eq!(store.visible[0].progress, Some(90));
-        assert!(store.visible[0].sticky);
-        store.apply(&msg(
-            "reel_ready",
-            r#"{"reelId":"r1","playbackUrl":"https://cdn/r1.m3u8"}"#,
-        ));
-        assert_eq!(store.visible.len(), 1);
-        let t = &store.visible[0];
-        assert_eq!(t.kind, ToastKind::Success);
-        assert_eq!(t.link.as_ref().map(|l| l.0.as_str()), Some("https://cdn/r1.m3u8"));
-        assert!(!t.sticky);
-    }
-
-    #[test]
-    fn alerts_are_banners_and_custom_events_make_no_toast() {
-        let mut store = ToastStore::new(5);
-        store.apply(&msg(
-            "system_alert",
-            r#"{"message":"down at 10","type":"maintenance","duration":8000}"#,
-        ));
-        store.apply(&msg("order.shipped", r#"{"id":1}"#));
-        assert!(store.visible.is_empty());
-        assert_eq!(store.banners.len(), 1);
-        assert_eq!(store.banners[0].duration_ms, Some(8000));
-        let key = store.banners[0].key;
-        store.dismiss(key);
-        assert!(store.banners.is_empty());
-    }
-
-    #[test]
-    fn positions_round_trip() {
-        for p in ["top-right", "top-left", "bottom-right", "bottom-left"] {
-            assert_eq!(Position::parse(p).unwrap().as_str(), p);
+    fn positions_and_themes_round_trip() {
+        for p in Position::ALL {
+            assert_eq!(Position::parse(p.as_str()), Some(p));
         }
         assert!(Position::parse("middle").is_none());
+        for t in ["system", "light", "dark"] {
+            assert_eq!(Theme::parse(t).unwrap().as_str(), t);
+        }
+    }
+
+    #[test]
+    fn the_stylesheet_has_no_global_rules() {
+        // Every selector is under `.sse-notify` or a `.sse-` class, so nothing leaks into
+        // the host page.
+        let mut css = String::new();
+        let mut rest = STYLES;
+        while let Some((before, after)) = rest.split_once("/*") {
+            css.push_str(before);
+            rest = after.split_once("*/").map_or("", |(_, after)| after);
+        }
+        css.push_str(rest);
+        let mut depth = 0;
+        let mut selector = String::new();
+        for c in css.chars() {
+            match c {
+                '{' => {
+                    let s = selector.trim().to_string();
+                    let is_at_rule = s.starts_with('@');
+                    let is_keyframe_step = depth > 0 && (s.ends_with('%') || s == "from" || s == "to");
+                    if !is_at_rule && !is_keyframe_step {
+                        for part in s.split(',') {
+                            let part = part.trim();
+                            assert!(
+                                part.starts_with(".sse-"),
+                                "a rule outside the namespace: {part:?}"
+                            );
+                        }
+                    }
+                    depth += 1;
+                    selector.clear();
+                }
+                '}' => {
+                    depth -= 1;
+                    selector.clear();
+                }
+                ';' => selector.clear(),
+                _ => selector.push(c),
+            }
+        }
+        assert!(STYLES.contains("--sse-notify-"), "variables are namespaced");
     }
 }
