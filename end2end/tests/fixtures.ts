@@ -137,9 +137,12 @@ export function watchConsole(page: Page): string[] {
 type Fixtures = { server: Server; consoleProblems: string[] };
 
 export const test = base.extend<Fixtures>({
-  server: async ({}, use) => {
+  // The test's pages close before its server stops, so a page never logs the refused
+  // reconnects of a server that went away after the test was over.
+  server: async ({ context }, use) => {
     const server = await Server.start();
     await use(server);
+    await context.close();
     await server.stop();
   },
   // Every test fails on a console error or hydration warning, unless it clears the list
