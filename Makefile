@@ -7,32 +7,53 @@ export PATH := $(CURDIR)/end2end/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 E2E_PROFILE ?= release
 LEPTOS_BUILD_FLAGS := $(if $(filter release,$(E2E_PROFILE)),--release,)
 
-.PHONY: setup run test lint test-rust build test-e2e bench fmt check-host
+.PHONY: setup run run-host test lint test-rust build test-e2e bench soak fmt
 
 setup:
 	@scripts/setup.sh
 
 ## Serve the demo at http://127.0.0.1:3000 on the in-process broker (no Redis needed).
 run: setup
-	cargo leptos serve
+	SSE_DEMO=1 cargo leptos serve --project sse-notify
 
-## Lint, Rust tests (unit, integration, Redis), then the Playwright suite in Chromium.
-test: setup lint test-rust check-host test-e2e
+## Serve the example host app (examples/host) at http://127.0.0.1:3100; LEPTOS_SITE_ADDR
+## and every SSE_* variable apply.
+run-host: setup
+	cargo leptos serve --project sse-notify-host-example
+
+## Lint, Rust tests (unit, integration, Redis), then the Playwright suite in Chromium
+## against the demo and the example host app.
+test: setup lint test-rust test-e2e
 
 lint:
 	cargo fmt --all --check
 	cargo clippy --all-targets --features ssr,demo -- -D warnings
+	cargo clippy --lib --features ssr -- -D warnings
 	cargo clippy --lib --features hydrate,demo --target wasm32-unknown-unknown -- -D warnings
+	cargo clippy -p sse-notify-host-example --features ssr -- -D warnings
+	cargo clippy -p sse-notify-host-example --lib --features hydrate --target wasm32-unknown-unknown -- -D warnings
 	cargo clippy -p sse-bench -p sse-notify-testkit --all-targets -- -D warnings
 
 test-rust:
 	cargo test --features ssr,demo
 
+## Fault injection on the release build (not part of `make test`): two instances and a real
+## redis-server, 5,000 connections, instance and Redis restarts, cut pub/sub connections,
+## a reconnect storm and slow readers while events flow; fails on any loss, duplicate or
+## misdelivery. Shorter: `make soak SOAK_ARGS="--secs 60"`.
+SOAK_ARGS ?=
+soak: setup
+	cargo leptos build --release --project sse-notify
+	cargo build --release -p sse-bench
+	target/release/sse-bench soak --json target/soak.json $(SOAK_ARGS)
+
+## Both cargo-leptos projects: the demo (sse-notify) and the example host app.
 build:
 	cargo leptos build $(LEPTOS_BUILD_FLAGS)
 
 test-e2e: build
-	cd end2end && SSE_NOTIFY_BIN=$(CURDIR)/target/$(E2E_PROFILE)/sse-notify npx playwright test
+	cd end2end && SSE_NOTIFY_BIN=$(CURDIR)/target/$(E2E_PROFILE)/sse-notify \
+		HOST_BIN=$(CURDIR)/target/$(E2E_PROFILE)/sse-notify-host-example npx playwright test
 
 fmt:
 	cargo fmt --all
@@ -42,11 +63,6 @@ fmt:
 ## `target/release/sse-bench --help` lists every option.
 BENCH_ARGS ?=
 bench: setup
-	cargo leptos build --release
+	cargo leptos build --release --project sse-notify
 	cargo build --release -p sse-bench
 	target/release/sse-bench --json target/bench.json $(BENCH_ARGS)
-
-## The example host app builds against the library without `demo` (no second hydrate export).
-check-host:
-	cargo build -p sse-notify-host-example --features ssr
-	cargo build -p sse-notify-host-example --lib --features hydrate --target wasm32-unknown-unknown

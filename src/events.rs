@@ -461,7 +461,52 @@ fn typed<T: DeserializeOwned>(data: Value) -> Result<T, ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    proptest! {
+        /// Any name: no panic; an accepted one is 1 to 64 of `[a-z0-9_.-]`.
+        #[test]
+        fn any_event_name_is_checked(name in ".{0,80}") {
+            if validate_event_name(&name).is_ok() {
+                prop_assert!(!name.is_empty() && name.len() <= 64);
+                prop_assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c)));
+            }
+        }
+
+        /// Any URL: no panic; an accepted one has no space or control character and does
+        /// not leave the site by `//` or `\\`.
+        #[test]
+        fn any_url_is_checked(url in ".{0,80}") {
+            if validate_url("u", &url).is_ok() {
+                prop_assert!(!url.chars().any(|c| c.is_control() || c.is_whitespace()));
+                let lower = url.to_ascii_lowercase();
+                if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+                    prop_assert!(!url.replace('\\', "/").starts_with("//"));
+                }
+            }
+        }
+
+        /// Any fields of any built-in event: parsing and validating never panic, and the
+        /// data the server would send is one line of JSON.
+        #[test]
+        fn any_payload_validates_without_panic(
+            name in prop::sample::select(vec!["notification", "reel_upload_progress", "reel_ready", "user_update", "system_alert", "custom.x"]),
+            title in ".{0,40}",
+            url in ".{0,40}",
+            progress in any::<i64>(),
+        ) {
+            let data = json!({"title": title, "message": title, "actionUrl": url, "reelId": title,
+                "progress": progress, "status": "uploading", "playbackUrl": url, "type": "info", "data": {}});
+            if let Ok(event) = Event::from_value(name, data) {
+                let _ = event.validate();
+                let line = event.data_json_with_timestamp(1);
+                prop_assert!(!line.contains('\n') && !line.contains('\r'));
+                let is_object = line.starts_with('{') && line.ends_with('}');
+                prop_assert!(is_object, "not one JSON object: {}", line);
+            }
+        }
+    }
 
     #[test]
     fn wire_fields_are_camel_case_with_type() {

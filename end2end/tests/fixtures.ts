@@ -9,12 +9,13 @@ import * as path from "node:path";
 const ROOT = path.resolve(__dirname, "..", "..");
 export const PUBLISH_KEY = "e2e-publish-key";
 
-function serverBinary(): string {
-  if (process.env.SSE_NOTIFY_BIN) return process.env.SSE_NOTIFY_BIN;
+/** The newest build of `name` (release or debug), or `override` when set. */
+function binary(name: string, override?: string): string {
+  if (override) return override;
   const candidates = ["release", "debug"]
-    .map((p) => path.join(ROOT, "target", p, "sse-notify"))
+    .map((p) => path.join(ROOT, "target", p, name))
     .filter((p) => fs.existsSync(p));
-  if (candidates.length === 0) throw new Error("no server binary: run `cargo leptos build` first");
+  if (candidates.length === 0) throw new Error(`no ${name} binary: run \`cargo leptos build\` first`);
   return candidates.sort((a, b) => fs.statSync(b).mtimeMs - fs.statSync(a).mtimeMs)[0];
 }
 
@@ -29,13 +30,27 @@ async function freePort(): Promise<number> {
   });
 }
 
-/** One running sse-notify server. */
+/** One running sse-notify server (the demo binary, or the example host app). */
 export class Server {
   private child?: ChildProcess;
-  private constructor(public readonly port: number, private readonly env: Record<string, string>) {}
+  private constructor(
+    public readonly port: number,
+    private readonly env: Record<string, string>,
+    private readonly bin: string,
+    private readonly siteRoot: string,
+  ) {}
 
   static async start(env: Record<string, string> = {}): Promise<Server> {
-    const server = new Server(await freePort(), env);
+    const bin = binary("sse-notify", process.env.SSE_NOTIFY_BIN);
+    const server = new Server(await freePort(), { SSE_DEMO: "1", ...env }, bin, "site");
+    await server.start();
+    return server;
+  }
+
+  /** The example host app (examples/host), with sse-notify under /notify. */
+  static async startHost(env: Record<string, string> = {}): Promise<Server> {
+    const bin = binary("sse-notify-host-example", process.env.HOST_BIN);
+    const server = new Server(await freePort(), env, bin, "site-host");
     await server.start();
     return server;
   }
@@ -45,13 +60,12 @@ export class Server {
   }
 
   async start(): Promise<void> {
-    this.child = spawn(serverBinary(), [], {
+    this.child = spawn(this.bin, [], {
       cwd: ROOT,
       env: {
         ...process.env,
         LEPTOS_SITE_ADDR: `127.0.0.1:${this.port}`,
-        LEPTOS_SITE_ROOT: path.join(ROOT, "target", "site"),
-        SSE_DEMO: "1",
+        LEPTOS_SITE_ROOT: path.join(ROOT, "target", this.siteRoot),
         SSE_PUBLISH_KEY: PUBLISH_KEY,
         SSE_JWT_SECRET: "e2e-secret-0123456789abcdef",
         SSE_HEARTBEAT_INTERVAL_MS: "2000",

@@ -149,13 +149,7 @@ impl Auth {
     pub fn new(secret: Option<&SecretString>) -> Self {
         let secret: Vec<u8> = match secret {
             Some(s) => s.expose_secret().as_bytes().to_vec(),
-            None => {
-                tracing::warn!(
-                    "SSE_JWT_SECRET is not set: using a random secret; sessions end with this process \
-                     and other instances cannot verify them"
-                );
-                (0..32).map(|_| rand::random::<u8>()).collect()
-            }
+            None => (0..32).map(|_| rand::random::<u8>()).collect(),
         };
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);

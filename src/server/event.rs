@@ -125,6 +125,53 @@ fn put_name_and_data(buf: &mut BytesMut, name: &str, data: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Any JSON value, as publishers may send in `data`.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(Into::into),
+            any::<i64>().prop_map(Into::into),
+            ".*".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(".*", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever the data, an event is exactly one SSE frame: one `id:`, one `event:`,
+        /// one `data:` line, then the blank line; no payload can forge a field or a second
+        /// event.
+        #[test]
+        fn any_data_makes_exactly_one_frame(
+            name in "[a-z0-9_.-]{1,64}",
+            data in json(),
+            id in any::<u64>(),
+        ) {
+            let envelope = Envelope {
+                target: Target::Broadcast,
+                name: name.as_str().into(),
+                data: data.to_string(),
+                timestamp_ms: 0,
+                coalesce_key: None,
+            };
+            let event = PublishedEvent::new(EventId(id), envelope);
+            let text = std::str::from_utf8(&event.frame).unwrap();
+            prop_assert!(text.ends_with("\n\n"));
+            let lines: Vec<&str> = text[..text.len() - 2].split('\n').collect();
+            prop_assert_eq!(lines.len(), 3, "{:?}", text);
+            prop_assert_eq!(lines[0], format!("id: {id}"));
+            prop_assert_eq!(lines[1], format!("event: {name}"));
+            prop_assert_eq!(lines[2], format!("data: {data}"));
+            prop_assert!(!text.contains('\r'));
+        }
+    }
 
     #[test]
     fn an_event_is_one_sse_frame_and_its_data_a_view_into_it() {

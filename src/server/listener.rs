@@ -709,6 +709,32 @@ mod tests {
         assert_eq!(address_key(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 
+    proptest::proptest! {
+        /// Any bytes: no panic, and a parsed head is always a `GET` with headers taken
+        /// verbatim (a value can never carry a line break into another header).
+        #[test]
+        fn any_head_parses_or_is_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            if let Ok(Some(request)) = parse_head(&bytes) {
+                proptest::prop_assert_eq!(request.method(), Method::GET);
+                for value in request.headers().values() {
+                    proptest::prop_assert!(!value.as_bytes().contains(&b'\n'));
+                }
+            }
+        }
+
+        /// A valid head with any query and any header values either parses to exactly
+        /// that, or is refused; it never turns into something else.
+        #[test]
+        fn valid_heads_keep_their_fields(query in "[a-zA-Z0-9=&%._-]{0,64}", value in "[ -~]{0,64}") {
+            let head = format!("GET /api/sse?{query} HTTP/1.1\r\nX-Test: {value}\r\n\r\n");
+            if let Ok(Some(request)) = parse_head(head.as_bytes()) {
+                proptest::prop_assert_eq!(request.uri().query().unwrap_or(""), query.as_str());
+                let got = request.headers()["x-test"].to_str().unwrap_or("").to_string();
+                proptest::prop_assert_eq!(got, value.trim().to_string());
+            }
+        }
+    }
+
     #[tokio::test]
     async fn rewind_replays_what_was_read_first() {
         let (mut far, near) = duplex(64);

@@ -5,7 +5,7 @@ use std::{convert::Infallible, time::Duration};
 
 use axum::{
     extract::State,
-    http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode},
+    http::{header, HeaderMap, HeaderValue, Method},
     response::{
         sse::{Event as SseFrame, KeepAlive, Sse},
         IntoResponse, Response,
@@ -56,6 +56,7 @@ pub struct Routes {
     public_stats: bool,
     metrics: bool,
     health: bool,
+    #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     session: bool,
 }
 
@@ -282,7 +283,7 @@ pub const SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
 #[cfg(feature = "demo")]
 async fn session(
     State(service): State<SseService>,
-    parts: Parts,
+    parts: axum::http::request::Parts,
     body: Result<Json<SessionRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(request) = body.map_err(|e| {
@@ -292,7 +293,7 @@ async fn session(
             "body"
         };
         let status = match &e {
-            axum::extract::rejection::JsonRejection::JsonDataError(_) => StatusCode::BAD_REQUEST,
+            axum::extract::rejection::JsonRejection::JsonDataError(_) => axum::http::StatusCode::BAD_REQUEST,
             other => other.status(),
         };
         ApiError::new(status, e.body_text()).field(field)
@@ -308,7 +309,7 @@ async fn session(
 /// The `Set-Cookie` value of a demo session: HttpOnly, SameSite=Lax, for the whole site,
 /// `Secure` as `SSE_COOKIE_SECURE` says (by default when the request came over HTTPS).
 #[cfg(feature = "demo")]
-pub fn session_cookie(service: &SseService, request: &Parts, token: &str) -> String {
+pub fn session_cookie(service: &SseService, request: &axum::http::request::Parts, token: &str) -> String {
     use axum_extra::extract::cookie::{Cookie, SameSite};
 
     use super::config::CookieSecure;

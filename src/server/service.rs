@@ -217,6 +217,12 @@ impl SseService {
             )),
         };
         let auth = Auth::new(config.jwt_secret.as_ref());
+        if config.jwt_secret.is_none() && authenticator.is_none() {
+            tracing::warn!(
+                "SSE_JWT_SECRET is not set: using a random secret; sessions end with this process \
+                 and other instances cannot verify them"
+            );
+        }
         let inner = Arc::new(Inner {
             authenticator: authenticator.unwrap_or_else(|| Arc::new(auth.clone())),
             auth,

@@ -156,6 +156,34 @@ mod tests {
         assert!(parse_filter(Some(&names(10_000))).is_err());
     }
 
+    proptest::proptest! {
+        /// Any `events=`: no panic; what is accepted is at most 32 distinct valid names.
+        #[test]
+        fn any_filter_is_parsed_safely(events in ".{0,400}") {
+            if let Ok(Some(names)) = parse_filter(Some(&events)) {
+                proptest::prop_assert!(names.len() <= MAX_FILTER_NAMES);
+                for (i, name) in names.iter().enumerate() {
+                    proptest::prop_assert!(validate_event_name(name).is_ok());
+                    proptest::prop_assert!(!names[..i].contains(name));
+                }
+            }
+        }
+
+        /// Any `Last-Event-ID` (header or query): no panic, and an accepted id is a number.
+        #[test]
+        fn any_last_event_id_is_parsed_safely(raw in ".{0,40}") {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_str(&raw) {
+                headers.insert("last-event-id", value);
+            }
+            for parsed in [parse_last_event_id(&headers, None), parse_last_event_id(&HeaderMap::new(), Some(&raw))] {
+                if let Ok(Some(id)) = parsed {
+                    proptest::prop_assert_eq!(raw.trim().parse::<u64>().ok(), Some(id.0));
+                }
+            }
+        }
+    }
+
     #[test]
     fn header_wins_over_query_and_junk_is_refused() {
         let mut headers = HeaderMap::new();

@@ -1,0 +1,944 @@
+//! The harness: scenarios, the processes it starts, publishing, and the report.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    process::{ExitCode, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{json, Map, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+pub const SECRET: &str = "bench-secret-0123456789abcdef";
+const PUBLISH_KEY: &str = "bench-publish-key";
+
+/// The load harness behind `make bench`.
+#[derive(clap::Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Sub>,
+    #[command(flatten)]
+    pub args: Args,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Sub {
+    /// A worker process holding connections (started by the harness itself).
+    Worker(WorkerArgs),
+    /// The fault-injection run behind `make soak`.
+    Soak(crate::soak::SoakArgs),
+}
+
+/// Which scenarios to run, and at what size.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Comma-separated scenarios: s1, s2, s4 (one instance), s1x, s2x (several on Redis),
+    /// s3 (targeted via Redis), s5 (bundle).
+    #[arg(long, default_value = "s1,s2,s4,s1x,s2x,s3,s5", value_delimiter = ',')]
+    pub scenarios: Vec<String>,
+    /// Connections held by the one instance of S1, S2 and S4.
+    #[arg(long, default_value_t = 19_000)]
+    pub connections: usize,
+    /// Connections held by the instances of S1x and S2x.
+    #[arg(long, default_value_t = 100_000)]
+    pub cluster_connections: usize,
+    /// Instances of S1x and S2x.
+    #[arg(long, default_value_t = 6)]
+    pub instances: usize,
+    /// Seconds of idling over which S1 measures CPU (and during which nothing may reconnect).
+    #[arg(long, default_value_t = 10)]
+    pub idle_secs: u64,
+    /// Users (one connection each) of S3.
+    #[arg(long, default_value_t = 20_000)]
+    pub s3_users: usize,
+    /// Targeted events per second of S3.
+    #[arg(long, default_value_t = 20_000)]
+    pub s3_rate: u64,
+    /// Seconds S3 publishes for.
+    #[arg(long, default_value_t = 30.0)]
+    pub s3_secs: f64,
+    /// Targeted events per second during the S4 storm.
+    #[arg(long, default_value_t = 1_000)]
+    pub s4_rate: u64,
+    /// Where to write the figures as JSON.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// The server binary (build it with `cargo leptos build --release`).
+    #[arg(long, default_value = "target/release/sse-notify")]
+    pub server_bin: String,
+}
+
+impl Args {
+    fn runs(&self, scenario: &str) -> bool {
+        self.scenarios
+            .iter()
+            .any(|s| s.trim().eq_ignore_ascii_case(scenario))
+    }
+}
+
+/// What one worker holds.
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub server: SocketAddr,
+    /// The first of its source addresses.
+    #[arg(long)]
+    pub source: std::net::Ipv4Addr,
+    #[arg(long)]
+    pub connections: usize,
+    /// User `i` is `bench-<first_user + i>`.
+    #[arg(long)]
+    pub first_user: usize,
+}
+
+/// How long the audit keeps listening after the last expected event arrived, so late
+/// duplicates and wrong-user deliveries are counted too.
+const AUDIT_GRACE: Duration = Duration::from_secs(2);
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+use sse_notify_testkit::{free_port, RedisServer};
+
+async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..400 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// RSS in KiB and CPU seconds (user + system) of one process, from `/proc`.
+fn proc_figures(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    (rss_kib, ticks / 100.0)
+}
+
+// ------------------------------------------------------------ processes
+
+/// Server instances on free ports, all on the same broker.
+pub(crate) struct Cluster {
+    servers: Vec<(Child, u32, SocketAddr)>,
+    binary: String,
+    env: Vec<(String, String)>,
+    redis: Option<RedisServer>,
+}
+
+impl Cluster {
+    async fn start(binary: &str, instances: usize, with_redis: bool) -> Self {
+        let redis = with_redis.then(|| RedisServer::start_with(&["--maxclients", "10000"]));
+        Self::start_on(binary, instances, redis, &[]).await
+    }
+
+    /// `instances` servers with `env` added, on `redis` (or the in-process broker).
+    pub(crate) async fn start_on(
+        binary: &str,
+        instances: usize,
+        redis: Option<RedisServer>,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut cluster = Self {
+            servers: Vec::new(),
+            binary: binary.to_string(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            redis,
+        };
+        for _ in 0..instances {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let child = cluster.spawn(addr);
+            let pid = child.id().expect("server pid");
+            cluster.servers.push((child, pid, addr));
+        }
+        for (_, _, addr) in &cluster.servers {
+            wait_listening(*addr).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cluster
+    }
+
+    fn spawn(&self, addr: SocketAddr) -> Child {
+        let mut command = Command::new(&self.binary);
+        command
+            .env("LEPTOS_SITE_ADDR", addr.to_string())
+            .env("SSE_JWT_SECRET", SECRET)
+            .env("SSE_PUBLISH_KEY", PUBLISH_KEY)
+            .env("SSE_CONNECT_RATE_PER_IP", "0")
+            .env("SSE_CONNECT_RATE_PER_USER", "0")
+            .env("RUST_LOG", "warn")
+            .env_remove("REDIS_URL")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(redis) = &self.redis {
+            command.env("REDIS_URL", redis.url());
+        }
+        command.spawn().expect("server binary (make build first)")
+    }
+
+    /// The Redis the instances share.
+    pub(crate) fn redis_mut(&mut self) -> &mut RedisServer {
+        self.redis.as_mut().expect("a cluster on Redis")
+    }
+
+    /// Kills instance `index` (`SIGKILL`, as a crash) and starts it again on its port.
+    pub(crate) async fn crash_and_restart(&mut self, index: usize) {
+        let addr = self.servers[index].2;
+        let _ = self.servers[index].0.kill().await;
+        let child = self.spawn(addr);
+        let pid = child.id().expect("server pid");
+        self.servers[index] = (child, pid, addr);
+        wait_listening(addr).await;
+    }
+
+    pub(crate) fn addrs(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(|s| s.2).collect()
+    }
+
+    /// Summed RSS (KiB) and CPU seconds of every instance.
+    fn figures(&self) -> (u64, f64) {
+        self.servers
+            .iter()
+            .map(|s| proc_figures(s.1))
+            .fold((0, 0.0), |(r, c), (r2, c2)| (r + r2, c + c2))
+    }
+
+    pub(crate) async fn stop(mut self) {
+        for (child, _, _) in &mut self.servers {
+            let _ = child.kill().await;
+        }
+        drop(self.redis.take());
+    }
+}
+
+/// One worker process and its JSON-lines conversation.
+struct Worker {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Worker {
+    async fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("worker stdin");
+    }
+    async fn next(&mut self) -> Value {
+        let line = self
+            .lines
+            .next_line()
+            .await
+            .expect("worker stdout")
+            .expect("worker exited");
+        serde_json::from_str(&line).expect("worker JSON")
+    }
+}
+
+/// Source addresses per worker process (see [`Pool::plan`]).
+pub const SOURCES_PER_WORKER: usize = 8;
+
+/// Worker processes holding connections; user `i` is `bench-<i>`, one connection each.
+pub(crate) struct Pool {
+    workers: Vec<Worker>,
+    pub(crate) held: usize,
+    open_secs: f64,
+}
+
+/// One worker's share: which server, from which source address, which users.
+pub(crate) struct Share {
+    server: SocketAddr,
+    source: String,
+    connections: usize,
+    first_user: usize,
+}
+
+impl Pool {
+    /// Spreads `connections` users over the servers, at most `per_worker` per process.
+    ///
+    /// Each worker gets eight source addresses, 127.<2 x phase>.<run>.<2 + 8 x worker + k>:
+    /// the kernel's search for a free port when binding gets slow with thousands of
+    /// sockets on one address (perf: S1x spent its 97 s opening in `inet_bhash2_conflict`
+    /// in the clients), and a closed socket holds its port in TIME_WAIT for 60 s, so no
+    /// phase or run reuses another's addresses (a reconnect storm moves to the next
+    /// second octet).
+    pub(crate) fn plan(
+        servers: &[SocketAddr],
+        connections: usize,
+        per_worker: usize,
+        phase: u8,
+    ) -> Vec<Share> {
+        let run = (now_us() / 1_000_000 % 250) as u8 + 1;
+        let workers = connections.div_ceil(per_worker).max(servers.len()).max(1);
+        let each = connections.div_ceil(workers);
+        (0..workers)
+            .map(|w| Share {
+                server: servers[w % servers.len()],
+                source: format!("127.{}.{run}.{}", 2 * phase, 2 + SOURCES_PER_WORKER * w),
+                connections: each.min(connections.saturating_sub(w * each)),
+                first_user: w * each,
+            })
+            .filter(|s| s.connections > 0)
+            .collect()
+    }
+
+    pub(crate) async fn open(shares: &[Share]) -> Self {
+        let exe = std::env::current_exe().expect("own path");
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for share in shares {
+            let mut child = Command::new(&exe)
+                .args(["worker", "--server", &share.server.to_string()])
+                .args(["--source", &share.source])
+                .args(["--connections", &share.connections.to_string()])
+                .args(["--first-user", &share.first_user.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("worker");
+            let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            workers.push(Worker { child, lines });
+        }
+        let mut held = 0;
+        for worker in &mut workers {
+            held += worker.next().await["ready"].as_u64().unwrap_or(0) as usize;
+        }
+        Self {
+            workers,
+            held,
+            open_secs: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// Sends one command to every worker at once and collects the answers.
+    pub(crate) async fn ask(&mut self, command: &str) -> Vec<Value> {
+        for worker in &mut self.workers {
+            worker.send(command).await;
+        }
+        let mut answers = Vec::new();
+        for worker in &mut self.workers {
+            answers.push(worker.next().await);
+        }
+        answers
+    }
+
+    /// Every `[user, seq, latency_us]` the workers saw since the last `clear`.
+    async fn seen(&mut self) -> Vec<[u32; 3]> {
+        let mut all = Vec::new();
+        for answer in self.ask("report").await {
+            if let Ok(mut part) = serde_json::from_value::<Vec<[u32; 3]>>(answer["seen"].clone()) {
+                all.append(&mut part);
+            }
+        }
+        all
+    }
+
+    /// Polls the workers until every event in `expected` (seq -> user) has arrived or
+    /// `wait` is over, then keeps listening for [`AUDIT_GRACE`] so late duplicates and
+    /// wrong-user deliveries count too; returns what was seen and its audit (lost,
+    /// duplicated, wrong user).
+    pub(crate) async fn settle(
+        &mut self,
+        expected: &HashMap<u32, u32>,
+        wait: Duration,
+        poll: Duration,
+    ) -> (Vec<[u32; 3]>, (usize, usize, usize)) {
+        let deadline = Instant::now() + wait;
+        while audit(&self.seen().await, expected).0 > 0 && Instant::now() < deadline {
+            tokio::time::sleep(poll).await;
+        }
+        tokio::time::sleep(AUDIT_GRACE).await;
+        let seen = self.seen().await;
+        let audit = audit(&seen, expected);
+        (seen, audit)
+    }
+
+    /// Streams the server ended that the workers opened again, so far.
+    pub(crate) async fn reconnects(&mut self) -> u64 {
+        self.ask("report")
+            .await
+            .iter()
+            .map(|a| a["reconnects"].as_u64().unwrap_or(0))
+            .sum()
+    }
+
+    pub(crate) async fn close(self) {
+        for mut worker in self.workers {
+            drop(worker.child.stdin.take());
+            let _ = worker.child.wait().await;
+        }
+    }
+}
+
+// ------------------------------------------------------------ publishing
+
+/// A keep-alive HTTP/1.1 client for `POST /api/events`.
+pub(crate) struct Publisher {
+    stream: BufReader<TcpStream>,
+}
+
+impl Publisher {
+    pub(crate) async fn connect(server: SocketAddr) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(server).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream: BufReader::new(stream),
+        })
+    }
+
+    /// Posts `body`; returns the status.
+    pub(crate) async fn post(&mut self, body: &str) -> std::io::Result<u16> {
+        let head = format!(
+            "POST /api/events HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let stream = self.stream.get_mut();
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut length = 0;
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line).await? == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok(status)
+    }
+}
+
+pub(crate) fn bench_message(sent_us: u64, seq: u32) -> String {
+    format!("bench:{sent_us}:{seq}")
+}
+
+/// What a publishing run got back.
+#[derive(Default)]
+struct Published {
+    /// seq -> user of every event a server accepted.
+    accepted: HashMap<u32, u32>,
+    /// Events a server answered with anything but 202.
+    refused: usize,
+    /// A publisher could not connect or lost its connection.
+    failed: bool,
+}
+
+/// Sends targeted `notification`s at `rate` per second for `secs`, round-robin over
+/// `users` and over the servers, in 10 ms batches.
+async fn publish_targeted(
+    servers: Vec<SocketAddr>,
+    rate: u64,
+    secs: f64,
+    users: u32,
+    first_seq: u32,
+) -> Published {
+    let mut tasks = Vec::new();
+    let lanes = servers.len() as u32;
+    for (lane, server) in servers.into_iter().enumerate() {
+        let lane = lane as u32;
+        tasks.push(tokio::spawn(async move {
+            let mut out = Published::default();
+            let Ok(mut publisher) = Publisher::connect(server).await else {
+                eprintln!("publisher: cannot connect to {server}");
+                out.failed = true;
+                return out;
+            };
+            let lane_rate = rate as f64 / f64::from(lanes);
+            let started = Instant::now();
+            let mut ticker = tokio::time::interval(Duration::from_millis(10));
+            let mut sent: u64 = 0;
+            while started.elapsed().as_secs_f64() < secs {
+                ticker.tick().await;
+                let owed = (lane_rate * started.elapsed().as_secs_f64()) as u64;
+                let count = owed.saturating_sub(sent).min(1000);
+                if count == 0 {
+                    continue;
+                }
+                let sent_us = now_us();
+                let batch: Vec<(u32, u32)> = (0..count)
+                    .map(|k| {
+                        let seq = first_seq + ((sent + k) as u32) * lanes + lane;
+                        (seq, seq % users)
+                    })
+                    .collect();
+                let body = Value::Array(
+                    batch
+                        .iter()
+                        .map(|(seq, user)| {
+                            json!({"user_id": format!("bench-{user}"), "event": "notification",
+                               "data": {"title": "bench", "message": bench_message(sent_us, *seq)}})
+                        })
+                        .collect(),
+                )
+                .to_string();
+                sent += count;
+                match publisher.post(&body).await {
+                    Ok(202) => out.accepted.extend(batch),
+                    Ok(_) => out.refused += batch.len(),
+                    Err(e) => {
+                        eprintln!("publisher: lost its connection to {server}: {e}");
+                        out.failed = true;
+                        return out;
+                    }
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Published::default();
+    for task in tasks {
+        let lane = task.await.expect("publisher task");
+        all.accepted.extend(lane.accepted);
+        all.refused += lane.refused;
+        all.failed |= lane.failed;
+    }
+    all
+}
+
+// ------------------------------------------------------------ figures
+
+/// The report: ordered figures plus a verdict per target.
+#[derive(Default)]
+pub(crate) struct Report {
+    figures: Map<String, Value>,
+    targets: Vec<(String, String, String, bool)>,
+    correct: bool,
+}
+
+impl Report {
+    pub(crate) fn put(&mut self, key: &str, value: Value) {
+        self.figures.insert(key.to_string(), value);
+    }
+    fn target(&mut self, scenario: &str, target: &str, measured: String, met: bool) {
+        self.targets.push((scenario.into(), target.into(), measured, met));
+    }
+    /// Prints the figures and the target table.
+    pub(crate) fn print(&self) {
+        println!("{:<50} value", "figure");
+        for (k, v) in &self.figures {
+            let shown = v.as_f64().map_or_else(
+                || v.to_string(),
+                |f| {
+                    if f.fract() == 0.0 {
+                        format!("{f}")
+                    } else {
+                        format!("{f:.2}")
+                    }
+                },
+            );
+            println!("{k:<50} {shown}");
+        }
+        if self.targets.is_empty() {
+            return;
+        }
+        println!();
+        println!("{:<5} {:<4} {:<66} measured", "", "met", "target");
+        for (scenario, target, measured, met) in &self.targets {
+            println!(
+                "{scenario:<5} {:<4} {target:<66} {measured}",
+                if *met { "yes" } else { "no" }
+            );
+        }
+    }
+
+    /// Writes the figures and targets as JSON to `path`.
+    pub(crate) fn write(&self, path: &std::path::Path) {
+        let mut out = self.figures.clone();
+        out.insert(
+            "targets".into(),
+            json!(self
+                .targets
+                .iter()
+                .map(|(s, t, m, met)| json!({"scenario": s, "target": t, "measured": m, "met": met}))
+                .collect::<Vec<_>>()),
+        );
+        std::fs::write(path, serde_json::to_string_pretty(&Value::Object(out)).unwrap())
+            .expect("write --json");
+    }
+
+    pub(crate) fn latencies(&mut self, prefix: &str, mut latencies: Vec<u32>) -> f64 {
+        latencies.sort_unstable();
+        let p = |q: f64| {
+            if latencies.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+            latencies[i] as f64 / 1000.0
+        };
+        self.put(&format!("{prefix}_p50_ms"), json!(p(0.50)));
+        self.put(&format!("{prefix}_p99_ms"), json!(p(0.99)));
+        self.put(&format!("{prefix}_p999_ms"), json!(p(0.999)));
+        self.put(&format!("{prefix}_max_ms"), json!(p(1.0)));
+        p(0.99)
+    }
+}
+
+/// Compares what arrived with what was sent (`expected` maps seq -> user).
+/// Returns (lost, duplicated, delivered to the wrong user).
+pub(crate) fn audit(seen: &[[u32; 3]], expected: &HashMap<u32, u32>) -> (usize, usize, usize) {
+    let mut got = HashSet::new();
+    let (mut duplicated, mut wrong) = (0, 0);
+    for [user, seq, _] in seen {
+        match expected.get(seq) {
+            Some(to) if to == user && !got.insert(*seq) => duplicated += 1,
+            Some(to) if to != user => wrong += 1,
+            _ => {}
+        }
+    }
+    (expected.len() - got.len(), duplicated, wrong)
+}
+
+/// Every one of `users` expects `seq` once: (lost, duplicated, latencies).
+fn audit_broadcast(seen: &[[u32; 3]], seq: u32, users: usize) -> (usize, usize, Vec<u32>) {
+    let mut got = HashSet::new();
+    let mut duplicated = 0;
+    let mut latencies = Vec::new();
+    for [user, s, latency] in seen {
+        if *s == seq {
+            latencies.push(*latency);
+            if !got.insert(*user) {
+                duplicated += 1;
+            }
+        }
+    }
+    (users.saturating_sub(got.len()), duplicated, latencies)
+}
+
+// ------------------------------------------------------------ scenarios
+
+/// What holding connections cost: the S1 and S1x figures.
+struct Held {
+    count: usize,
+    rss_before: u64,
+    rss_held: u64,
+    per_conn: f64,
+    idle_pct: f64,
+}
+
+impl Held {
+    /// Opens `connections` on `cluster`, lets them settle, then idles `idle_secs`.
+    /// Connections count as held only if none was dropped and reopened meanwhile (a
+    /// worker reconnects a stream the server ends, which would hide the drop).
+    async fn measure(
+        cluster: &Cluster,
+        connections: usize,
+        per_worker: usize,
+        phase: u8,
+        idle_secs: u64,
+    ) -> (Pool, Self) {
+        let (rss_before, _) = cluster.figures();
+        let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), connections, per_worker, phase)).await;
+        let reconnects_before = pool.reconnects().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (rss_held, cpu_start) = cluster.figures();
+        tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+        let (_, cpu_end) = cluster.figures();
+        let dropped = pool.reconnects().await - reconnects_before;
+        if dropped > 0 {
+            eprintln!("{dropped} connections were dropped and reopened while held");
+        }
+        let held = Self {
+            count: pool.held.saturating_sub(dropped as usize),
+            rss_before,
+            rss_held,
+            per_conn: rss_held.saturating_sub(rss_before) as f64 / pool.held.max(1) as f64,
+            idle_pct: (cpu_end - cpu_start) / idle_secs.max(1) as f64 * 100.0,
+        };
+        (pool, held)
+    }
+}
+
+/// S1, S2 and S4 on one instance (in-process broker), on the same connections.
+async fn single_instance(args: &Args, report: &mut Report) {
+    let (connections, idle_secs) = (args.connections, args.idle_secs);
+    let cluster = Cluster::start(&args.server_bin, 1, false).await;
+    let (mut pool, held) = Held::measure(&cluster, connections, 9_500, 0, idle_secs).await;
+    report.correct &= held.count == connections;
+    let Held {
+        count: held,
+        rss_before,
+        rss_held,
+        per_conn,
+        idle_pct,
+    } = held;
+    report.put("s1_connections_held", json!(held));
+    report.put("s1_open_seconds", json!(pool.open_secs));
+    report.put("s1_rss_before_kib", json!(rss_before));
+    report.put("s1_rss_held_kib", json!(rss_held));
+    report.put("s1_rss_per_connection_kib", json!(per_conn));
+    report.put("s1_idle_cpu_percent_of_a_core", json!(idle_pct));
+    report.target(
+        "S1",
+        &format!("hold {connections}; <= 6 KiB/conn; idle CPU < 2 %"),
+        format!("{held} held; {per_conn:.1} KiB/conn; idle {idle_pct:.1} %"),
+        held == connections && per_conn <= 6.0 && idle_pct < 2.0,
+    );
+
+    if args.runs("s2") {
+        broadcast("s2", &cluster, &mut pool, report, 50.0).await;
+    }
+    if args.runs("s4") {
+        storm(args, &cluster, &mut pool, report).await;
+    }
+    pool.close().await;
+    cluster.stop().await;
+}
+
+/// One `system_alert` to every connection; publish-to-receive latency.
+async fn broadcast(name: &str, cluster: &Cluster, pool: &mut Pool, report: &mut Report, target_ms: f64) {
+    pool.ask("clear").await;
+    let (_, cpu_before) = cluster.figures();
+    let seq = 1;
+    let sent = now_us();
+    let status = match Publisher::connect(cluster.addrs()[0]).await {
+        Ok(mut p) => p
+            .post(
+                &json!({"broadcast": true, "event": "system_alert",
+                        "data": {"message": bench_message(sent, seq)}})
+                .to_string(),
+            )
+            .await
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while audit_broadcast(&pool.seen().await, seq, pool.held).0 > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Keep listening a little: a duplicate may come after the last first copy.
+    tokio::time::sleep(AUDIT_GRACE).await;
+    let (lost, duplicated, latencies) = audit_broadcast(&pool.seen().await, seq, pool.held);
+    let (_, cpu_after) = cluster.figures();
+    let received = latencies.len();
+    report.put(&format!("{name}_publish_status"), json!(status));
+    report.put(&format!("{name}_expected"), json!(pool.held));
+    report.put(&format!("{name}_received"), json!(received));
+    report.put(&format!("{name}_lost"), json!(lost));
+    report.put(&format!("{name}_duplicated"), json!(duplicated));
+    let p99 = report.latencies(name, latencies);
+    report.put(
+        &format!("{name}_server_cpu_s_per_million_deliveries"),
+        json!((cpu_after - cpu_before) / received.max(1) as f64 * 1e6),
+    );
+    report.correct &= status == 202 && lost == 0 && duplicated == 0;
+    report.target(
+        &name.to_uppercase(),
+        &format!("broadcast to {}: p99 <= {target_ms} ms, zero loss", pool.held),
+        format!("{received}/{} , {lost} lost, p99 {p99:.0} ms", pool.held),
+        lost == 0 && duplicated == 0 && p99 <= target_ms,
+    );
+}
+
+/// S4: every client drops and reconnects with `Last-Event-ID` at once while targeted
+/// events flow; then every event must have arrived exactly once.
+async fn storm(args: &Args, cluster: &Cluster, pool: &mut Pool, report: &mut Report) {
+    let rate = args.s4_rate;
+    pool.ask("clear").await;
+    let users = pool.held as u32;
+    let publishing = tokio::spawn(publish_targeted(cluster.addrs(), rate, 5.0, users, 1_000));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let storm_at = now_us();
+    let answers = pool.ask("storm").await;
+    let back: u64 = answers.iter().map(|a| a["back"].as_u64().unwrap_or(0)).sum();
+    let expected_back: u64 = answers.iter().map(|a| a["expected"].as_u64().unwrap_or(0)).sum();
+    let last_back = answers
+        .iter()
+        .filter_map(|a| a["last_back_us"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let back_secs = last_back.saturating_sub(storm_at) as f64 / 1e6;
+    let Published {
+        accepted: expected,
+        refused,
+        failed,
+    } = publishing.await.expect("publisher");
+    let (seen, (lost, duplicated, wrong)) = pool
+        .settle(&expected, Duration::from_secs(20), Duration::from_millis(250))
+        .await;
+    report.put("s4_clients", json!(expected_back));
+    report.put("s4_back", json!(back));
+    report.put("s4_all_back_seconds", json!(back_secs));
+    report.put("s4_events_sent", json!(expected.len()));
+    report.put("s4_events_refused", json!(refused));
+    report.put("s4_gaps", json!(lost));
+    report.put("s4_duplicates", json!(duplicated));
+    report.put("s4_wrong_user", json!(wrong));
+    report.put("s4_publisher_failed", json!(failed));
+    report.latencies("s4", seen.iter().map(|s| s[2]).collect());
+    report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0 && !failed;
+    report.target(
+        "S4",
+        &format!("{expected_back} reconnect at once at {rate}/s: all back in 1 s, no gaps/dups"),
+        format!("{back}/{expected_back} back in {back_secs:.2} s; {lost} gaps, {duplicated} dups"),
+        back == expected_back && back_secs <= 1.0 && lost == 0 && duplicated == 0,
+    );
+}
+
+/// S1x and S2x: `--instances` servers on one Redis hold `--cluster-connections`.
+async fn cluster_scale(args: &Args, report: &mut Report) {
+    let (connections, instances, idle_secs) = (args.cluster_connections, args.instances, args.idle_secs);
+    let cluster = Cluster::start(&args.server_bin, instances, true).await;
+    let (mut pool, held) = Held::measure(&cluster, connections, 17_000, 1, idle_secs).await;
+    report.correct &= held.count == connections;
+    let Held {
+        count: held,
+        per_conn,
+        idle_pct,
+        ..
+    } = held;
+    report.put("s1x_instances", json!(instances));
+    report.put("s1x_connections_held", json!(held));
+    report.put("s1x_open_seconds", json!(pool.open_secs));
+    report.put("s1x_rss_per_connection_kib", json!(per_conn));
+    report.put("s1x_idle_cpu_percent_of_a_core_all_instances", json!(idle_pct));
+    report.target(
+        "S1x",
+        &format!("{instances} instances hold {connections}; <= 6 KiB/conn"),
+        format!("{held} held; {per_conn:.1} KiB/conn; idle {idle_pct:.1} %"),
+        held == connections && per_conn <= 6.0,
+    );
+    if args.runs("s2x") {
+        broadcast("s2x", &cluster, &mut pool, report, 250.0).await;
+    }
+    pool.close().await;
+    cluster.stop().await;
+}
+
+/// S3: two instances on Redis, one connection per user, targeted events at a steady rate
+/// published alternately through both instances.
+async fn targeted(args: &Args, report: &mut Report) {
+    let (users, rate, secs) = (args.s3_users, args.s3_rate, args.s3_secs);
+    let cluster = Cluster::start(&args.server_bin, 2, true).await;
+    let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), users, 17_000, 2)).await;
+    report.correct &= pool.held == users;
+    let (_, cpu_before) = cluster.figures();
+    let Published {
+        accepted: expected,
+        refused,
+        failed,
+    } = publish_targeted(cluster.addrs(), rate, secs, pool.held as u32, 1_000_000).await;
+    let (seen, (lost, duplicated, wrong)) = pool
+        .settle(&expected, Duration::from_secs(30), Duration::from_millis(500))
+        .await;
+    let (_, cpu_after) = cluster.figures();
+    let reconnects = pool.reconnects().await;
+    report.put("s3_users", json!(pool.held));
+    report.put("s3_events_sent", json!(expected.len()));
+    report.put("s3_rate_per_second", json!(expected.len() as f64 / secs));
+    report.put("s3_events_refused", json!(refused));
+    report.put("s3_lost", json!(lost));
+    report.put("s3_duplicated", json!(duplicated));
+    report.put("s3_wrong_user", json!(wrong));
+    report.put("s3_stream_reconnects", json!(reconnects));
+    let p99 = report.latencies("s3", seen.iter().map(|s| s[2]).collect());
+    report.put(
+        "s3_server_cpu_s_per_million_deliveries",
+        json!((cpu_after - cpu_before) / seen.len().max(1) as f64 * 1e6),
+    );
+    report.put("s3_publisher_failed", json!(failed));
+    report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0 && !failed;
+    report.target(
+        "S3",
+        &format!("{users} users, {rate}/s for {secs} s via Redis: zero loss, p99 <= 10 ms"),
+        format!(
+            "{} sent, {lost} lost, {refused} refused; p99 {p99:.1} ms",
+            expected.len()
+        ),
+        lost == 0 && refused == 0 && p99 <= 10.0,
+    );
+    pool.close().await;
+    cluster.stop().await;
+}
+
+fn gzip_size(path: &std::path::Path) -> u64 {
+    std::process::Command::new("gzip")
+        .args(["-9c"])
+        .arg(path)
+        .output()
+        .map_or(0, |o| o.stdout.len() as u64)
+}
+
+/// S5: the release bundle on disk, gzipped.
+fn bundle(report: &mut Report) {
+    let pkg = std::path::Path::new("target/site/pkg");
+    let mut total = 0.0;
+    for (file, key) in [
+        ("sse-notify.wasm", "s5_wasm_gzip_kib"),
+        ("sse-notify.js", "s5_js_gzip_kib"),
+        ("sse-notify.css", "s5_css_gzip_kib"),
+    ] {
+        let kib = gzip_size(&pkg.join(file)) as f64 / 1024.0;
+        report.put(key, json!(kib));
+        total += kib;
+    }
+    report.put("s5_bundle_gzip_kib", json!(total));
+    report.target(
+        "S5",
+        "WASM + JS + CSS <= 150 KiB gzipped",
+        format!("{total:.0} KiB"),
+        total <= 150.0,
+    );
+}
+
+pub async fn harness(args: Args) -> ExitCode {
+    let mut report = Report {
+        correct: true,
+        ..Report::default()
+    };
+    let started = Instant::now();
+    if args.runs("s5") {
+        bundle(&mut report);
+    }
+    if ["s1", "s2", "s4"].iter().any(|s| args.runs(s)) {
+        eprintln!("S1/S2/S4: one instance, in-process broker");
+        single_instance(&args, &mut report).await;
+    }
+    if args.runs("s1x") || args.runs("s2x") {
+        eprintln!("S1x/S2x: several instances on one Redis");
+        cluster_scale(&args, &mut report).await;
+    }
+    if args.runs("s3") {
+        eprintln!("S3: targeted events through Redis");
+        targeted(&args, &mut report).await;
+    }
+    report.put("harness_seconds", json!(started.elapsed().as_secs_f64()));
+    report.print();
+    if let Some(path) = &args.json {
+        report.write(path);
+    }
+    if report.correct {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("FAILED: an event was lost, duplicated or misdelivered, or a connection was not held");
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,66 @@
+// The example host app (examples/host): its own login form and session, sse-notify under
+// /notify taking the identity from that session, toasts on its page, and logout ending
+// the stream.
+import { test, expect, Server, PUBLISH_KEY } from "./fixtures";
+import type { Page } from "@playwright/test";
+
+let host: Server;
+test.beforeEach(async () => {
+  host = await Server.startHost();
+});
+test.afterEach(async ({ context }) => {
+  await context.close();
+  await host.stop();
+});
+
+async function logIn(page: Page, name: string): Promise<void> {
+  await page.goto(host.url("/login"));
+  await page.locator('input[name="username"]').fill(name);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(page.getByTestId("user")).toHaveText(name);
+  await expect(page.locator("[data-hydrated=true]")).toBeVisible();
+  await expect(page.getByTestId("stream")).toHaveAttribute("data-status", "open");
+}
+
+async function clients(): Promise<number> {
+  const res = await fetch(host.url("/notify/api/stats"), { headers: { authorization: `Bearer ${PUBLISH_KEY}` } });
+  return (await res.json()).clients;
+}
+
+test("log in through the host's form and receive a toast from its server function", async ({ page }) => {
+  await logIn(page, "hostuser");
+  await page.getByTestId("notify-me").click();
+  const toast = page.locator(".sse-toast", { hasText: "Hello from the host" });
+  await expect(toast).toBeVisible();
+  await expect(toast).toContainText("Sent to hostuser");
+  // The host's own health route, and sse-notify's under the prefix.
+  expect(await (await fetch(host.url("/healthz"))).text()).toBe("ok");
+  expect((await (await fetch(host.url("/notify/healthz"))).json()).status).toBe("ok");
+});
+
+test("another user of the host receives nothing of the first user's", async ({ page, browser }) => {
+  const other = await browser.newContext();
+  const otherPage = await other.newPage();
+  await logIn(page, "first");
+  await logIn(otherPage, "second");
+  await page.getByTestId("notify-me").click();
+  await expect(page.locator(".sse-toast", { hasText: "Hello from the host" })).toBeVisible();
+  await otherPage.waitForTimeout(1_000);
+  await expect(otherPage.locator(".sse-toast")).toHaveCount(0);
+  await other.close();
+});
+
+test("the host's logout ends the user's stream, which stays closed", async ({ page, context }) => {
+  await logIn(page, "leaving");
+  expect(await clients()).toBe(1);
+  // Log out from a second tab of the same browser: the first keeps its page.
+  const other = await context.newPage();
+  await other.goto(host.url("/"));
+  await expect(other.getByTestId("user")).toHaveText("leaving");
+  await other.getByTestId("logout").click();
+  await expect(other).toHaveURL(/\/login$/);
+  await expect(page.getByTestId("stream")).toHaveAttribute("data-status", "closed");
+  await page.waitForTimeout(3_000);
+  await expect(page.getByTestId("stream")).toHaveAttribute("data-status", "closed");
+  expect(await clients()).toBe(0);
+});
