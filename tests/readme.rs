@@ -29,7 +29,11 @@ fn readme_examples_are_the_host_apps_code() {
         // Doc comments count as code: a rustdoc example is the same example.
         let strip = |l: &str| -> String {
             let l = l.trim();
-            l.strip_prefix("//! ").or_else(|| l.strip_prefix("/// ")).unwrap_or(l).trim().to_string()
+            l.strip_prefix("//! ")
+                .or_else(|| l.strip_prefix("/// "))
+                .unwrap_or(l)
+                .trim()
+                .to_string()
         };
         let mut source_lines = source.lines().map(strip);
         for wanted in block.iter().map(|l| strip(l)) {
