@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 /// Where the event stream is served by default (`GET`).
 pub const STREAM_PATH: &str = "/api/sse";
+/// The same stream over WebSocket (`GET`), for when something in between buffers SSE.
+pub const WS_PATH: &str = "/api/ws";
 /// Where other backends publish (`POST`).
 pub const PUBLISH_PATH: &str = "/api/events";
 /// Where another backend ends a user's streams (`POST`), e.g. at logout.

@@ -3,7 +3,9 @@
 //!
 //! The home page reads `SseNotifications` options from the query string, so every option
 //! can be tried without code: `/?position=bottom-left&max=3&dismiss=2000&auto=false&theme=dark`
-//! (also `stall=<ms>`, the stall timeout, and `share=false`, one stream per tab).
+//! (also `stall=<ms>`, the stall timeout; `share=false`, one stream per tab;
+//! `transport=auto|sse|websocket`; `sse_retry=<ms>`, how soon SSE is tried again after a
+//! fallback to WebSocket).
 
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
@@ -18,7 +20,7 @@ use crate::{
     api::{self, Stats},
     client::{
         use_sse_with_options, use_toaster, ConnectionReadyState, ConnectionStatus, NewToast, Position,
-        SseMessage, SseNotifications, Theme, ToastKind, UseSseError, UseSseOptions,
+        SseMessage, SseNotifications, Theme, ToastKind, Transport, TransportMode, UseSseError, UseSseOptions,
     },
     events::{NotificationKind, SystemAlertKind, UserUpdateKind},
 };
@@ -66,6 +68,7 @@ pub fn App() -> impl IntoView {
                     <Routes fallback=|| view! { <p class="card">"Page not found."</p> }>
                         <Route path=path!("/") view=HomePage />
                         <Route path=path!("/dashboard") view=DashboardPage />
+                        <Route path=path!("/short-session") view=ShortSessionPage />
                     </Routes>
                 </main>
             </div>
@@ -128,6 +131,16 @@ pub async fn sign_out() -> Result<(), ServerFnError> {
     server_side::set_cookie(&crate::server::session_cookie_removal())
 }
 
+/// A session token for the signed-in user that expires in `ttl_secs` (2 to 60), to try a
+/// stream that ends when its token does and comes back with a fresh one.
+#[server]
+pub async fn short_token(ttl_secs: u64) -> Result<String, ServerFnError> {
+    let user = server_side::session_user().await?;
+    expect_context::<crate::server::SseService>()
+        .issue_token(&user, None, std::time::Duration::from_secs(ttl_secs.clamp(2, 60)))
+        .map_err(|e| ServerFnError::new(e.to_string()))
+}
+
 /// Sends `event` to the signed-in user (or to everyone, for a system alert).
 #[server(input = server_fn::codec::Json)]
 pub async fn send_demo_event(event: DemoEvent) -> Result<String, ServerFnError> {
@@ -159,6 +172,31 @@ mod server_side {
             .verify_token(token.value())
             .map_err(err)?
             .sub)
+    }
+
+    /// `GET /api/demo/token?ttl=3`: `{"token": "..."}` for the signed-in user of the cookie.
+    pub async fn token_handler(
+        sse: SseService,
+        jar: CookieJar,
+        query: std::collections::HashMap<String, String>,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let user = jar
+            .get(SESSION_COOKIE)
+            .and_then(|c| sse.verify_token(c.value()).ok())
+            .map(|claims| claims.sub);
+        let Some(user) = user else {
+            return axum::http::StatusCode::UNAUTHORIZED.into_response();
+        };
+        let ttl = query
+            .get("ttl")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(60u64)
+            .clamp(2, 60);
+        match sse.issue_token(&user, None, Duration::from_secs(ttl)) {
+            Ok(token) => axum::Json(serde_json::json!({ "token": token })).into_response(),
+            Err(_) => axum::http::StatusCode::BAD_REQUEST.into_response(),
+        }
     }
 
     pub fn set_cookie(value: &str) -> Result<(), ServerFnError> {
@@ -265,19 +303,24 @@ fn HomePage() -> impl IntoView {
     let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
 
     let query = use_query_map();
-    let (position, max, dismiss, auto, stall, theme, share) = query.with_untracked(|q| {
-        (
-            q.get("position")
-                .and_then(|p| Position::parse(&p))
-                .unwrap_or_default(),
-            q.get("max").and_then(|m| m.parse().ok()).unwrap_or(5usize),
-            q.get("dismiss").and_then(|d| d.parse().ok()).unwrap_or(5_000u64),
-            q.get("auto").map(|a| a != "false").unwrap_or(true),
-            q.get("stall").and_then(|s| s.parse::<u64>().ok()),
-            q.get("theme").and_then(|t| Theme::parse(&t)).unwrap_or_default(),
-            q.get("share").map(|s| s != "false").unwrap_or(true),
-        )
-    });
+    let (position, max, dismiss, auto, stall, theme, share, transport, sse_retry) =
+        query.with_untracked(|q| {
+            (
+                q.get("position")
+                    .and_then(|p| Position::parse(&p))
+                    .unwrap_or_default(),
+                q.get("max").and_then(|m| m.parse().ok()).unwrap_or(5usize),
+                q.get("dismiss").and_then(|d| d.parse().ok()).unwrap_or(5_000u64),
+                q.get("auto").map(|a| a != "false").unwrap_or(true),
+                q.get("stall").and_then(|s| s.parse::<u64>().ok()),
+                q.get("theme").and_then(|t| Theme::parse(&t)).unwrap_or_default(),
+                q.get("share").map(|s| s != "false").unwrap_or(true),
+                q.get("transport")
+                    .and_then(|t| TransportMode::parse(&t))
+                    .unwrap_or_default(),
+                q.get("sse_retry").and_then(|s| s.parse::<u64>().ok()),
+            )
+        });
     let status = RwSignal::new(ConnectionStatus::default());
     let log = RwSignal::new(Vec::<SseMessage>::new());
     let on_message = Callback::new(move |msg: SseMessage| {
@@ -300,6 +343,8 @@ fn HomePage() -> impl IntoView {
             retry_timeout=stall
             theme
             share_across_tabs=share
+            transport
+            sse_retry_interval=sse_retry
         />
         <section class="hero">
             <h1>"Live notifications for Leptos"</h1>
@@ -337,10 +382,12 @@ fn StatusBadge(status: RwSignal<ConnectionStatus>) -> impl IntoView {
     };
     let error = move || status.with(|s| s.error.as_ref().map(UseSseError::code));
     let leader = move || status.with(|s| s.leader.to_string());
+    let transport = move || status.with(|s| s.transport);
     view! {
-        <p class="status" data-status=move || state().as_str() data-error=error data-leader=leader role="status">
+        <p class="status" data-status=move || state().as_str() data-error=error data-leader=leader data-transport=move || transport().as_str() role="status">
             <span class="status__dot" aria-hidden="true"></span>
             {label}
+            {move || (transport() == Transport::WebSocket).then_some(" · over WebSocket")}
         </p>
     }
 }
@@ -520,6 +567,38 @@ fn EventLog(log: RwSignal<Vec<SseMessage>>) -> impl IntoView {
     }
 }
 
+/// A stream on a 3-second token (`?token=`) that fetches a fresh one from `token_url`
+/// whenever it expires: the page keeps receiving.
+#[component]
+fn ShortSessionPage() -> impl IntoView {
+    let token = Resource::new(|| (), |_| short_token(3));
+    let status = RwSignal::new(ConnectionStatus::default());
+    view! {
+        <section class="hero">
+            <h1>"A short session"</h1>
+            <p>"This page streams with a token that lasts 3 seconds and fetches a fresh one each time it ends."</p>
+            <StatusBadge status />
+        </section>
+        <Suspense fallback=|| view! { <p class="card">"Loading…"</p> }>
+            {move || token.get().map(|token| match token {
+                Ok(token) => view! {
+                    <SseNotifications
+                        session_id=token
+                        token_url=format!("{}?ttl=3", DEMO_TOKEN_PATH)
+                        status
+                        auto_dismiss=false
+                        share_across_tabs=false
+                    />
+                }.into_any(),
+                Err(e) => view! { <p class="card error">{format!("Sign in first: {e}")}</p> }.into_any(),
+            })}
+        </Suspense>
+    }
+}
+
+/// Where the demo hands out fresh short tokens (`GET`, `?ttl=<seconds>`).
+pub const DEMO_TOKEN_PATH: &str = "/api/demo/token";
+
 /// Live connections and throughput, streamed over SSE.
 #[component]
 fn DashboardPage() -> impl IntoView {
@@ -598,6 +677,13 @@ pub fn router(options: LeptosOptions, service: crate::server::SseService) -> axu
                 let options = options.clone();
                 move || shell(options.clone())
             },
+        )
+        .route(
+            DEMO_TOKEN_PATH,
+            axum::routing::get({
+                let sse = service.clone();
+                move |jar, axum::extract::Query(query)| server_side::token_handler(sse.clone(), jar, query)
+            }),
         )
         .fallback(leptos_axum::file_and_error_handler(shell))
         .with_state(options)

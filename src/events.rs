@@ -45,6 +45,9 @@ pub mod names {
     /// token's `exp` passed) or `disconnected` (ended on purpose, e.g. at logout). The
     /// client must not reconnect with the same credentials.
     pub const SESSION_ENDED: &str = "session_ended";
+    /// Sent right after a stream's replay: `{"heartbeatMs": ..}`. A client that sees the
+    /// response open but not this event soon after knows something in between buffers it.
+    pub const READY: &str = "ready";
 
     /// The payload events a client listens to by default.
     pub const BUILT_IN: [&str; 5] = [
@@ -55,15 +58,16 @@ pub mod names {
         SYSTEM_ALERT,
     ];
     /// Events the server sends on its own.
-    pub const CONTROL: [&str; 4] = [HEARTBEAT, RESYNC, CONNECTION_REPLACED, SESSION_ENDED];
+    pub const CONTROL: [&str; 5] = [HEARTBEAT, RESYNC, CONNECTION_REPLACED, SESSION_ENDED, READY];
     /// Names publishers are refused: the control events, and the browser's own
     /// `EventSource` events (an `event: error` frame would fire every client's error
     /// handler and loop them all through reconnects).
-    pub const RESERVED: [&str; 7] = [
+    pub const RESERVED: [&str; 8] = [
         HEARTBEAT,
         RESYNC,
         CONNECTION_REPLACED,
         SESSION_ENDED,
+        READY,
         "error",
         "open",
         "message",

@@ -200,6 +200,32 @@ async fn check_latest_progress_on_resume(config: SseConfig) {
     assert!(again.nothing_within(Duration::from_millis(300)).await);
 }
 
+/// A stream without an id that asks for `resumeAgoMs=` (a page whose earlier stream was
+/// held back) gets what was published since then; when nothing was, neither a replay nor a
+/// false `resync`, even with the last event past the retention.
+async fn check_resume_ago(config: SseConfig) {
+    let server = start_server(config.event_retention(Duration::from_millis(300))).await;
+    server
+        .service
+        .send_notification("ago", note("old"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut quiet = server.connect("ago", "?resumeAgoMs=200", None).await;
+    assert!(quiet.nothing_within(Duration::from_millis(200)).await);
+    drop(quiet);
+    server.wait_for_clients("ago", 0).await;
+
+    server
+        .service
+        .send_notification("ago", note("new"))
+        .await
+        .unwrap();
+    let mut resumed = server.connect("ago", "?resumeAgoMs=250", None).await;
+    assert_eq!(text(&resumed.next().await), "new");
+    assert!(resumed.nothing_within(Duration::from_millis(200)).await);
+}
+
 macro_rules! behaviour_suite {
     ($($check:ident),*) => {
         mod memory_broker {
@@ -224,7 +250,8 @@ behaviour_suite!(
     check_resync,
     check_connect_during_publishing,
     check_offline_delivery,
-    check_latest_progress_on_resume
+    check_latest_progress_on_resume,
+    check_resume_ago
 );
 
 // ---- Redis only. ----

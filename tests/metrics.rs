@@ -156,6 +156,14 @@ async fn every_series_counts_what_happened() {
         1.0
     );
 
+    // Clients that found SSE held back and came over WebSocket, counted by why.
+    let before = scrape(&server).await;
+    let _buffered = server.connect_ws("m-ws", "?fallback=buffered").await;
+    let _plain = server.connect_ws("m-ws", "").await;
+    let after = scrape(&server).await;
+    assert_eq!(moved(&before, &after, "sse_buffered_clients_total"), 1.0);
+    assert_eq!(moved(&before, &after, "sse_connections"), 2.0);
+
     // A slow client: a queue of 2 on `limited`, a reader that never reads, big events.
     let before = scrape(&server).await;
     let mut socket = tokio::net::TcpStream::connect(limited.addr).await.unwrap();

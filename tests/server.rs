@@ -171,6 +171,11 @@ async fn events_filter_passes_only_named_events_and_heartbeats() {
     .unwrap();
     let mut names = Vec::new();
     let mut heartbeats = 0;
+    assert_eq!(
+        client.next_any().await.unwrap().event,
+        "ready",
+        "control events pass the filter"
+    );
     while names.len() < 2 || heartbeats == 0 {
         let event = client.next_any().await.unwrap();
         if event.event == "heartbeat" {
@@ -182,12 +187,33 @@ async fn events_filter_passes_only_named_events_and_heartbeats() {
     assert_eq!(names, ["custom.one", "reel_ready"]);
 }
 
+/// Right after the replay comes `ready`, with the heartbeat interval: a client that sees
+/// the response open but not this event soon after knows the stream is held back.
+#[tokio::test]
+async fn every_stream_opens_with_ready_after_its_replay() {
+    let server = start_server(test_config().heartbeat_interval(Duration::from_millis(1_234))).await;
+    let seen = server.resume_point("rdy").await;
+    server
+        .service
+        .send_notification("rdy", note("missed"))
+        .await
+        .unwrap();
+    let mut client = server.connect("rdy", "", Some(&seen)).await;
+    let missed = client.next_any().await.unwrap();
+    assert_eq!(data(&missed)["title"], "missed");
+    let ready = client.next_any().await.unwrap();
+    assert_eq!(ready.event, "ready");
+    assert_eq!(data(&ready)["heartbeatMs"], 1_234);
+    assert_eq!(ready.id, missed.id, "ready carries no id of its own");
+}
+
 /// Heartbeats come every interval (never early) and carry a timestamp.
 #[tokio::test]
 async fn heartbeats_arrive_every_interval() {
     let interval = Duration::from_millis(300);
     let server = start_server(test_config().heartbeat_interval(interval)).await;
     let mut client = server.connect("hb", "", None).await;
+    assert_eq!(client.next_any().await.unwrap().event, "ready");
     let mut arrivals = Vec::new();
     while arrivals.len() < 4 {
         let event = client.next_any().await.unwrap();
@@ -852,7 +878,14 @@ async fn a_stream_that_drops_before_its_first_event_resumes_without_loss() {
         .find_map(|l| l.strip_prefix("id: "))
         .unwrap_or_else(|| panic!("no id-only frame in {body:?}"))
         .to_string();
-    assert!(!body.contains("data:"), "the id frame fires no event: {body:?}");
+    let id_frame = body
+        .split("\n\n")
+        .find(|frame| frame.contains("id: "))
+        .unwrap_or_default();
+    assert!(
+        !id_frame.contains("data:"),
+        "the id frame fires no event: {body:?}"
+    );
     drop(second_tab);
     server.wait_for_clients("tabs", 1).await;
 

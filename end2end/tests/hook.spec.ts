@@ -56,3 +56,19 @@ test("a stream silent for longer than the stall timeout is reported and reopened
     await server.stop();
   }
 });
+
+test("a stream whose token expires fetches a fresh one from token_url and keeps receiving", async ({ page, context, server }) => {
+  await signIn(context, server, "short");
+  const tokens: string[] = [];
+  page.on("request", (r) => {
+    if (r.url().includes("/api/demo/token")) tokens.push(r.url());
+  });
+  await page.goto(server.url("/short-session"));
+  await expect(page.locator('[data-hydrated="true"]')).toBeVisible();
+  await expect(page.locator('.status[data-status="open"]')).toBeVisible();
+  // The 3 s token ends the stream (session_ended: expired); the hook fetches a fresh one.
+  await expect.poll(() => tokens.length, { timeout: 15_000 }).toBeGreaterThan(0);
+  await expect(page.locator('.status[data-status="open"]')).toBeVisible();
+  await server.notify("short", "After a fresh token");
+  await expect(page.locator(".sse-toast", { hasText: "After a fresh token" })).toBeVisible();
+});

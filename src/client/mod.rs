@@ -14,5 +14,6 @@ pub use toaster::{
     ToastKind, ToastLabels, ToastStore, Toaster,
 };
 pub use use_sse::{
-    use_sse, use_sse_with_options, ConnectionReadyState, SseMessage, UseSseError, UseSseOptions, UseSseReturn,
+    use_sse, use_sse_with_options, ConnectionReadyState, SseMessage, Transport, TransportMode, UseSseError,
+    UseSseOptions, UseSseReturn,
 };

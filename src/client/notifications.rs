@@ -42,7 +42,8 @@ use leptos::prelude::*;
 use super::{
     toaster::{use_toaster, Toast, ToastDuration, ToastId, ToastKind, ToastLabels, ToastStore},
     use_sse::{
-        use_sse_with_options, ConnectionReadyState, SseMessage, UseSseError, UseSseOptions, UseSseReturn,
+        use_sse_with_options, ConnectionReadyState, SseMessage, Transport, TransportMode, UseSseError,
+        UseSseOptions, UseSseReturn,
     },
 };
 use crate::api;
@@ -129,6 +130,8 @@ pub struct ConnectionStatus {
     pub error: Option<UseSseError>,
     /// This tab holds the stream (other tabs share it).
     pub leader: bool,
+    /// How the stream travels now.
+    pub transport: Transport,
 }
 
 /// Toasts for the notification stream. Opens the stream with [`use_sse_with_options`] and
@@ -193,6 +196,14 @@ pub fn SseNotifications(
     /// Share one stream between tabs. Defaults to `true`.
     #[prop(default = true)]
     share_across_tabs: bool,
+    /// SSE with a WebSocket fallback, or one of them only. Defaults to
+    /// [`TransportMode::Auto`].
+    #[prop(optional)]
+    transport: TransportMode,
+    /// After falling back to WebSocket, try SSE again after this many ms. Defaults to
+    /// `None`: the hook's default (60,000).
+    #[prop(default = None)]
+    sse_retry_interval: Option<u64>,
 ) -> impl IntoView {
     let toaster = use_toaster();
     let store = toaster.store();
@@ -209,6 +220,7 @@ pub fn SseNotifications(
         .reconnect_interval(reconnect_interval)
         .max_reconnect_attempts(max_reconnect_attempts)
         .share_across_tabs(share_across_tabs)
+        .transport(transport)
         .on_message(move |msg: &SseMessage| {
             store.update(|s| s.apply(msg));
             if let Some(cb) = on_message {
@@ -220,6 +232,9 @@ pub fn SseNotifications(
     }
     if let Some(ms) = retry_timeout {
         options = options.retry_timeout(ms);
+    }
+    if let Some(ms) = sse_retry_interval {
+        options = options.sse_retry_interval(ms);
     }
     if !extra_events.is_empty() {
         let mut events: Vec<String> = crate::events::names::BUILT_IN
@@ -233,6 +248,7 @@ pub fn SseNotifications(
         ready_state,
         error,
         is_leader,
+        transport,
         ..
     } = use_sse_with_options(options);
     if let Some(status) = status {
@@ -241,6 +257,7 @@ pub fn SseNotifications(
                 state: ready_state.get(),
                 error: error.get(),
                 leader: is_leader.get(),
+                transport: transport.get(),
             });
         });
     }
@@ -287,6 +304,9 @@ pub fn SseNotifications(
             <div class="sse-notify__bottom">{bottom}</div>
         </div>
     }
+    // Erased, so a host page that nests the toaster deep in its own views stays
+    // under the compiler's type-depth limit (release builds hit it otherwise).
+    .into_any()
 }
 
 /// The design card's name for the component; the same as [`SseNotifications`].
@@ -347,6 +367,7 @@ fn Stack(ctx: ToastContext, position: Position) -> impl IntoView {
             </Show>
         </section>
     }
+    .into_any()
 }
 
 /// One toast (or banner), reading its fields from the store by id so progress updates
@@ -447,6 +468,7 @@ fn ToastView(ctx: ToastContext, id: ToastId) -> impl IntoView {
             </button>
         </div>
     }
+    .into_any()
 }
 
 /// The icon of a kind, as inline SVG (no font or image to load).

@@ -117,8 +117,8 @@ where
 
 #[async_trait]
 impl Authenticate for Auth {
-    /// The token of the `Authorization: Bearer` header, else the `sse_session` cookie, else
-    /// the `token` query parameter; `sub` is the user, `exp` when the stream ends.
+    /// The token of the `Authorization: Bearer` header, else the `token` query parameter,
+    /// else the `sse_session` cookie; `sub` is the user, `exp` when the stream ends.
     async fn authenticate(&self, request: Parts) -> Result<Identity, AuthError> {
         let query_token = request.uri.query().and_then(|q| url_query_value(q, "token"));
         let claims = self.authenticate_headers(&request.headers, query_token.as_deref())?;
@@ -181,8 +181,9 @@ impl Auth {
         Ok(data.claims)
     }
 
-    /// Finds the token of a request (bearer header, then cookie, then `token` query
-    /// parameter) and verifies it.
+    /// Finds the token of a request and verifies it: the explicit ones first (the bearer
+    /// header, then the `token` query parameter, which a page sets on purpose), then the
+    /// ambient `sse_session` cookie.
     pub fn authenticate_headers(
         &self,
         headers: &HeaderMap,
@@ -192,8 +193,8 @@ impl Auth {
             .get(SESSION_COOKIE)
             .map(|c| c.value().to_string());
         let token = bearer_token(headers)
-            .or(cookie.as_deref())
             .or(query_token)
+            .or(cookie.as_deref())
             .ok_or(AuthError::Missing)?;
         self.verify(token)
     }
@@ -277,9 +278,10 @@ mod tests {
             header::COOKIE,
             format!("x=1; {SESSION_COOKIE}={a}").parse().unwrap(),
         );
-        assert_eq!(auth.authenticate_headers(&headers, Some(&b)).unwrap().sub, "a");
+        assert_eq!(auth.authenticate_headers(&headers, None).unwrap().sub, "a");
+        assert_eq!(auth.authenticate_headers(&headers, Some(&b)).unwrap().sub, "b");
         headers.insert(header::AUTHORIZATION, format!("Bearer {b}").parse().unwrap());
-        assert_eq!(auth.authenticate_headers(&headers, None).unwrap().sub, "b");
+        assert_eq!(auth.authenticate_headers(&headers, Some(&a)).unwrap().sub, "b");
         assert!(matches!(
             auth.authenticate_headers(&HeaderMap::new(), None),
             Err(AuthError::Missing)

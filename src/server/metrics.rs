@@ -80,3 +80,9 @@ pub fn connection_refused(reason: &'static str) {
 pub fn broker_healthy(healthy: bool) {
     gauge!("sse_broker_healthy").set(if healthy { 1.0 } else { 0.0 });
 }
+
+/// A client found its event stream held back by something in between (a buffering proxy)
+/// and came over WebSocket instead.
+pub fn buffered_client() {
+    counter!("sse_buffered_clients_total").increment(1);
+}

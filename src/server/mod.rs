@@ -44,6 +44,7 @@ pub mod publish;
 mod routes;
 pub mod service;
 pub mod stream;
+pub mod websocket;
 
 pub use crate::api::{BrokerHealth, Stats};
 pub use auth::{Auth, AuthError, Authenticate, Claims, Identity, SESSION_COOKIE};
@@ -57,7 +58,7 @@ pub use routes::Routes;
 #[cfg(feature = "demo")]
 pub use routes::{session_cookie, session_cookie_removal, SESSION_TTL};
 pub use service::{
-    ConnectionPermit, OpenError, RateLimited, SendError, SseService, SseServiceBuilder, StartError,
+    ConnectionPermit, OpenError, RateLimited, Resume, SendError, SseService, SseServiceBuilder, StartError,
 };
 
 use axum::{

@@ -20,6 +20,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use super::{
     publish::{check_publish_key, disconnect_handler, publish_handler},
     stream::sse_handler,
+    websocket::ws_handler,
     ApiError, SseService,
 };
 use crate::api;
@@ -83,7 +84,8 @@ impl Routes {
         self
     }
 
-    /// `GET /api/sse`, the event stream. Defaults to on.
+    /// `GET /api/sse`, the event stream, and `GET /api/ws`, the same over WebSocket.
+    /// Defaults to on.
     pub fn stream(mut self, on: bool) -> Self {
         self.stream = on;
         self
@@ -140,7 +142,9 @@ impl Routes {
         service.set_stream_path(&at(api::STREAM_PATH));
         let mut routes = Router::new();
         if self.stream {
-            routes = routes.route(&at(api::STREAM_PATH), get(sse_handler));
+            routes = routes
+                .route(&at(api::STREAM_PATH), get(sse_handler))
+                .route(&at(api::WS_PATH), get(ws_handler));
         }
         if self.publish {
             routes = routes.route(&at(api::PUBLISH_PATH), post(publish_handler));

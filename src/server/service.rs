@@ -99,6 +99,24 @@ pub enum StartError {
     Redis(String),
 }
 
+/// Where a new stream starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Resume {
+    /// From now; on the user's first connection here, also what waited for them while
+    /// they were offline.
+    #[default]
+    Now,
+    /// After this id: the client's `Last-Event-ID`.
+    After(EventId),
+    /// From this long ago (at most [`MAX_RESUME_AGO`]): a client without an id whose
+    /// earlier stream may have carried events that never reached it, e.g. one a proxy
+    /// held back.
+    Ago(Duration),
+}
+
+/// The furthest back [`Resume::Ago`] reaches.
+pub const MAX_RESUME_AGO: Duration = Duration::from_secs(60);
+
 /// Why a stream could not be opened. Nothing is lost: the client retries with its id.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -375,7 +393,7 @@ impl SseService {
     pub async fn open_stream(
         &self,
         identity: &Identity,
-        resume_from: Option<EventId>,
+        resume: Resume,
         filter: Option<Arc<[String]>>,
     ) -> Result<EventStream, OpenError> {
         let inner = &self.inner;
@@ -398,14 +416,21 @@ impl SseService {
             delivered_through: EventId(0),
         };
         let broker = &inner.broker;
-        let replay_plan = match resume_from {
-            Some(after) => Some((after, None)),
-            None if registration.first_for_user => {
+        let replay_plan = match resume {
+            Resume::After(after) => Some((after, None)),
+            Resume::Ago(age) => {
+                // The id the broker's clock gave then; if nothing came since, the head (a
+                // point every broker still knows, so no false gap).
+                let age_ms = age.min(MAX_RESUME_AGO).as_millis() as u64;
+                let then = EventId(now_ms().saturating_sub(age_ms).saturating_mul(1000));
+                Some((then.min(broker.head().await?), None))
+            }
+            Resume::Now if registration.first_for_user => {
                 let head = broker.head().await?;
                 let cursor = broker.delivered_through(&user).await?;
                 Some((cursor.unwrap_or_default().min(head), Some(head)))
             }
-            None => None,
+            Resume::Now => None,
         };
         if registration.first_for_user {
             broker.subscribe(&user).await;
@@ -452,7 +477,10 @@ impl SseService {
         if starts_after > EventId(0) {
             prelude.extend_from_slice(format!("id: {starts_after}\n\n").as_bytes());
         }
-        tracing::debug!(user = %user, resume = ?resume_from, "stream opened");
+        // Then an event at once: a client that saw the response open but not this soon
+        // after knows something in between buffers the stream.
+        prelude.extend_from_slice(&self.ready_frame());
+        tracing::debug!(user = %user, ?resume, "stream opened");
         closer.delivered_through = replayed_through;
         Ok(EventStream {
             prelude: VecDeque::from([prelude.freeze()]),
@@ -462,6 +490,17 @@ impl SseService {
             closer,
             _permit: permit,
         })
+    }
+
+    /// The `ready` event that ends every stream's prelude: the heartbeat interval, so the
+    /// client knows how soon to expect the next sign of life.
+    pub(crate) fn ready_frame(&self) -> bytes::Bytes {
+        let ready = format!(
+            r#"{{"heartbeatMs":{},"timestamp":{}}}"#,
+            self.inner.config.heartbeat_interval.as_millis(),
+            now_ms()
+        );
+        encode_frame(names::READY, &ready)
     }
 
     /// The closing half of the protocol, run when a stream is dropped: unregister it, record

@@ -6,17 +6,25 @@
 //! [`PublishedEvent`](super::event::PublishedEvent)) instead of through
 //! `axum::response::sse::Event`, which would encode every event again for every connection.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
     extract::{ConnectInfo, Query, Request, State},
-    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
+    http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode},
     response::{IntoResponse, Response},
 };
+use bytes::BytesMut;
+use futures::StreamExt;
 use serde::Deserialize;
 
-use super::{event::EventId, metrics as m, service::OpenError, ApiError, SseService};
+use super::{
+    auth::Identity,
+    event::EventId,
+    metrics as m,
+    service::{OpenError, Resume, MAX_RESUME_AGO},
+    ApiError, SseService,
+};
 use crate::events::validate_event_name;
 
 /// Most distinct names one `events=` filter may list.
@@ -30,42 +38,40 @@ pub struct StreamQuery {
     /// Resume after this id, for clients that cannot set the `Last-Event-ID` header.
     #[serde(rename = "lastEventId")]
     pub last_event_id: Option<String>,
+    /// No id yet: start this many ms back (at most 60 000), for a client whose earlier
+    /// stream opened but whose events may not have reached it (see [`Resume::Ago`]).
+    #[serde(rename = "resumeAgoMs")]
+    pub resume_ago_ms: Option<String>,
     /// A session token, for clients that can send neither cookie nor header (read by the
     /// default [`Auth`](super::Auth)).
     pub token: Option<String>,
+    /// `probe=1`: no stream, only its `ready` event, held open for [`PROBE_HOLD`] and then
+    /// ended. A client on WebSocket opens one now and then to see whether SSE gets through
+    /// again, without a second stream.
+    pub probe: Option<String>,
+    /// Why a client came over another transport: `buffered` when it found the stream held
+    /// back by something in between (counted in `sse_buffered_clients_total`).
+    pub fallback: Option<String>,
 }
 
 /// `GET /api/sse`; `HEAD /api/sse` answers whether a `GET` would be let in (204 or 401)
 /// without opening a stream, for a browser that cannot see why its `EventSource` failed.
 pub async fn sse_handler(State(service): State<SseService>, request: Request) -> Result<Response, ApiError> {
-    if service.is_shutting_down() {
-        return Err(OpenError::ShuttingDown.into());
-    }
     let (parts, _) = request.into_parts();
-    let Query(query) = Query::<StreamQuery>::try_from_uri(&parts.uri)
-        .map_err(|e| ApiError::bad_request(e.body_text()).field("query"))?;
-    let filter = parse_filter(query.events.as_deref())?;
-    let resume_from = parse_last_event_id(&parts.headers, query.last_event_id.as_deref())?;
-    let ip = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
     let probe = parts.method == Method::HEAD;
-    let identity = service.authenticate(parts).await.map_err(|e| {
-        m::connection_refused("unauthorized");
-        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
-    })?;
+    let admitted = admit(&service, parts).await?;
     if probe {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let user: Arc<str> = identity.user_id.as_str().into();
-    service.admit(ip, &user).map_err(|limited| {
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, limited.to_string())
-            .retry_after(limited.retry_after.as_secs())
-    })?;
-
-    let stream = service.open_stream(&identity, resume_from, filter).await?;
-    let mut response = Body::from_stream(stream).into_response();
+    let body = if admitted.probe {
+        transport_probe(&service)?
+    } else {
+        let stream = service
+            .open_stream(&admitted.identity, admitted.resume, admitted.filter)
+            .await?;
+        Body::from_stream(stream)
+    };
+    let mut response = body.into_response();
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -77,6 +83,83 @@ pub async fn sse_handler(State(service): State<SseService>, request: Request) ->
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// A stream request that may open: who it is for, where it resumes, what it wants.
+pub(crate) struct Admitted {
+    pub(crate) identity: Identity,
+    pub(crate) resume: Resume,
+    pub(crate) filter: Option<Arc<[String]>>,
+    /// Only a transport probe (`probe=1`).
+    pub(crate) probe: bool,
+}
+
+/// How long a transport probe stays open: longer than any client waits for its `ready`,
+/// so a proxy that flushes only when a response ends cannot pass it.
+pub const PROBE_HOLD: Duration = Duration::from_secs(15);
+
+/// The body of a transport probe: a retry hint that keeps `EventSource` from coming back
+/// by itself, the `ready` event, then nothing until [`PROBE_HOLD`] passes or the server
+/// shuts down. It holds a connection permit, not a place in the hub.
+fn transport_probe(service: &SseService) -> Result<Body, ApiError> {
+    let permit = service
+        .hold_connection()
+        .ok_or(OpenError::TooManyConnections(service.config().max_connections))?;
+    let mut first = BytesMut::from(&b"retry: 3600000\n\n"[..]);
+    first.extend_from_slice(&service.ready_frame());
+    let shutting_down = service.shutting_down();
+    let held = async move {
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_HOLD) => {}
+            _ = shutting_down => {}
+        }
+        drop(permit);
+        None
+    };
+    let body = futures::stream::once(async move { Some(first.freeze()) })
+        .chain(futures::stream::once(held))
+        .filter_map(|chunk| async move { chunk.map(Ok::<_, std::convert::Infallible>) });
+    Ok(Body::from_stream(body))
+}
+
+/// What every stream transport checks first: the query (`events=`, `lastEventId=`), the
+/// session (the service's `Authenticate` hook), and the connection rates.
+pub(crate) async fn admit(service: &SseService, parts: Parts) -> Result<Admitted, ApiError> {
+    if service.is_shutting_down() {
+        return Err(OpenError::ShuttingDown.into());
+    }
+    let Query(query) = Query::<StreamQuery>::try_from_uri(&parts.uri)
+        .map_err(|e| ApiError::bad_request(e.body_text()).field("query"))?;
+    let filter = parse_filter(query.events.as_deref())?;
+    let resume = match parse_last_event_id(&parts.headers, query.last_event_id.as_deref())? {
+        Some(after) => Resume::After(after),
+        None => parse_resume_ago(query.resume_ago_ms.as_deref())?.map_or(Resume::Now, Resume::Ago),
+    };
+    if query.fallback.as_deref() == Some("buffered") {
+        m::buffered_client();
+    }
+    let ip = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let probe = parts.method == Method::HEAD;
+    let identity = service.authenticate(parts).await.map_err(|e| {
+        m::connection_refused("unauthorized");
+        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
+    })?;
+    if !probe {
+        let user: Arc<str> = identity.user_id.as_str().into();
+        service.admit(ip, &user).map_err(|limited| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, limited.to_string())
+                .retry_after(limited.retry_after.as_secs())
+        })?;
+    }
+    Ok(Admitted {
+        identity,
+        resume,
+        filter,
+        probe: query.probe.as_deref() == Some("1"),
+    })
 }
 
 impl From<OpenError> for ApiError {
@@ -127,6 +210,21 @@ pub(crate) fn parse_last_event_id(
     raw.parse::<EventId>().map(Some).map_err(|_| {
         ApiError::bad_request(format!("{raw:?} is not an event id this server issued")).field(field)
     })
+}
+
+/// Parses `resumeAgoMs=`: milliseconds, at most [`MAX_RESUME_AGO`].
+pub(crate) fn parse_resume_ago(raw: Option<&str>) -> Result<Option<std::time::Duration>, ApiError> {
+    let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let max = MAX_RESUME_AGO.as_millis() as u64;
+    match raw.trim().parse::<u64>() {
+        Ok(ms) if ms <= max => Ok(Some(std::time::Duration::from_millis(ms))),
+        _ => Err(
+            ApiError::bad_request(format!("must be a number of milliseconds from 0 to {max}"))
+                .field("resumeAgoMs"),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +279,22 @@ mod tests {
                     proptest::prop_assert_eq!(raw.trim().parse::<u64>().ok(), Some(id.0));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn resume_ago_is_bounded_milliseconds() {
+        assert_eq!(parse_resume_ago(None).unwrap(), None);
+        assert_eq!(
+            parse_resume_ago(Some("5200")).unwrap(),
+            Some(std::time::Duration::from_millis(5200))
+        );
+        for bad in ["60001", "-1", "5s", "1e3"] {
+            assert_eq!(
+                parse_resume_ago(Some(bad)).unwrap_err().field.as_deref(),
+                Some("resumeAgoMs"),
+                "{bad}"
+            );
         }
     }
 

@@ -86,6 +86,43 @@ impl TestServer {
         SseClient::new(response)
     }
 
+    /// Opens `/api/ws` (the same stream over WebSocket) as `user` with an optional query
+    /// (`?lastEventId=`, `?events=`); its frames read like the SSE stream's.
+    pub async fn connect_ws(&self, user: &str, query: &str) -> SseClient {
+        self.try_connect_ws(query, Some(&self.token(user)))
+            .await
+            .unwrap_or_else(|(status, body)| panic!("WebSocket refused: {status} {body}"))
+    }
+
+    /// Opens `/api/ws{query}` with an optional bearer token: the stream, or the status and
+    /// JSON body of the refusal.
+    pub async fn try_connect_ws(
+        &self,
+        query: &str,
+        token: Option<&str>,
+    ) -> Result<SseClient, (u16, serde_json::Value)> {
+        use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
+        let mut request = format!("ws://{}/api/ws{query}", self.addr)
+            .into_client_request()
+            .unwrap();
+        if let Some(token) = token {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, response)) => Ok(SseClient::from_websocket(socket, response.headers().clone())),
+            Err(Error::Http(response)) => {
+                let body = response.body().as_deref().unwrap_or_default();
+                Err((
+                    response.status().as_u16(),
+                    serde_json::from_slice(body).unwrap_or_default(),
+                ))
+            }
+            Err(e) => panic!("WebSocket handshake failed: {e}"),
+        }
+    }
+
     /// `POST /api/events` with the publish key.
     pub async fn publish(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
         self.publish_raw(body.to_string(), Some(PUBLISH_KEY)).await
@@ -169,6 +206,12 @@ impl TestServer {
     }
 }
 
+/// The events every stream carries on its own: `heartbeat`, and `ready` after the replay.
+/// The helpers below skip them unless a test asks for every event.
+pub fn is_control(event: &Event) -> bool {
+    event.event == "heartbeat" || event.event == "ready"
+}
+
 /// A parsed SSE stream.
 pub struct SseClient {
     pub headers: reqwest::header::HeaderMap,
@@ -188,6 +231,32 @@ impl SseClient {
         }
     }
 
+    /// A WebSocket of `/api/ws`: its text messages hold SSE frames, read by the same parser
+    /// (pings and pongs are answered by the socket itself).
+    pub fn from_websocket<S>(socket: S, headers: reqwest::header::HeaderMap) -> Self
+    where
+        S: Stream<
+                Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>,
+            > + Send
+            + 'static,
+    {
+        use tokio_tungstenite::tungstenite::Message;
+        let bytes = socket
+            .take_while(|m| futures::future::ready(!matches!(m, Ok(Message::Close(_)))))
+            .filter_map(|m| async move {
+                match m {
+                    Ok(Message::Text(text)) => Some(Ok(bytes::Bytes::from(text.as_str().to_owned()))),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e.to_string())),
+                }
+            });
+        let events = bytes.eventsource().map(|r| r.map_err(|e| e.to_string()));
+        Self {
+            headers,
+            events: Box::pin(events),
+        }
+    }
+
     /// The next event of any name; `None` when the stream ended.
     pub async fn next_any(&mut self) -> Option<Event> {
         tokio::time::timeout(WAIT, self.events.next())
@@ -196,11 +265,11 @@ impl SseClient {
             .map(|r| r.expect("stream error"))
     }
 
-    /// The next event that is not a heartbeat.
+    /// The next event that is not a heartbeat or `ready`.
     pub async fn next(&mut self) -> Event {
         loop {
             let event = self.next_any().await.expect("stream ended");
-            if event.event != "heartbeat" {
+            if !is_control(&event) {
                 return event;
             }
         }
@@ -212,7 +281,7 @@ impl SseClient {
         loop {
             match tokio::time::timeout_at(deadline, self.events.next()).await {
                 Err(_) => return true,
-                Ok(Some(Ok(e))) if e.event == "heartbeat" => continue,
+                Ok(Some(Ok(e))) if is_control(&e) => continue,
                 Ok(_) => return false,
             }
         }
@@ -225,7 +294,7 @@ impl SseClient {
         loop {
             match tokio::time::timeout(WAIT, self.events.next()).await {
                 Err(_) => panic!("the stream did not end"),
-                Ok(Some(Ok(event))) if event.event != "heartbeat" => seen.push(event),
+                Ok(Some(Ok(event))) if !is_control(&event) => seen.push(event),
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(_)) | None) => return seen,
             }
@@ -236,7 +305,7 @@ impl SseClient {
     pub async fn until_end(&mut self) -> Vec<Event> {
         let mut seen = Vec::new();
         while let Some(event) = self.next_any().await {
-            if event.event != "heartbeat" {
+            if !is_control(&event) {
                 seen.push(event);
             }
         }

@@ -9,8 +9,10 @@ use wasm_bindgen::{closure::Closure, JsCast};
 use web_sys::{EventSource, EventSourceInit, MessageEvent};
 
 use super::{
+    parse_frames,
     tabs::{self, Relay, TabMessage},
-    ConnectionReadyState, Signals, SseMessage, UseSseError, UseSseOptions,
+    ConnectionReadyState, Signals, SseMessage, StreamParams, Transport, TransportMode, UseSseError,
+    UseSseOptions,
 };
 use crate::{backoff::backoff_delay, events::names};
 
@@ -20,6 +22,10 @@ const SEEN_IDS: usize = 512;
 const MAX_RECONNECT_DELAY_MS: u64 = 30_000;
 /// Fresh tokens fetched in a row without the stream opening, before giving up on them.
 const MAX_TOKEN_REFRESHES: u32 = 2;
+/// Added to a resume age for the time a request takes to reach the server.
+const RESUME_MARGIN_MS: u64 = 1_000;
+/// SSE failures to open in a row, while the server answers, before WebSocket is tried.
+const SSE_FAILURES_BEFORE_FALLBACK: u32 = 3;
 
 /// Who holds the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +44,28 @@ struct Connection {
     relay: Option<Relay>,
     source: Option<EventSource>,
     listeners: Vec<(String, Listener)>,
+    /// The WebSocket, when the stream travels over it, and its handlers.
+    socket: Option<web_sys::WebSocket>,
+    socket_handlers: Vec<Listener>,
+    /// The id the last WebSocket frame set (what `EventSource.lastEventId` would be).
+    socket_last_id: Option<String>,
+    transport: Transport,
+    /// Why the stream is on WebSocket (`buffered`, `failed`), told to the server.
+    fallback: Option<&'static str>,
+    /// SSE failed to open this many times in a row while the server answered.
+    sse_failures: u32,
+    /// The `ready` event came on the current stream.
+    ready: bool,
+    buffer_timer: Option<TimeoutHandle>,
+    sse_retry_timer: Option<TimeoutHandle>,
+    /// On WebSocket: the SSE probe open now, its `ready` listener, and how long it may take.
+    probe: Option<(EventSource, Listener, TimeoutHandle)>,
     seen: VecDeque<String>,
     last_id: Option<String>,
+    /// When the first stream without an id was asked for (`performance.now()`): a later
+    /// one that still has no id resumes from then, so nothing published while an earlier
+    /// stream was held back is lost.
+    started_at: Option<f64>,
     /// The token sent as `?token=`: the configured one, or the last fresh one.
     token: Option<String>,
     attempts: u32,
@@ -74,8 +100,19 @@ pub(super) fn start(
         relay: None,
         source: None,
         listeners: Vec::new(),
+        socket: None,
+        socket_handlers: Vec::new(),
+        socket_last_id: None,
+        transport: Transport::Sse,
+        fallback: None,
+        sse_failures: 0,
+        ready: false,
+        buffer_timer: None,
+        sse_retry_timer: None,
+        probe: None,
         seen: VecDeque::new(),
         last_id: None,
+        started_at: None,
         attempts: 0,
         refreshes: 0,
         opened: false,
@@ -103,6 +140,7 @@ pub(super) fn start(
                     {
                         let mut c = shared.borrow_mut();
                         c.last_id = None;
+                        c.started_at = None;
                         c.seen.clear();
                         c.signals.last_event_id.set(None);
                     }
@@ -195,9 +233,19 @@ fn heard(shared: &Shared, message: TabMessage) {
     let role = shared.borrow().role;
     match (role, message) {
         (Role::Follower, TabMessage::Event(msg)) => deliver(shared, msg),
-        (Role::Follower, TabMessage::State { state, error }) => {
+        (
+            Role::Follower,
+            TabMessage::State {
+                state,
+                error,
+                transport,
+            },
+        ) => {
             let c = shared.borrow();
             c.signals.ready_state.set(ConnectionReadyState::parse(&state));
+            c.signals
+                .transport
+                .set(Transport::parse(&transport).unwrap_or_default());
             let error = error.and_then(|(code, detail)| UseSseError::from_code(&code, &detail));
             c.signals.error.set(error);
         }
@@ -214,6 +262,7 @@ fn publish_state(c: &Connection) {
         relay.post(&TabMessage::State {
             state: c.signals.ready_state.get_untracked().as_str().to_string(),
             error: error.map(|e| (e.code().to_string(), e.detail())),
+            transport: c.transport.as_str().to_string(),
         });
     }
 }
@@ -226,7 +275,8 @@ fn set_state(c: &Connection, state: ConnectionReadyState, error: Option<Option<U
     publish_state(c);
 }
 
-/// Closes the EventSource and its listeners and timers, without touching the signals.
+/// Closes the EventSource or WebSocket and their listeners and timers, without touching
+/// the signals.
 fn close_source(c: &mut Connection) {
     if let Some(source) = c.source.take() {
         for (name, listener) in c.listeners.drain(..) {
@@ -234,11 +284,18 @@ fn close_source(c: &mut Connection) {
         }
         source.close();
     }
-    if let Some(t) = c.stall_timer.take() {
-        t.clear();
+    if let Some(socket) = c.socket.take() {
+        socket.set_onopen(None);
+        socket.set_onmessage(None);
+        socket.set_onerror(None);
+        socket.set_onclose(None);
+        let _ = socket.close();
+        c.socket_handlers.clear();
     }
-    if let Some(t) = c.reconnect_timer.take() {
-        t.clear();
+    for timer in [&mut c.stall_timer, &mut c.reconnect_timer, &mut c.buffer_timer] {
+        if let Some(t) = timer.take() {
+            t.clear();
+        }
     }
 }
 
@@ -251,6 +308,10 @@ fn close(shared: &Shared) {
         let was_open = c.opened;
         c.opened = false;
         close_source(&mut c);
+        if let Some(t) = c.sse_retry_timer.take() {
+            t.clear();
+        }
+        close_probe(&mut c);
         set_state(&c, ConnectionReadyState::Closed, None);
         if let Some(relay) = c.relay.take() {
             relay.leave();
@@ -297,11 +358,30 @@ fn revive(shared: &Shared) {
     }
 }
 
+/// Opens the stream over the current transport, resuming after the last id.
 fn open(shared: &Shared) {
+    let transport = {
+        let mut c = shared.borrow_mut();
+        c.transport = match c.options.transport {
+            TransportMode::Sse => Transport::Sse,
+            TransportMode::WebSocket => Transport::WebSocket,
+            TransportMode::Auto => c.transport,
+        };
+        c.signals.transport.set(c.transport);
+        c.transport
+    };
+    match transport {
+        Transport::Sse => open_sse(shared),
+        Transport::WebSocket => open_websocket(shared),
+    }
+}
+
+fn open_sse(shared: &Shared) {
     let mut c = shared.borrow_mut();
     close_source(&mut c);
     c.opened = false;
-    let url = c.options.stream_url(c.last_id.as_deref(), c.token.as_deref());
+    c.ready = false;
+    let url = next_stream_url(&mut c, Transport::Sse);
     let init = EventSourceInit::new();
     init.set_with_credentials(c.options.credentials());
     let Ok(source) = EventSource::new_with_event_source_init_dict(&url, &init) else {
@@ -325,7 +405,12 @@ fn open(shared: &Shared) {
         let shared = shared.clone();
         let listener = Listener::new(move |e: web_sys::Event| {
             if let Ok(message) = e.dyn_into::<MessageEvent>() {
-                received(&shared, message);
+                let msg = SseMessage {
+                    id: message.last_event_id(),
+                    event: message.type_(),
+                    data: message.data().as_string().unwrap_or_default(),
+                };
+                received(&shared, msg);
             }
         });
         listeners.push((name, listener));
@@ -339,6 +424,93 @@ fn open(shared: &Shared) {
     arm_stall_timer(shared);
 }
 
+/// The URL of the next stream over `transport`. The first stream without an id starts
+/// now; a later one still without an id resumes from when the first was asked for.
+fn next_stream_url(c: &mut Connection, transport: Transport) -> String {
+    let now = window().performance().map_or(0.0, |p| p.now());
+    let resume_ago_ms = match (&c.last_id, c.started_at) {
+        (Some(_), _) => None,
+        (None, Some(started)) => Some((now - started).max(0.0) as u64 + RESUME_MARGIN_MS),
+        (None, None) => {
+            c.started_at = Some(now);
+            None
+        }
+    };
+    let params = StreamParams {
+        last_event_id: c.last_id.as_deref(),
+        resume_ago_ms,
+        token: c.token.as_deref(),
+        fallback: c.fallback.filter(|_| transport == Transport::WebSocket),
+        probe: false,
+    };
+    match transport {
+        Transport::Sse => c.options.stream_url(&params),
+        Transport::WebSocket => {
+            let origin = window().location().origin().unwrap_or_default();
+            c.options.websocket_url(&origin, &params)
+        }
+    }
+}
+
+/// The same stream over WebSocket: text messages holding SSE frames.
+fn open_websocket(shared: &Shared) {
+    let mut c = shared.borrow_mut();
+    close_source(&mut c);
+    c.opened = false;
+    c.ready = false;
+    c.socket_last_id = c.last_id.clone();
+    let url = next_stream_url(&mut c, Transport::WebSocket);
+    let Ok(socket) = web_sys::WebSocket::new(&url) else {
+        drop(c);
+        fail(shared, UseSseError::Connection);
+        return;
+    };
+    set_state(&c, ConnectionReadyState::Connecting, None);
+    let on_open = {
+        let shared = shared.clone();
+        Listener::new(move |_| opened(&shared))
+    };
+    let on_message = {
+        let shared = shared.clone();
+        Listener::new(move |e: web_sys::Event| {
+            let Some(text) = e.dyn_ref::<MessageEvent>().and_then(|m| m.data().as_string()) else {
+                return;
+            };
+            for frame in parse_frames(&text) {
+                let message = {
+                    let mut c = shared.borrow_mut();
+                    if let Some(id) = frame.id {
+                        c.socket_last_id = Some(id);
+                    }
+                    let Some(data) = frame.data else { continue };
+                    let event = frame.event.unwrap_or_else(|| "message".into());
+                    // As `EventSource`: only the names listened for are heard.
+                    if !c.options.listened_names().contains(&event) {
+                        continue;
+                    }
+                    SseMessage {
+                        id: c.socket_last_id.clone().unwrap_or_default(),
+                        event,
+                        data,
+                    }
+                };
+                received(&shared, message);
+            }
+        })
+    };
+    let on_close = {
+        let shared = shared.clone();
+        Listener::new(move |_| fail(&shared, UseSseError::Connection))
+    };
+    socket.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+    socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    c.socket_handlers = vec![on_open, on_message, on_close];
+    c.socket = Some(socket);
+    drop(c);
+    arm_stall_timer(shared);
+}
+
 fn opened(shared: &Shared) {
     let on_open = {
         let mut c = shared.borrow_mut();
@@ -346,20 +518,143 @@ fn opened(shared: &Shared) {
         c.refreshes = 0;
         c.opened = true;
         set_state(&c, ConnectionReadyState::Open, Some(None));
+        if c.transport == Transport::Sse {
+            // The `ready` event must follow at once; if it does not, something holds the
+            // stream back.
+            let timeout = c.options.buffering_timeout;
+            let again = shared.clone();
+            c.buffer_timer =
+                set_timeout_with_handle(move || buffered(&again, timeout), Duration::from_millis(timeout))
+                    .ok();
+        }
         c.options.on_open.clone()
     };
     arm_stall_timer(shared);
     on_open();
 }
 
-/// A message from this tab's own `EventSource`.
-fn received(shared: &Shared, message: MessageEvent) {
-    arm_stall_timer(shared);
-    let msg = SseMessage {
-        id: message.last_event_id(),
-        event: message.type_(),
-        data: message.data().as_string().unwrap_or_default(),
+/// The SSE response opened but nothing came through: report it, and with `Auto` go on
+/// over WebSocket (the server counts why), trying SSE again later.
+fn buffered(shared: &Shared, waited_ms: u64) {
+    let (on_error, auto) = {
+        let mut c = shared.borrow_mut();
+        c.buffer_timer = None;
+        if c.ready || c.transport != Transport::Sse {
+            return;
+        }
+        let err = UseSseError::Buffered(waited_ms);
+        set_state(&c, c.signals.ready_state.get_untracked(), Some(Some(err)));
+        (
+            c.options.on_error.clone(),
+            c.options.transport == TransportMode::Auto,
+        )
     };
+    on_error(&UseSseError::Buffered(waited_ms));
+    if auto {
+        fall_back_to_websocket(shared, "buffered");
+    }
+}
+
+fn fall_back_to_websocket(shared: &Shared, why: &'static str) {
+    {
+        let mut c = shared.borrow_mut();
+        c.transport = Transport::WebSocket;
+        c.fallback = Some(why);
+        c.sse_failures = 0;
+    }
+    schedule_sse_retry(shared);
+    open(shared);
+}
+
+/// On WebSocket for a while: see whether SSE gets through now, with a probe (`probe=1`:
+/// the `ready` event alone, no second stream) while the WebSocket goes on. If `ready`
+/// comes within `buffering_timeout`, move back to SSE (resuming by last id); if not, try
+/// again after `sse_retry_interval`.
+fn retry_sse(shared: &Shared) {
+    let mut c = shared.borrow_mut();
+    c.sse_retry_timer = None;
+    if c.transport != Transport::WebSocket || c.options.transport != TransportMode::Auto || c.stopped {
+        return;
+    }
+    close_probe(&mut c);
+    let url = c.options.stream_url(&StreamParams {
+        token: c.token.as_deref(),
+        probe: true,
+        ..Default::default()
+    });
+    let init = EventSourceInit::new();
+    init.set_with_credentials(c.options.credentials());
+    let Ok(source) = EventSource::new_with_event_source_init_dict(&url, &init) else {
+        drop(c);
+        schedule_sse_retry(shared);
+        return;
+    };
+    let on_ready = {
+        let shared = shared.clone();
+        Listener::new(move |_| {
+            {
+                let mut c = shared.borrow_mut();
+                close_probe(&mut c);
+                if c.transport != Transport::WebSocket || c.stopped {
+                    return;
+                }
+                c.transport = Transport::Sse;
+                c.fallback = None;
+            }
+            open(&shared);
+        })
+    };
+    let _ = source.add_event_listener_with_callback(names::READY, on_ready.as_ref().unchecked_ref());
+    let timeout = c.options.buffering_timeout;
+    let again = shared.clone();
+    let Ok(timer) = set_timeout_with_handle(
+        move || {
+            close_probe(&mut again.borrow_mut());
+            schedule_sse_retry(&again);
+        },
+        Duration::from_millis(timeout),
+    ) else {
+        source.close();
+        return;
+    };
+    c.probe = Some((source, on_ready, timer));
+}
+
+fn schedule_sse_retry(shared: &Shared) {
+    let mut c = shared.borrow_mut();
+    if let Some(t) = c.sse_retry_timer.take() {
+        t.clear();
+    }
+    let again = shared.clone();
+    let retry = c.options.sse_retry_interval;
+    c.sse_retry_timer = set_timeout_with_handle(move || retry_sse(&again), Duration::from_millis(retry)).ok();
+}
+
+fn close_probe(c: &mut Connection) {
+    if let Some((source, listener, timer)) = c.probe.take() {
+        let _ = source.remove_event_listener_with_callback(names::READY, listener.as_ref().unchecked_ref());
+        source.close();
+        timer.clear();
+    }
+}
+
+/// A message from this tab's own stream (either transport).
+fn received(shared: &Shared, msg: SseMessage) {
+    arm_stall_timer(shared);
+    if msg.event == names::READY {
+        // The stream flows: nothing in between holds it back. Its id is where it starts.
+        let mut c = shared.borrow_mut();
+        c.ready = true;
+        c.sse_failures = 0;
+        if let Some(t) = c.buffer_timer.take() {
+            t.clear();
+        }
+        if c.last_id.is_none() && !msg.id.is_empty() {
+            c.last_id = Some(msg.id.clone());
+            c.signals.last_event_id.set(Some(msg.id));
+        }
+        return;
+    }
     if msg.event == names::HEARTBEAT {
         // The stream opens with an id-only frame (where it starts); heartbeats repeat that
         // id. Adopt it so a tab that drops before its first event still resumes from there.
@@ -523,7 +818,10 @@ fn fail(shared: &Shared, err: UseSseError) {
         // A stream that never opened may have been refused: find out why before retrying.
         let probe = (!was_open && err == UseSseError::Connection).then(|| {
             (
-                c.options.stream_url(None, c.token.as_deref()),
+                c.options.stream_url(&StreamParams {
+                    token: c.token.as_deref(),
+                    ..Default::default()
+                }),
                 c.options.credentials(),
                 c.generation,
             )
@@ -548,10 +846,24 @@ fn fail(shared: &Shared, err: UseSseError) {
                 if shared.borrow().generation != generation || shared.borrow().stopped {
                     return;
                 }
-                if accepted {
-                    schedule_reconnect(&shared);
-                } else {
+                if !accepted {
                     session_refused(&shared, true);
+                    return;
+                }
+                // The server answers, yet SSE does not open: after a few tries, WebSocket.
+                let fall_back = {
+                    let mut c = shared.borrow_mut();
+                    if c.transport == Transport::Sse && c.options.transport == TransportMode::Auto {
+                        c.sse_failures += 1;
+                        c.sse_failures >= SSE_FAILURES_BEFORE_FALLBACK
+                    } else {
+                        false
+                    }
+                };
+                if fall_back {
+                    fall_back_to_websocket(&shared, "failed");
+                } else {
+                    schedule_reconnect(&shared);
                 }
             });
         }

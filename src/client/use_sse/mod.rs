@@ -87,6 +87,59 @@ impl ConnectionReadyState {
     }
 }
 
+/// How the stream travels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Server-Sent Events (`EventSource`), the default.
+    #[default]
+    Sse,
+    /// The same stream over WebSocket, when something in between buffers SSE.
+    WebSocket,
+}
+
+impl Transport {
+    /// `sse` or `websocket`, e.g. for a `data-` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Sse => "sse",
+            Transport::WebSocket => "websocket",
+        }
+    }
+
+    /// The inverse of [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Self> {
+        [Transport::Sse, Transport::WebSocket]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
+
+/// Which transport the hook may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TransportMode {
+    /// SSE, falling back to WebSocket when SSE is found buffered (its `ready` event does
+    /// not come within `buffering_timeout`) or fails to open three times while the server
+    /// answers; SSE is tried again every `sse_retry_interval`.
+    #[default]
+    Auto,
+    /// SSE only.
+    Sse,
+    /// WebSocket only.
+    WebSocket,
+}
+
+impl TransportMode {
+    /// `auto`, `sse` or `websocket`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "sse" => Some(Self::Sse),
+            "websocket" => Some(Self::WebSocket),
+            _ => None,
+        }
+    }
+}
+
 /// One event as received.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SseMessage {
@@ -128,11 +181,16 @@ pub enum UseSseError {
     /// `max_reconnect_attempts` reconnects failed in a row.
     #[error("gave up after {0} reconnect attempts")]
     GaveUp(u32),
+    /// The SSE response opened but its first event did not arrive within this many ms:
+    /// something in between (a proxy, a CDN) holds the stream back. With
+    /// `TransportMode::Auto` the hook goes on over WebSocket.
+    #[error("the stream is held back by something in between (no event {0} ms after it opened)")]
+    Buffered(u64),
 }
 
 impl UseSseError {
     /// A short stable name of the kind of error, e.g. for a `data-` attribute or a log field:
-    /// `connection`, `stalled`, `resync`, `replaced`, `unauthorized` or `gave-up`.
+    /// `connection`, `stalled`, `resync`, `replaced`, `unauthorized`, `gave-up` or `buffered`.
     pub fn code(&self) -> &'static str {
         match self {
             UseSseError::Connection => "connection",
@@ -141,6 +199,7 @@ impl UseSseError {
             UseSseError::Replaced => "replaced",
             UseSseError::Unauthorized => "unauthorized",
             UseSseError::GaveUp(_) => "gave-up",
+            UseSseError::Buffered(_) => "buffered",
         }
     }
 
@@ -153,6 +212,7 @@ impl UseSseError {
             "replaced" => Self::Replaced,
             "unauthorized" => Self::Unauthorized,
             "gave-up" => Self::GaveUp(detail.parse().unwrap_or(0)),
+            "buffered" => Self::Buffered(detail.parse().unwrap_or(0)),
             _ => return None,
         })
     }
@@ -163,6 +223,7 @@ impl UseSseError {
             Self::Stalled(ms) => ms.to_string(),
             Self::Resync(why) => why.clone(),
             Self::GaveUp(n) => n.to_string(),
+            Self::Buffered(ms) => ms.to_string(),
             _ => String::new(),
         }
     }
@@ -200,6 +261,16 @@ pub struct UseSseOptions {
     /// Share one stream between the tabs of this origin and user (Web Locks and
     /// BroadcastChannel). Defaults to `true`.
     pub share_across_tabs: bool,
+    /// SSE, WebSocket, or SSE with a WebSocket fallback. Defaults to `Auto`.
+    pub transport: TransportMode,
+    /// The WebSocket URL. Defaults to `None`: `url` with its last `/sse` replaced by `/ws`
+    /// (`/api/sse` -> `/api/ws`), on the page's host for a relative `url`.
+    pub ws_url: Option<String>,
+    /// Milliseconds after the SSE response opens within which its first event must come,
+    /// else the stream counts as buffered. Defaults to 5,000.
+    pub buffering_timeout: u64,
+    /// Milliseconds on WebSocket after which SSE is tried again. Defaults to 60,000.
+    pub sse_retry_interval: u64,
     /// Milliseconds without any event or heartbeat after which the stream counts as
     /// stalled and is reopened; set it above twice the server's heartbeat interval.
     /// Defaults to 65,000.
@@ -232,6 +303,10 @@ impl Default for UseSseOptions {
             immediate: true,
             with_credentials: None,
             share_across_tabs: true,
+            transport: TransportMode::Auto,
+            ws_url: None,
+            buffering_timeout: 5_000,
+            sse_retry_interval: 60_000,
             retry_timeout: 65_000,
             on_message: Arc::new(|_| {}),
             on_error: Arc::new(|_| {}),
@@ -261,24 +336,64 @@ impl UseSseOptions {
     }
 
     #[cfg_attr(feature = "ssr", allow(dead_code))]
-    /// The stream URL with filter, resume point and token.
-    fn stream_url(&self, last_event_id: Option<&str>, token: Option<&str>) -> String {
-        let mut params = Vec::new();
+    /// The stream URL: the filter, then what `params` carries.
+    fn stream_url(&self, params: &StreamParams) -> String {
+        let mut query = Vec::new();
         if let Some(events) = &self.events {
-            params.push(format!("events={}", encode(&events.join(","))));
+            query.push(format!("events={}", encode(&events.join(","))));
         }
-        if let Some(id) = last_event_id.filter(|id| !id.is_empty()) {
-            params.push(format!("lastEventId={}", encode(id)));
+        match params.last_event_id.filter(|id| !id.is_empty()) {
+            Some(id) => query.push(format!("lastEventId={}", encode(id))),
+            None => {
+                if let Some(ms) = params.resume_ago_ms {
+                    query.push(format!("resumeAgoMs={}", ms.min(MAX_RESUME_AGO_MS)));
+                }
+            }
         }
-        if let Some(token) = token {
-            params.push(format!("token={}", encode(token)));
+        if let Some(token) = params.token {
+            query.push(format!("token={}", encode(token)));
+        }
+        if let Some(why) = params.fallback {
+            query.push(format!("fallback={}", encode(why)));
+        }
+        if params.probe {
+            query.push("probe=1".into());
         }
         let sep = if self.url.contains('?') { '&' } else { '?' };
-        if params.is_empty() {
+        if query.is_empty() {
             self.url.clone()
         } else {
-            format!("{}{sep}{}", self.url, params.join("&"))
+            format!("{}{sep}{}", self.url, query.join("&"))
         }
+    }
+
+    #[cfg_attr(feature = "ssr", allow(dead_code))]
+    /// The same stream over WebSocket: `ws_url`, or `url` with `/sse` turned into `/ws`;
+    /// `origin` is the page's (`https://host`) for a relative URL.
+    fn websocket_url(&self, origin: &str, params: &StreamParams) -> String {
+        let base = self.ws_url.clone().unwrap_or_else(|| {
+            let path = match self.url.rfind("/sse") {
+                Some(at) => format!("{}/ws{}", &self.url[..at], &self.url[at + 4..]),
+                None => self.url.clone(),
+            };
+            if path.starts_with("http://") || path.starts_with("https://") {
+                path
+            } else {
+                format!("{origin}{path}")
+            }
+        });
+        let base = if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else {
+            base
+        };
+        UseSseOptions {
+            url: base,
+            ..self.clone()
+        }
+        .stream_url(params)
     }
 
     #[cfg_attr(feature = "ssr", allow(dead_code))]
@@ -286,6 +401,25 @@ impl UseSseOptions {
         self.with_credentials
             .unwrap_or_else(|| self.url.starts_with("http://") || self.url.starts_with("https://"))
     }
+}
+
+/// The furthest back a stream resumes without an id (the server's limit).
+const MAX_RESUME_AGO_MS: u64 = 60_000;
+
+/// What a stream URL carries besides the filter.
+#[derive(Debug, Default, Clone, Copy)]
+#[cfg_attr(feature = "ssr", allow(dead_code))]
+struct StreamParams<'a> {
+    /// Resume after this id.
+    last_event_id: Option<&'a str>,
+    /// No id yet: resume from this many ms ago, because an earlier stream of this page
+    /// opened and its events may not have reached it (held back by a proxy).
+    resume_ago_ms: Option<u64>,
+    token: Option<&'a str>,
+    /// Why the stream comes over WebSocket (`buffered`, `failed`), counted by the server.
+    fallback: Option<&'a str>,
+    /// Only a transport probe: the `ready` event, no stream.
+    probe: bool,
 }
 
 /// Percent-encodes a query value.
@@ -319,6 +453,8 @@ where
     pub last_event_id: Signal<Option<String>>,
     /// This tab holds the stream (the others share it); `true` when not sharing.
     pub is_leader: Signal<bool>,
+    /// How the stream travels now: SSE, or WebSocket after a fallback.
+    pub transport: Signal<Transport>,
     /// (Re)opens the stream now, resuming after the last seen id; also after giving up,
     /// being replaced or an ended session.
     pub open: Open,
@@ -341,6 +477,7 @@ pub fn use_sse_with_options(
         last_event: RwSignal::new(None::<SseMessage>),
         last_event_id: RwSignal::new(None::<String>),
         is_leader: RwSignal::new(true),
+        transport: RwSignal::new(Transport::Sse),
     };
 
     #[cfg(not(feature = "ssr"))]
@@ -358,6 +495,7 @@ pub fn use_sse_with_options(
         last_event: signals.last_event.into(),
         last_event_id: signals.last_event_id.into(),
         is_leader: signals.is_leader.into(),
+        transport: signals.transport.into(),
         open,
         close,
     }
@@ -371,6 +509,59 @@ struct Signals {
     last_event: RwSignal<Option<SseMessage>>,
     last_event_id: RwSignal<Option<String>>,
     is_leader: RwSignal<bool>,
+    transport: RwSignal<Transport>,
+}
+
+/// One SSE frame as a WebSocket message carries it (the stream's own bytes): the `id:`,
+/// `event:` and `data:` fields of one event, before the blank line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "ssr", allow(dead_code))]
+struct Frame {
+    id: Option<String>,
+    event: Option<String>,
+    data: Option<String>,
+}
+
+/// Splits text holding SSE frames into frames, as `EventSource` reads them: `field: value`
+/// lines (one space after the colon dropped), `data` lines joined by newlines, comments and
+/// `retry:` ignored, a blank line ending a frame.
+#[cfg_attr(feature = "ssr", allow(dead_code))]
+fn parse_frames(text: &str) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut frame = Frame::default();
+    let mut has_fields = false;
+    // Only whole lines count: an unterminated tail is not a line yet.
+    for line in text.split_inclusive('\n') {
+        let Some(line) = line.strip_suffix('\n') else {
+            break;
+        };
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() {
+            if has_fields {
+                frames.push(std::mem::take(&mut frame));
+                has_fields = false;
+            }
+            continue;
+        }
+        if line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => frame.id = Some(value.to_string()),
+            "event" => frame.event = Some(value.to_string()),
+            "data" => {
+                frame.data = Some(match frame.data.take() {
+                    Some(before) => format!("{before}\n{value}"),
+                    None => value.to_string(),
+                })
+            }
+            _ => continue,
+        }
+        has_fields = true;
+    }
+    frames
 }
 
 #[cfg(not(feature = "ssr"))]
@@ -385,11 +576,27 @@ mod tests {
     #[test]
     fn stream_url_carries_filter_resume_point_and_token() {
         let o = UseSseOptions::default();
-        assert_eq!(o.stream_url(None, None), "/api/sse");
+        assert_eq!(o.stream_url(&StreamParams::default()), "/api/sse");
         let o = o.events(vec!["a".into(), "b.c".into()]);
+        let params = StreamParams {
+            last_event_id: Some("42"),
+            resume_ago_ms: Some(5000),
+            token: Some("t k"),
+            ..Default::default()
+        };
         assert_eq!(
-            o.stream_url(Some("42"), Some("t k")),
-            "/api/sse?events=a,b.c&lastEventId=42&token=t%20k"
+            o.stream_url(&params),
+            "/api/sse?events=a,b.c&lastEventId=42&token=t%20k",
+            "an id wins over an age"
+        );
+        let params = StreamParams {
+            resume_ago_ms: Some(90_000),
+            ..Default::default()
+        };
+        assert_eq!(
+            o.stream_url(&params),
+            "/api/sse?events=a,b.c&resumeAgoMs=60000",
+            "capped at what the server accepts"
         );
     }
 
@@ -402,6 +609,7 @@ mod tests {
             UseSseError::Replaced,
             UseSseError::Unauthorized,
             UseSseError::GaveUp(10),
+            UseSseError::Buffered(5_000),
         ] {
             assert_eq!(UseSseError::from_code(e.code(), &e.detail()), Some(e));
         }
@@ -413,6 +621,70 @@ mod tests {
         ] {
             assert_eq!(ConnectionReadyState::parse(s.as_str()), s);
         }
+    }
+
+    #[test]
+    fn websocket_urls_follow_the_stream_url() {
+        let none = StreamParams::default();
+        let o = UseSseOptions::default().events(vec!["a".into()]);
+        let params = StreamParams {
+            last_event_id: Some("7"),
+            fallback: Some("buffered"),
+            ..Default::default()
+        };
+        assert_eq!(
+            o.websocket_url("https://app.example", &params),
+            "wss://app.example/api/ws?events=a&lastEventId=7&fallback=buffered"
+        );
+        let o = UseSseOptions::default().url("/notify/api/sse");
+        assert_eq!(
+            o.websocket_url("http://h:3000", &none),
+            "ws://h:3000/notify/api/ws"
+        );
+        let o = UseSseOptions::default().url("https://n.example/api/sse");
+        let params = StreamParams {
+            token: Some("t"),
+            ..Default::default()
+        };
+        assert_eq!(
+            o.websocket_url("http://other", &params),
+            "wss://n.example/api/ws?token=t"
+        );
+        let o = UseSseOptions::default().ws_url(Some("wss://x/socket".into()));
+        assert_eq!(o.websocket_url("http://h", &none), "wss://x/socket");
+    }
+
+    #[test]
+    fn frames_parse_as_event_source_reads_them() {
+        let text = "retry: 500\n\nid: 5\n\nid: 6\nevent: notification\ndata: {\"a\":1}\n\n: ping\nevent: heartbeat\ndata: {}\n\n";
+        assert_eq!(
+            parse_frames(text),
+            vec![
+                Frame {
+                    id: Some("5".into()),
+                    event: None,
+                    data: None
+                },
+                Frame {
+                    id: Some("6".into()),
+                    event: Some("notification".into()),
+                    data: Some(r#"{"a":1}"#.into())
+                },
+                Frame {
+                    id: None,
+                    event: Some("heartbeat".into()),
+                    data: Some("{}".into())
+                },
+            ]
+        );
+        assert_eq!(
+            parse_frames("data: a\ndata: b\n\n")[0].data.as_deref(),
+            Some("a\nb")
+        );
+        assert!(
+            parse_frames("event: x\n").is_empty(),
+            "no blank line, no frame yet"
+        );
     }
 
     #[test]
@@ -432,7 +704,14 @@ mod tests {
         let names = UseSseOptions::default().events(vec!["x".into()]).listened_names();
         assert_eq!(
             names,
-            ["x", "heartbeat", "resync", "connection_replaced", "session_ended"]
+            [
+                "x",
+                "heartbeat",
+                "resync",
+                "connection_replaced",
+                "session_ended",
+                "ready"
+            ]
         );
     }
 }

@@ -26,6 +26,9 @@ pub(super) enum TabMessage {
     State {
         state: String,
         error: Option<(String, String)>,
+        /// `sse` or `websocket`.
+        #[serde(default)]
+        transport: String,
     },
     /// A new tab to the leader: please send your state.
     Hello,

@@ -287,7 +287,8 @@ impl RedisBroker {
             .saturating_sub(self.retention.default.as_millis() as u64)
             .saturating_mul(1000);
         let mut gap = after.0 > head.unwrap_or(0).max(self.floor.load(Ordering::Relaxed))
-            || after.0 < replay_horizon
+            // Older than retention may be trimmed, unless nothing was published since.
+            || (after.0 < replay_horizon && after.0 < head.unwrap_or(0))
             || trimmed.iter().flatten().any(|&below| after.0 < below);
 
         // Pages: every stream from `after`, then the ones that filled a page, from where
