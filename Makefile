@@ -58,11 +58,14 @@ test-e2e: build
 fmt:
 	cargo fmt --all
 
-## Load harness (bench/, release build): prints a table, JSON in target/bench.json.
-## Narrow it with e.g. `make bench BENCH_ARGS="--scenarios s1,s2 --connections 5000"`;
+## Load harness (bench/, release build): prints a table, JSON in target/bench.json, with
+## sse-notify over WebSocket, nginx + nchan and the floor server (../shared/peers) measured
+## side by side in the same run. Narrow it with e.g.
+## `make bench BENCH_ARGS="--scenarios s1,s2 --connections 5000 --compare none"`;
 ## `target/release/sse-bench --help` lists every option.
 BENCH_ARGS ?=
 bench: setup
+	@scripts/setup.sh bench
 	cargo leptos build --release --project sse-notify
 	cargo build --release -p sse-bench
 	target/release/sse-bench --json target/bench.json $(BENCH_ARGS)

@@ -51,3 +51,14 @@ if [ ! -d end2end/node_modules ] || [ end2end/package-lock.json -nt end2end/node
   say "installing npm packages in end2end/ (Playwright, binaryen)"
   (cd end2end && npm ci --no-audit --no-fund --loglevel=error)
 fi
+
+# 6. Only for `make bench` (`setup.sh bench`): the peers it measures side by side, nginx with
+#    the nchan module from Debian and the floor server from ../shared/peers (built here).
+if [ "${1:-}" = bench ]; then
+  [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || apt_install nginx libnginx-mod-nchan
+  if [ -d ../shared/peers/floor ]; then
+    cargo build --release --quiet --manifest-path ../shared/peers/floor/Cargo.toml --target-dir target/floor
+  else
+    say "../shared/peers is missing: make bench runs without the peers"
+  fi
+fi

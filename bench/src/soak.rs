@@ -18,7 +18,7 @@ use std::{
 use serde_json::{json, Value};
 use sse_notify_testkit::{RedisServer, TempDir};
 
-use crate::harness::{bench_message, now_us, Cluster, Pool, Publisher, Report};
+use crate::harness::{bench_message, now_us, Cluster, Dialect, Pool, Publisher, Report};
 
 /// Options of the soak run.
 #[derive(clap::Args)]
@@ -94,7 +94,7 @@ pub async fn soak(args: SoakArgs) -> ExitCode {
         "soak: {} connections on 2 instances and Redis, {} s",
         args.connections, args.secs
     );
-    let mut pool = Pool::open(&Pool::plan(&addrs, args.connections, 2_500, 3)).await;
+    let mut pool = Pool::open(&Pool::plan(&addrs, args.connections, 2_500, 3, Dialect::Sse)).await;
     let held = pool.held;
     let users = held as u32;
 

@@ -1,6 +1,7 @@
 //! A worker process: holds SSE connections like browsers would and reports what arrived.
 
 use std::{
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     process::ExitCode,
     sync::{
@@ -10,14 +11,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use serde_json::json;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpSocket, TcpStream},
     sync::{watch, Semaphore},
 };
+use tokio_tungstenite::{
+    tungstenite::{client::IntoClientRequest, Message},
+    WebSocketStream,
+};
 
-use crate::harness::{now_us, WorkerArgs, SECRET, SOURCES_PER_WORKER};
+use crate::harness::{now_us, Dialect, WorkerArgs, SECRET, SOURCES_PER_WORKER};
 
 #[derive(Default)]
 struct Counters {
@@ -43,6 +49,7 @@ pub async fn run(args: WorkerArgs) -> ExitCode {
         source,
         connections: n,
         first_user,
+        dialect,
     } = args;
     let auth = sse_notify::server::Auth::new(Some(&SECRET.into()));
     let counters = Arc::new(Counters::default());
@@ -58,6 +65,7 @@ pub async fn run(args: WorkerArgs) -> ExitCode {
             source: Ipv4Addr::from(u32::from(source) + (i % SOURCES_PER_WORKER) as u32),
             token,
             user,
+            dialect,
         };
         tokio::spawn(link.hold(counters.clone(), gate.clone(), storm_rx.clone()));
     }
@@ -122,6 +130,44 @@ struct Link {
     source: Ipv4Addr,
     token: String,
     user: u32,
+    dialect: Dialect,
+}
+
+/// An open stream: SSE read line by line, or a WebSocket whose text messages each hold
+/// one SSE frame (split into lines, so both are read by the same loop).
+enum Conn {
+    Sse(BufReader<TcpStream>),
+    Ws {
+        socket: Box<WebSocketStream<TcpStream>>,
+        lines: VecDeque<String>,
+    },
+}
+
+impl Conn {
+    /// The next `\n`-terminated line into `line`; 0 bytes when the stream ended.
+    /// Cancel-safe for the WebSocket (its pending lines stay in `lines`).
+    async fn next_line(&mut self, line: &mut String) -> std::io::Result<usize> {
+        match self {
+            Conn::Sse(reader) => reader.read_line(line).await,
+            Conn::Ws { socket, lines } => loop {
+                if let Some(next) = lines.pop_front() {
+                    line.push_str(&next);
+                    return Ok(next.len());
+                }
+                match socket.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        lines.extend(text.as_str().split_inclusive('\n').map(str::to_owned))
+                    }
+                    // Pings are answered by the socket itself.
+                    Some(Ok(
+                        Message::Ping(_) | Message::Pong(_) | Message::Binary(_) | Message::Frame(_),
+                    )) => {}
+                    Some(Ok(Message::Close(_))) | None => return Ok(0),
+                    Some(Err(e)) => return Err(std::io::Error::other(e)),
+                }
+            },
+        }
+    }
 }
 
 impl Link {
@@ -171,15 +217,37 @@ impl Link {
     /// Connects from `--source` on even rounds and from the next second octet on odd
     /// ones: the ports of the streams just closed sit in TIME_WAIT on the client, and
     /// real clients reconnecting are many machines, not one address out of ports.
-    async fn open(&self, last_id: Option<&str>, round: u32) -> std::io::Result<BufReader<TcpStream>> {
+    async fn open(&self, last_id: Option<&str>, round: u32) -> std::io::Result<Conn> {
         let socket = TcpSocket::new_v4()?;
         let source = Ipv4Addr::from(u32::from(self.source) + (round % 2) * (1 << 16));
         socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
         let connect = socket.connect(self.server);
         let mut stream = tokio::time::timeout(Duration::from_secs(30), connect).await??;
+        if self.dialect == Dialect::Ws {
+            let resume = last_id.map_or(String::new(), |id| format!("?lastEventId={id}"));
+            let mut request = format!("ws://{}/api/ws{resume}", self.server)
+                .into_client_request()
+                .map_err(std::io::Error::other)?;
+            let bearer = format!("Bearer {}", self.token)
+                .parse()
+                .map_err(std::io::Error::other)?;
+            request.headers_mut().insert("authorization", bearer);
+            let (socket, _) = tokio_tungstenite::client_async(request, stream)
+                .await
+                .map_err(std::io::Error::other)?;
+            return Ok(Conn::Ws {
+                socket: Box::new(socket),
+                lines: VecDeque::new(),
+            });
+        }
         let resume = last_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
+        let path = match self.dialect {
+            Dialect::Nchan => format!("/sub/bench-{}", self.user),
+            Dialect::Floor => "/sub".to_string(),
+            Dialect::Sse | Dialect::Ws => "/api/sse".to_string(),
+        };
         let request = format!(
-            "GET /api/sse HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
+            "GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
             self.token
         );
         stream.write_all(request.as_bytes()).await?;
@@ -195,14 +263,14 @@ impl Link {
                 break;
             }
         }
-        Ok(reader)
+        Ok(Conn::Sse(reader))
     }
 
     /// Reads frames until the stream ends (false) or a storm is called (true). A frame
     /// counts, and its id becomes the resume point, only once its blank line arrives.
     async fn read(
         &self,
-        mut reader: BufReader<TcpStream>,
+        mut conn: Conn,
         counters: &Counters,
         last_id: &mut Option<String>,
         storm: &mut watch::Receiver<u64>,
@@ -221,7 +289,7 @@ impl Link {
             }
             line.clear();
             let read = tokio::select! {
-                read = reader.read_line(&mut line) => read,
+                read = conn.next_line(&mut line) => read,
                 changed = storm.changed() => {
                     if changed.is_ok() {
                         return true;
@@ -252,7 +320,7 @@ impl Link {
 /// `..."bench:<sent_us>:<seq>"...` -> (seq, latency in µs).
 fn parse_bench(line: &str) -> Option<(u32, u32)> {
     let at = line.find("bench:")?;
-    let mut parts = line[at + 6..].split([':', '"']);
+    let mut parts = line[at + 6..].split([':', '"', '\n', '\r']);
     let sent: u64 = parts.next()?.parse().ok()?;
     let seq: u32 = parts.next()?.parse().ok()?;
     let latency = now_us().saturating_sub(sent).min(u64::from(u32::MAX)) as u32;

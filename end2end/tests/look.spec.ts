@@ -25,6 +25,24 @@ test("dark and light themes render differently, and the system's preference is f
   expect(await background(page, "System toast")).toEqual(dark);
 });
 
+test("the status badge's dot turns from grey to the success colour once the stream is live", async ({ page, context, server }) => {
+  await signIn(context, server, "badge");
+  await openLive(page, server);
+  const dot = page.locator('.status[data-status="open"] .status__dot');
+  const live = await dot.evaluate((el) => getComputedStyle(el).backgroundColor);
+  const offline = await page.evaluate(() => {
+    const probe = document.createElement("p");
+    probe.className = "status";
+    probe.dataset.status = "closed";
+    probe.innerHTML = '<span class="status__dot"></span>';
+    document.body.append(probe);
+    const colour = getComputedStyle(probe.firstElementChild!).backgroundColor;
+    probe.remove();
+    return colour;
+  });
+  expect(live).not.toEqual(offline);
+});
+
 test("a toast that arrives in a hidden tab waits until the tab is seen, then dismisses itself", async ({ page, context, server }) => {
   await signIn(context, server, "hidden");
   await openLive(page, server, "?dismiss=1500");

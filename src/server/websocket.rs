@@ -26,6 +26,8 @@ use super::{connection::EventStream, stream::admit, ApiError, SseService};
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Clients have nothing to say but close and pong: anything bigger is refused.
 const MAX_INCOMING_MESSAGE: usize = 1024;
+/// What one read from the socket may take at once.
+const READ_BUFFER: usize = 2048;
 
 /// `GET /api/ws`.
 pub async fn ws_handler(State(service): State<SseService>, request: Request) -> Result<Response, ApiError> {
@@ -37,7 +39,12 @@ pub async fn ws_handler(State(service): State<SseService>, request: Request) -> 
     let stream = service
         .open_stream(&admitted.identity, admitted.resume, admitted.filter)
         .await?;
+    // tungstenite's defaults are 128 KiB read and write buffers per socket (137 KiB RSS
+    // per idle connection in S1 over WebSocket); clients only send pongs and close, and
+    // each frame is flushed as it is sent, so small buffers lose nothing.
     Ok(upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(MAX_INCOMING_MESSAGE)
         .max_frame_size(MAX_INCOMING_MESSAGE)
         .on_upgrade(move |socket| pump(socket, stream)))
