@@ -155,14 +155,18 @@ pub enum CookieSecure {
 /// Long-lived responses one process may hold: its open-file limit (`ulimit -n`) minus 1,024
 /// for everything else (requests, Redis, files), at least 64.
 fn default_max_connections() -> usize {
-    let limit = std::fs::read_to_string("/proc/self/limits")
+    file_limit().saturating_sub(1_024).max(64)
+}
+
+/// This process's open-file limit (`ulimit -n`), 1,024 where it cannot be read.
+pub(crate) fn file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|limits| {
             let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+            line.split_whitespace().nth(3)?.parse().ok()
         })
-        .unwrap_or(1_024);
-    limit.saturating_sub(1_024).max(64)
+        .unwrap_or(1_024)
 }
 
 /// The `SSE_*` variables as they come (prefix stripped, names lower-cased by `envy`).

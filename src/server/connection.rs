@@ -7,7 +7,6 @@
 use std::{
     collections::VecDeque,
     convert::Infallible,
-    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -15,11 +14,11 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
-use tokio::sync::{mpsc, oneshot};
 
 use super::{
     event::{encode_frame, EventId},
     hub::{CloseReason, Outbound},
+    mailbox::{Received, Receiver},
     now_ms, SseService,
 };
 use crate::events::names;
@@ -30,8 +29,9 @@ const MAX_BATCH_BYTES: usize = 32 * 1024;
 /// The body of one SSE response, as bytes ready for the wire.
 pub struct EventStream {
     pub(super) prelude: VecDeque<Bytes>,
-    pub(super) queue: mpsc::Receiver<Outbound>,
-    pub(super) closed: Option<oneshot::Receiver<CloseReason>>,
+    pub(super) mailbox: Receiver,
+    /// The mailbox ended or closed: nothing more comes after what is pending.
+    pub(super) ended: bool,
     /// Live events up to this id were already sent by the replay.
     pub(super) skip_through: EventId,
     pub(super) closer: Closer,
@@ -63,62 +63,78 @@ impl Stream for EventStream {
         if let Some(bytes) = this.prelude.pop_front() {
             return Poll::Ready(Some(Ok(bytes)));
         }
-        let Some(closed) = this.closed.as_mut() else {
+        if this.ended {
             return Poll::Ready(None);
-        };
-        if let Poll::Ready(reason) = Pin::new(closed).poll(cx) {
-            this.closed = None;
-            // Whatever is still queued stays replayable from the broker's history.
-            // Last words: why it closes, so the client knows whether to come back.
-            let (name, reason) = match reason {
-                Ok(CloseReason::Replaced) => {
-                    (names::CONNECTION_REPLACED, "this user opened a newer connection")
-                }
-                Ok(CloseReason::Expired) => (names::SESSION_ENDED, "expired"),
-                Ok(CloseReason::Disconnected) => (names::SESSION_ENDED, "disconnected"),
-                Ok(CloseReason::SlowClient | CloseReason::Shutdown) | Err(_) => return Poll::Ready(None),
-            };
-            let data = format!(r#"{{"reason":"{reason}","timestamp":{}}}"#, now_ms());
-            return Poll::Ready(Some(Ok(encode_frame(name, &data))));
         }
         // Hand over everything that is ready in one chunk: one write for a burst.
-        let mut first: Option<Bytes> = None;
-        let mut batch = BytesMut::new();
+        let mut chunk = Chunk::default();
         loop {
-            match this.queue.poll_recv(cx) {
-                Poll::Ready(Some(item)) => {
-                    let bytes = match item {
-                        Outbound::Event(event) if event.id <= this.skip_through => continue,
-                        Outbound::Event(event) => {
-                            this.closer.delivered_through = this.closer.delivered_through.max(event.id);
-                            event.frame.clone()
-                        }
-                        Outbound::Control(bytes) => bytes,
-                    };
-                    match first.take() {
-                        None if batch.is_empty() => first = Some(bytes),
-                        Some(prev) => {
-                            batch.extend_from_slice(&prev);
-                            batch.extend_from_slice(&bytes);
-                        }
-                        None => batch.extend_from_slice(&bytes),
-                    }
-                    if batch.len() >= MAX_BATCH_BYTES {
-                        break;
-                    }
+            match this.mailbox.poll_recv(cx) {
+                Poll::Ready(Received::Frame(Outbound::Event(event))) if event.id <= this.skip_through => {}
+                Poll::Ready(Received::Frame(Outbound::Event(event))) => {
+                    this.closer.delivered_through = this.closer.delivered_through.max(event.id);
+                    chunk.push(event.frame.clone());
                 }
-                Poll::Ready(None) => {
-                    this.closed = None;
+                Poll::Ready(Received::Frame(Outbound::Control(bytes))) => chunk.push(bytes),
+                Poll::Ready(Received::Closed(reason)) => {
+                    this.ended = true;
+                    // Last words: why it closes, so the client knows whether to come back.
+                    let (name, reason) = match reason {
+                        CloseReason::Replaced => {
+                            (names::CONNECTION_REPLACED, "this user opened a newer connection")
+                        }
+                        CloseReason::Expired => (names::SESSION_ENDED, "expired"),
+                        CloseReason::Disconnected => (names::SESSION_ENDED, "disconnected"),
+                        CloseReason::SlowClient | CloseReason::Shutdown => break,
+                    };
+                    let data = format!(r#"{{"reason":"{reason}","timestamp":{}}}"#, now_ms());
+                    chunk.push(encode_frame(name, &data));
+                    break;
+                }
+                Poll::Ready(Received::Ended) => {
+                    this.ended = true;
                     break;
                 }
                 Poll::Pending => break,
             }
+            if chunk.len() >= MAX_BATCH_BYTES {
+                break;
+            }
         }
-        match (first, batch.is_empty()) {
-            (Some(bytes), _) => Poll::Ready(Some(Ok(bytes))),
-            (None, false) => Poll::Ready(Some(Ok(batch.freeze()))),
-            (None, true) if this.closed.is_none() => Poll::Ready(None),
-            (None, true) => Poll::Pending,
+        match chunk.finish() {
+            Some(bytes) => Poll::Ready(Some(Ok(bytes))),
+            None if this.ended => Poll::Ready(None),
+            None => Poll::Pending,
         }
+    }
+}
+
+/// Frames handed to the socket in one write: a lone frame is passed on as it is (shared,
+/// not copied); several are copied into one buffer.
+#[derive(Default)]
+struct Chunk {
+    first: Option<Bytes>,
+    batch: BytesMut,
+}
+
+impl Chunk {
+    fn push(&mut self, bytes: Bytes) {
+        match self.first.take() {
+            None if self.batch.is_empty() => self.first = Some(bytes),
+            Some(prev) => {
+                self.batch.extend_from_slice(&prev);
+                self.batch.extend_from_slice(&bytes);
+            }
+            None => self.batch.extend_from_slice(&bytes),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(self.batch.len(), Bytes::len)
+    }
+
+    fn finish(self) -> Option<Bytes> {
+        self.first
+            .or_else(|| (!self.batch.is_empty()).then(|| self.batch.freeze()))
     }
 }

@@ -17,10 +17,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
 
 use super::{
     event::{PublishedEvent, Target},
+    mailbox::{self, Refused},
     metrics as m,
 };
 
@@ -50,16 +50,14 @@ pub enum CloseReason {
 /// The receiving half of a registered connection, owned by its HTTP stream.
 pub struct Registration {
     pub id: u64,
-    pub queue: mpsc::Receiver<Outbound>,
-    pub closed: oneshot::Receiver<CloseReason>,
+    pub mailbox: mailbox::Receiver,
     /// This is the user's only local connection (the broker should start listening for them).
     pub first_for_user: bool,
 }
 
 struct Connection {
     id: u64,
-    queue: mpsc::Sender<Outbound>,
-    close: Option<oneshot::Sender<CloseReason>>,
+    mailbox: mailbox::Sender,
     /// Only these event names are sent (control frames always are); `None` sends all.
     filter: Option<Arc<[String]>>,
     /// When its session ends, seconds since the Unix epoch.
@@ -74,22 +72,20 @@ impl Connection {
     }
 
     fn close(&mut self, reason: CloseReason) {
-        if let Some(close) = self.close.take() {
-            let _ = close.send(reason);
-        }
+        self.mailbox.close(reason);
     }
 
     /// Queues `item`; `false` when the connection must go (full or gone).
     fn offer(&mut self, item: Outbound, counters: &HubCounters) -> bool {
-        match self.queue.try_send(item) {
+        match self.mailbox.offer(item) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 m::slow_client_disconnected();
                 counters.slow_disconnects.fetch_add(1, Ordering::Relaxed);
                 self.close(CloseReason::SlowClient);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Gone) => false,
         }
     }
 }
@@ -152,8 +148,7 @@ impl Hub {
         filter: Option<Arc<[String]>>,
         expires_at: Option<u64>,
     ) -> Option<Registration> {
-        let (tx, queue) = mpsc::channel(self.queue_capacity);
-        let (close, closed) = oneshot::channel();
+        let (sender, receiver) = mailbox::mailbox(self.queue_capacity);
         let mut inner = self.lock();
         if inner.closed {
             return None;
@@ -170,8 +165,7 @@ impl Hub {
         }
         conns.push(Connection {
             id,
-            queue: tx,
-            close: Some(close),
+            mailbox: sender,
             filter,
             expires_at,
         });
@@ -190,8 +184,7 @@ impl Hub {
         m::connections_changed(1 - replaced as isize);
         Some(Registration {
             id,
-            queue,
-            closed,
+            mailbox: receiver,
             first_for_user,
         })
     }
@@ -314,7 +307,7 @@ impl Hub {
 
     /// Drops connections whose stream is gone without having unregistered.
     pub fn sweep(&self) {
-        self.retain_connections(|c, _| !c.queue.is_closed());
+        self.retain_connections(|c, _| !c.mailbox.is_closed());
     }
 
     /// Closes every connection and refuses new ones.
@@ -366,6 +359,7 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::server::event::{Envelope, EventId};
+    use crate::server::mailbox::Received;
 
     fn event(id: u64, target: Target, name: &str) -> Arc<PublishedEvent> {
         let envelope = Envelope {
@@ -388,11 +382,13 @@ mod tests {
         let mut a = hub.register(&user("a"), None, None).unwrap();
         let mut b = hub.register(&user("b"), None, None).unwrap();
         hub.dispatch(&event(1, Target::User(user("a")), "notification"));
-        assert!(matches!(a.queue.try_recv(), Ok(Outbound::Event(e)) if e.id == EventId(1)));
-        assert!(b.queue.try_recv().is_err());
+        assert!(
+            matches!(a.mailbox.try_recv(), Some(Received::Frame(Outbound::Event(e))) if e.id == EventId(1))
+        );
+        assert!(b.mailbox.try_recv().is_none());
         hub.dispatch(&event(2, Target::Broadcast, "system_alert"));
-        assert!(a.queue.try_recv().is_ok());
-        assert!(b.queue.try_recv().is_ok());
+        assert!(matches!(a.mailbox.try_recv(), Some(Received::Frame(_))));
+        assert!(matches!(b.mailbox.try_recv(), Some(Received::Frame(_))));
     }
 
     #[test]
@@ -403,7 +399,10 @@ mod tests {
         let second = hub.register(&user("a"), None, None).unwrap();
         assert!(!second.first_for_user);
         let _third = hub.register(&user("a"), None, None).unwrap();
-        assert_eq!(first.closed.try_recv(), Ok(CloseReason::Replaced));
+        assert!(matches!(
+            first.mailbox.try_recv(),
+            Some(Received::Closed(CloseReason::Replaced))
+        ));
         assert_eq!(hub.client_count_for_user("a"), 2);
         assert_eq!(hub.client_count(), 2);
     }
@@ -415,13 +414,12 @@ mod tests {
         for id in 1..=10 {
             hub.dispatch(&event(id, Target::User(user("a")), "notification"));
         }
-        assert_eq!(slow.closed.try_recv(), Ok(CloseReason::SlowClient));
+        assert_eq!(slow.mailbox.queued(), 4, "queue grew past its capacity");
+        assert!(matches!(
+            slow.mailbox.try_recv(),
+            Some(Received::Closed(CloseReason::SlowClient))
+        ));
         assert_eq!(hub.client_count(), 0, "slow connection still registered");
-        let mut queued = 0;
-        while slow.queue.try_recv().is_ok() {
-            queued += 1;
-        }
-        assert_eq!(queued, 4, "queue grew past its capacity");
     }
 
     #[test]
@@ -432,9 +430,14 @@ mod tests {
         hub.dispatch(&event(1, Target::User(user("a")), "notification"));
         hub.dispatch(&event(2, Target::User(user("a")), "reel_ready"));
         hub.send_control(Bytes::from_static(b"event: heartbeat\ndata: {}\n\n"));
-        assert!(matches!(conn.queue.try_recv(), Ok(Outbound::Event(e)) if e.id == EventId(2)));
-        assert!(matches!(conn.queue.try_recv(), Ok(Outbound::Control(_))));
-        assert!(conn.queue.try_recv().is_err());
+        assert!(
+            matches!(conn.mailbox.try_recv(), Some(Received::Frame(Outbound::Event(e))) if e.id == EventId(2))
+        );
+        assert!(matches!(
+            conn.mailbox.try_recv(),
+            Some(Received::Frame(Outbound::Control(_)))
+        ));
+        assert!(conn.mailbox.try_recv().is_none());
     }
 
     #[test]
@@ -445,15 +448,21 @@ mod tests {
         let mut never = hub.register(&user("b"), None, None).unwrap();
         assert_eq!(hub.expire(99), 0);
         assert_eq!(hub.expire(100), 1);
-        assert_eq!(soon.closed.try_recv(), Ok(CloseReason::Expired));
-        assert!(later.closed.try_recv().is_err());
+        assert!(matches!(
+            soon.mailbox.try_recv(),
+            Some(Received::Closed(CloseReason::Expired))
+        ));
+        assert!(later.mailbox.try_recv().is_none());
         assert_eq!(hub.client_count(), 2);
         // Unregistered before its expiry: nothing left to expire.
         assert!(hub.unregister("a", later.id));
         assert_eq!(hub.expire(1_000), 0);
         let _b2 = hub.register(&user("b"), None, None).unwrap();
         assert_eq!(hub.close_user("b", CloseReason::Disconnected), 2);
-        assert_eq!(never.closed.try_recv(), Ok(CloseReason::Disconnected));
+        assert!(matches!(
+            never.mailbox.try_recv(),
+            Some(Received::Closed(CloseReason::Disconnected))
+        ));
         assert_eq!(hub.client_count(), 0);
         assert_eq!(hub.close_user("b", CloseReason::Disconnected), 0);
     }
@@ -468,7 +477,10 @@ mod tests {
         assert_eq!(hub.user_count(), 0);
         let mut three = hub.register(&user("a"), None, None).unwrap();
         hub.close_all();
-        assert_eq!(three.closed.try_recv(), Ok(CloseReason::Shutdown));
+        assert!(matches!(
+            three.mailbox.try_recv(),
+            Some(Received::Closed(CloseReason::Shutdown))
+        ));
         assert!(hub.register(&user("a"), None, None).is_none());
     }
 }

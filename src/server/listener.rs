@@ -33,7 +33,7 @@ use std::{
 };
 
 use axum::{
-    body::Body,
+    body::{Body, BodyDataStream},
     extract::ConnectInfo,
     http::{header, HeaderName, HeaderValue, Method, Request, Version},
     Router,
@@ -158,7 +158,7 @@ impl Serve {
             app,
             stream_prefix: format!("GET {}", service.stream_path()).into_bytes().into(),
             sockets: AtomicUsize::new(0),
-            max_sockets: file_limit().saturating_sub(FD_HEADROOM).max(64),
+            max_sockets: super::config::file_limit().saturating_sub(FD_HEADROOM).max(64),
             pending: Mutex::new(HashMap::new()),
             shutdown: watching,
         });
@@ -219,17 +219,6 @@ fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
     } else {
         TcpSocket::new_v6()
     }
-}
-
-/// The soft limit on open files of this process (`ulimit -n`).
-fn file_limit() -> usize {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|limits| {
-            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-            line.split_whitespace().nth(3)?.parse().ok()
-        })
-        .unwrap_or(1024)
 }
 
 /// Accepts from one queue; each connection becomes a task.
@@ -360,13 +349,15 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, mut pending: PendingSlo
     } else {
         // hyper takes over, with its own timer for every request head; the connection
         // counts as pending only until this hand-over.
+        // Boxed: hyper's connection state is kilobytes, and inline it would size the task
+        // of every lean stream too (a task is as big as the largest path it may take).
         pending.release();
-        serve_hyper(
+        Box::pin(serve_hyper(
             Rewind::new(first.into(), stream),
             peer,
             shared.app.clone(),
             shutdown,
-        )
+        ))
         .await;
     }
 }
@@ -408,22 +399,38 @@ async fn serve_hyper(
 /// response and streams its body until either side ends. Nothing from the request outlives
 /// the router call.
 async fn serve_lean(
+    stream: TcpStream,
+    peer: SocketAddr,
+    first: Vec<u8>,
+    pending: PendingSlot,
+    app: &Router,
+    _shutdown: watch::Receiver<bool>,
+) {
+    // Boxed, so that what only the request needs (head buffer, router future, response
+    // head) is freed before streaming, rather than sizing every stream's task for good.
+    if let Some((stream, body, chunked)) = Box::pin(respond(stream, peer, first, pending, app)).await {
+        stream_body(stream, body, chunked).await;
+    }
+}
+
+/// The request half of [`serve_lean`]: the head, the router, the response head written.
+/// Returns what is left to stream, or `None` when the response is complete.
+async fn respond(
     mut stream: TcpStream,
     peer: SocketAddr,
     first: Vec<u8>,
     mut pending: PendingSlot,
     app: &Router,
-    _shutdown: watch::Receiver<bool>,
-) {
-    let request = match Box::pin(tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, first))).await {
+) -> Option<(TcpStream, BodyDataStream, bool)> {
+    let request = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, first)).await {
         Ok(Ok(request)) => request,
         Ok(Err(status)) => {
             let _ = write_plain(&mut stream, status).await;
-            return;
+            return None;
         }
         Err(_) => {
             m::connection_refused("head_timeout");
-            return;
+            return None;
         }
     };
     pending.release();
@@ -431,7 +438,7 @@ async fn serve_lean(
     let http11 = request.version() == Version::HTTP_11;
     let mut request = request;
     request.extensions_mut().insert(ConnectInfo(peer));
-    let Ok(response) = Box::pin(app.clone().oneshot(request)).await;
+    let Ok(response) = app.clone().oneshot(request).await;
     let (mut parts, body) = response.into_parts();
 
     // Known-length bodies (errors) go out as they are; streams are chunked on HTTP/1.1 and
@@ -459,15 +466,14 @@ async fn serve_lean(
     }
     head.extend_from_slice(b"\r\n");
     drop(parts);
-    if write_with_progress(&mut stream, &head, WRITE_TIMEOUT)
+    write_with_progress(&mut stream, &head, WRITE_TIMEOUT)
         .await
-        .is_err()
-    {
-        return;
-    }
-    drop(head);
+        .ok()?;
+    Some((stream, body.into_data_stream(), chunked))
+}
 
-    let mut body = body.into_data_stream();
+/// The streaming half of [`serve_lean`]: writes the body as it comes until either side ends.
+async fn stream_body(mut stream: TcpStream, mut body: BodyDataStream, chunked: bool) {
     let mut probe = [0u8; 16];
     loop {
         tokio::select! {

@@ -39,6 +39,7 @@ pub mod event;
 mod hub;
 #[cfg(unix)]
 mod listener;
+mod mailbox;
 pub mod metrics;
 pub mod publish;
 mod routes;

@@ -484,8 +484,8 @@ impl SseService {
         closer.delivered_through = replayed_through;
         Ok(EventStream {
             prelude: VecDeque::from([prelude.freeze()]),
-            queue: registration.queue,
-            closed: Some(registration.closed),
+            mailbox: registration.mailbox,
+            ended: false,
             skip_through: replayed_through,
             closer,
             _permit: permit,
@@ -852,6 +852,7 @@ fn heartbeat_frame() -> bytes::Bytes {
 mod tests {
     use super::*;
     use crate::server::hub::Outbound;
+    use crate::server::mailbox::Received;
 
     async fn settle() {
         for _ in 0..10 {
@@ -869,8 +870,11 @@ mod tests {
         let mut conn = service.inner.hub.register(&"u".into(), None, None).unwrap();
         let mut heartbeats = || {
             let mut n = 0;
-            while let Ok(item) = conn.queue.try_recv() {
-                assert!(matches!(item, Outbound::Control(_)), "only heartbeats expected");
+            while let Some(item) = conn.mailbox.try_recv() {
+                assert!(
+                    matches!(item, Received::Frame(Outbound::Control(_))),
+                    "only heartbeats expected"
+                );
                 n += 1;
             }
             n
