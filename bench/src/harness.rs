@@ -432,7 +432,7 @@ impl Worker {
 }
 
 /// Source addresses per worker process (see [`Pool::plan`]).
-pub const SOURCES_PER_WORKER: usize = 8;
+pub const SOURCES_PER_WORKER: usize = 32;
 
 /// Worker processes holding connections; user `i` is `bench-<i>`, one connection each.
 pub(crate) struct Pool {
@@ -453,8 +453,8 @@ pub(crate) struct Share {
 impl Pool {
     /// Spreads `connections` users over the servers, at most `per_worker` per process.
     ///
-    /// Each worker gets eight source addresses, 127.<2 x phase>.<run>.<2 + 8 x worker + k>:
-    /// the kernel's search for a free port when binding gets slow with thousands of
+    /// Each worker gets 32 source addresses, 127.<2 x phase>.<run>.<2 + 32 x worker + k>,
+    /// about 300 connections each, like clients behind NATs: the kernel's search for a free port when binding gets slow with thousands of
     /// sockets on one address (perf: S1x spent its 97 s opening in `inet_bhash2_conflict`
     /// in the clients), and a closed socket holds its port in TIME_WAIT for 60 s, so no
     /// phase or run reuses another's addresses (a reconnect storm moves to the next
