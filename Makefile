@@ -66,6 +66,6 @@ fmt:
 BENCH_ARGS ?=
 bench: setup
 	@scripts/setup.sh bench
-	cargo leptos build --release --project sse-notify
+	cargo leptos build --release
 	cargo build --release -p sse-bench
 	target/release/sse-bench --json target/bench.json $(BENCH_ARGS)
