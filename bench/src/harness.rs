@@ -626,6 +626,21 @@ pub(crate) fn bench_message(sent_us: u64, seq: u32) -> String {
     format!("bench:{sent_us}:{seq}")
 }
 
+/// The `POST /api/events` body of one targeted `notification` per `(seq, user)`, titled
+/// `title`, each carrying its send time and sequence number.
+pub(crate) fn targeted_batch(batch: &[(u32, u32)], sent_us: u64, title: &str) -> String {
+    Value::Array(
+        batch
+            .iter()
+            .map(|(seq, user)| {
+                json!({"user_id": format!("bench-{user}"), "event": "notification",
+                       "data": {"title": title, "message": bench_message(sent_us, *seq)}})
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
 /// One request of a publishing run: path, body, and the `(seq, user)` of its events.
 type PublishRequest = (String, String, Vec<(u32, u32)>);
 
@@ -693,16 +708,8 @@ async fn publish_targeted(
                         })
                         .collect()
                 } else {
-                    let body = Value::Array(
-                        batch
-                            .iter()
-                            .map(|(seq, user)| {
-                                json!({"user_id": format!("bench-{user}"), "event": "notification",
-                                   "data": {"title": "bench", "message": bench_message(sent_us, *seq)}})
-                            })
-                            .collect(),
-                    );
-                    vec![("/api/events".into(), body.to_string(), batch)]
+                    let body = targeted_batch(&batch, sent_us, "bench");
+                    vec![("/api/events".into(), body, batch)]
                 };
                 for (path, body, events) in requests {
                     match publisher.post_to(&path, &body).await {

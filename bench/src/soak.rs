@@ -18,7 +18,7 @@ use std::{
 use serde_json::{json, Value};
 use sse_notify_testkit::{RedisServer, TempDir};
 
-use crate::harness::{bench_message, now_us, Cluster, Dialect, Pool, Publisher, Report};
+use crate::harness::{now_us, targeted_batch, Cluster, Dialect, Pool, Publisher, Report};
 
 /// Options of the soak run.
 #[derive(clap::Args)]
@@ -283,16 +283,7 @@ async fn post_batch(
         return Some(0);
     };
     let sent_us = now_us();
-    let body = Value::Array(
-        batch
-            .iter()
-            .map(|(seq, user)| {
-                json!({"user_id": format!("bench-{user}"), "event": "notification",
-                       "data": {"title": "soak", "message": bench_message(sent_us, *seq)}})
-            })
-            .collect(),
-    )
-    .to_string();
+    let body = targeted_batch(batch, sent_us, "soak");
     match connection.post(&body).await {
         Ok(status) => Some(status),
         Err(_) => {
