@@ -32,6 +32,16 @@ pub enum BrokerHealth {
     Degraded,
 }
 
+impl BrokerHealth {
+    /// The name used on the wire: `healthy` or `degraded`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Degraded => "degraded",
+        }
+    }
+}
+
 /// Figures of one server instance, served at [`STATS_PATH`] and streamed at
 /// [`STATS_STREAM_PATH`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

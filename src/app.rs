@@ -7,7 +7,7 @@
 //! `transport=auto|sse|websocket`; `sse_retry=<ms>`, how soon SSE is tried again after a
 //! fallback to WebSocket).
 
-use leptos::prelude::*;
+use leptos::{either::Either, prelude::*};
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
 use leptos_router::{
     components::{Route, Router, Routes, A},
@@ -129,16 +129,6 @@ pub async fn sign_out() -> Result<(), ServerFnError> {
         let _ = expect_context::<SseService>().disconnect_user(&user).await;
     }
     server_side::set_cookie(&crate::server::session_cookie_removal())
-}
-
-/// A session token for the signed-in user that expires in `ttl_secs` (2 to 60), to try a
-/// stream that ends when its token does and comes back with a fresh one.
-#[server]
-pub async fn short_token(ttl_secs: u64) -> Result<String, ServerFnError> {
-    let user = server_side::session_user().await?;
-    expect_context::<crate::server::SseService>()
-        .issue_token(&user, None, std::time::Duration::from_secs(ttl_secs.clamp(2, 60)))
-        .map_err(|e| ServerFnError::new(e.to_string()))
 }
 
 /// Sends `event` to the signed-in user (or to everyone, for a system alert).
@@ -353,8 +343,8 @@ fn HomePage() -> impl IntoView {
         </section>
         <Transition fallback=|| view! { <p class="card">"Loading…"</p> }>
             {move || match user_id.get() {
-                None => view! { <SignInCard sign_in /> }.into_any(),
-                Some(name) => view! {
+                None => Either::Left(view! { <SignInCard sign_in /> }),
+                Some(name) => Either::Right(view! {
                     <div class="signed-in">
                         <span>"Signed in as " <strong data-testid="user">{name}</strong></span>
                         <button class="button button--ghost" type="button" data-testid="sign-out" on:click=move |_| { sign_out.dispatch(SignOut {}); }>"Sign out"</button>
@@ -366,7 +356,7 @@ fn HomePage() -> impl IntoView {
                         </div>
                         <EventLog log />
                     </div>
-                }.into_any(),
+                }),
             }}
         </Transition>
     }
@@ -567,11 +557,10 @@ fn EventLog(log: RwSignal<Vec<SseMessage>>) -> impl IntoView {
     }
 }
 
-/// A stream on a 3-second token (`?token=`) that fetches a fresh one from `token_url`
-/// whenever it expires: the page keeps receiving.
+/// A stream on 3-second tokens (`?token=`) from `token_url`: the first when the page opens,
+/// a fresh one whenever one expires. The page keeps receiving.
 #[component]
 fn ShortSessionPage() -> impl IntoView {
-    let token = Resource::new(|| (), |_| short_token(3));
     let status = RwSignal::new(ConnectionStatus::default());
     view! {
         <section class="hero">
@@ -579,20 +568,14 @@ fn ShortSessionPage() -> impl IntoView {
             <p>"This page streams with a token that lasts 3 seconds and fetches a fresh one each time it ends."</p>
             <StatusBadge status />
         </section>
-        <Suspense fallback=|| view! { <p class="card">"Loading…"</p> }>
-            {move || token.get().map(|token| match token {
-                Ok(token) => view! {
-                    <SseNotifications
-                        session_id=token
-                        token_url=format!("{}?ttl=3", DEMO_TOKEN_PATH)
-                        status
-                        auto_dismiss=false
-                        share_across_tabs=false
-                    />
-                }.into_any(),
-                Err(e) => view! { <p class="card error">{format!("Sign in first: {e}")}</p> }.into_any(),
-            })}
-        </Suspense>
+        // No token at render time: the hook fetches the first one from `token_url` too
+        // (401 there when not signed in: the badge then says so).
+        <SseNotifications
+            token_url=format!("{}?ttl=3", DEMO_TOKEN_PATH)
+            status
+            auto_dismiss=false
+            share_across_tabs=false
+        />
     }
 }
 
@@ -650,7 +633,7 @@ fn DashboardPage() -> impl IntoView {
             <div class="tile"><span class="tile__label">"Delivered"</span><span class="tile__value" data-testid="delivered">{stat(|s| s.events_delivered.to_string())}</span></div>
             <div class="tile"><span class="tile__label">"Failed"</span><span class="tile__value">{stat(|s| s.events_failed.to_string())}</span></div>
             <div class="tile"><span class="tile__label">"Slow clients cut"</span><span class="tile__value">{stat(|s| s.slow_client_disconnects.to_string())}</span></div>
-            <div class="tile"><span class="tile__label">"Broker"</span><span class="tile__value">{stat(|s| format!("{} ({:?})", s.broker, s.broker_health).to_lowercase())}</span></div>
+            <div class="tile"><span class="tile__label">"Broker"</span><span class="tile__value">{stat(|s| format!("{} ({})", s.broker, s.broker_health.as_str()))}</span></div>
         </div>
         <div class="card">
             <h2>"Deliveries per second"</h2>

@@ -60,14 +60,20 @@ test("a stream silent for longer than the stall timeout is reported and reopened
 test("a stream whose token expires fetches a fresh one from token_url and keeps receiving", async ({ page, context, server }) => {
   await signIn(context, server, "short");
   const tokens: string[] = [];
+  const streams: string[] = [];
   page.on("request", (r) => {
     if (r.url().includes("/api/demo/token")) tokens.push(r.url());
+    if (r.url().includes("/api/sse")) streams.push(r.url());
   });
   await page.goto(server.url("/short-session"));
   await expect(page.locator('[data-hydrated="true"]')).toBeVisible();
   await expect(page.locator('.status[data-status="open"]')).toBeVisible();
-  // The 3 s token ends the stream (session_ended: expired); the hook fetches a fresh one.
-  await expect.poll(() => tokens.length, { timeout: 15_000 }).toBeGreaterThan(0);
+  // The first token comes from token_url as the page opens; the 3 s token then ends the
+  // stream (session_ended: expired) and the hook fetches a fresh one.
+  await expect.poll(() => tokens.length, { timeout: 15_000 }).toBeGreaterThan(1);
+  // Every stream carried a token (none rode on the session cookie alone).
+  expect(streams.length).toBeGreaterThan(1);
+  expect(streams.every((url) => new URL(url).searchParams.get("token"))).toBe(true);
   await expect(page.locator('.status[data-status="open"]')).toBeVisible();
   await server.notify("short", "After a fresh token");
   await expect(page.locator(".sse-toast", { hasText: "After a fresh token" })).toBeVisible();

@@ -146,7 +146,8 @@ pub fn SseNotifications(
     /// A session token sent as `?token=`, where the cookie cannot be used.
     #[prop(optional, into)]
     session_id: Option<String>,
-    /// Where to fetch a fresh token when the session ends; see [`UseSseOptions::token_url`].
+    /// Where tokens come from: the first one without `session_id`, and a fresh one when the
+    /// session ends; see [`UseSseOptions::token_url`].
     #[prop(optional, into)]
     token_url: Option<String>,
     /// The stream URL, e.g. `/notify/api/sse` when the routes sit under a prefix.

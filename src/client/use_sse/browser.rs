@@ -358,8 +358,21 @@ fn revive(shared: &Shared) {
     }
 }
 
-/// Opens the stream over the current transport, resuming after the last id.
+/// Opens the stream over the current transport, resuming after the last id. With a
+/// `token_url` and no token yet, the first token is fetched from there.
 fn open(shared: &Shared) {
+    let first_token_from = {
+        let c = shared.borrow();
+        match (&c.token, &c.options.token_url) {
+            (None, Some(url)) => Some((url.clone(), c.generation, c.options.credentials())),
+            _ => None,
+        }
+    };
+    if let Some((token_url, generation, credentials)) = first_token_from {
+        set_state(&shared.borrow(), ConnectionReadyState::Connecting, None);
+        open_with_token_from(shared, token_url, generation, credentials);
+        return;
+    }
     let transport = {
         let mut c = shared.borrow_mut();
         c.transport = match c.options.transport {
@@ -753,6 +766,12 @@ fn session_refused(shared: &Shared, refresh: bool) {
         return;
     };
     shared.borrow_mut().refreshes += 1;
+    open_with_token_from(shared, token_url, generation, credentials);
+}
+
+/// Fetches a token from `token_url`, then opens with it (unless the hook was restarted
+/// meanwhile). Without one, the hook stays stopped with `Unauthorized`.
+fn open_with_token_from(shared: &Shared, token_url: String, generation: u64, credentials: bool) {
     let shared = SendWrapper::new(shared.clone());
     leptos::task::spawn_local(async move {
         let token = fetch_token(&token_url, credentials).await;
@@ -767,7 +786,14 @@ fn session_refused(shared: &Shared, refresh: bool) {
                 drop(c);
                 open(&shared);
             }
-            None => leptos::logging::warn!("sse-notify: no fresh token from {token_url}"),
+            None => {
+                let stopped = c.stopped;
+                drop(c);
+                if !stopped {
+                    stop_with(&shared, UseSseError::Unauthorized);
+                }
+                leptos::logging::warn!("sse-notify: no token from {token_url}");
+            }
         }
     });
 }

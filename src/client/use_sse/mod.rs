@@ -244,9 +244,10 @@ pub struct UseSseOptions {
     /// A session token sent as `?token=`, for pages that cannot use the `sse_session`
     /// cookie (e.g. another origin). Defaults to `None`.
     pub session_id: Option<String>,
-    /// Where to get a fresh token when the session ends or is refused: `GET` with
-    /// credentials, answering `{"token": "..."}` (or the token as text). The token is then
-    /// sent as `?token=`. Defaults to `None`: an ended session stays closed.
+    /// Where tokens come from: `GET` with credentials, answering `{"token": "..."}` (or the
+    /// token as text), sent then as `?token=`. Asked for the first token when there is no
+    /// `session_id`, and for a fresh one whenever the session ends or is refused. Defaults
+    /// to `None`: an ended session stays closed.
     pub token_url: Option<String>,
     /// Event names to receive (sent as the `events=` filter). An EventSource only hears
     /// events it listens for by name, so custom events must be named here. Defaults to
