@@ -10,7 +10,7 @@ use common::*;
 use serde_json::json;
 use sse_notify::{
     events::{ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus},
-    server::{SendError, SseConfig},
+    server::{SendError, SseConfig, SseService},
 };
 
 fn alert(message: &str) -> SystemAlert {
@@ -255,6 +255,25 @@ behaviour_suite!(
 );
 
 // ---- Redis only. ----
+
+/// A node of a Redis Cluster is refused at start with a message that says so (every
+/// publish would otherwise fail with CROSSSLOT).
+#[tokio::test]
+async fn a_redis_cluster_node_is_refused_at_start() {
+    let dir = sse_notify_testkit::TempDir::new("cluster-node");
+    let nodes = dir.path().join("nodes.conf");
+    let redis = RedisServer::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        nodes.to_str().unwrap(),
+    ]);
+    let err = SseService::start(test_config().redis_url(redis.url()))
+        .await
+        .err()
+        .expect("a cluster node is refused");
+    assert!(err.to_string().contains("Redis Cluster"), "{err}");
+}
 
 /// Two instances on one Redis: events published on A reach clients on B, in order, once.
 #[tokio::test]

@@ -210,7 +210,7 @@ impl RedisBroker {
         let mut conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(unavailable)?;
-        check_version(&mut conn).await?;
+        check_server(&mut conn).await?;
         let broker = Arc::new(Self {
             client,
             conn,
@@ -399,8 +399,9 @@ fn reply_key(nonce: &str) -> String {
     format!("sse:disconnect:{nonce}")
 }
 
-/// Refuses a Redis older than [`MIN_REDIS`] with a message that says so.
-async fn check_version(conn: &mut ConnectionManager) -> Result<(), BrokerError> {
+/// Refuses a Redis older than [`MIN_REDIS`], or a node of a Redis Cluster, with a message
+/// that says so.
+async fn check_server(conn: &mut ConnectionManager) -> Result<(), BrokerError> {
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(conn)
@@ -420,6 +421,20 @@ async fn check_version(conn: &mut ConnectionManager) -> Result<(), BrokerError> 
              (stream trimming by MINID and the XINFO fields it reads)",
             MIN_REDIS.0, MIN_REDIS.1
         )));
+    }
+    // On a cluster node every publish would fail with CROSSSLOT (the id counter, the
+    // user's stream and the broadcast stream live in different slots): say so at start.
+    let cluster: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    if cluster.lines().any(|l| l.trim() == "cluster_enabled:1") {
+        return Err(BrokerError::Unsupported(
+            "REDIS_URL points at a node of a Redis Cluster: sse-notify runs on one Redis \
+             (a primary, with replicas for failover behind one address), not on a cluster"
+                .to_string(),
+        ));
     }
     Ok(())
 }
