@@ -1,7 +1,7 @@
 //! The host app's pages: a login form of its own, and a home page with sse-notify's toasts
 //! and a button that notifies the signed-in user through a server function.
 
-use leptos::prelude::*;
+use leptos::{either::Either, prelude::*};
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
 use leptos_router::{
     components::{Route, Router, Routes},
@@ -90,8 +90,9 @@ fn Home() -> impl IntoView {
         <SseNotifications url=format!("{NOTIFY_PREFIX}/api/sse") user_id status position=Position::BottomRight />
         <Transition fallback=|| "…">
             {move || match user_id.get() {
-                None => view! { <p>"You are not signed in. " <a href="/login">"Sign in"</a></p> }.into_any(),
-                Some(name) => view! {
+                // Either, not into_any: an AnyView links a second copy of the view's hydration code.
+                None => Either::Left(view! { <p>"You are not signed in. " <a href="/login">"Sign in"</a></p> }),
+                Some(name) => Either::Right(view! {
                     <header>
                         <h1>"Hello, " <span data-testid="user">{name}</span></h1>
                         <form method="post" action="/logout">
@@ -104,7 +105,7 @@ fn Home() -> impl IntoView {
                     <button data-testid="notify-me" on:click=move |_| {
                         notify.dispatch(NotifyMe { title: "Hello from the host".into() });
                     }>"Send me a notification"</button>
-                }.into_any(),
+                }),
             }}
         </Transition>
     }
