@@ -365,12 +365,13 @@ fn HomePage() -> impl IntoView {
 #[component]
 fn StatusBadge(status: RwSignal<ConnectionStatus>) -> impl IntoView {
     let state = move || status.with(|s| s.state);
+    let error = move || status.with(|s| s.error.as_ref().map(UseSseError::code));
     let label = move || match state() {
         ConnectionReadyState::Open => "Live",
         ConnectionReadyState::Connecting => "Connecting…",
+        _ if error() == Some("unauthorized") => "Not signed in",
         ConnectionReadyState::Closing | ConnectionReadyState::Closed => "Offline",
     };
-    let error = move || status.with(|s| s.error.as_ref().map(UseSseError::code));
     let leader = move || status.with(|s| s.leader.to_string());
     let transport = move || status.with(|s| s.transport);
     view! {
@@ -572,6 +573,7 @@ fn ShortSessionPage() -> impl IntoView {
         // (401 there when not signed in: the badge then says so).
         <SseNotifications
             token_url=format!("{}?ttl=3", DEMO_TOKEN_PATH)
+            token_first=true
             status
             auto_dismiss=false
             share_across_tabs=false

@@ -262,11 +262,15 @@ behaviour_suite!(
 async fn a_redis_cluster_node_is_refused_at_start() {
     let dir = sse_notify_testkit::TempDir::new("cluster-node");
     let nodes = dir.path().join("nodes.conf");
+    // The cluster bus port is the client port + 10000 unless given: a free port of its own.
+    let bus_port = sse_notify_testkit::free_port().to_string();
     let redis = RedisServer::start_with(&[
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
         nodes.to_str().unwrap(),
+        "--cluster-port",
+        &bus_port,
     ]);
     let Err(err) = SseService::start(test_config().redis_url(redis.url())).await else {
         panic!("a cluster node was accepted");

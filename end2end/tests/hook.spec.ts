@@ -57,6 +57,25 @@ test("a stream silent for longer than the stall timeout is reported and reopened
   }
 });
 
+test("without a session the first token is refused: the hook stops as unauthorized and does not retry", async ({ page, server, consoleProblems }) => {
+  const tokens: string[] = [];
+  const streams: string[] = [];
+  page.on("request", (r) => {
+    if (r.url().includes("/api/demo/token")) tokens.push(r.url());
+    if (r.url().includes("/api/sse")) streams.push(r.url());
+  });
+  await page.goto(server.url("/short-session"));
+  await expect(page.locator('[data-hydrated="true"]')).toBeVisible();
+  const badge = page.locator('.status[data-error="unauthorized"]');
+  await expect(badge).toHaveText(/Not signed in/);
+  await page.waitForTimeout(3_000);
+  expect(tokens.length).toBe(1);
+  expect(streams.length).toBe(0);
+  // The refused token request is the only thing the page logs.
+  expect(consoleProblems).toEqual([expect.stringMatching(/status of 401/)]);
+  consoleProblems.length = 0;
+});
+
 test("a stream whose token expires fetches a fresh one from token_url and keeps receiving", async ({ page, context, server }) => {
   await signIn(context, server, "short");
   const tokens: string[] = [];
@@ -72,7 +91,7 @@ test("a stream whose token expires fetches a fresh one from token_url and keeps 
   // stream (session_ended: expired) and the hook fetches a fresh one.
   await expect.poll(() => tokens.length, { timeout: 15_000 }).toBeGreaterThan(1);
   // Every stream carried a token (none rode on the session cookie alone).
-  expect(streams.length).toBeGreaterThan(1);
+  await expect.poll(() => streams.length, { timeout: 15_000 }).toBeGreaterThan(1);
   expect(streams.every((url) => new URL(url).searchParams.get("token"))).toBe(true);
   await expect(page.locator('.status[data-status="open"]')).toBeVisible();
   await server.notify("short", "After a fresh token");

@@ -146,10 +146,12 @@ pub fn SseNotifications(
     /// A session token sent as `?token=`, where the cookie cannot be used.
     #[prop(optional, into)]
     session_id: Option<String>,
-    /// Where tokens come from: the first one without `session_id`, and a fresh one when the
-    /// session ends; see [`UseSseOptions::token_url`].
+    /// Where to fetch a fresh token when the session ends; see [`UseSseOptions::token_url`].
     #[prop(optional, into)]
     token_url: Option<String>,
+    /// Fetch the first token from `token_url` too; see [`UseSseOptions::token_first`].
+    #[prop(optional)]
+    token_first: bool,
     /// The stream URL, e.g. `/notify/api/sse` when the routes sit under a prefix.
     /// Defaults to `/api/sse`.
     #[prop(into, default = api::STREAM_PATH.to_string())]
@@ -218,6 +220,7 @@ pub fn SseNotifications(
         .url(url)
         .session_id(session_id)
         .token_url(token_url)
+        .token_first(token_first)
         .reconnect_interval(reconnect_interval)
         .max_reconnect_attempts(max_reconnect_attempts)
         .share_across_tabs(share_across_tabs)

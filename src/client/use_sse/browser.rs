@@ -68,6 +68,8 @@ struct Connection {
     started_at: Option<f64>,
     /// The token sent as `?token=`: the configured one, or the last fresh one.
     token: Option<String>,
+    /// The generation whose first token is being fetched (`token_first`).
+    fetching_token: Option<u64>,
     attempts: u32,
     refreshes: u32,
     /// The current `EventSource` fired `open`.
@@ -94,6 +96,7 @@ pub(super) fn start(
     let immediate = options.immediate;
     let shared: Shared = Rc::new(RefCell::new(Connection {
         token: options.session_id.clone(),
+        fetching_token: None,
         options,
         signals,
         role: Role::Alone,
@@ -188,6 +191,8 @@ fn begin(shared: &Shared, user: Option<&str>) {
     c.stopped = false;
     c.attempts = 0;
     c.refreshes = 0;
+    // A token fetched for an earlier user must never open this one's stream.
+    c.token = c.options.session_id.clone();
     if c.options.share_across_tabs && tabs::supported() {
         let name = format!("sse-notify:{}:{}", c.options.url, user.unwrap_or(""));
         let hears = {
@@ -364,13 +369,21 @@ fn open(shared: &Shared) {
     let first_token_from = {
         let c = shared.borrow();
         match (&c.token, &c.options.token_url) {
-            (None, Some(url)) => Some((url.clone(), c.generation, c.options.credentials())),
+            (None, Some(url)) if c.options.token_first => {
+                Some((url.clone(), c.generation, c.options.credentials()))
+            }
             _ => None,
         }
     };
     if let Some((token_url, generation, credentials)) = first_token_from {
-        set_state(&shared.borrow(), ConnectionReadyState::Connecting, None);
-        open_with_token_from(shared, token_url, generation, credentials);
+        let mut c = shared.borrow_mut();
+        set_state(&c, ConnectionReadyState::Connecting, None);
+        // One fetch at a time: it opens the stream when it returns.
+        if c.fetching_token != Some(generation) {
+            c.fetching_token = Some(generation);
+            drop(c);
+            open_with_token_from(shared, token_url, generation, credentials);
+        }
         return;
     }
     let transport = {
@@ -769,56 +782,87 @@ fn session_refused(shared: &Shared, refresh: bool) {
     open_with_token_from(shared, token_url, generation, credentials);
 }
 
-/// Fetches a token from `token_url`, then opens with it (unless the hook was restarted
-/// meanwhile). Without one, the hook stays stopped with `Unauthorized`.
+/// Fetches a token from `token_url`, then opens with it, unless the hook was restarted
+/// meanwhile. Refused: the hook stops with `Unauthorized`. Any other failure: the hook
+/// retries with the reconnect backoff (a first token), or stays stopped (a fresh one,
+/// after the session ended).
 fn open_with_token_from(shared: &Shared, token_url: String, generation: u64, credentials: bool) {
     let shared = SendWrapper::new(shared.clone());
     leptos::task::spawn_local(async move {
         let token = fetch_token(&token_url, credentials).await;
         let mut c = shared.borrow_mut();
+        if c.fetching_token == Some(generation) {
+            c.fetching_token = None;
+        }
         if c.generation != generation {
             return;
         }
+        let stopped = c.stopped;
         match token {
-            Some(token) => {
+            Fetched::Token(token) => {
                 c.token = Some(token);
                 c.stopped = false;
                 drop(c);
                 open(&shared);
             }
-            None => {
-                let stopped = c.stopped;
+            Fetched::Refused if !stopped => {
                 drop(c);
-                if !stopped {
-                    stop_with(&shared, UseSseError::Unauthorized);
-                }
-                leptos::logging::warn!("sse-notify: no token from {token_url}");
+                stop_with(&shared, UseSseError::Unauthorized);
+            }
+            Fetched::Failed if !stopped => {
+                set_state(
+                    &c,
+                    ConnectionReadyState::Closed,
+                    Some(Some(UseSseError::Connection)),
+                );
+                let on_error = c.options.on_error.clone();
+                drop(c);
+                on_error(&UseSseError::Connection);
+                schedule_reconnect(&shared);
+            }
+            Fetched::Refused | Fetched::Failed => {
+                leptos::logging::warn!("sse-notify: no fresh token from {token_url}")
             }
         }
     });
 }
 
+/// What `token_url` answered.
+enum Fetched {
+    Token(String),
+    /// 401 or 403: not signed in.
+    Refused,
+    /// Unreachable, another status, or no token in the body.
+    Failed,
+}
+
 /// `GET token_url` with credentials: `{"token": "..."}`, or the token as text.
-async fn fetch_token(url: &str, credentials: bool) -> Option<String> {
+async fn fetch_token(url: &str, credentials: bool) -> Fetched {
     let mut request = gloo_net::http::Request::get(url);
     if credentials || !url.starts_with("http") {
         request = request.credentials(web_sys::RequestCredentials::Include);
     }
-    let response = request.send().await.ok()?;
-    if !response.ok() {
-        return None;
+    let Ok(response) = request.send().await else {
+        return Fetched::Failed;
+    };
+    if matches!(response.status(), 401 | 403) {
+        return Fetched::Refused;
     }
-    let text = response.text().await.ok()?;
+    if !response.ok() {
+        return Fetched::Failed;
+    }
+    let Ok(text) = response.text().await else {
+        return Fetched::Failed;
+    };
     let text = text.trim();
-    if text.starts_with('{') {
+    let token = if text.starts_with('{') {
         serde_json::from_str::<serde_json::Value>(text)
-            .ok()?
-            .get("token")?
-            .as_str()
-            .map(str::to_string)
+            .ok()
+            .and_then(|v| v.get("token")?.as_str().map(str::to_string))
     } else {
         (!text.is_empty()).then(|| text.to_string())
-    }
+    };
+    token.map_or(Fetched::Failed, Fetched::Token)
 }
 
 /// Asks the server whether the session would be let in (`HEAD` on the stream URL): `false`

@@ -34,7 +34,8 @@
 //! - a `resync` (events no longer kept), a stall, a `connection_replaced` and an ended
 //!   session (`Unauthorized`: expired or logged out) show up in `error`. Replaced and
 //!   unauthorized streams do not reconnect by themselves; with `token_url`, an expired
-//!   session fetches a fresh token and carries on;
+//!   session fetches a fresh token and carries on (with `token_first`, the first token
+//!   comes from there too);
 //! - the stream is closed when the owner is cleaned up.
 //!
 //! ## Server-Side Rendering
@@ -173,9 +174,10 @@ pub enum UseSseError {
     /// The same user opened a newer connection; this one was closed and stays closed.
     #[error("replaced by a newer connection of the same user")]
     Replaced,
-    /// The session is not (or no longer) valid: it expired, the user logged out, or the
-    /// server refused it. The stream stays closed until the session changes (`user_id`), a
-    /// fresh token comes from `token_url`, or `open` is called.
+    /// The session is not (or no longer) valid: it expired, the user logged out, the
+    /// server refused it, or `token_url` refused a token (401 or 403). The stream stays
+    /// closed until the session changes (`user_id`), a fresh token comes from `token_url`,
+    /// or `open` is called.
     #[error("not signed in, or the session ended")]
     Unauthorized,
     /// `max_reconnect_attempts` reconnects failed in a row.
@@ -244,11 +246,16 @@ pub struct UseSseOptions {
     /// A session token sent as `?token=`, for pages that cannot use the `sse_session`
     /// cookie (e.g. another origin). Defaults to `None`.
     pub session_id: Option<String>,
-    /// Where tokens come from: `GET` with credentials, answering `{"token": "..."}` (or the
-    /// token as text), sent then as `?token=`. Asked for the first token when there is no
-    /// `session_id`, and for a fresh one whenever the session ends or is refused. Defaults
-    /// to `None`: an ended session stays closed.
+    /// Where to get a fresh token when the session ends or is refused: `GET` with
+    /// credentials, answering `{"token": "..."}` (or the token as text). The token is then
+    /// sent as `?token=`. Defaults to `None`: an ended session stays closed.
     pub token_url: Option<String>,
+    /// Get the first token from `token_url` too, before the first stream opens, instead of
+    /// opening with the cookie: for a page whose stream is on another origin, or that
+    /// streams on short-lived tokens only. Ignored with a `session_id`. A refused fetch
+    /// (401 or 403) stops the hook with `Unauthorized`; any other failure is retried with
+    /// the reconnect backoff. Defaults to `false`.
+    pub token_first: bool,
     /// Event names to receive (sent as the `events=` filter). An EventSource only hears
     /// events it listens for by name, so custom events must be named here. Defaults to
     /// `None`: the five built-in events.
@@ -300,6 +307,7 @@ impl Default for UseSseOptions {
             user_id: None,
             session_id: None,
             token_url: None,
+            token_first: false,
             events: None,
             immediate: true,
             with_credentials: None,
