@@ -1,5 +1,6 @@
 // The use_sse hook against the real server: the filter it sends, replacement by a newer
 // connection, and the stall watchdog.
+import type { Page } from "@playwright/test";
 import { test, expect, signIn, openLive, Server } from "./fixtures";
 
 test("the hook sends its events= filter and receives the custom events it names", async ({ page, context, server }) => {
@@ -57,7 +58,9 @@ test("a stream silent for longer than the stall timeout is reported and reopened
   }
 });
 
-test("without a session the first token is refused: the hook stops as unauthorized and does not retry", async ({ page, server, consoleProblems }) => {
+/** Opens the short-session page (tokens from token_url only) and records the token and
+ * stream requests it makes. */
+async function openShortSession(page: Page, server: Server) {
   const tokens: string[] = [];
   const streams: string[] = [];
   page.on("request", (r) => {
@@ -66,6 +69,11 @@ test("without a session the first token is refused: the hook stops as unauthoriz
   });
   await page.goto(server.url("/short-session"));
   await expect(page.locator('[data-hydrated="true"]')).toBeVisible();
+  return { tokens, streams };
+}
+
+test("without a session the first token is refused: the hook stops as unauthorized and does not retry", async ({ page, server, consoleProblems }) => {
+  const { tokens, streams } = await openShortSession(page, server);
   const badge = page.locator('.status[data-error="unauthorized"]');
   await expect(badge).toHaveText(/Not signed in/);
   await page.waitForTimeout(3_000);
@@ -78,14 +86,7 @@ test("without a session the first token is refused: the hook stops as unauthoriz
 
 test("a stream whose token expires fetches a fresh one from token_url and keeps receiving", async ({ page, context, server }) => {
   await signIn(context, server, "short");
-  const tokens: string[] = [];
-  const streams: string[] = [];
-  page.on("request", (r) => {
-    if (r.url().includes("/api/demo/token")) tokens.push(r.url());
-    if (r.url().includes("/api/sse")) streams.push(r.url());
-  });
-  await page.goto(server.url("/short-session"));
-  await expect(page.locator('[data-hydrated="true"]')).toBeVisible();
+  const { tokens, streams } = await openShortSession(page, server);
   await expect(page.locator('.status[data-status="open"]')).toBeVisible();
   // The first token comes from token_url as the page opens; the 3 s token then ends the
   // stream (session_ended: expired) and the hook fetches a fresh one.
