@@ -84,6 +84,23 @@ test("without a session the first token is refused: the hook stops as unauthoriz
   consoleProblems.length = 0;
 });
 
+test("a token endpoint that does not answer is given up on after 10 s and asked again", async ({ page, context, server, consoleProblems }) => {
+  test.setTimeout(45_000);
+  await signIn(context, server, "slow-token");
+  let asked = 0;
+  await page.route("**/api/demo/token**", async (route) => {
+    asked += 1;
+    // The first request is never answered: only the hook's own timeout can end it.
+    if (asked > 1) await route.continue();
+  });
+  await openShortSession(page, server);
+  await expect(page.locator('.status[data-status="open"]')).toBeVisible({ timeout: 25_000 });
+  expect(asked).toBe(2);
+  // The aborted request may log; nothing else may.
+  expect(consoleProblems.filter((p) => !/ERR_ABORTED|abort/i.test(p))).toEqual([]);
+  consoleProblems.length = 0;
+});
+
 test("a stream whose token expires fetches a fresh one from token_url and keeps receiving", async ({ page, context, server }) => {
   await signIn(context, server, "short");
   const { tokens, streams } = await openShortSession(page, server);

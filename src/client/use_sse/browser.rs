@@ -22,6 +22,8 @@ const SEEN_IDS: usize = 512;
 const MAX_RECONNECT_DELAY_MS: u64 = 30_000;
 /// Fresh tokens fetched in a row without the stream opening, before giving up on them.
 const MAX_TOKEN_REFRESHES: u32 = 2;
+/// How long `token_url` may take to answer before the fetch counts as failed.
+const TOKEN_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Added to a resume age for the time a request takes to reach the server.
 const RESUME_MARGIN_MS: u64 = 1_000;
 /// SSE failures to open in a row, while the server answers, before WebSocket is tried.
@@ -838,7 +840,21 @@ enum Fetched {
 
 /// `GET token_url` with credentials: `{"token": "..."}`, or the token as text.
 async fn fetch_token(url: &str, credentials: bool) -> Fetched {
-    let mut request = gloo_net::http::Request::get(url);
+    // Bounded: a token endpoint that never answers must not leave the hook waiting.
+    let abort = web_sys::AbortController::new().ok();
+    let signal = abort.as_ref().map(web_sys::AbortController::signal);
+    let timer = abort
+        .clone()
+        .and_then(|abort| set_timeout_with_handle(move || abort.abort(), TOKEN_FETCH_TIMEOUT).ok());
+    let fetched = fetch_token_with(url, credentials, signal.as_ref()).await;
+    if let Some(timer) = timer {
+        timer.clear();
+    }
+    fetched
+}
+
+async fn fetch_token_with(url: &str, credentials: bool, signal: Option<&web_sys::AbortSignal>) -> Fetched {
+    let mut request = gloo_net::http::Request::get(url).abort_signal(signal);
     if credentials || !url.starts_with("http") {
         request = request.credentials(web_sys::RequestCredentials::Include);
     }

@@ -253,8 +253,8 @@ pub struct UseSseOptions {
     /// Get the first token from `token_url` too, before the first stream opens, instead of
     /// opening with the cookie: for a page whose stream is on another origin, or that
     /// streams on short-lived tokens only. Ignored with a `session_id`. A refused fetch
-    /// (401 or 403) stops the hook with `Unauthorized`; any other failure is retried with
-    /// the reconnect backoff. Defaults to `false`.
+    /// (401 or 403) stops the hook with `Unauthorized`; any other failure, or no answer
+    /// within 10 s, is retried with the reconnect backoff. Defaults to `false`.
     pub token_first: bool,
     /// Event names to receive (sent as the `events=` filter). An EventSource only hears
     /// events it listens for by name, so custom events must be named here. Defaults to
