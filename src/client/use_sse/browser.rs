@@ -749,18 +749,41 @@ fn deliver(shared: &Shared, msg: SseMessage) {
 /// Stops (no reconnect by itself) with `err`, keeping the lead of a shared stream, so no
 /// other tab of this browser opens one that would fight the reason it stopped.
 fn stop_with(shared: &Shared, err: UseSseError) {
-    let (on_error, on_close, was_open) = {
+    let closed = {
         let mut c = shared.borrow_mut();
         c.stopped = true;
-        let was_open = c.opened;
-        c.opened = false;
-        close_source(&mut c);
-        set_state(&c, ConnectionReadyState::Closed, Some(Some(err.clone())));
-        (c.options.on_error.clone(), c.options.on_close.clone(), was_open)
+        close_with_error(&mut c, &err)
     };
-    on_error(&err);
-    if was_open {
-        on_close();
+    closed.notify(&err);
+}
+
+/// Closes the current stream, if any, and shows `err` in the signals. The owner's
+/// callbacks are owed: call [`ClosedWithError::notify`] once `c` is released.
+fn close_with_error(c: &mut Connection, err: &UseSseError) -> ClosedWithError {
+    let was_open = c.opened;
+    c.opened = false;
+    close_source(c);
+    set_state(c, ConnectionReadyState::Closed, Some(Some(err.clone())));
+    ClosedWithError {
+        on_error: c.options.on_error.clone(),
+        on_close: c.options.on_close.clone(),
+        was_open,
+    }
+}
+
+/// The callbacks a [`close_with_error`] owes the hook's owner.
+struct ClosedWithError {
+    on_error: std::sync::Arc<dyn Fn(&UseSseError) + Send + Sync>,
+    on_close: std::sync::Arc<dyn Fn() + Send + Sync>,
+    was_open: bool,
+}
+
+impl ClosedWithError {
+    fn notify(self, err: &UseSseError) {
+        (self.on_error)(err);
+        if self.was_open {
+            (self.on_close)();
+        }
     }
 }
 
@@ -812,14 +835,9 @@ fn open_with_token_from(shared: &Shared, token_url: String, generation: u64, cre
                 stop_with(&shared, UseSseError::Unauthorized);
             }
             Fetched::Failed if !stopped => {
-                set_state(
-                    &c,
-                    ConnectionReadyState::Closed,
-                    Some(Some(UseSseError::Connection)),
-                );
-                let on_error = c.options.on_error.clone();
+                let closed = close_with_error(&mut c, &UseSseError::Connection);
                 drop(c);
-                on_error(&UseSseError::Connection);
+                closed.notify(&UseSseError::Connection);
                 schedule_reconnect(&shared);
             }
             Fetched::Refused | Fetched::Failed => {
@@ -895,14 +913,11 @@ async fn session_accepted(url: &str, credentials: bool) -> bool {
 }
 
 fn fail(shared: &Shared, err: UseSseError) {
-    let (on_error, on_close, was_open, probe) = {
+    let (closed, probe) = {
         let mut c = shared.borrow_mut();
-        let was_open = c.opened;
-        c.opened = false;
-        close_source(&mut c);
-        set_state(&c, ConnectionReadyState::Closed, Some(Some(err.clone())));
+        let closed = close_with_error(&mut c, &err);
         // A stream that never opened may have been refused: find out why before retrying.
-        let probe = (!was_open && err == UseSseError::Connection).then(|| {
+        let probe = (!closed.was_open && err == UseSseError::Connection).then(|| {
             (
                 c.options.stream_url(&StreamParams {
                     token: c.token.as_deref(),
@@ -912,17 +927,9 @@ fn fail(shared: &Shared, err: UseSseError) {
                 c.generation,
             )
         });
-        (
-            c.options.on_error.clone(),
-            c.options.on_close.clone(),
-            was_open,
-            probe,
-        )
+        (closed, probe)
     };
-    on_error(&err);
-    if was_open {
-        on_close();
-    }
+    closed.notify(&err);
     match probe {
         None => schedule_reconnect(shared),
         Some((url, credentials, generation)) => {
