@@ -2,7 +2,7 @@
 //! once published, their id and their SSE frame. This module sits below both the broker and
 //! the hub, so neither needs the other.
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{fmt, fmt::Write as _, str::FromStr, sync::Arc};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -73,16 +73,33 @@ pub struct PublishedEvent {
 
 impl PublishedEvent {
     pub fn new(id: EventId, envelope: Envelope) -> Self {
-        let (frame, data) = encode_event_frame(id, &envelope.name, &envelope.data);
+        Self::encode(
+            id,
+            envelope.target,
+            envelope.name,
+            &envelope.data,
+            envelope.timestamp_ms,
+        )
+        .with_coalesce_key(envelope.coalesce_key)
+    }
+
+    /// An event from its parts, `data` copied once, into the frame.
+    pub fn encode(id: EventId, target: Target, name: Arc<str>, data: &str, published_at_ms: u64) -> Self {
+        let (frame, data) = encode_event_frame(id, &name, data);
         Self {
             id,
-            target: envelope.target,
-            name: envelope.name,
-            published_at_ms: envelope.timestamp_ms,
-            coalesce_key: envelope.coalesce_key,
+            target,
+            name,
+            published_at_ms,
+            coalesce_key: None,
             frame,
             data,
         }
+    }
+
+    fn with_coalesce_key(mut self, key: Option<Arc<str>>) -> Self {
+        self.coalesce_key = key;
+        self
     }
 
     /// The `data` JSON as text.
@@ -103,9 +120,8 @@ pub fn encode_frame(name: &str, data: &str) -> Bytes {
 /// Encodes an event's frame; returns it and the view of its `data`.
 fn encode_event_frame(id: EventId, name: &str, data: &str) -> (Bytes, Bytes) {
     let mut buf = BytesMut::with_capacity(name.len() + data.len() + 40);
-    buf.put_slice(b"id: ");
-    buf.put_slice(id.to_string().as_bytes());
-    buf.put_u8(b'\n');
+    // `BytesMut` is a `fmt::Write`: the id goes in without a `String` of its own.
+    let _ = write!(buf, "id: {}\n", id.0);
     let data_at = buf.len() + "event: ".len() + name.len() + "\ndata: ".len();
     put_name_and_data(&mut buf, name, data);
     let frame = buf.freeze();

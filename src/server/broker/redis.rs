@@ -75,12 +75,21 @@ const MIN_REDIS: (u32, u32) = (7, 0);
 /// make every later event look old.
 const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
 
+const USER_STREAM_PREFIX: &str = "sse:stream:u:";
+const USER_CHANNEL_PREFIX: &str = "sse:u:";
+const TRIMMED_PREFIX: &str = "sse:trimmed:";
+
+fn write_user_key(key: &mut String, prefix: &str, user: &str) {
+    key.push_str(prefix);
+    key.push_str(user);
+}
+
 fn user_stream(user: &str) -> String {
-    format!("sse:stream:u:{user}")
+    format!("{USER_STREAM_PREFIX}{user}")
 }
 
 fn user_channel(user: &str) -> String {
-    format!("sse:u:{user}")
+    format!("{USER_CHANNEL_PREFIX}{user}")
 }
 
 fn delivered_key(user: &str) -> String {
@@ -88,7 +97,7 @@ fn delivered_key(user: &str) -> String {
 }
 
 fn trimmed_key(stream: &str) -> String {
-    format!("sse:trimmed:{stream}")
+    format!("{TRIMMED_PREFIX}{stream}")
 }
 
 const PUBLISH_SCRIPT: &str = r#"
@@ -499,15 +508,14 @@ fn decode_message(channel: &str, payload: &str, now_ms: u64) -> Option<Message> 
     if validate_event_name(name).is_err() || !is_json_object(data) {
         return None;
     }
-    let envelope = Envelope {
+    // Live events are not kept here; only replays from the streams use their age.
+    Some(Message::Event(PublishedEvent::encode(
+        EventId(id),
         target,
-        name: name.into(),
-        data: data.to_string(),
-        // Live events are not kept here; only replays from the streams use their age.
-        timestamp_ms: now_ms,
-        coalesce_key: None,
-    };
-    Some(Message::Event(PublishedEvent::new(EventId(id), envelope)))
+        name.into(),
+        data,
+        now_ms,
+    )))
 }
 
 /// Keeps one subscriber connection up: subscribe, recover what was missed, dispatch; on
@@ -529,8 +537,8 @@ async fn run_subscriber(broker: Weak<RedisBroker>, ready: tokio::sync::oneshot::
                 drop(this);
                 while let Some(msg) = stream.next().await {
                     let Some(this) = broker.upgrade() else { return };
-                    let payload: String = msg.get_payload().unwrap_or_default();
-                    match decode_message(msg.get_channel_name(), &payload, now_ms()) {
+                    let payload = std::str::from_utf8(msg.get_payload_bytes()).unwrap_or_default();
+                    match decode_message(msg.get_channel_name(), payload, now_ms()) {
                         Some(Message::Event(event)) => this.dispatch(event),
                         Some(Message::Disconnect { user, nonce }) => this.on_disconnect(&user, &nonce),
                         None => {
@@ -597,23 +605,36 @@ impl Broker for RedisBroker {
         let trim_below = now
             .saturating_sub(self.retention.longest().as_millis() as u64)
             .saturating_mul(1000);
-        let mut invocation = self.publish_script.prepare_invoke();
-        invocation.key(SEQ_KEY);
-        invocation
-            .arg(now)
+        // EVALSHA built as one `Cmd`, which packs every argument into one buffer
+        // (`ScriptInvocation` allocates a `Vec` per argument: eight per event). Keys are
+        // written through one reused `String`.
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.publish_script.get_hash())
+            .arg(1 + 2 * events.len())
+            .arg(SEQ_KEY);
+        let mut key = String::new();
+        for event in &events {
+            key.clear();
+            match &event.target {
+                Target::User(user) => write_user_key(&mut key, USER_STREAM_PREFIX, user),
+                Target::Broadcast => key.push_str(BROADCAST_STREAM),
+            }
+            call.arg(&key);
+            key.insert_str(0, TRIMMED_PREFIX);
+            call.arg(&key);
+        }
+        call.arg(now)
             .arg(self.max_stream_len)
             .arg(trim_below)
             .arg(self.floor.load(Ordering::Relaxed));
         for event in &events {
-            let (stream, channel) = match &event.target {
-                Target::User(user) => (user_stream(user), user_channel(user)),
-                Target::Broadcast => (BROADCAST_STREAM.to_string(), BROADCAST_CHANNEL.to_string()),
-            };
-            invocation.key(&stream);
-            invocation.key(trimmed_key(&stream));
+            key.clear();
+            match &event.target {
+                Target::User(user) => write_user_key(&mut key, USER_CHANNEL_PREFIX, user),
+                Target::Broadcast => key.push_str(BROADCAST_CHANNEL),
+            }
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
-            invocation
-                .arg(channel)
+            call.arg(&key)
                 .arg(&*event.name)
                 .arg(&event.data)
                 .arg(ttl_ms)
@@ -621,15 +642,29 @@ impl Broker for RedisBroker {
                 .arg(event.timestamp_ms);
         }
         let mut conn = self.conn.clone();
-        let ids: Vec<String> = invocation.invoke_async(&mut conn).await.map_err(|e| {
-            self.set_healthy(false);
-            unavailable(e)
-        })?;
-        let ids: Vec<EventId> = ids
-            .iter()
-            .map(|id| id.parse().map(EventId))
-            .collect::<Result<_, _>>()
-            .map_err(|e| BrokerError::Unavailable(format!("bad id from the publish script: {e}")))?;
+        let reply: Result<Vec<u64>, redis::RedisError> = match call.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                // First publish since Redis restarted (or flushed its scripts).
+                match redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(PUBLISH_SCRIPT)
+                    .exec_async(&mut conn)
+                    .await
+                {
+                    Ok(()) => call.query_async(&mut conn).await,
+                    Err(e) => Err(e),
+                }
+            }
+            reply => reply,
+        };
+        let ids: Vec<EventId> = reply
+            .map_err(|e| {
+                self.set_healthy(false);
+                unavailable(e)
+            })?
+            .into_iter()
+            .map(EventId)
+            .collect();
         if let Some(last) = ids.last() {
             self.floor.fetch_max(last.0, Ordering::Relaxed);
         }
