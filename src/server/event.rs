@@ -121,7 +121,7 @@ pub fn encode_frame(name: &str, data: &str) -> Bytes {
 fn encode_event_frame(id: EventId, name: &str, data: &str) -> (Bytes, Bytes) {
     let mut buf = BytesMut::with_capacity(name.len() + data.len() + 40);
     // `BytesMut` is a `fmt::Write`: the id goes in without a `String` of its own.
-    let _ = write!(buf, "id: {}\n", id.0);
+    let _ = writeln!(buf, "id: {}", id.0);
     let data_at = buf.len() + "event: ".len() + name.len() + "\ndata: ".len();
     put_name_and_data(&mut buf, name, data);
     let frame = buf.freeze();

@@ -377,7 +377,7 @@ mod tests {
         let extra = prop::sample::select(vec!["", r#""x":1,"#]);
         (user, broadcast, event, data, extra, any::<prop::sample::Index>()).prop_map(
             |(u, b, e, d, x, order)| {
-                let mut fields = vec![u, b, e, d, x];
+                let mut fields = [u, b, e, d, x];
                 let by = order.index(fields.len());
                 fields.rotate_left(by);
                 format!("{{{}}}", fields.concat().trim_end_matches(','))
