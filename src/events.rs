@@ -25,6 +25,8 @@
 //! assert!(Event::parse("notification", r#"{"title":"x"}"#).is_err()); // `message` is required
 //! ```
 
+use std::fmt::Write as _;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
@@ -432,7 +434,7 @@ impl Event {
             if json.len() > 1 {
                 json.push(',');
             }
-            json.push_str(&format!("\"timestamp\":{timestamp_ms}}}"));
+            let _ = write!(json, "\"timestamp\":{timestamp_ms}}}");
         }
         json
     }
