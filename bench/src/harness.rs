@@ -1000,7 +1000,8 @@ async fn broadcast(
         }
         // Keep listening a little: a duplicate may come after the last first copy.
         tokio::time::sleep(AUDIT_GRACE).await;
-        let (this_lost, this_duplicated, this_latencies) = audit_broadcast(&pool.seen().await, seq, pool.held);
+        let (this_lost, this_duplicated, this_latencies) =
+            audit_broadcast(&pool.seen().await, seq, pool.held);
         lost += this_lost;
         duplicated += this_duplicated;
         latencies.extend(this_latencies);
@@ -1151,6 +1152,25 @@ async fn targeted(args: &Args, report: &mut Report) {
     report.put("s3_wrong_user", json!(wrong));
     report.put("s3_stream_reconnects", json!(reconnects));
     let p99 = report.latencies("s3", seen.iter().map(|s| s[2]).collect());
+    // Where in the run the tail lies: sequence numbers grow with send time.
+    let window = (rate * 5).max(1);
+    let mut windows: Vec<Vec<u32>> = Vec::new();
+    for [_, seq, latency] in &seen {
+        let w = (seq.saturating_sub(1_000_000) as u64 / window) as usize;
+        if windows.len() <= w {
+            windows.resize(w + 1, Vec::new());
+        }
+        windows[w].push(*latency);
+    }
+    let by_window: Vec<f64> = windows
+        .into_iter()
+        .map(|mut l| {
+            l.sort_unstable();
+            l.get(l.len().saturating_sub(1) * 99 / 100)
+                .map_or(0.0, |v| *v as f64 / 1000.0)
+        })
+        .collect();
+    report.put("s3_p99_ms_by_5s", json!(by_window));
     report.put(
         "s3_server_cpu_s_per_million_deliveries",
         json!((cpu_after - cpu_before) / seen.len().max(1) as f64 * 1e6),

@@ -300,9 +300,13 @@ impl Hub {
         m::connections_changed(after as isize - before as isize);
     }
 
-    /// Queues a control frame (heartbeat) on every connection, whatever its filter.
-    pub fn send_control(&self, frame: Bytes) {
-        self.retain_connections(|c, counters| c.offer(Outbound::Control(frame.clone()), counters));
+    /// Queues a control frame (heartbeat) on every connection whose id is `slice` modulo
+    /// `slices`, whatever its filter; `(0, 1)` is every connection.
+    pub fn send_control(&self, frame: Bytes, slice: u64, slices: u64) {
+        let slices = slices.max(1);
+        self.retain_connections(|c, counters| {
+            c.id % slices != slice || c.offer(Outbound::Control(frame.clone()), counters)
+        });
     }
 
     /// Drops connections whose stream is gone without having unregistered.
@@ -429,7 +433,7 @@ mod tests {
         let mut conn = hub.register(&user("a"), Some(only), None).unwrap();
         hub.dispatch(&event(1, Target::User(user("a")), "notification"));
         hub.dispatch(&event(2, Target::User(user("a")), "reel_ready"));
-        hub.send_control(Bytes::from_static(b"event: heartbeat\ndata: {}\n\n"));
+        hub.send_control(Bytes::from_static(b"event: heartbeat\ndata: {}\n\n"), 0, 1);
         assert!(
             matches!(conn.mailbox.try_recv(), Some(Received::Frame(Outbound::Event(e))) if e.id == EventId(2))
         );

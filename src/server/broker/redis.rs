@@ -608,7 +608,10 @@ impl Broker for RedisBroker {
         // EVALSHA built as one `Cmd`, which packs every argument into one buffer
         // (`ScriptInvocation` allocates a `Vec` per argument: eight per event). Keys are
         // written through one reused `String`.
-        let bytes: usize = events.iter().map(|e| 2 * 64 + e.data.len() + e.name.len() + 64).sum();
+        let bytes: usize = events
+            .iter()
+            .map(|e| 2 * 64 + e.data.len() + e.name.len() + 64)
+            .sum();
         let mut call = redis::Cmd::with_capacity(3 + 9 * events.len(), 64 + bytes);
         call.arg("EVALSHA");
         call.arg(self.publish_script.get_hash())
