@@ -6,7 +6,7 @@
 
 /// jemalloc instead of glibc's malloc: the S3 profile spent a quarter of the server's CPU
 /// in glibc (`_int_malloc`, `malloc_consolidate`) on the publish path's short-lived buffers.
-#[cfg(feature = "jemalloc")]
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

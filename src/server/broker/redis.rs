@@ -487,7 +487,7 @@ fn decode_message(channel: &str, payload: &str, now_ms: u64) -> Option<Message> 
     let target = if channel == BROADCAST_CHANNEL {
         Target::Broadcast
     } else {
-        Target::User(channel.strip_prefix("sse:u:")?.into())
+        Target::User(channel.strip_prefix(USER_CHANNEL_PREFIX)?.into())
     };
     if let Some(nonce) = payload.strip_prefix("!disconnect ") {
         let Target::User(user) = target else { return None };
@@ -612,7 +612,7 @@ impl Broker for RedisBroker {
             .iter()
             .map(|e| 2 * 64 + e.data.len() + e.name.len() + 64)
             .sum();
-        let mut call = redis::Cmd::with_capacity(3 + 9 * events.len(), 64 + bytes);
+        let mut call = redis::Cmd::with_capacity(8 + 8 * events.len(), 64 + bytes);
         call.arg("EVALSHA");
         call.arg(self.publish_script.get_hash())
             .arg(1 + 2 * events.len())
