@@ -343,6 +343,34 @@ impl Event {
         })
     }
 
+    /// [`from_value`](Self::from_value) for `data` as JSON text, without building a `Value`
+    /// tree: `None` wherever `from_value` would name an error, and also for a `timestamp`
+    /// in a built-in event's data (which `from_value` drops). The publish API's fast path.
+    #[cfg(feature = "ssr")]
+    pub(crate) fn from_json_object(name: &str, data: &str) -> Option<Event> {
+        validate_event_name(name).ok()?;
+        // Only an object: a derived `Deserialize` also reads a struct from an array of its
+        // fields in order (`["t", "m"]`), which `from_value` refuses.
+        if !data.starts_with('{') {
+            return None;
+        }
+        fn typed<'a, T: Deserialize<'a>>(data: &'a str) -> Option<T> {
+            serde_json::from_str(data).ok()
+        }
+        Some(match name {
+            names::NOTIFICATION => Event::Notification(typed(data)?),
+            names::REEL_UPLOAD_PROGRESS => Event::ReelUploadProgress(typed(data)?),
+            names::REEL_READY => Event::ReelReady(typed(data)?),
+            names::USER_UPDATE => Event::UserUpdate(typed(data)?),
+            names::SYSTEM_ALERT => Event::SystemAlert(typed(data)?),
+            names::HEARTBEAT => Event::Heartbeat(typed(data)?),
+            _ => Event::Custom {
+                name: name.to_string(),
+                data: typed(data)?,
+            },
+        })
+    }
+
     /// Checks the limits serde cannot express: lengths, ranges and URL schemes.
     pub fn validate(&self) -> Result<(), ValidationError> {
         let under_data = |r: Result<(), ValidationError>| r.map_err(|e| e.under("data"));

@@ -803,19 +803,22 @@ impl Report {
 
     pub(crate) fn latencies(&mut self, prefix: &str, mut latencies: Vec<u32>) -> f64 {
         latencies.sort_unstable();
-        let p = |q: f64| {
-            if latencies.is_empty() {
-                return f64::NAN;
-            }
-            let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
-            latencies[i] as f64 / 1000.0
-        };
+        let p = |q: f64| percentile_ms(&latencies, q);
         self.put(&format!("{prefix}_p50_ms"), json!(p(0.50)));
         self.put(&format!("{prefix}_p99_ms"), json!(p(0.99)));
         self.put(&format!("{prefix}_p999_ms"), json!(p(0.999)));
         self.put(&format!("{prefix}_max_ms"), json!(p(1.0)));
         p(0.99)
     }
+}
+
+/// The `q` quantile of `sorted` latencies (µs), in ms; NaN when there are none.
+fn percentile_ms(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i] as f64 / 1000.0
 }
 
 /// Compares what arrived with what was sent (`expected` maps seq -> user).
@@ -1182,8 +1185,7 @@ async fn targeted(args: &Args, report: &mut Report) {
         .filter(|l| l.len() as u64 >= window / 2)
         .map(|mut l| {
             l.sort_unstable();
-            let i = ((l.len() as f64 - 1.0) * 0.99).round() as usize;
-            l[i] as f64 / 1000.0
+            percentile_ms(&l, 0.99)
         })
         .collect();
     report.put("s3_p99_ms_by_5s", json!(by_window));

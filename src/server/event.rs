@@ -79,27 +79,29 @@ impl PublishedEvent {
             envelope.name,
             &envelope.data,
             envelope.timestamp_ms,
+            envelope.coalesce_key,
         )
-        .with_coalesce_key(envelope.coalesce_key)
     }
 
     /// An event from its parts, `data` copied once, into the frame.
-    pub fn encode(id: EventId, target: Target, name: Arc<str>, data: &str, published_at_ms: u64) -> Self {
+    pub fn encode(
+        id: EventId,
+        target: Target,
+        name: Arc<str>,
+        data: &str,
+        published_at_ms: u64,
+        coalesce_key: Option<Arc<str>>,
+    ) -> Self {
         let (frame, data) = encode_event_frame(id, &name, data);
         Self {
             id,
             target,
             name,
             published_at_ms,
-            coalesce_key: None,
+            coalesce_key,
             frame,
             data,
         }
-    }
-
-    fn with_coalesce_key(mut self, key: Option<Arc<str>>) -> Self {
-        self.coalesce_key = key;
-        self
     }
 
     /// The `data` JSON as text.

@@ -193,7 +193,7 @@ mod fast {
     use serde_json::value::RawValue;
 
     use super::{Envelope, SseService, Target};
-    use crate::events::{names, validate_event_name, Event};
+    use crate::events::Event;
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -226,22 +226,19 @@ mod fast {
             if raw.is_empty() || raw.len() > service.config().max_batch {
                 return None;
             }
+            // Only objects: a derived `Deserialize` also reads a struct from an array of
+            // its fields in order (`["alice", false, "notification", ...]`).
             raw.into_iter()
-                .map(|item| object::<Item>(item.get()))
+                .map(|item| {
+                    item.get()
+                        .starts_with('{')
+                        .then(|| serde_json::from_str::<Item>(item.get()).ok())?
+                })
                 .collect::<Option<Vec<_>>>()?
         } else {
             vec![serde_json::from_slice::<Item>(body).ok()?]
         };
         items.into_iter().map(|item| envelope(service, item)).collect()
-    }
-
-    /// Parses `json` only if it is a JSON object: a derived `Deserialize` also reads a struct
-    /// from an array of its fields in order (`["alice", false, "notification", ...]`), which
-    /// the `Value` path refuses.
-    fn object<'a, T: Deserialize<'a>>(json: &'a str) -> Option<T> {
-        json.starts_with('{')
-            .then(|| serde_json::from_str(json).ok())
-            .flatten()
     }
 
     fn envelope(service: &SseService, item: Item) -> Option<Envelope> {
@@ -250,21 +247,8 @@ mod fast {
             (None, true) => Target::Broadcast,
             _ => return None,
         };
-        let name = item.event.as_ref();
-        validate_event_name(name).ok()?;
         let data = item.data.map_or("{}", RawValue::get);
-        let event = match name {
-            names::NOTIFICATION => Event::Notification(object(data)?),
-            names::REEL_UPLOAD_PROGRESS => Event::ReelUploadProgress(object(data)?),
-            names::REEL_READY => Event::ReelReady(object(data)?),
-            names::USER_UPDATE => Event::UserUpdate(object(data)?),
-            names::SYSTEM_ALERT => Event::SystemAlert(object(data)?),
-            _ if names::RESERVED.contains(&name) => return None,
-            _ => Event::Custom {
-                name: item.event.into_owned(),
-                data: object(data)?,
-            },
-        };
+        let event = Event::from_json_object(&item.event, data)?;
         service.prepare(target, event).ok()
     }
 }

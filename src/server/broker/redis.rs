@@ -75,29 +75,51 @@ const MIN_REDIS: (u32, u32) = (7, 0);
 /// make every later event look old.
 const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
 
-const USER_STREAM_PREFIX: &str = "sse:stream:u:";
 const USER_CHANNEL_PREFIX: &str = "sse:u:";
-const TRIMMED_PREFIX: &str = "sse:trimmed:";
 
-fn write_user_key(key: &mut String, prefix: &str, user: &str) {
-    key.push_str(prefix);
-    key.push_str(user);
+/// A key or channel name: a fixed prefix, then the rest. As a command argument it is
+/// written straight into the command (`write_arg_fmt`), without a `String` of its own.
+#[derive(Clone, Copy)]
+struct Prefixed<T>(&'static str, T);
+
+impl<T: std::fmt::Display> std::fmt::Display for Prefixed<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.0, self.1)
+    }
 }
 
-fn user_stream(user: &str) -> String {
-    format!("{USER_STREAM_PREFIX}{user}")
+impl<T: std::fmt::Display> redis::ToRedisArgs for Prefixed<T> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self)
+    }
 }
 
-fn user_channel(user: &str) -> String {
-    format!("{USER_CHANNEL_PREFIX}{user}")
+/// The stream that keeps `target`'s events for replay.
+fn stream_of(target: &Target) -> Prefixed<&str> {
+    match target {
+        Target::User(user) => Prefixed("sse:stream:u:", user),
+        Target::Broadcast => Prefixed(BROADCAST_STREAM, ""),
+    }
+}
+
+/// The pub/sub channel of `target`'s live events.
+fn channel_of(target: &Target) -> Prefixed<&str> {
+    match target {
+        Target::User(user) => user_channel(user),
+        Target::Broadcast => Prefixed(BROADCAST_CHANNEL, ""),
+    }
+}
+
+fn user_channel(user: &str) -> Prefixed<&str> {
+    Prefixed(USER_CHANNEL_PREFIX, user)
 }
 
 fn delivered_key(user: &str) -> String {
     format!("sse:delivered:u:{user}")
 }
 
-fn trimmed_key(stream: &str) -> String {
-    format!("{TRIMMED_PREFIX}{stream}")
+fn trimmed_key<T: std::fmt::Display>(stream: T) -> Prefixed<T> {
+    Prefixed("sse:trimmed:", stream)
 }
 
 const PUBLISH_SCRIPT: &str = r#"
@@ -274,8 +296,12 @@ impl RedisBroker {
         let mut conn = self.conn.clone();
         let targets: Vec<(Target, String)> = users
             .iter()
-            .map(|u| (Target::User(u.clone()), user_stream(u)))
-            .chain(std::iter::once((Target::Broadcast, BROADCAST_STREAM.to_string())))
+            .map(|u| Target::User(u.clone()))
+            .chain(std::iter::once(Target::Broadcast))
+            .map(|target| {
+                let stream = stream_of(&target).to_string();
+                (target, stream)
+            })
             .collect();
         // The head and each stream's flood watermark, in one round trip.
         let mut pipe = redis::pipe();
@@ -515,6 +541,7 @@ fn decode_message(channel: &str, payload: &str, now_ms: u64) -> Option<Message> 
         name.into(),
         data,
         now_ms,
+        None,
     )))
 }
 
@@ -606,8 +633,7 @@ impl Broker for RedisBroker {
             .saturating_sub(self.retention.longest().as_millis() as u64)
             .saturating_mul(1000);
         // EVALSHA built as one `Cmd`, which packs every argument into one buffer
-        // (`ScriptInvocation` allocates a `Vec` per argument: eight per event). Keys are
-        // written through one reused `String`.
+        // (`ScriptInvocation` allocates a `Vec` per argument: eight per event).
         let bytes: usize = events
             .iter()
             .map(|e| 2 * 64 + e.data.len() + e.name.len() + 64)
@@ -617,29 +643,17 @@ impl Broker for RedisBroker {
         call.arg(self.publish_script.get_hash())
             .arg(1 + 2 * events.len())
             .arg(SEQ_KEY);
-        let mut key = String::new();
         for event in &events {
-            key.clear();
-            match &event.target {
-                Target::User(user) => write_user_key(&mut key, USER_STREAM_PREFIX, user),
-                Target::Broadcast => key.push_str(BROADCAST_STREAM),
-            }
-            call.arg(&key);
-            key.insert_str(0, TRIMMED_PREFIX);
-            call.arg(&key);
+            let stream = stream_of(&event.target);
+            call.arg(stream).arg(trimmed_key(stream));
         }
         call.arg(now)
             .arg(self.max_stream_len)
             .arg(trim_below)
             .arg(self.floor.load(Ordering::Relaxed));
         for event in &events {
-            key.clear();
-            match &event.target {
-                Target::User(user) => write_user_key(&mut key, USER_CHANNEL_PREFIX, user),
-                Target::Broadcast => key.push_str(BROADCAST_CHANNEL),
-            }
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
-            call.arg(&key)
+            call.arg(channel_of(&event.target))
                 .arg(&*event.name)
                 .arg(&event.data)
                 .arg(ttl_ms)
