@@ -21,7 +21,7 @@
 use std::{
     collections::HashMap,
     future::{Future, IntoFuture},
-    io,
+    io::{self, IoSlice, Write as _},
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
@@ -466,52 +466,78 @@ async fn respond(
     }
     head.extend_from_slice(b"\r\n");
     drop(parts);
-    write_with_progress(&mut stream, &head, WRITE_TIMEOUT)
+    write_with_progress(&mut stream, &mut [IoSlice::new(&head)], WRITE_TIMEOUT)
         .await
         .ok()?;
     Some((stream, body.into_data_stream(), chunked))
 }
 
 /// The streaming half of [`serve_lean`]: writes the body as it comes until either side ends.
+///
+/// One poll serves both halves: the body's next chunk, and the socket's read readiness
+/// (an SSE client sends nothing after its request, so data or EOF means it is gone). The
+/// socket's own reader slot holds the waker, rather than a `readable()` future that a
+/// `select!` would build, register and drop again for every frame written.
 async fn stream_body(mut stream: TcpStream, mut body: BodyDataStream, chunked: bool) {
+    enum Next {
+        Data(Bytes),
+        Readable,
+        End,
+        Gone,
+    }
     let mut probe = [0u8; 16];
     loop {
-        tokio::select! {
-            next = body.next() => match next {
-                Some(Ok(data)) => {
-                    let sent = if chunked {
-                        let mut chunk = Vec::with_capacity(data.len() + 12);
-                        chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                        chunk.extend_from_slice(&data);
-                        chunk.extend_from_slice(b"\r\n");
-                        write_with_progress(&mut stream, &chunk, WRITE_TIMEOUT).await
-                    } else {
-                        write_with_progress(&mut stream, &data, WRITE_TIMEOUT).await
-                    };
-                    if sent.is_err() {
-                        return;
-                    }
-                }
-                Some(Err(_)) => return,
-                None => break,
-            },
-            // An SSE client sends nothing after its request: data or EOF here means it is
-            // gone (or misbehaving), so the stream and its registration are dropped now.
-            readable = stream.readable() => {
-                if readable.is_err() {
+        let next = std::future::poll_fn(|cx| {
+            if let Poll::Ready(next) = body.poll_next_unpin(cx) {
+                return Poll::Ready(match next {
+                    Some(Ok(data)) => Next::Data(data),
+                    Some(Err(_)) => Next::Gone,
+                    None => Next::End,
+                });
+            }
+            stream.poll_read_ready(cx).map(|ready| match ready {
+                Ok(()) => Next::Readable,
+                Err(_) => Next::Gone,
+            })
+        })
+        .await;
+        match next {
+            // An empty chunk would read as the end of a chunked body.
+            Next::Data(data) if data.is_empty() => {}
+            Next::Data(data) => {
+                let sent = if chunked {
+                    let mut size = [0u8; 18];
+                    let size = chunk_size_line(data.len(), &mut size);
+                    let mut parts = [IoSlice::new(size), IoSlice::new(&data), IoSlice::new(b"\r\n")];
+                    write_with_progress(&mut stream, &mut parts, WRITE_TIMEOUT).await
+                } else {
+                    write_with_progress(&mut stream, &mut [IoSlice::new(&data)], WRITE_TIMEOUT).await
+                };
+                if sent.is_err() {
                     return;
                 }
-                match stream.try_read(&mut probe) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    _ => return,
-                }
             }
+            Next::Readable => match stream.try_read(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => return,
+            },
+            Next::End => break,
+            Next::Gone => return,
         }
     }
     if chunked {
-        let _ = write_with_progress(&mut stream, b"0\r\n\r\n", WRITE_TIMEOUT).await;
+        let _ = write_with_progress(&mut stream, &mut [IoSlice::new(b"0\r\n\r\n")], WRITE_TIMEOUT).await;
     }
     let _ = stream.shutdown().await;
+}
+
+/// `len` in hex and CRLF, the line before each chunk of a chunked body, written into `buf`.
+fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    let mut rest = &mut buf[..];
+    // 16 hex digits and CRLF always fit.
+    let _ = write!(rest, "{len:x}\r\n");
+    let written = 18 - rest.len();
+    &buf[..written]
 }
 
 /// Reads until the request head is complete, starting from `buf` (bytes already read), and
@@ -564,17 +590,19 @@ pub(crate) fn parse_head(buf: &[u8]) -> Result<Option<Request<Body>>, u16> {
     builder.body(Body::empty()).map(Some).map_err(|_| 400)
 }
 
-/// Writes all of `bytes`, failing only when no byte could be written for `stall`: a slow
-/// reader that keeps taking data is never cut off, one that stopped reading is.
+/// Writes all of `parts` (one vectored write each time, so a chunk's framing costs no
+/// copy), failing only when no byte could be written for `stall`: a slow reader that keeps
+/// taking data is never cut off, one that stopped reading is.
 pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
     stream: &mut W,
-    mut bytes: &[u8],
+    mut parts: &mut [IoSlice<'_>],
     stall: Duration,
 ) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match tokio::time::timeout(stall, stream.write(bytes)).await {
+    IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match tokio::time::timeout(stall, stream.write_vectored(parts)).await {
             Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(Ok(n)) => bytes = &bytes[n..],
+            Ok(Ok(n)) => IoSlice::advance_slices(&mut parts, n),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(io::ErrorKind::TimedOut.into()),
         }
@@ -594,7 +622,7 @@ async fn write_plain(stream: &mut TcpStream, status: u16) -> io::Result<()> {
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    write_with_progress(stream, response.as_bytes(), WRITE_TIMEOUT).await?;
+    write_with_progress(stream, &mut [IoSlice::new(response.as_bytes())], WRITE_TIMEOUT).await?;
     stream.shutdown().await
 }
 
@@ -664,7 +692,7 @@ mod tests {
         let (mut server, mut client) = duplex(64);
         let payload = vec![b'x'; 4096];
         let writer = tokio::spawn(async move {
-            let result = write_with_progress(&mut server, &payload, WRITE_TIMEOUT).await;
+            let result = write_with_progress(&mut server, &mut [IoSlice::new(&payload)], WRITE_TIMEOUT).await;
             (result.map_err(|e| e.kind()), tokio::time::Instant::now())
         });
         // A slow reader: 64 bytes every 20 s for 2,000 s; the whole write takes far longer
@@ -686,6 +714,37 @@ mod tests {
         assert!(
             after <= WRITE_TIMEOUT && after >= WRITE_TIMEOUT - Duration::from_secs(1),
             "{after:?}"
+        );
+    }
+
+    /// A chunk goes out framed as `<hex len>\r\n<data>\r\n`, whole, even when the reader
+    /// takes a few bytes at a time (each vectored write then covers part of one slice).
+    #[tokio::test]
+    async fn chunks_are_framed_whole_across_partial_vectored_writes() {
+        for len in [1usize, 9, 10, 15, 16, 255, 256, 4095, 70_000] {
+            let mut size = [0u8; 18];
+            assert_eq!(chunk_size_line(len, &mut size), format!("{len:x}\r\n").as_bytes());
+            let (mut server, mut client) = duplex(7);
+            let data = vec![b'd'; len];
+            let reader = tokio::spawn(async move {
+                let mut all = Vec::new();
+                client.read_to_end(&mut all).await.unwrap();
+                all
+            });
+            let mut size = [0u8; 18];
+            let size = chunk_size_line(len, &mut size);
+            let mut parts = [IoSlice::new(size), IoSlice::new(&data), IoSlice::new(b"\r\n")];
+            write_with_progress(&mut server, &mut parts, WRITE_TIMEOUT)
+                .await
+                .unwrap();
+            drop(server);
+            let expected = [format!("{len:x}\r\n").into_bytes(), data, b"\r\n".to_vec()].concat();
+            assert_eq!(reader.await.unwrap(), expected, "len {len}");
+        }
+        let mut size = [0u8; 18];
+        assert_eq!(
+            chunk_size_line(usize::MAX, &mut size),
+            format!("{:x}\r\n", usize::MAX).as_bytes()
         );
     }
 
