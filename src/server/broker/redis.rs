@@ -94,6 +94,9 @@ impl<T: std::fmt::Display> redis::ToRedisArgs for Prefixed<T> {
     }
 }
 
+/// A key is one argument.
+impl<T: std::fmt::Display> redis::ToSingleRedisArg for Prefixed<T> {}
+
 /// The stream that keeps `target`'s events for replay.
 fn stream_of(target: &Target) -> Prefixed<&str> {
     match target {
@@ -222,6 +225,11 @@ impl RedisBroker {
             retention,
             max_stream_len,
         } = options;
+        if url.starts_with("rediss:") && rustls::crypto::CryptoProvider::get_default().is_none() {
+            // redis-rs takes the process's default TLS provider, which rustls can pick by
+            // itself only when exactly one is compiled in; a host app may bring another.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let client = match ca_cert {
             None => Client::open(url.as_str()),
             Some(pem) => Client::build_with_tls(
@@ -234,10 +242,10 @@ impl RedisBroker {
         }
         .map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(2))
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
-            .set_max_delay(1_000);
+            .set_max_delay(Duration::from_secs(1));
         let mut conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(unavailable)?;
@@ -662,7 +670,7 @@ impl Broker for RedisBroker {
         }
         let mut conn = self.conn.clone();
         let reply: Result<Vec<u64>, redis::RedisError> = match call.query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 // First publish since Redis restarted (or flushed its scripts).
                 match redis::cmd("SCRIPT")
                     .arg("LOAD")
