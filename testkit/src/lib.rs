@@ -102,6 +102,110 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of its own: `masters` primaries with `replicas` replicas each, every
+/// node a [`RedisServer`] on free ports (client and cluster bus), joined with
+/// `redis-cli --cluster create`; killed and removed on drop.
+///
+/// ```no_run
+/// let mut cluster = sse_notify_testkit::RedisCluster::start(3, 1);
+/// let seeds = cluster.urls(); // redis://127.0.0.1:<port>,redis://127.0.0.1:<port>,...
+/// cluster.nodes[0].kill();   // a primary lost; its replica takes over
+/// ```
+pub struct RedisCluster {
+    /// The primaries first, in creation order, then their replicas.
+    pub nodes: Vec<RedisServer>,
+    _dirs: Vec<TempDir>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes, creates the cluster and waits until every node reports
+    /// `cluster_state:ok`; panics after 30 s.
+    pub fn start(masters: usize, replicas: usize) -> Self {
+        assert!(
+            masters >= 3,
+            "redis-cli --cluster create needs 3 primaries or more"
+        );
+        let mut nodes = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            let dir = TempDir::new("redis-cluster-node");
+            // The bus port defaults to the client port + 10000, which may be taken.
+            let bus_port = free_port().to_string();
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--dir",
+                dir.path().to_str().expect("a UTF-8 temp dir"),
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-port",
+                &bus_port,
+                "--cluster-node-timeout",
+                "2000",
+                // A replica takes over however long ago it last heard from its primary
+                // (tests kill primaries moments after the cluster forms).
+                "--cluster-replica-validity-factor",
+                "0",
+            ]));
+            dirs.push(dir);
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        create.args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        let output = create
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli is installed (make setup)");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let cluster = Self { nodes, _dirs: dirs };
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Every live node's address as a seed list: `redis://127.0.0.1:<port>,...`.
+    pub fn urls(&self) -> String {
+        let live = self.nodes.iter().filter(|n| n.pid().is_some());
+        live.map(RedisServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Blocks until every live node reports `cluster_state:ok` and every live replica is
+    /// in sync with its primary; panics after `within`.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let ask = |port: u16, args: &[&str]| {
+            Command::new("redis-cli")
+                .arg("-p")
+                .arg(port.to_string())
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        for node in self.nodes.iter().filter(|n| n.pid().is_some()) {
+            loop {
+                let state = ask(node.port, &["cluster", "info"]);
+                let replication = ask(node.port, &["info", "replication"]);
+                let has = |text: &str, line: &str| text.lines().any(|l| l.trim() == line);
+                let synced = has(&replication, "role:master") || has(&replication, "master_link_status:up");
+                if has(&state, "cluster_state:ok") && synced {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} not ready: {state}{replication}",
+                    node.port
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// A directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
 
