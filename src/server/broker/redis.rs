@@ -198,6 +198,10 @@ struct Subscriptions {
 }
 
 /// Where and how to reach Redis.
+///
+/// For `rediss://`, TLS runs on rustls with the process's default crypto provider, and
+/// installs `ring` as that default when none is set. A host app that wants another
+/// provider installs it before starting the service.
 #[derive(Clone, Debug)]
 pub struct RedisOptions {
     /// `redis://` or `rediss://` (TLS).
@@ -225,9 +229,15 @@ impl RedisBroker {
             retention,
             max_stream_len,
         } = options;
-        if url.starts_with("rediss:") && rustls::crypto::CryptoProvider::get_default().is_none() {
+        let tls = url.split_once("://").is_some_and(|(scheme, _)| {
+            ["rediss", "valkeys"]
+                .iter()
+                .any(|s| scheme.eq_ignore_ascii_case(s))
+        });
+        if tls && rustls::crypto::CryptoProvider::get_default().is_none() {
             // redis-rs takes the process's default TLS provider, which rustls can pick by
             // itself only when exactly one is compiled in; a host app may bring another.
+            // A host that installs its own must do so before starting the service.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let client = match ca_cert {
