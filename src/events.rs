@@ -329,18 +329,7 @@ impl Event {
         if name != names::HEARTBEAT && names::BUILT_IN.contains(&name) {
             object.remove("timestamp");
         }
-        Ok(match name {
-            names::NOTIFICATION => Event::Notification(typed(data)?),
-            names::REEL_UPLOAD_PROGRESS => Event::ReelUploadProgress(typed(data)?),
-            names::REEL_READY => Event::ReelReady(typed(data)?),
-            names::USER_UPDATE => Event::UserUpdate(typed(data)?),
-            names::SYSTEM_ALERT => Event::SystemAlert(typed(data)?),
-            names::HEARTBEAT => Event::Heartbeat(typed(data)?),
-            _ => Event::Custom {
-                name: name.to_string(),
-                data,
-            },
-        })
+        Self::read_by_name(name, data)
     }
 
     /// [`from_value`](Self::from_value) for `data` as JSON text, without building a `Value`
@@ -354,19 +343,21 @@ impl Event {
         if !data.starts_with('{') {
             return None;
         }
-        fn typed<'a, T: Deserialize<'a>>(data: &'a str) -> Option<T> {
-            serde_json::from_str(data).ok()
-        }
-        Some(match name {
-            names::NOTIFICATION => Event::Notification(typed(data)?),
-            names::REEL_UPLOAD_PROGRESS => Event::ReelUploadProgress(typed(data)?),
-            names::REEL_READY => Event::ReelReady(typed(data)?),
-            names::USER_UPDATE => Event::UserUpdate(typed(data)?),
-            names::SYSTEM_ALERT => Event::SystemAlert(typed(data)?),
-            names::HEARTBEAT => Event::Heartbeat(typed(data)?),
+        Self::read_by_name(name, JsonText(data)).ok()
+    }
+
+    /// The one table of which type each event name's data is read into.
+    fn read_by_name<D: EventData>(name: &str, data: D) -> Result<Event, D::Error> {
+        Ok(match name {
+            names::NOTIFICATION => Event::Notification(data.read()?),
+            names::REEL_UPLOAD_PROGRESS => Event::ReelUploadProgress(data.read()?),
+            names::REEL_READY => Event::ReelReady(data.read()?),
+            names::USER_UPDATE => Event::UserUpdate(data.read()?),
+            names::SYSTEM_ALERT => Event::SystemAlert(data.read()?),
+            names::HEARTBEAT => Event::Heartbeat(data.read()?),
             _ => Event::Custom {
                 name: name.to_string(),
-                data: typed(data)?,
+                data: data.into_value()?,
             },
         })
     }
@@ -474,6 +465,41 @@ impl Event {
             Event::ReelUploadProgress(p) => Some(&p.reel_id),
             _ => None,
         }
+    }
+}
+
+/// An event's `data` as one of [`Event`]'s constructors reads it: a `Value` (errors name
+/// the field) or, on the publish API's fast path, JSON text (no `Value` tree built).
+trait EventData {
+    type Error;
+    /// The data as the typed event its name calls for.
+    fn read<T: DeserializeOwned>(self) -> Result<T, Self::Error>;
+    /// The data of a custom event, as it is.
+    fn into_value(self) -> Result<Value, Self::Error>;
+}
+
+impl EventData for Value {
+    type Error = ValidationError;
+    fn read<T: DeserializeOwned>(self) -> Result<T, ValidationError> {
+        typed(self)
+    }
+    fn into_value(self) -> Result<Value, ValidationError> {
+        Ok(self)
+    }
+}
+
+/// Event data as JSON text.
+#[cfg(feature = "ssr")]
+struct JsonText<'a>(&'a str);
+
+#[cfg(feature = "ssr")]
+impl EventData for JsonText<'_> {
+    type Error = serde_json::Error;
+    fn read<T: DeserializeOwned>(self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.0)
+    }
+    fn into_value(self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(self.0)
     }
 }
 
