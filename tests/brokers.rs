@@ -10,8 +10,9 @@ use common::*;
 use serde_json::json;
 use sse_notify::{
     events::{ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus},
-    server::{SendError, SseConfig, SseService},
+    server::{broker::router, SendError, SseConfig, SseService},
 };
+use sse_notify_testkit::RedisCluster;
 
 fn alert(message: &str) -> SystemAlert {
     SystemAlert {
@@ -30,7 +31,13 @@ fn text(event: &eventsource_stream::Event) -> String {
         .to_string()
 }
 
-// ---- The shared behaviour suite: each check runs on both brokers. ----
+/// The user's lane in a stream's `id:`: all of it with one order, the first half of
+/// `<user lane>.<broadcast lane>` on a Redis Cluster.
+fn user_lane(id: &str) -> &str {
+    id.split('.').next().unwrap_or(id)
+}
+
+// ---- The shared behaviour suite: each check runs on every broker. ----
 
 /// Targeted and broadcast events arrive in order, exactly once, only where they belong.
 async fn check_delivery(config: SseConfig) {
@@ -110,10 +117,14 @@ async fn check_connect_during_publishing(config: SseConfig) {
         let first = client.next().await;
         let start = ids
             .iter()
-            .position(|id| id.to_string() == first.id)
+            .position(|id| id.to_string() == user_lane(&first.id))
             .expect("a known id");
         for expected in &ids[start + 1..] {
-            assert_eq!(client.next().await.id, expected.to_string(), "round {round}");
+            assert_eq!(
+                user_lane(&client.next().await.id),
+                expected.to_string(),
+                "round {round}"
+            );
         }
         assert!(
             client.nothing_within(Duration::from_millis(50)).await,
@@ -917,4 +928,271 @@ async fn rediss_over_tls_with_a_private_ca() {
     let mut again = server.connect("tls", "", Some(&seen.id)).await;
     assert_eq!(text(&again.next().await), "replayed over TLS");
     drop(redis);
+}
+
+// ---- Redis Cluster. ----
+
+async fn start_cluster() -> RedisCluster {
+    tokio::task::spawn_blocking(|| RedisCluster::start(3, 1))
+        .await
+        .unwrap()
+}
+
+fn cluster_config(cluster: &RedisCluster) -> SseConfig {
+    test_config().redis_url(cluster.urls()).redis_cluster(true)
+}
+
+/// The behaviour suite on a Redis Cluster (3 primaries with a replica each): one cluster,
+/// the checks one after another, every primary emptied in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_behaviour_suite_passes_on_a_redis_cluster() {
+    let cluster = start_cluster().await;
+    macro_rules! run {
+        ($($check:ident),*) => {$(
+            eprintln!("on the cluster: {}", stringify!($check));
+            $check(cluster_config(&cluster)).await;
+            for primary in &cluster.nodes[..3] {
+                redis_query::<()>(primary, &mut redis::cmd("FLUSHALL")).await;
+            }
+        )*};
+    }
+    run!(
+        check_delivery,
+        check_replay,
+        check_resync,
+        check_connect_during_publishing,
+        check_offline_delivery,
+        check_latest_progress_on_resume,
+        check_resume_ago
+    );
+}
+
+/// Users whose lanes are on every shard of the cluster.
+fn users_on_every_shard(prefix: &str) -> Vec<String> {
+    let users: Vec<String> = (0..12).map(|i| format!("{prefix}{i}")).collect();
+    let shards: std::collections::HashSet<u8> = users
+        .iter()
+        // `redis-cli --cluster create` gives 3 primaries slots 0-5460, 5461-10922, 10923-.
+        .map(
+            |u| match router::key_slot(format!("sse:{{u:{u}}}:stream").as_bytes()) {
+                0..=5460 => 0,
+                5461..=10922 => 1,
+                _ => 2,
+            },
+        )
+        .collect();
+    assert_eq!(shards.len(), 3, "pick users whose lanes land on all three shards");
+    users
+}
+
+/// Two instances on a cluster: events published on A reach clients on B, in order, once,
+/// and only their own; a client of B resumes on A with its `<user>.<broadcast>` id and gets
+/// exactly what it missed, user events and broadcasts; a disconnect reaches both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_a_redis_cluster_act_as_one() {
+    let cluster = start_cluster().await;
+    let a = start_server(cluster_config(&cluster)).await;
+    let b = start_server(cluster_config(&cluster)).await;
+    let users = users_on_every_shard("c");
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(b.connect(user, "", None).await);
+    }
+    for n in 0..3 {
+        for user in &users {
+            a.service
+                .send_notification(user, note(&format!("{user}-{n}")))
+                .await
+                .unwrap();
+        }
+    }
+    a.service.send_system_alert(alert("everyone")).await.unwrap();
+    for (user, client) in users.iter().zip(&mut clients) {
+        let got = [
+            text(&client.next().await),
+            text(&client.next().await),
+            text(&client.next().await),
+            text(&client.next().await),
+        ];
+        assert_eq!(
+            got,
+            [
+                format!("{user}-0"),
+                format!("{user}-1"),
+                format!("{user}-2"),
+                "everyone".to_string()
+            ]
+        );
+    }
+    for client in &mut clients {
+        assert!(
+            client.nothing_within(Duration::from_millis(100)).await,
+            "a duplicate or another's event"
+        );
+    }
+
+    // Away from B, back on A with the last id B sent.
+    drop(clients);
+    b.wait_for_clients(&users[0], 0).await;
+    let seen = b.resume_point(&users[0]).await;
+    assert!(seen.contains('.'), "a cursor in two lanes: {seen}");
+    b.service.send_notification(&users[0], note("m1")).await.unwrap();
+    b.service.send_system_alert(alert("mb")).await.unwrap();
+    b.service.send_notification(&users[0], note("m2")).await.unwrap();
+    let mut back = a.connect(&users[0], "", Some(&seen)).await;
+    assert_eq!(
+        [
+            text(&back.next().await),
+            text(&back.next().await),
+            text(&back.next().await)
+        ],
+        ["m1", "mb", "m2"]
+    );
+    assert!(back.nothing_within(Duration::from_millis(300)).await);
+
+    let mut on_b = b.connect(&users[0], "", None).await;
+    b.wait_for_clients(&users[0], 1).await;
+    let (status, body) = a.post_json("/api/disconnect", json!({"user_id": users[0]})).await;
+    assert_eq!((status, body["closed"].as_u64()), (200, Some(2)), "{body}");
+    for stream in [&mut back, &mut on_b] {
+        let last = stream.until_end().await;
+        assert_eq!(last.last().map(|e| e.event.as_str()), Some("session_ended"));
+    }
+}
+
+/// A primary killed (`SIGKILL`) while events flow to users on every shard: its replica
+/// takes over, and every event whose publish succeeded reaches its client exactly once and
+/// in order (an event whose publish failed may arrive, once); the broker is healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_while_events_flow_loses_nothing() {
+    let mut cluster = start_cluster().await;
+    let a = start_server(cluster_config(&cluster)).await;
+    let b = start_server(cluster_config(&cluster)).await;
+    let users = users_on_every_shard("f");
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(b.connect(user, "", None).await);
+    }
+    let publisher = publish_for(a.service.clone(), users.clone(), 12);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Node 0 is the primary of slots 0-5460: some users' lanes.
+    cluster.nodes[0].kill();
+    let sent = publisher.await.unwrap();
+    let failed: usize = sent.iter().flatten().filter(|(_, ok)| !ok).count();
+    eprintln!("{} publishes, {failed} failed", sent.iter().flatten().count());
+    assert_all_delivered_once(&users, &mut clients, &sent).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while b.service.broker_health() != sse_notify::server::BrokerHealth::Healthy {
+        assert!(tokio::time::Instant::now() < deadline, "B stays degraded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes numbered notifications to each of `users` on `service` for `secs`, 20 ms
+/// apart; returns per user each title and whether its publish succeeded, in publish order.
+fn publish_for(
+    service: SseService,
+    users: Vec<String>,
+    secs: u64,
+) -> tokio::task::JoinHandle<Vec<Vec<(String, bool)>>> {
+    tokio::spawn(async move {
+        let mut sent: Vec<Vec<(String, bool)>> = vec![Vec::new(); users.len()];
+        let started = tokio::time::Instant::now();
+        let mut round = 0;
+        while started.elapsed() < Duration::from_secs(secs) {
+            for (i, user) in users.iter().enumerate() {
+                let title = format!("{user}-{round}");
+                let ok = service.send_notification(user, note(&title)).await.is_ok();
+                sent[i].push((title, ok));
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    })
+}
+
+/// Every client got every event whose publish succeeded, once, in order; nothing else but
+/// (once) events whose publish failed.
+async fn assert_all_delivered_once(
+    users: &[String],
+    clients: &mut [SseClient],
+    sent: &[Vec<(String, bool)>],
+) {
+    for ((user, client), sent) in users.iter().zip(clients).zip(sent) {
+        let confirmed: Vec<&str> = sent
+            .iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        let mut got: Vec<String> = Vec::new();
+        while got.last().map(String::as_str) != confirmed.last().copied() {
+            let event = tokio::time::timeout(Duration::from_secs(20), client.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{user}: stalled after {} of {} events",
+                        got.len(),
+                        confirmed.len()
+                    )
+                });
+            got.push(text(&event));
+        }
+        assert!(
+            client.nothing_within(Duration::from_millis(200)).await,
+            "{user}: a duplicate at the end"
+        );
+        let order: Vec<&str> = sent.iter().map(|(t, _)| t.as_str()).collect();
+        let positions: Vec<usize> = got
+            .iter()
+            .map(|t| {
+                order
+                    .iter()
+                    .position(|o| o == t)
+                    .unwrap_or_else(|| panic!("{user}: unknown {t}"))
+            })
+            .collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "{user}: out of order or twice: {got:?}"
+        );
+        for title in &confirmed {
+            assert!(got.iter().any(|g| g == title), "{user}: lost {title}");
+        }
+    }
+}
+
+/// The subscriber connections cut on every primary (`CLIENT KILL`) while events flow:
+/// what was published until they are back is read from the streams, so every client gets
+/// every event once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_subscriber_connections_catch_up_from_the_streams() {
+    let cluster = start_cluster().await;
+    let server = start_server(cluster_config(&cluster)).await;
+    let users = users_on_every_shard("s");
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(server.connect(user, "", None).await);
+    }
+    let publisher = publish_for(server.service.clone(), users.clone(), 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut cut = 0;
+    for primary in &cluster.nodes[..3] {
+        let list: String = redis_query(primary, redis::cmd("CLIENT").arg("LIST")).await;
+        for line in list.lines().filter(|l| !l.contains(" ssub=0 ")) {
+            let id = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("id="))
+                .unwrap();
+            let _: i64 = redis_query(primary, redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id)).await;
+            cut += 1;
+        }
+    }
+    assert_eq!(cut, 3, "one subscriber connection per primary");
+    let sent = publisher.await.unwrap();
+    assert!(
+        sent.iter().flatten().all(|(_, ok)| *ok),
+        "publishing is not affected"
+    );
+    assert_all_delivered_once(&users, &mut clients, &sent).await;
 }

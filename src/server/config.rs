@@ -99,13 +99,16 @@ pub struct SseConfig {
     /// Origins allowed by CORS; empty means same origin only (`SSE_ALLOWED_ORIGINS`, comma-separated).
     pub allowed_origins: Vec<String>,
     /// Shared Redis for several instances; `None` runs on the in-process broker (`REDIS_URL`).
-    /// Secret: the URL may hold the password.
+    /// On a Redis Cluster, its seed nodes separated by commas. Secret: the URL may hold the
+    /// password.
     #[builder(into)]
     pub redis_url: Option<SecretString>,
     /// A PEM file of the certificate authority that signed a `rediss://` server's
     /// certificate, when it is not one of the public web roots (`SSE_REDIS_CA_CERT`).
     #[builder(into)]
     pub redis_ca_cert: Option<std::path::PathBuf>,
+    /// `redis_url` names the nodes of a Redis Cluster (`SSE_REDIS_CLUSTER=1`).
+    pub redis_cluster: bool,
 }
 
 impl Default for SseConfig {
@@ -137,6 +140,7 @@ impl Default for SseConfig {
             allowed_origins: Vec::new(),
             redis_url: None,
             redis_ca_cert: None,
+            redis_cluster: false,
         }
     }
 }
@@ -192,6 +196,7 @@ struct SseVars {
     publish_key: Option<SecretString>,
     allowed_origins: Option<String>,
     redis_ca_cert: Option<std::path::PathBuf>,
+    redis_cluster: Option<String>,
 }
 
 /// The Redis variables, which have no `SSE_` prefix.
@@ -337,16 +342,49 @@ impl SseConfig {
             config.allowed_origins = parse_origins(&origins)?;
         }
         config.redis_ca_cert = sse.redis_ca_cert;
+        config.redis_cluster = match sse.redis_cluster.as_deref().map(str::trim) {
+            None | Some("" | "0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(_) => return Err(ConfigError::new("SSE_REDIS_CLUSTER", "expected 1 or 0")),
+        };
+        let is_redis_url = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");
         config.redis_url = match redis.redis_url {
-            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => Some(url.into()),
+            Some(url) if config.redis_cluster && url.split(',').all(|u| is_redis_url(u.trim())) => {
+                Some(url.into())
+            }
+            Some(_) if config.redis_cluster => {
+                return Err(ConfigError::new(
+                    "REDIS_URL",
+                    "expected the cluster's nodes as redis:// or rediss:// URLs separated by commas",
+                ))
+            }
+            Some(url) if is_redis_url(&url) && !url.contains(',') => Some(url.into()),
+            Some(url) if url.contains(',') => {
+                return Err(ConfigError::new(
+                    "REDIS_URL",
+                    "several URLs name a Redis Cluster's nodes: set SSE_REDIS_CLUSTER=1 as well",
+                ))
+            }
             Some(_) => {
                 return Err(ConfigError::new(
                     "REDIS_URL",
                     "expected a redis:// or rediss:// URL",
                 ))
             }
+            None if config.redis_cluster => {
+                return Err(ConfigError::new(
+                    "REDIS_URL",
+                    "SSE_REDIS_CLUSTER=1 needs the cluster's nodes in REDIS_URL",
+                ))
+            }
             None => upstash_url(redis.upstash_redis_rest_url, redis.upstash_redis_rest_token)?,
         };
+        if config.redis_cluster && config.redis_ca_cert.is_some() {
+            return Err(ConfigError::new(
+                "SSE_REDIS_CA_CERT",
+                "not supported on a Redis Cluster yet: use a server certificate of a public CA",
+            ));
+        }
         Ok(config)
     }
 }

@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use futures::Stream;
 
 use super::{
-    event::{encode_frame, EventId},
+    event::{encode_frame, id_line, Cursor},
     hub::{CloseReason, Outbound},
     mailbox::{Received, Receiver},
     now_ms, SseService,
@@ -32,8 +32,6 @@ pub struct EventStream {
     pub(super) mailbox: Receiver,
     /// The mailbox ended or closed: nothing more comes after what is pending.
     pub(super) ended: bool,
-    /// Live events up to this id were already sent by the replay.
-    pub(super) skip_through: EventId,
     pub(super) closer: Closer,
     /// Its place among the server's `max_connections`.
     pub(super) _permit: super::service::ConnectionPermit,
@@ -44,8 +42,9 @@ pub(super) struct Closer {
     pub(super) service: SseService,
     pub(super) user: Arc<str>,
     pub(super) id: u64,
-    /// The highest id this connection handed to the client.
-    pub(super) delivered_through: EventId,
+    /// How far this connection got: what the replay and the live events handed to the
+    /// client. Live events it covers were sent already and are skipped.
+    pub(super) delivered_through: Cursor,
 }
 
 impl Drop for Closer {
@@ -70,9 +69,15 @@ impl Stream for EventStream {
         let mut chunk = Chunk::default();
         loop {
             match this.mailbox.poll_recv(cx) {
-                Poll::Ready(Received::Frame(Outbound::Event(event))) if event.id <= this.skip_through => {}
+                Poll::Ready(Received::Frame(Outbound::Event(event)))
+                    if this.closer.delivered_through.covers(&event) => {}
                 Poll::Ready(Received::Frame(Outbound::Event(event))) => {
-                    this.closer.delivered_through = this.closer.delivered_through.max(event.id);
+                    let cursor = &mut this.closer.delivered_through;
+                    cursor.advance(&event);
+                    if let Cursor::Lanes { .. } = cursor {
+                        // Frames of a lane carry no id: the client's is its place in both.
+                        chunk.push(id_line(*cursor));
+                    }
                     chunk.push(event.frame.clone());
                 }
                 Poll::Ready(Received::Frame(Outbound::Control(bytes))) => chunk.push(bytes),

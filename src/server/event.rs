@@ -9,7 +9,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// The id of a published event: opaque to clients, increasing, valid as `Last-Event-ID`.
 ///
 /// Ids come from one counter per broker (one per Redis for the Redis broker), so a user's
-/// events and broadcasts share one order and one id resumes both exactly.
+/// events and broadcasts share one order and one id resumes both exactly; on a Redis
+/// Cluster, from one counter per lane (see [`Cursor`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct EventId(pub u64);
 
@@ -30,6 +31,131 @@ impl serde::Serialize for EventId {
     /// As a string: ids may pass 2^53, past what a JavaScript number holds exactly.
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+/// Where a client stands in the event order: what `Last-Event-ID` carries, and where a
+/// stream resumes.
+///
+/// With one order for every event (the in-process broker, one Redis) it is one id. On a
+/// Redis Cluster a user's events and broadcasts are ordered on different shards, each in
+/// its own lane, so it holds one position per lane and reads `<user lane>.<broadcast lane>`:
+/// a resume is exact in both, however the two lanes interleaved on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// One order for all events.
+    One(EventId),
+    /// The user's lane and the broadcast lane.
+    Lanes { user: EventId, broadcast: EventId },
+}
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Cursor::One(EventId(0))
+    }
+}
+
+impl Cursor {
+    /// The start of both lanes.
+    pub const LANES_START: Cursor = Cursor::Lanes {
+        user: EventId(0),
+        broadcast: EventId(0),
+    };
+
+    /// The position in the user's lane and in the broadcast lane (the same id for one order).
+    pub fn lanes(self) -> (EventId, EventId) {
+        match self {
+            Cursor::One(id) => (id, id),
+            Cursor::Lanes { user, broadcast } => (user, broadcast),
+        }
+    }
+
+    /// Whether `event` is at or before this position in its lane: already sent.
+    pub fn covers(self, event: &PublishedEvent) -> bool {
+        match self {
+            Cursor::One(id) => event.id <= id,
+            Cursor::Lanes { user, broadcast } => match event.target {
+                Target::User(_) => event.id <= user,
+                Target::Broadcast => event.id <= broadcast,
+            },
+        }
+    }
+
+    /// Moves past `event` in its lane (never back).
+    pub fn advance(&mut self, event: &PublishedEvent) {
+        match self {
+            Cursor::One(id) => *id = (*id).max(event.id),
+            Cursor::Lanes { user, broadcast } => {
+                let lane = match event.target {
+                    Target::User(_) => user,
+                    Target::Broadcast => broadcast,
+                };
+                *lane = (*lane).max(event.id);
+            }
+        }
+    }
+
+    /// Each lane through `f`; stays one id when it is one.
+    pub fn map(self, f: impl Fn(EventId) -> EventId) -> Self {
+        match self {
+            Cursor::One(id) => Cursor::One(f(id)),
+            Cursor::Lanes { user, broadcast } => Cursor::Lanes {
+                user: f(user),
+                broadcast: f(broadcast),
+            },
+        }
+    }
+
+    /// Lane by lane, with `other`; lanes when either has them.
+    fn zip(self, other: Self, f: impl Fn(EventId, EventId) -> EventId) -> Self {
+        match (self, other) {
+            (Cursor::One(a), Cursor::One(b)) => Cursor::One(f(a, b)),
+            _ => {
+                let ((au, ab), (bu, bb)) = (self.lanes(), other.lanes());
+                Cursor::Lanes {
+                    user: f(au, bu),
+                    broadcast: f(ab, bb),
+                }
+            }
+        }
+    }
+
+    /// The later position in each lane.
+    pub fn max(self, other: Self) -> Self {
+        self.zip(other, EventId::max)
+    }
+
+    /// The earlier position in each lane.
+    pub fn min(self, other: Self) -> Self {
+        self.zip(other, EventId::min)
+    }
+
+    /// Nothing in any lane yet.
+    pub fn is_start(self) -> bool {
+        self.lanes() == (EventId(0), EventId(0))
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cursor::One(id) => id.fmt(f),
+            Cursor::Lanes { user, broadcast } => write!(f, "{user}.{broadcast}"),
+        }
+    }
+}
+
+impl FromStr for Cursor {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        match s.split_once('.') {
+            None => Ok(Cursor::One(EventId(s.parse()?))),
+            Some((user, broadcast)) => Ok(Cursor::Lanes {
+                user: EventId(user.parse()?),
+                broadcast: EventId(broadcast.parse()?),
+            }),
+        }
     }
 }
 
@@ -104,6 +230,30 @@ impl PublishedEvent {
         }
     }
 
+    /// An event of a lane (see [`Cursor::Lanes`]): its frame has no `id:` line, since the
+    /// id a client needs is its cursor in both lanes, which each connection writes itself.
+    pub fn encode_in_lane(
+        id: EventId,
+        target: Target,
+        name: Arc<str>,
+        data: &str,
+        published_at_ms: u64,
+        coalesce_key: Option<Arc<str>>,
+    ) -> Self {
+        let frame = encode_frame(&name, data);
+        let data_at = "event: ".len() + name.len() + "\ndata: ".len();
+        let data = frame.slice(data_at..data_at + data.len());
+        Self {
+            id,
+            target,
+            name,
+            published_at_ms,
+            coalesce_key,
+            frame,
+            data,
+        }
+    }
+
     /// The `data` JSON as text.
     pub fn data_str(&self) -> &str {
         std::str::from_utf8(&self.data).unwrap_or("{}")
@@ -116,6 +266,13 @@ impl PublishedEvent {
 pub fn encode_frame(name: &str, data: &str) -> Bytes {
     let mut buf = BytesMut::with_capacity(name.len() + data.len() + 18);
     put_name_and_data(&mut buf, name, data);
+    buf.freeze()
+}
+
+/// The `id:` line that puts a client at `cursor`: written before each event of a lane.
+pub fn id_line(cursor: Cursor) -> Bytes {
+    let mut buf = BytesMut::with_capacity(48);
+    let _ = writeln!(buf, "id: {cursor}");
     buf.freeze()
 }
 

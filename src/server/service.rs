@@ -63,11 +63,11 @@ use tokio_stream::{wrappers::IntervalStream, StreamExt};
 use super::{
     auth::{self, Auth, Authenticate, Identity},
     broker::{
-        coalesce_latest, Broker, BrokerError, Delivery, EventSink, MemoryBroker, RedisBroker, RedisOptions,
-        Retention,
+        coalesce_latest, Broker, BrokerError, ClusterBroker, ClusterOptions, Delivery, EventSink,
+        MemoryBroker, RedisBroker, RedisOptions, Retention,
     },
     connection::{Closer, EventStream},
-    event::{encode_frame, Envelope, EventId, PublishedEvent, Target},
+    event::{encode_frame, id_line, Cursor, Envelope, EventId, PublishedEvent, Target},
     hub::{CloseReason, Hub},
     metrics as m, now_ms, SseConfig,
 };
@@ -106,8 +106,8 @@ pub enum Resume {
     /// they were offline.
     #[default]
     Now,
-    /// After this id: the client's `Last-Event-ID`.
-    After(EventId),
+    /// After this position: the client's `Last-Event-ID`.
+    After(Cursor),
     /// From this long ago (at most [`MAX_RESUME_AGO`]): a client without an id whose
     /// earlier stream may have carried events that never reached it, e.g. one a proxy
     /// held back.
@@ -209,6 +209,21 @@ impl SseService {
         let hub = Arc::new(Hub::new(config.max_clients_per_user, config.queue_capacity));
         let sink: EventSink = Arc::new(HubDelivery(hub.clone()));
         let broker: Arc<dyn Broker> = match &config.redis_url {
+            Some(url) if config.redis_cluster => {
+                use secrecy::ExposeSecret;
+                let options = ClusterOptions {
+                    seeds: url
+                        .expose_secret()
+                        .split(',')
+                        .map(|u| u.trim().to_string())
+                        .collect(),
+                    retention: config.retention(),
+                    max_stream_len: config.history_capacity,
+                };
+                ClusterBroker::connect(options, sink)
+                    .await
+                    .map_err(|e| StartError::Redis(e.to_string()))?
+            }
             Some(url) => {
                 use secrecy::ExposeSecret;
                 let ca_cert = match &config.redis_ca_cert {
@@ -422,22 +437,36 @@ impl SseService {
             service: self.clone(),
             user: user.clone(),
             id: registration.id,
-            delivered_through: EventId(0),
+            delivered_through: Cursor::default(),
         };
         let broker = &inner.broker;
+        let start = match broker.in_lanes() {
+            true => Cursor::LANES_START,
+            false => Cursor::default(),
+        };
+        // A cursor of the other kind (from before a move to or from a cluster) resumes
+        // from the earlier of its lanes.
+        let of_this_broker = |cursor: Cursor| match (cursor, start) {
+            (Cursor::One(id), Cursor::Lanes { .. }) => Cursor::Lanes {
+                user: id,
+                broadcast: id,
+            },
+            (Cursor::Lanes { user, broadcast }, Cursor::One(_)) => Cursor::One(user.min(broadcast)),
+            (cursor, _) => cursor,
+        };
         let replay_plan = match resume {
-            Resume::After(after) => Some((after, None)),
+            Resume::After(after) => Some((of_this_broker(after), None)),
             Resume::Ago(age) => {
                 // The id the broker's clock gave then; if nothing came since, the head (a
                 // point every broker still knows, so no false gap).
                 let age_ms = age.min(MAX_RESUME_AGO).as_millis() as u64;
                 let then = EventId(now_ms().saturating_sub(age_ms).saturating_mul(1000));
-                Some((then.min(broker.head().await?), None))
+                Some((broker.head(&user).await?.map(|head| head.min(then)), None))
             }
             Resume::Now if registration.first_for_user => {
-                let head = broker.head().await?;
+                let head = broker.head(&user).await?;
                 let cursor = broker.delivered_through(&user).await?;
-                Some((cursor.unwrap_or_default().min(head), Some(head)))
+                Some((cursor.map_or(start, of_this_broker).min(head), Some(head)))
             }
             Resume::Now => None,
         };
@@ -447,10 +476,11 @@ impl SseService {
 
         let mut prelude = BytesMut::new();
         prelude.extend_from_slice(format!("retry: {}\n\n", inner.config.retry.as_millis()).as_bytes());
-        let mut replayed_through = EventId(0);
+        let mut replayed_through = start;
         if let Some((after, fresh_head)) = replay_plan {
             let replay = broker.replay(&user, after).await?;
-            let replay_through = replay.events.last().map_or(after, |e| e.id);
+            let mut replay_through = after;
+            replay.events.iter().for_each(|e| replay_through.advance(e));
             let now = now_ms();
             let wanted = |e: &PublishedEvent| {
                 let offline_ok = || {
@@ -460,7 +490,7 @@ impl SseService {
                         .is_some_and(|keep| now.saturating_sub(e.published_at_ms) <= keep.as_millis() as u64)
                 };
                 let passes_filter = filter.as_ref().is_none_or(|f| f.iter().any(|n| **n == *e.name));
-                passes_filter && fresh_head.is_none_or(|head| e.id > head || offline_ok())
+                passes_filter && fresh_head.is_none_or(|head| !head.covers(e) || offline_ok())
             };
             let events = coalesce_latest(replay.events.into_iter().filter(|e| wanted(e)).collect());
             let resync = replay.gap && fresh_head.is_none();
@@ -471,19 +501,24 @@ impl SseService {
                 );
                 prelude.extend_from_slice(&encode_frame(names::RESYNC, &data));
             }
+            let mut sent = after;
             for event in &events {
+                sent.advance(event);
+                if let Cursor::Lanes { .. } = sent {
+                    prelude.extend_from_slice(&id_line(sent));
+                }
                 prelude.extend_from_slice(&event.frame);
             }
             // Live events up to here came through the replay (or were meant for nobody yet).
-            replayed_through = replay_through.max(after).max(fresh_head.unwrap_or_default());
+            replayed_through = replay_through.max(after).max(fresh_head.unwrap_or(start));
         }
         // For another tab of a connected user, the start is the head read after registering:
         // anything newer is in this connection's queue, behind the start frame.
-        let starts_after = match replayed_through {
-            EventId(0) => broker.head().await?,
-            through => through,
+        let starts_after = match replayed_through.is_start() {
+            true => broker.head(&user).await?,
+            false => replayed_through,
         };
-        if starts_after > EventId(0) {
+        if !starts_after.is_start() {
             prelude.extend_from_slice(format!("id: {starts_after}\n\n").as_bytes());
         }
         // Then an event at once: a client that saw the response open but not this soon
@@ -495,7 +530,6 @@ impl SseService {
             prelude: VecDeque::from([prelude.freeze()]),
             mailbox: registration.mailbox,
             ended: false,
-            skip_through: replayed_through,
             closer,
             _permit: permit,
         })
@@ -515,7 +549,7 @@ impl SseService {
     /// The closing half of the protocol, run when a stream is dropped: unregister it, record
     /// how far it got (where the user's offline delivery starts next time), and stop the
     /// broker listening for the user if this was their last connection here.
-    pub(super) fn stream_closed(&self, user: Arc<str>, id: u64, delivered_through: EventId) {
+    pub(super) fn stream_closed(&self, user: Arc<str>, id: u64, delivered_through: Cursor) {
         let last = self.inner.hub.unregister(&user, id);
         tracing::debug!(user = %user, "stream closed");
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -524,7 +558,7 @@ impl SseService {
         let service = self.clone();
         runtime.spawn(async move {
             let broker = &service.inner.broker;
-            if delivered_through.0 > 0 {
+            if !delivered_through.is_start() {
                 broker.set_delivered_through(&user, delivered_through).await;
             }
             // The user may have come back while this was scheduled.

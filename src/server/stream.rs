@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use super::{
     auth::Identity,
-    event::EventId,
+    event::Cursor,
     metrics as m,
     service::{OpenError, Resume, MAX_RESUME_AGO},
     ApiError, SseService,
@@ -199,7 +199,7 @@ pub(crate) fn parse_filter(events: Option<&str>) -> Result<Option<Arc<[String]>>
 pub(crate) fn parse_last_event_id(
     headers: &HeaderMap,
     query: Option<&str>,
-) -> Result<Option<EventId>, ApiError> {
+) -> Result<Option<Cursor>, ApiError> {
     let (field, raw) = match headers.get("last-event-id") {
         Some(v) => ("Last-Event-ID", v.to_str().unwrap_or("\u{fffd}")),
         None => ("lastEventId", query.unwrap_or_default()),
@@ -207,7 +207,7 @@ pub(crate) fn parse_last_event_id(
     if raw.trim().is_empty() {
         return Ok(None);
     }
-    raw.parse::<EventId>().map(Some).map_err(|_| {
+    raw.parse::<Cursor>().map(Some).map_err(|_| {
         ApiError::bad_request(format!("{raw:?} is not an event id this server issued")).field(field)
     })
 }
@@ -230,6 +230,7 @@ pub(crate) fn parse_resume_ago(raw: Option<&str>) -> Result<Option<std::time::Du
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::event::EventId;
 
     #[test]
     fn filter_names_are_validated_deduplicated_and_capped() {
@@ -267,7 +268,8 @@ mod tests {
             }
         }
 
-        /// Any `Last-Event-ID` (header or query): no panic, and an accepted id is a number.
+        /// Any `Last-Event-ID` (header or query): no panic, and an accepted id is a number,
+        /// or two (a cursor in two lanes).
         #[test]
         fn any_last_event_id_is_parsed_safely(raw in ".{0,40}") {
             let mut headers = HeaderMap::new();
@@ -275,10 +277,37 @@ mod tests {
                 headers.insert("last-event-id", value);
             }
             for parsed in [parse_last_event_id(&headers, None), parse_last_event_id(&HeaderMap::new(), Some(&raw))] {
-                if let Ok(Some(id)) = parsed {
-                    proptest::prop_assert_eq!(raw.trim().parse::<u64>().ok(), Some(id.0));
+                if let Ok(Some(cursor)) = parsed {
+                    let numbers: Option<Vec<u64>> = raw.trim().split('.').map(|n| n.parse().ok()).collect();
+                    let expected = match numbers.as_deref() {
+                        Some(&[id]) => Some(Cursor::One(EventId(id))),
+                        Some(&[user, broadcast]) => Some(Cursor::Lanes { user: EventId(user), broadcast: EventId(broadcast) }),
+                        _ => None,
+                    };
+                    proptest::prop_assert_eq!(expected, Some(cursor));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_cursor_in_two_lanes_reads_and_writes_as_two_ids() {
+        let cursor = parse_last_event_id(&HeaderMap::new(), Some("17.9"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            cursor,
+            Cursor::Lanes {
+                user: EventId(17),
+                broadcast: EventId(9)
+            }
+        );
+        assert_eq!(cursor.to_string(), "17.9");
+        for bad in ["1.2.3", "1.", ".1", "1.x"] {
+            assert!(
+                parse_last_event_id(&HeaderMap::new(), Some(bad)).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -303,12 +332,12 @@ mod tests {
         let mut headers = HeaderMap::new();
         assert_eq!(
             parse_last_event_id(&headers, Some("7")).unwrap(),
-            Some(EventId(7))
+            Some(Cursor::One(EventId(7)))
         );
         headers.insert("last-event-id", HeaderValue::from_static("9"));
         assert_eq!(
             parse_last_event_id(&headers, Some("7")).unwrap(),
-            Some(EventId(9))
+            Some(Cursor::One(EventId(9)))
         );
         assert!(parse_last_event_id(&HeaderMap::new(), Some("abc")).is_err());
         assert_eq!(parse_last_event_id(&HeaderMap::new(), Some("")).unwrap(), None);

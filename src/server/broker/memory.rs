@@ -8,8 +8,8 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    Broker, BrokerError, BrokerHealth, Envelope, EventId, EventSink, PublishedEvent, Replay, Retention,
-    Target,
+    Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
+    Retention, Target,
 };
 use crate::server::now_ms;
 
@@ -174,7 +174,9 @@ impl Broker for MemoryBroker {
         Ok(ids)
     }
 
-    async fn replay(&self, user: &str, after: EventId) -> Result<Replay, BrokerError> {
+    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
+        let (user_lane, broadcast_lane) = after.lanes();
+        let after = user_lane.min(broadcast_lane);
         let state = self.lock();
         if after.0 >= state.next_id {
             // Not issued by this broker: from another server or forged.
@@ -196,15 +198,20 @@ impl Broker for MemoryBroker {
         Ok(self.sink.disconnect(user))
     }
 
-    async fn head(&self) -> Result<EventId, BrokerError> {
-        Ok(EventId(self.lock().next_id - 1))
+    async fn head(&self, _user: &str) -> Result<Cursor, BrokerError> {
+        Ok(Cursor::One(EventId(self.lock().next_id - 1)))
     }
 
-    async fn delivered_through(&self, user: &str) -> Result<Option<EventId>, BrokerError> {
-        Ok(self.lock().delivered.get(user).map(|(id, _)| EventId(*id)))
+    async fn delivered_through(&self, user: &str) -> Result<Option<Cursor>, BrokerError> {
+        Ok(self
+            .lock()
+            .delivered
+            .get(user)
+            .map(|(id, _)| Cursor::One(EventId(*id))))
     }
 
-    async fn set_delivered_through(&self, user: &str, id: EventId) {
+    async fn set_delivered_through(&self, user: &str, cursor: Cursor) {
+        let (id, _) = cursor.lanes();
         let now = now_ms();
         let mut state = self.lock();
         let entry = state.delivered.entry(user.into()).or_insert((0, now));
@@ -290,7 +297,10 @@ mod tests {
             let kept: usize = state.history.iter().map(|e| weight(e)).sum();
             assert_eq!(kept, state.bytes, "the byte count matches what is held");
         }
-        let replay = broker.replay("a", EventId(ids[0].0 - 1)).await.unwrap();
+        let replay = broker
+            .replay("a", Cursor::One(EventId(ids[0].0 - 1)))
+            .await
+            .unwrap();
         assert!(replay.gap);
         assert_eq!(replay.events.last().unwrap().id, *ids.last().unwrap());
     }
@@ -322,12 +332,12 @@ mod tests {
             .await
             .unwrap();
         let before_all = EventId(ids[0].0 - 1);
-        let replay = broker.replay("a", before_all).await.unwrap();
+        let replay = broker.replay("a", Cursor::One(before_all)).await.unwrap();
         assert!(replay.gap, "two events were pushed out");
         let got: Vec<_> = replay.events.iter().map(|e| e.id).collect();
         assert_eq!(got, vec![ids[2], ids[3], ids[4]]);
         let got: Vec<_> = broker
-            .replay("b", before_all)
+            .replay("b", Cursor::One(before_all))
             .await
             .unwrap()
             .events
@@ -354,11 +364,16 @@ mod tests {
             .await
             .unwrap();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
-        let replay = broker.replay("a", ids[0]).await.unwrap();
+        let replay = broker.replay("a", Cursor::One(ids[0])).await.unwrap();
         assert!(!replay.gap);
         let got: Vec<_> = replay.events.iter().map(|e| e.id).collect();
         assert_eq!(got, vec![ids[2], ids[3]]);
-        assert!(broker.replay("a", ids[3]).await.unwrap().events.is_empty());
+        assert!(broker
+            .replay("a", Cursor::One(ids[3]))
+            .await
+            .unwrap()
+            .events
+            .is_empty());
     }
 
     #[tokio::test]
@@ -369,13 +384,19 @@ mod tests {
             .await
             .unwrap();
         // ids[0] and ids[1] fell out of the 2-event history.
-        let replay = broker.replay("a", ids[0]).await.unwrap();
+        let replay = broker.replay("a", Cursor::One(ids[0])).await.unwrap();
         assert!(replay.gap);
         assert_eq!(replay.events.len(), 2);
-        assert!(!broker.replay("a", ids[1]).await.unwrap().gap);
-        assert!(broker.replay("a", EventId(ids[3].0 + 100)).await.unwrap().gap);
+        assert!(!broker.replay("a", Cursor::One(ids[1])).await.unwrap().gap);
         assert!(
-            broker.replay("a", EventId(5)).await.unwrap().gap,
+            broker
+                .replay("a", Cursor::One(EventId(ids[3].0 + 100)))
+                .await
+                .unwrap()
+                .gap
+        );
+        assert!(
+            broker.replay("a", Cursor::One(EventId(5))).await.unwrap().gap,
             "id from an earlier run"
         );
     }
@@ -389,7 +410,7 @@ mod tests {
             .unwrap();
         std::thread::sleep(Duration::from_millis(5));
         broker.cleanup().await;
-        let replay = broker.replay("a", ids[0]).await.unwrap();
+        let replay = broker.replay("a", Cursor::One(ids[0])).await.unwrap();
         assert!(replay.gap && replay.events.is_empty());
     }
 }

@@ -1,24 +1,27 @@
 //! The [`Broker`]: where events get their id, are kept for replay, and are fanned out.
 //!
 //! One broker serves one process. [`MemoryBroker`] (the default) keeps everything in this
-//! process; [`RedisBroker`] shares ids, history and fan-out between any number of instances.
+//! process; [`RedisBroker`] shares ids, history and fan-out between any number of instances
+//! through one Redis, [`ClusterBroker`] through a Redis Cluster.
 //! A broker knows nothing of connections: it is given a [`Delivery`] when it is built and
 //! hands it every event (published here or, with Redis, anywhere) in id order, so each
 //! connection sees ids increase and a `Last-Event-ID` is always a safe place to resume from;
 //! it also passes on requests to end a user's streams. The
 //! [`SseService`](super::SseService) decides which users the broker listens for.
 
+mod cluster;
 mod memory;
 mod redis;
 
 pub use self::redis::{RedisBroker, RedisOptions};
+pub use cluster::{router, ClusterBroker, ClusterOptions};
 pub use memory::MemoryBroker;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
-pub use super::event::{Envelope, EventId, PublishedEvent, Target};
+pub use super::event::{Cursor, Envelope, EventId, PublishedEvent, Target};
 pub use crate::api::BrokerHealth;
 
 /// What a broker hands over to this process: in the service, the local hub.
@@ -91,7 +94,7 @@ pub fn coalesce_latest(events: Vec<Arc<PublishedEvent>>) -> Vec<Arc<PublishedEve
 /// What a reconnecting user missed.
 #[derive(Debug, Default)]
 pub struct Replay {
-    /// Their events and broadcasts after the given id, in id order.
+    /// Their events and broadcasts after the given position, in id order (in each lane).
     pub events: Vec<Arc<PublishedEvent>>,
     /// Some events after the id are no longer kept (or the id is from an earlier run):
     /// the client is sent `resync`.
@@ -119,22 +122,29 @@ pub trait Broker: Send + Sync + 'static {
     /// A short name for stats: `memory` or `redis`.
     fn kind(&self) -> &'static str;
 
+    /// Whether ids are ordered per lane (see [`Cursor::Lanes`]): a client's cursor then
+    /// holds both lanes, and event frames carry no `id:` line of their own.
+    fn in_lanes(&self) -> bool {
+        false
+    }
+
     /// Publishes a batch atomically in order; returns one id per event.
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError>;
 
-    /// Events for `user` (and broadcasts) after `after`, in order.
-    async fn replay(&self, user: &str, after: EventId) -> Result<Replay, BrokerError>;
+    /// Events for `user` (and broadcasts) after `after`, in order (in each lane).
+    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError>;
 
-    /// The id of the newest event published so far (0 when none).
-    async fn head(&self) -> Result<EventId, BrokerError>;
+    /// Where the newest event for `user` (or a broadcast) published so far stands: the
+    /// start when none. Lanes on a broker that orders by lane, one id otherwise.
+    async fn head(&self, user: &str) -> Result<Cursor, BrokerError>;
 
-    /// Where offline delivery for `user` starts: the highest id one of their connections
-    /// had received when it closed; `None` for a user never seen (or forgotten).
-    async fn delivered_through(&self, user: &str) -> Result<Option<EventId>, BrokerError>;
+    /// Where offline delivery for `user` starts: how far one of their connections had got
+    /// when it closed; `None` for a user never seen (or forgotten).
+    async fn delivered_through(&self, user: &str) -> Result<Option<Cursor>, BrokerError>;
 
-    /// Records that a connection of `user` had received everything through `id` (kept if
-    /// higher than what is recorded).
-    async fn set_delivered_through(&self, user: &str, id: EventId);
+    /// Records that a connection of `user` had received everything through `cursor` (kept
+    /// where further than what is recorded).
+    async fn set_delivered_through(&self, user: &str, cursor: Cursor);
 
     /// Start handing `user`'s events to the sink: their first local connection opened.
     /// Broadcasts always come. The in-process broker hands over everything anyway.

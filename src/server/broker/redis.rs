@@ -54,8 +54,8 @@ use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, aio::PubSubSin
 use tokio::sync::Mutex;
 
 use super::{
-    Broker, BrokerError, BrokerHealth, Envelope, EventId, EventSink, PublishedEvent, Replay, Retention,
-    Target,
+    Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
+    Retention, Target,
 };
 use crate::{
     backoff::backoff_delay,
@@ -67,13 +67,13 @@ const SEQ_KEY: &str = "sse:seq";
 const BROADCAST_STREAM: &str = "sse:stream:broadcast";
 const BROADCAST_CHANNEL: &str = "sse:broadcast";
 /// Entries read per round trip when replaying.
-const PAGE: usize = 512;
+pub(super) const PAGE: usize = 512;
 /// The oldest Redis this broker runs on: `XADD ... MINID`, `XINFO` fields and sharded
 /// pub/sub need 7.0.
-const MIN_REDIS: (u32, u32) = (7, 0);
+pub(super) const MIN_REDIS: (u32, u32) = (7, 0);
 /// A live message whose id is further ahead of this instance's clock is refused: it would
 /// make every later event look old.
-const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
+pub(super) const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
 
 const USER_CHANNEL_PREFIX: &str = "sse:u:";
 
@@ -125,23 +125,49 @@ fn trimmed_key<T: std::fmt::Display>(stream: T) -> Prefixed<T> {
     Prefixed("sse:trimmed:", stream)
 }
 
-const PUBLISH_SCRIPT: &str = r#"
+/// One batch in one Lua script: ids, streams, live messages. Shared with the cluster broker,
+/// which runs it per lane (every key of a lane in one hash slot) with `SPUBLISH`.
+pub(super) const PUBLISH_SCRIPT: &str = r#"
 -- KEYS[1] = id counter, then per event: stream, trimmed marker
 -- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
+-- ARGV[5] = PUBLISH (or SPUBLISH on a cluster), ARGV[6] = how long the counter is kept, ms (0: always),
+-- ARGV[7] = the batch's nonce, kept with its events ('' for none): when the batch's events are
+-- in the stream already (a retry of a try whose reply was lost), their ids are returned and
+-- nothing is published twice. They have ids from `now` on, so only those are looked at.
 -- then per event: channel, name, data, ttl ms, coalescing key, timestamp ms
 -- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53; format them as
 -- integers, never as 1.79e+15.
+local nonce = ARGV[7]
+if nonce ~= '' and #KEYS > 1 then
+  local found = {}
+  local from = string.format('%.0f', tonumber(ARGV[1]) * 1000)
+  local recent = redis.call('XREVRANGE', KEYS[2], '+', from, 'COUNT', 1000)
+  for _, entry in ipairs(recent) do
+    local fields = entry[2]
+    for f = 1, #fields, 2 do
+      if fields[f] == 'b' and fields[f + 1] == nonce then
+        table.insert(found, 1, string.match(entry[1], '^(%d+)'))
+      end
+    end
+  end
+  if #found > 0 then return found end
+end
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local clock = tonumber(ARGV[1]) * 1000
 local floor = tonumber(ARGV[4])
 local ids = {}
 for i = 0, (#KEYS - 1) / 2 - 1 do
   local stream, trimmed = KEYS[2 + i * 2], KEYS[3 + i * 2]
-  local at = 4 + i * 6
+  local at = 7 + i * 6
   last = math.max(last + 1, clock, floor + 1)
   local id = string.format('%.0f', last)
-  redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
-    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
+  if nonce == '' then
+    redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
+      'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
+  else
+    redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
+      'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5], 'b', nonce)
+  end
   local ttl = tonumber(ARGV[at + 4])
   if redis.call('XLEN', stream) > tonumber(ARGV[2]) then
     redis.call('XTRIM', stream, 'MAXLEN', ARGV[2])
@@ -152,10 +178,14 @@ for i = 0, (#KEYS - 1) / 2 - 1 do
   -- A stream lives as long as its longest-kept event: only ever extend its expiry.
   if redis.call('PTTL', stream) < ttl then redis.call('PEXPIRE', stream, ttl) end
   if redis.call('PTTL', trimmed) > 0 and redis.call('PTTL', trimmed) < ttl then redis.call('PEXPIRE', trimmed, ttl) end
-  redis.call('PUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
+  redis.call(ARGV[5], ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
   ids[#ids + 1] = id
 end
-redis.call('SET', KEYS[1], string.format('%.0f', last))
+if ARGV[6] == '0' then
+  redis.call('SET', KEYS[1], string.format('%.0f', last))
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', last), 'PX', ARGV[6])
+end
 return ids
 "#;
 
@@ -215,7 +245,7 @@ pub struct RedisOptions {
     pub max_stream_len: usize,
 }
 
-fn unavailable(e: redis::RedisError) -> BrokerError {
+pub(super) fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
@@ -368,7 +398,9 @@ impl RedisBroker {
                 let full = page.len() == PAGE;
                 let mut last = None;
                 for (entry_id, fields) in page {
-                    let Some(event) = decode_entry(&targets[*i].0, &entry_id, &fields) else {
+                    let Some(event) =
+                        decode_entry(&targets[*i].0, &entry_id, &fields, PublishedEvent::encode)
+                    else {
                         tracing::warn!(stream = %targets[*i].1, entry = %entry_id, "skipped an undecodable entry");
                         continue;
                     };
@@ -460,6 +492,26 @@ async fn check_server(conn: &mut ConnectionManager) -> Result<(), BrokerError> {
         .query_async(conn)
         .await
         .map_err(unavailable)?;
+    check_version(&info)?;
+    // On a cluster node every publish would fail with CROSSSLOT (the id counter, the
+    // user's stream and the broadcast stream live in different slots): say so at start.
+    let cluster: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    if cluster.lines().any(|l| l.trim() == "cluster_enabled:1") {
+        return Err(BrokerError::Unsupported(
+            "REDIS_URL points at a node of a Redis Cluster: set SSE_REDIS_CLUSTER=1 to run on \
+             the cluster (with its nodes in REDIS_URL, separated by commas)"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a Redis older than [`MIN_REDIS`], from its `INFO server`.
+pub(super) fn check_version(info: &str) -> Result<(), BrokerError> {
     let version = info
         .lines()
         .find_map(|l| l.strip_prefix("redis_version:"))
@@ -475,24 +527,20 @@ async fn check_server(conn: &mut ConnectionManager) -> Result<(), BrokerError> {
             MIN_REDIS.0, MIN_REDIS.1
         )));
     }
-    // On a cluster node every publish would fail with CROSSSLOT (the id counter, the
-    // user's stream and the broadcast stream live in different slots): say so at start.
-    let cluster: String = redis::cmd("INFO")
-        .arg("cluster")
-        .query_async(conn)
-        .await
-        .map_err(unavailable)?;
-    if cluster.lines().any(|l| l.trim() == "cluster_enabled:1") {
-        return Err(BrokerError::Unsupported(
-            "REDIS_URL points at a node of a Redis Cluster: sse-notify runs on one Redis \
-             (a primary, with replicas for failover behind one address), not on a cluster"
-                .to_string(),
-        ));
-    }
     Ok(())
 }
 
-fn decode_entry(target: &Target, entry_id: &str, fields: &[(String, String)]) -> Option<PublishedEvent> {
+/// How an event read from Redis is built: [`PublishedEvent::encode`], or
+/// [`PublishedEvent::encode_in_lane`] on a cluster.
+pub(super) type Encode = fn(EventId, Target, Arc<str>, &str, u64, Option<Arc<str>>) -> PublishedEvent;
+
+/// A stream entry as an event; `None` for anything malformed.
+pub(super) fn decode_entry(
+    target: &Target,
+    entry_id: &str,
+    fields: &[(String, String)],
+    encode: Encode,
+) -> Option<PublishedEvent> {
     let id = EventId(entry_id.split('-').next()?.parse().ok()?);
     let field = |k: &str| fields.iter().find(|(name, _)| name == k).map(|(_, v)| v.as_str());
     let name = field("n")?;
@@ -500,18 +548,18 @@ fn decode_entry(target: &Target, entry_id: &str, fields: &[(String, String)]) ->
     if validate_event_name(name).is_err() || !is_json_object(data) {
         return None;
     }
-    let envelope = Envelope {
-        target: target.clone(),
-        name: name.into(),
-        data: data.to_string(),
-        timestamp_ms: field("t").and_then(|t| t.parse().ok()).unwrap_or(0),
-        coalesce_key: field("k").filter(|k| !k.is_empty()).map(Into::into),
-    };
-    Some(PublishedEvent::new(id, envelope))
+    Some(encode(
+        id,
+        target.clone(),
+        name.into(),
+        data,
+        field("t").and_then(|t| t.parse().ok()).unwrap_or(0),
+        field("k").filter(|k| !k.is_empty()).map(Into::into),
+    ))
 }
 
 /// Whether `data` is one JSON object on one line (what every publisher writes).
-fn is_json_object(data: &str) -> bool {
+pub(super) fn is_json_object(data: &str) -> bool {
     data.starts_with('{')
         && !data.contains(['\n', '\r'])
         && serde_json::from_str::<serde::de::IgnoredAny>(data).is_ok()
@@ -519,7 +567,7 @@ fn is_json_object(data: &str) -> bool {
 
 /// What a live message asks for.
 #[derive(Debug)]
-enum Message {
+pub(super) enum Message {
     Event(PublishedEvent),
     Disconnect { user: Arc<str>, nonce: String },
 }
@@ -533,6 +581,11 @@ fn decode_message(channel: &str, payload: &str, now_ms: u64) -> Option<Message> 
     } else {
         Target::User(channel.strip_prefix(USER_CHANNEL_PREFIX)?.into())
     };
+    decode_payload(target, payload, now_ms, PublishedEvent::encode)
+}
+
+/// Parses a live message for `target` (see [`decode_message`]).
+pub(super) fn decode_payload(target: Target, payload: &str, now_ms: u64, encode: Encode) -> Option<Message> {
     if let Some(nonce) = payload.strip_prefix("!disconnect ") {
         let Target::User(user) = target else { return None };
         let valid =
@@ -553,7 +606,7 @@ fn decode_message(channel: &str, payload: &str, now_ms: u64) -> Option<Message> 
         return None;
     }
     // Live events are not kept here; only replays from the streams use their age.
-    Some(Message::Event(PublishedEvent::encode(
+    Some(Message::Event(encode(
         EventId(id),
         target,
         name.into(),
@@ -668,7 +721,10 @@ impl Broker for RedisBroker {
         call.arg(now)
             .arg(self.max_stream_len)
             .arg(trim_below)
-            .arg(self.floor.load(Ordering::Relaxed));
+            .arg(self.floor.load(Ordering::Relaxed))
+            .arg("PUBLISH")
+            .arg(0)
+            .arg("");
         for event in &events {
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
             call.arg(channel_of(&event.target))
@@ -708,7 +764,9 @@ impl Broker for RedisBroker {
         Ok(ids)
     }
 
-    async fn replay(&self, user: &str, after: EventId) -> Result<Replay, BrokerError> {
+    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
+        let (user_lane, broadcast_lane) = after.lanes();
+        let after = user_lane.min(broadcast_lane);
         let (events, gap) = self.read_streams(&[user.into()], after).await?;
         Ok(Replay {
             events: events.into_iter().map(Arc::new).collect(),
@@ -716,27 +774,28 @@ impl Broker for RedisBroker {
         })
     }
 
-    async fn head(&self) -> Result<EventId, BrokerError> {
+    async fn head(&self, _user: &str) -> Result<Cursor, BrokerError> {
         let mut conn = self.conn.clone();
         let head: Option<u64> = redis::cmd("GET")
             .arg(SEQ_KEY)
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(EventId(head.unwrap_or(0)))
+        Ok(Cursor::One(EventId(head.unwrap_or(0))))
     }
 
-    async fn delivered_through(&self, user: &str) -> Result<Option<EventId>, BrokerError> {
+    async fn delivered_through(&self, user: &str) -> Result<Option<Cursor>, BrokerError> {
         let mut conn = self.conn.clone();
         let id: Option<u64> = redis::cmd("GET")
             .arg(delivered_key(user))
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(id.map(EventId))
+        Ok(id.map(|id| Cursor::One(EventId(id))))
     }
 
-    async fn set_delivered_through(&self, user: &str, id: EventId) {
+    async fn set_delivered_through(&self, user: &str, cursor: Cursor) {
+        let (id, _) = cursor.lanes();
         let mut conn = self.conn.clone();
         let ttl_ms = self.retention.longest().as_millis() as u64;
         let result: Result<i64, _> = self

@@ -1,0 +1,715 @@
+//! [`ClusterBroker`]: any number of instances on a Redis Cluster act as one.
+//!
+//! ## Lanes
+//!
+//! Each user's events and the broadcasts are a *lane*: one id counter, one stream, one
+//! sharded channel, all under one hash tag, so a lane lives on one shard and a publish to it
+//! is one atomic script there (the one [`RedisBroker`](super::RedisBroker) runs, with
+//! `SPUBLISH`). Lanes spread over the shards by user.
+//!
+//! | key / channel | what |
+//! |---|---|
+//! | `sse:{u:<user>}:seq` | the newest id of the user's lane |
+//! | `sse:{u:<user>}:stream` | the user's events, entry id `<event id>-0` (fields as on one Redis) |
+//! | `sse:{u:<user>}:trimmed` | the newest id a flood pushed out of the stream |
+//! | `sse:{u:<user>}:delivered` | how far a closed connection of the user had got: `<user lane>.<broadcast lane>` |
+//! | sharded channel `sse:{u:<user>}:live` | live fan-out of the user's events, and `!disconnect <nonce>` |
+//! | `sse:{b}:seq`, `sse:{b}:stream`, `sse:{b}:trimmed`, channel `sse:{b}:live` | the same for broadcasts |
+//!
+//! Ids are the same hybrid clock as on one Redis, per lane: they increase within a lane and
+//! stay close to the time they were issued, so lanes interleave roughly by time, but an
+//! event of one lane may reach a client before an older one of the other. A client's place
+//! is therefore a [`Cursor::Lanes`], `<user lane>.<broadcast lane>`, written by each
+//! connection as the `id:` of every event: `Last-Event-ID` resumes both lanes exactly.
+//! Broadcasts are one lane, one hot key on one shard: they are rare next to user events
+//! and each costs that shard one script, whatever the number of users.
+//!
+//! A lane's counter is kept for [`SEQ_KEEP_MIN`] (or the longest retention, if longer)
+//! after its last publish, so idle users cost Redis nothing after that.
+//!
+//! ## Faults
+//!
+//! The [`router`] follows `MOVED`/`ASK` and retries through a failover. When a shard's
+//! subscriber connection drops (a primary died, a slot moved), its channels are subscribed
+//! again wherever they now live, and each of their lanes is read from its stream after the
+//! last id handed over, as on one Redis. Until that read succeeds the broker is degraded
+//! and tries again every second.
+//!
+//! Replication in Redis is asynchronous, so on a shard with replicas a publish returns once
+//! one of them confirmed it (`WAIT 1`, up to [`REPLICA_WAIT`]): a failover right after does
+//! not lose it. Past that wait (a replica down or far behind) the primary alone has it.
+
+pub mod router;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Weak,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use redis::Script;
+use tokio::sync::mpsc;
+
+use self::router::{ClusterRouter, RouterError, RouterOptions, ShardedSubscriber, SubscriberEvent};
+use super::{
+    redis::{check_version, decode_entry, decode_payload, Message, PAGE, PUBLISH_SCRIPT},
+    Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
+    Retention, Target,
+};
+use crate::server::{metrics as m, now_ms};
+
+/// The least time a lane's id counter outlives its last publish.
+pub const SEQ_KEEP_MIN: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Subscriber events (messages, resubscriptions) waiting for the dispatch task. When full,
+/// a shard's messages are dropped and its channels caught up from the streams instead.
+const SUBSCRIBER_QUEUE: usize = 16_384;
+/// How long a publish waits for a replica of its shard to confirm it.
+const REPLICA_WAIT: Duration = Duration::from_millis(500);
+/// How far before a subscription a lane is read back if its shard drops before any of its
+/// events came: covers clocks of other instances running behind this one.
+const CATCH_UP_MARGIN_MS: u64 = 60_000;
+
+const SET_DELIVERED_SCRIPT: &str = r#"
+-- KEYS[1] = cursor key; ARGV[1] = user lane id, ARGV[2] = broadcast lane id, ARGV[3] = ttl ms.
+-- Keeps the further position in each lane.
+local user, broadcast = tonumber(ARGV[1]), tonumber(ARGV[2])
+local current = redis.call('GET', KEYS[1])
+if current then
+  local u, b = string.match(current, '^(%d+)%.(%d+)$')
+  if u then
+    user, broadcast = math.max(user, tonumber(u)), math.max(broadcast, tonumber(b))
+  end
+end
+redis.call('SET', KEYS[1], string.format('%.0f.%.0f', user, broadcast), 'PX', ARGV[3])
+return 1
+"#;
+
+/// A key or channel of a lane: `sse:{u:<user>}:<what>` or `sse:{b}:<what>`.
+#[derive(Clone, Copy)]
+struct LaneKey<'a> {
+    user: Option<&'a str>,
+    what: &'static str,
+}
+
+fn lane_key<'a>(target: &'a Target, what: &'static str) -> LaneKey<'a> {
+    LaneKey {
+        user: match target {
+            Target::User(user) => Some(user),
+            Target::Broadcast => None,
+        },
+        what,
+    }
+}
+
+impl std::fmt::Display for LaneKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.user {
+            Some(user) => write!(f, "sse:{{u:{user}}}:{}", self.what),
+            None => write!(f, "sse:{{b}}:{}", self.what),
+        }
+    }
+}
+
+impl redis::ToRedisArgs for LaneKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self)
+    }
+}
+
+impl redis::ToSingleRedisArg for LaneKey<'_> {}
+
+/// The lane a live channel carries; `None` for a channel that is not one of ours.
+fn lane_of_channel(channel: &str) -> Option<Target> {
+    if channel == "sse:{b}:live" {
+        return Some(Target::Broadcast);
+    }
+    let user = channel.strip_prefix("sse:{u:")?.strip_suffix("}:live")?;
+    Some(Target::User(user.into()))
+}
+
+fn router_error(e: RouterError) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+/// How far each lane was handed to the sink.
+#[derive(Default)]
+struct Dispatched {
+    /// Per subscribed user: the newest id handed over (0 for none yet), and the id the
+    /// clock gave when they were subscribed, less a margin: where a catch-up starts when
+    /// nothing was handed over yet.
+    users: HashMap<Arc<str>, (u64, u64)>,
+    broadcast: (u64, u64),
+}
+
+impl Dispatched {
+    fn lane(&mut self, target: &Target) -> Option<&mut (u64, u64)> {
+        match target {
+            Target::User(user) => self.users.get_mut(user),
+            Target::Broadcast => Some(&mut self.broadcast),
+        }
+    }
+}
+
+/// Shares ids, history and fan-out between instances through a Redis Cluster.
+pub struct ClusterBroker {
+    router: ClusterRouter,
+    subscriber: ShardedSubscriber,
+    sink: EventSink,
+    dispatched: std::sync::Mutex<Dispatched>,
+    /// Channels whose shard is down, or whose lane could not be read back yet.
+    behind: std::sync::Mutex<HashSet<String>>,
+    /// The last publish failed (cleared by the next that succeeds).
+    publish_failed: AtomicBool,
+    /// Highest id this instance issued or saw, in any lane: new ids go above it.
+    floor: AtomicU64,
+    retention: Retention,
+    max_stream_len: usize,
+    publish_script: Script,
+    set_delivered_script: Script,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Where and how to reach a Redis Cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Seed nodes, `redis://` or `rediss://`; the rest are found from them.
+    pub seeds: Vec<String>,
+    /// How long events are kept, by type.
+    pub retention: Retention,
+    /// Most entries one stream keeps.
+    pub max_stream_len: usize,
+}
+
+impl ClusterBroker {
+    /// Connects to the cluster, checks its version, subscribes broadcasts, and hands every
+    /// event of the subscribed users, and every broadcast, to `sink`.
+    pub async fn connect(options: ClusterOptions, sink: EventSink) -> Result<Arc<Self>, BrokerError> {
+        let router = ClusterRouter::connect(&options.seeds, RouterOptions::default())
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("Redis Cluster: {e}")))?;
+        let info: String = router
+            .query("sse:{b}:seq", redis::cmd("INFO").arg("server"))
+            .await
+            .map_err(router_error)?;
+        check_version(&info)?;
+        let (subscriber, events) = router.subscriber(SUBSCRIBER_QUEUE);
+        let since = catch_up_start(now_ms());
+        let broker = Arc::new(Self {
+            router,
+            subscriber,
+            sink,
+            dispatched: std::sync::Mutex::new(Dispatched {
+                users: HashMap::new(),
+                broadcast: (0, since),
+            }),
+            behind: Default::default(),
+            publish_failed: AtomicBool::new(false),
+            floor: AtomicU64::new(0),
+            retention: options.retention,
+            max_stream_len: options.max_stream_len.max(1),
+            publish_script: Script::new(PUBLISH_SCRIPT),
+            set_delivered_script: Script::new(SET_DELIVERED_SCRIPT),
+            task: Default::default(),
+        });
+        broker
+            .subscriber
+            .subscribe(lane_key(&Target::Broadcast, "live").to_string())
+            .await
+            .map_err(router_error)?;
+        let task = tokio::spawn(run_dispatch(Arc::downgrade(&broker), events));
+        *broker.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        m::broker_healthy(true);
+        Ok(broker)
+    }
+
+    fn lock_dispatched(&self) -> std::sync::MutexGuard<'_, Dispatched> {
+        self.dispatched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_behind(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.behind.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn report_health(&self) {
+        m::broker_healthy(self.health() == BrokerHealth::Healthy);
+    }
+
+    /// Hands one live or recovered event to the sink, unless its lane already got it (or
+    /// nobody here listens for the user any more).
+    fn dispatch(&self, event: PublishedEvent) {
+        {
+            let mut dispatched = self.lock_dispatched();
+            let Some((through, _)) = dispatched.lane(&event.target) else {
+                return;
+            };
+            if event.id.0 <= *through {
+                return;
+            }
+            *through = event.id.0;
+        }
+        self.floor.fetch_max(event.id.0, Ordering::Relaxed);
+        self.sink.deliver(Arc::new(event));
+    }
+
+    /// Reads back what `channels`' lanes published since they were last handed over: after
+    /// a shard came back, or a slot moved. A lane that cannot be read stays behind and is
+    /// tried again.
+    async fn catch_up(&self, channels: Vec<String>) {
+        for channel in channels {
+            let Some(target) = lane_of_channel(&channel) else {
+                continue;
+            };
+            let from = self
+                .lock_dispatched()
+                .lane(&target)
+                .map(|&mut (through, since)| through.max(since));
+            let Some(from) = from else {
+                // Nobody here listens for that user any more.
+                self.lock_behind().remove(&channel);
+                continue;
+            };
+            match self.read_lane(&target, EventId(from)).await {
+                Ok((missed, _)) => {
+                    if !missed.is_empty() {
+                        tracing::info!(
+                            channel,
+                            events = missed.len(),
+                            "recovered events published while not listening"
+                        );
+                    }
+                    missed.into_iter().for_each(|e| self.dispatch(e));
+                    self.lock_behind().remove(&channel);
+                }
+                Err(e) => {
+                    tracing::warn!(channel, "cannot catch up yet: {e}");
+                    self.lock_behind().insert(channel);
+                }
+            }
+        }
+        self.report_health();
+    }
+
+    /// `target`'s lane after `after`, read in pages from its stream; and whether some
+    /// events after `after` may no longer be kept.
+    async fn read_lane(
+        &self,
+        target: &Target,
+        after: EventId,
+    ) -> Result<(Vec<PublishedEvent>, bool), BrokerError> {
+        let stream = lane_key(target, "stream").to_string();
+        // The lane's head and flood watermark, in one round trip.
+        let mut watermarks = redis::cmd("MGET");
+        watermarks
+            .arg(lane_key(target, "seq"))
+            .arg(lane_key(target, "trimmed"));
+        let (head, trimmed): (Option<u64>, Option<u64>) = self
+            .router
+            .query(&stream, &watermarks)
+            .await
+            .map_err(router_error)?;
+        let now = now_ms();
+        let head = head.unwrap_or(0);
+        let replay_horizon = now
+            .saturating_sub(self.retention.default.as_millis() as u64)
+            .saturating_mul(1000);
+        let mut gap = after.0
+            > head
+                .max(self.floor.load(Ordering::Relaxed))
+                .max(now.saturating_mul(1000))
+            || (after.0 < replay_horizon && after.0 < head)
+            || trimmed.is_some_and(|below| after.0 < below);
+        let mut events = Vec::new();
+        let mut from = after.0;
+        loop {
+            let mut xrange = redis::cmd("XRANGE");
+            xrange
+                .arg(&stream)
+                .arg(format!("({from}-0"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE);
+            type Entries = Vec<(String, Vec<(String, String)>)>;
+            let page: Entries = self.router.query(&stream, &xrange).await.map_err(router_error)?;
+            let full = page.len() == PAGE;
+            for (entry_id, fields) in page {
+                let Some(event) = decode_entry(target, &entry_id, &fields, PublishedEvent::encode_in_lane)
+                else {
+                    tracing::warn!(stream, entry = %entry_id, "skipped an undecodable entry");
+                    continue;
+                };
+                from = from.max(event.id.0);
+                if !self.retention.keeps(&event, now) {
+                    gap = true;
+                    continue;
+                }
+                events.push(event);
+            }
+            if !full {
+                return Ok((events, gap));
+            }
+        }
+    }
+
+    /// Publishes one lane's part of a batch: one script on the lane's shard.
+    async fn publish_lane(&self, target: &Target, events: &[&Envelope]) -> Result<Vec<EventId>, BrokerError> {
+        let now = now_ms();
+        let trim_below = now
+            .saturating_sub(self.retention.longest().as_millis() as u64)
+            .saturating_mul(1000);
+        let seq_keep = self.retention.longest().max(SEQ_KEEP_MIN).as_millis() as u64;
+        let stream = lane_key(target, "stream");
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.publish_script.get_hash())
+            .arg(1 + 2 * events.len())
+            .arg(lane_key(target, "seq"));
+        for _ in events {
+            call.arg(stream).arg(lane_key(target, "trimmed"));
+        }
+        // A retry (here or in the router) must not publish the batch twice: its events carry
+        // a nonce, and the script returns their ids if they are there already.
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        call.arg(now)
+            .arg(self.max_stream_len)
+            .arg(trim_below)
+            .arg(self.floor.load(Ordering::Relaxed))
+            .arg("SPUBLISH")
+            .arg(seq_keep)
+            .arg(&nonce);
+        for event in events {
+            let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
+            call.arg(lane_key(target, "live"))
+                .arg(&*event.name)
+                .arg(&event.data)
+                .arg(ttl_ms)
+                .arg(event.coalesce_key.as_deref().unwrap_or(""))
+                .arg(event.timestamp_ms);
+        }
+        let stream = stream.to_string();
+        let script = &self.publish_script;
+        let mut attempt = 0;
+        let ids: Vec<u64> = loop {
+            attempt += 1;
+            if self.router.replicas_of(router::key_slot(stream.as_bytes())) == 0 {
+                break self
+                    .router
+                    .eval_script(&stream, script, &call)
+                    .await
+                    .map_err(router_error)?;
+            }
+            // Acknowledged once a replica has it too, so a failover right after cannot lose
+            // it. Past the timeout the primary alone has it: Redis's usual window.
+            match self
+                .router
+                .eval_script_and_wait(&stream, script, &call, REPLICA_WAIT)
+                .await
+            {
+                Ok((ids, confirmed)) => {
+                    if confirmed == 0 {
+                        tracing::warn!(stream, "no replica confirmed a publish in time");
+                    }
+                    break ids;
+                }
+                // The primary went away before confirming: run the batch again where the
+                // slot now lives (it comes back with its ids if the replica had it).
+                Err(e) if attempt < 3 => tracing::warn!(stream, "publish not confirmed, retrying: {e}"),
+                Err(e) => return Err(router_error(e)),
+            }
+        };
+        Ok(ids.into_iter().map(EventId).collect())
+    }
+
+    /// Sends `"!disconnect <nonce>"` to the instances listening for `user` and adds up the
+    /// streams each one closed (they answer on a list named after the nonce, in the user's
+    /// slot, read here until every listener answered or 3 s passed).
+    async fn disconnect_everywhere(&self, user: &str) -> Result<usize, BrokerError> {
+        let target = Target::User(user.into());
+        let nonce = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+        let channel = lane_key(&target, "live").to_string();
+        let receivers: usize = self
+            .router
+            .query(
+                &channel,
+                redis::cmd("SPUBLISH")
+                    .arg(&channel)
+                    .arg(format!("!disconnect {nonce}")),
+            )
+            .await
+            .map_err(router_error)?;
+        let key = disconnect_reply_key(user, &nonce);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let mut answers: Vec<usize> = Vec::new();
+        while answers.len() < receivers && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            answers = self
+                .router
+                .query(&key, redis::cmd("LRANGE").arg(&key).arg(0).arg(-1))
+                .await
+                .map_err(router_error)?;
+        }
+        if answers.len() < receivers {
+            tracing::warn!(user, "an instance did not answer a disconnect in time");
+        }
+        Ok(answers.iter().sum())
+    }
+
+    /// Answers a disconnect request from any instance: close the local streams, report how many.
+    fn on_disconnect(&self, user: &str, nonce: &str) {
+        let closed = self.sink.disconnect(user);
+        let (router, key) = (self.router.clone(), disconnect_reply_key(user, nonce));
+        tokio::spawn(async move {
+            let mut pipe = redis::cmd("RPUSH");
+            pipe.arg(&key).arg(closed);
+            let pushed: Result<usize, _> = router.query(&key, &pipe).await;
+            let expire: Result<bool, _> = router
+                .query(&key, redis::cmd("PEXPIRE").arg(&key).arg(10_000))
+                .await;
+            if let Err(e) = pushed.map(drop).and(expire.map(drop)) {
+                tracing::warn!("could not answer a disconnect: {e}");
+            }
+        });
+    }
+}
+
+/// The list where instances answer disconnect `nonce` for `user`: in the user's slot.
+fn disconnect_reply_key(user: &str, nonce: &str) -> String {
+    format!("sse:{{u:{user}}}:disconnect:{nonce}")
+}
+
+/// Where a catch-up starts for a lane nothing was handed over of yet, subscribed at `now`.
+fn catch_up_start(now: u64) -> u64 {
+    now.saturating_sub(CATCH_UP_MARGIN_MS).saturating_mul(1000)
+}
+
+/// Hands the subscriber's messages to the sink in order, catches lanes up after their shard
+/// came back, and retries lanes still behind every second. Ends when the broker is dropped.
+async fn run_dispatch(broker: Weak<ClusterBroker>, mut events: mpsc::Receiver<SubscriberEvent>) {
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = retry.tick() => {
+                let Some(this) = broker.upgrade() else { return };
+                let behind: Vec<String> = this.lock_behind().iter().cloned().collect();
+                if !behind.is_empty() {
+                    // Only lanes whose channel is subscribed again: the others still wait
+                    // for their shard, and their `Resubscribed` catches them up.
+                    let live: HashSet<String> = this.subscriber.live_channels().into_iter().collect();
+                    this.catch_up(behind.into_iter().filter(|c| live.contains(c)).collect()).await;
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else { return };
+        let Some(this) = broker.upgrade() else { return };
+        match event {
+            SubscriberEvent::Message { channel, payload } => {
+                let Some(target) = lane_of_channel(&channel) else {
+                    continue;
+                };
+                let payload = std::str::from_utf8(&payload).unwrap_or_default();
+                let now = now_ms();
+                match decode_payload(target, payload, now, PublishedEvent::encode_in_lane) {
+                    Some(Message::Event(event)) => this.dispatch(event),
+                    Some(Message::Disconnect { user, nonce }) => this.on_disconnect(&user, &nonce),
+                    None => tracing::warn!(channel, "skipped an undecodable message"),
+                }
+            }
+            SubscriberEvent::Lost { channels } => {
+                tracing::warn!(
+                    channels = channels.len(),
+                    "a Redis Cluster shard was lost; resubscribing"
+                );
+                this.lock_behind().extend(channels);
+                this.report_health();
+            }
+            SubscriberEvent::Resubscribed { channels } => this.catch_up(channels).await,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for ClusterBroker {
+    fn kind(&self) -> &'static str {
+        "redis-cluster"
+    }
+
+    fn in_lanes(&self) -> bool {
+        true
+    }
+
+    async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
+        // One script per lane, in the order the lanes first appear; a batch is atomic per lane.
+        let mut lanes: Vec<(&Target, Vec<usize>)> = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            match lanes.iter_mut().find(|(t, _)| **t == event.target) {
+                Some((_, at)) => at.push(i),
+                None => lanes.push((&event.target, vec![i])),
+            }
+        }
+        let results = futures::future::join_all(lanes.iter().map(|(target, at)| {
+            let batch: Vec<&Envelope> = at.iter().map(|&i| &events[i]).collect();
+            async move { self.publish_lane(target, &batch).await }
+        }))
+        .await;
+        let mut ids = vec![EventId(0); events.len()];
+        for ((_, at), result) in lanes.iter().zip(results) {
+            let lane_ids = result.inspect_err(|_| {
+                self.publish_failed.store(true, Ordering::Relaxed);
+                self.report_health();
+            })?;
+            for (&i, id) in at.iter().zip(lane_ids) {
+                ids[i] = id;
+                self.floor.fetch_max(id.0, Ordering::Relaxed);
+            }
+        }
+        if self.publish_failed.swap(false, Ordering::Relaxed) {
+            self.report_health();
+        }
+        Ok(ids)
+    }
+
+    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
+        let (user_after, broadcast_after) = after.lanes();
+        let target = Target::User(user.into());
+        let (own, broadcasts) = tokio::try_join!(
+            self.read_lane(&target, user_after),
+            self.read_lane(&Target::Broadcast, broadcast_after)
+        )?;
+        let mut events: Vec<Arc<PublishedEvent>> =
+            own.0.into_iter().chain(broadcasts.0).map(Arc::new).collect();
+        // Each lane is in order; across lanes, by id (roughly by time).
+        events.sort_by_key(|e| e.id);
+        Ok(Replay {
+            events,
+            gap: own.1 || broadcasts.1,
+        })
+    }
+
+    async fn head(&self, user: &str) -> Result<Cursor, BrokerError> {
+        let target = Target::User(user.into());
+        let user_seq = lane_key(&target, "seq").to_string();
+        let broadcast_seq = lane_key(&Target::Broadcast, "seq").to_string();
+        let (get_own, get_broadcast) = (redis::Cmd::get(&user_seq), redis::Cmd::get(&broadcast_seq));
+        let (own, broadcast): (Option<u64>, Option<u64>) = tokio::try_join!(
+            self.router.query(&user_seq, &get_own),
+            self.router.query(&broadcast_seq, &get_broadcast)
+        )
+        .map_err(router_error)?;
+        // An empty lane stands where the clock stood a while ago, not at 0: a client that
+        // starts there and comes back after the retention gets `resync` only if events came
+        // in between (as with one order), and no event to come is issued below it.
+        let empty = catch_up_start(now_ms());
+        Ok(Cursor::Lanes {
+            user: EventId(own.unwrap_or(empty)),
+            broadcast: EventId(broadcast.unwrap_or(empty)),
+        })
+    }
+
+    async fn delivered_through(&self, user: &str) -> Result<Option<Cursor>, BrokerError> {
+        let key = lane_key(&Target::User(user.into()), "delivered").to_string();
+        let cursor: Option<String> = self
+            .router
+            .query(&key, redis::cmd("GET").arg(&key))
+            .await
+            .map_err(router_error)?;
+        Ok(cursor.and_then(|c| c.parse().ok()))
+    }
+
+    async fn set_delivered_through(&self, user: &str, cursor: Cursor) {
+        let key = lane_key(&Target::User(user.into()), "delivered").to_string();
+        let (own, broadcast) = cursor.lanes();
+        let ttl_ms = self.retention.longest().as_millis() as u64;
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.set_delivered_script.get_hash())
+            .arg(1)
+            .arg(&key)
+            .arg(own.0)
+            .arg(broadcast.0)
+            .arg(ttl_ms);
+        let result: Result<i64, _> = self
+            .router
+            .eval_script(&key, &self.set_delivered_script, &call)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!("could not record delivery position: {e}");
+        }
+    }
+
+    async fn subscribe(&self, user: &str) {
+        let user: Arc<str> = user.into();
+        let channel = lane_key(&Target::User(user.clone()), "live").to_string();
+        self.lock_dispatched()
+            .users
+            .entry(user)
+            .or_insert((0, catch_up_start(now_ms())));
+        if let Err(e) = self.subscriber.subscribe(channel).await {
+            // The subscriber keeps trying; its `Resubscribed` catches the lane up.
+            tracing::warn!("subscribe failed: {e}");
+        }
+    }
+
+    async fn unsubscribe(&self, user: &str) {
+        let target = Target::User(user.into());
+        let channel = lane_key(&target, "live").to_string();
+        self.subscriber.unsubscribe(&channel).await;
+        self.lock_dispatched().users.remove(user);
+        self.lock_behind().remove(&channel);
+    }
+
+    async fn disconnect(&self, user: &str) -> Result<usize, BrokerError> {
+        self.disconnect_everywhere(user).await
+    }
+
+    fn health(&self) -> BrokerHealth {
+        if self.lock_behind().is_empty() && !self.publish_failed.load(Ordering::Relaxed) {
+            BrokerHealth::Healthy
+        } else {
+            BrokerHealth::Degraded
+        }
+    }
+
+    async fn shutdown(&self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_lane_is_in_one_slot() {
+        for user in ["alice", "a}b", "{x}", "x:y", ""] {
+            let target = Target::User(user.into());
+            let slots: HashSet<u16> = ["seq", "stream", "trimmed", "delivered", "live"]
+                .iter()
+                .map(|what| router::key_slot(lane_key(&target, what).to_string().as_bytes()))
+                .chain([router::key_slot(disconnect_reply_key(user, "n").as_bytes())])
+                .collect();
+            assert_eq!(slots.len(), 1, "{user:?}");
+        }
+        let broadcast: HashSet<u16> = ["seq", "stream", "trimmed", "live"]
+            .iter()
+            .map(|what| router::key_slot(lane_key(&Target::Broadcast, what).to_string().as_bytes()))
+            .collect();
+        assert_eq!(broadcast.len(), 1);
+    }
+
+    #[test]
+    fn a_live_channel_names_its_lane() {
+        for user in ["alice", "a}b", "}:live"] {
+            let target = Target::User(user.into());
+            let channel = lane_key(&target, "live").to_string();
+            assert_eq!(lane_of_channel(&channel), Some(target));
+        }
+        assert_eq!(lane_of_channel("sse:{b}:live"), Some(Target::Broadcast));
+        assert_eq!(lane_of_channel("sse:u:alice"), None);
+    }
+}
