@@ -237,6 +237,22 @@ async fn check_resume_ago(config: SseConfig) {
     assert!(resumed.nothing_within(Duration::from_millis(200)).await);
 }
 
+/// A user's second tab writes the same id as the first for the same event: its resume point
+/// is as good as the first's (on a cluster, in both lanes, though it replayed nothing).
+async fn check_second_tab(config: SseConfig) {
+    let server = start_server(config).await;
+    let sse = &server.service;
+    sse.send_system_alert(alert("before")).await.unwrap();
+    let mut first = server.connect("tabs", "", None).await;
+    assert_eq!(text(&first.next().await), "before", "offline delivery");
+    let mut second = server.connect("tabs", "", None).await;
+    server.wait_for_clients("tabs", 2).await;
+    sse.send_notification("tabs", note("one")).await.unwrap();
+    let (a, b) = (first.next().await, second.next().await);
+    assert_eq!([text(&a), text(&b)], ["one", "one"]);
+    assert_eq!(a.id, b.id);
+}
+
 macro_rules! behaviour_suite {
     ($($check:ident),*) => {
         mod memory_broker {
@@ -262,7 +278,8 @@ behaviour_suite!(
     check_connect_during_publishing,
     check_offline_delivery,
     check_latest_progress_on_resume,
-    check_resume_ago
+    check_resume_ago,
+    check_second_tab
 );
 
 // ---- Redis only. ----
@@ -963,7 +980,8 @@ async fn the_behaviour_suite_passes_on_a_redis_cluster() {
         check_connect_during_publishing,
         check_offline_delivery,
         check_latest_progress_on_resume,
-        check_resume_ago
+        check_resume_ago,
+        check_second_tab
     );
 }
 

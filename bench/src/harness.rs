@@ -39,8 +39,9 @@ pub enum Sub {
 #[derive(clap::Args)]
 pub struct Args {
     /// Comma-separated scenarios: s1, s2, s4 (one instance), s1x, s2x (several on Redis),
-    /// s3 (targeted via Redis), s5 (bundle).
-    #[arg(long, default_value = "s1,s2,s4,s1x,s2x,s3,s5", value_delimiter = ',')]
+    /// s3 (targeted via Redis), s5 (bundle), s6 (several on a Redis Cluster: targeted at
+    /// the S3 rate to `--cluster-connections` users, then a broadcast).
+    #[arg(long, default_value = "s1,s2,s4,s1x,s2x,s3,s5,s6", value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// What else S1/S2 (and S4 where it applies) run against, side by side with sse-notify
     /// over SSE, in the same run: `ws` (sse-notify over WebSocket), `nchan` (nginx + nchan,
@@ -54,10 +55,10 @@ pub struct Args {
     /// Connections held by the one instance of S1, S2 and S4.
     #[arg(long, default_value_t = 19_000)]
     pub connections: usize,
-    /// Connections held by the instances of S1x and S2x.
+    /// Connections held by the instances of S1x, S2x and S6.
     #[arg(long, default_value_t = 100_000)]
     pub cluster_connections: usize,
-    /// Instances of S1x and S2x.
+    /// Instances of S1x, S2x and S6.
     #[arg(long, default_value_t = 6)]
     pub instances: usize,
     /// Seconds of idling over which S1 measures CPU (and during which nothing may reconnect).
@@ -167,7 +168,7 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-use sse_notify_testkit::{free_port, RedisServer};
+use sse_notify_testkit::{free_port, RedisCluster, RedisServer};
 
 async fn wait_listening(addr: SocketAddr) {
     for _ in 0..400 {
@@ -315,6 +316,8 @@ pub(crate) struct Cluster {
     binary: String,
     env: Vec<(String, String)>,
     redis: Option<RedisServer>,
+    /// A Redis Cluster instead of `redis` (S6).
+    redis_cluster: Option<RedisCluster>,
 }
 
 impl Cluster {
@@ -335,18 +338,40 @@ impl Cluster {
             binary: binary.to_string(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             redis,
+            redis_cluster: None,
         };
+        cluster.spawn_all(instances).await;
+        cluster
+    }
+
+    /// `instances` servers on a Redis Cluster of 3 primaries with a replica each.
+    async fn start_on_redis_cluster(binary: &str, instances: usize) -> Self {
+        let redis_cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3, 1))
+            .await
+            .expect("redis cluster");
+        let mut cluster = Self {
+            servers: Vec::new(),
+            binary: binary.to_string(),
+            env: vec![("SSE_REDIS_CLUSTER".into(), "1".into())],
+            redis: None,
+            redis_cluster: Some(redis_cluster),
+        };
+        cluster.spawn_all(instances).await;
+        cluster
+    }
+
+    /// Starts `instances` servers on free ports and waits until they listen.
+    async fn spawn_all(&mut self, instances: usize) {
         for _ in 0..instances {
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let child = cluster.spawn(addr);
+            let child = self.spawn(addr);
             let pid = child.id().expect("server pid");
-            cluster.servers.push((child, pid, addr));
+            self.servers.push((child, pid, addr));
         }
-        for (_, _, addr) in &cluster.servers {
+        for (_, _, addr) in &self.servers {
             wait_listening(*addr).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        cluster
     }
 
     fn spawn(&self, addr: SocketAddr) -> Child {
@@ -367,6 +392,9 @@ impl Cluster {
             .kill_on_drop(true);
         if let Some(redis) = &self.redis {
             command.env("REDIS_URL", redis.url());
+        }
+        if let Some(redis_cluster) = &self.redis_cluster {
+            command.env("REDIS_URL", redis_cluster.urls());
         }
         command.spawn().expect("server binary (make build first)")
     }
@@ -390,6 +418,20 @@ impl Cluster {
         self.servers.iter().map(|s| s.2).collect()
     }
 
+    /// CPU seconds of each Redis primary so far (one for a lone Redis).
+    fn redis_cpu(&self) -> Vec<f64> {
+        let primaries: Vec<&RedisServer> = match (&self.redis, &self.redis_cluster) {
+            (Some(redis), _) => vec![redis],
+            (None, Some(cluster)) => cluster.nodes[..3].iter().collect(),
+            (None, None) => Vec::new(),
+        };
+        primaries
+            .iter()
+            .filter_map(|r| r.pid())
+            .map(|pid| proc_figures(pid).1)
+            .collect()
+    }
+
     /// Summed RSS (KiB) and CPU seconds of every instance.
     fn figures(&self) -> (u64, f64) {
         self.servers
@@ -403,6 +445,7 @@ impl Cluster {
             let _ = child.kill().await;
         }
         drop(self.redis.take());
+        drop(self.redis_cluster.take());
     }
 }
 
@@ -1139,9 +1182,74 @@ async fn cluster_scale(args: &Args, report: &mut Report) {
 async fn targeted(args: &Args, report: &mut Report) {
     let (users, rate, secs) = (args.s3_users, args.s3_rate, args.s3_secs);
     let cluster = Cluster::start(&args.server_bin, 2, true).await;
-    let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), users, 17_000, 2, Dialect::Sse)).await;
+    let pool = targeted_on("s3", &cluster, users, rate, secs, 2, report).await;
+    let (lost, refused, p99) = (
+        report.get("s3_lost"),
+        report.get("s3_events_refused"),
+        report.get("s3_p99_ms"),
+    );
+    report.target(
+        "S3",
+        &format!("{users} users, {rate}/s for {secs} s via Redis: zero loss, p99 <= 10 ms"),
+        format!(
+            "{} sent, {lost} lost, {refused} refused; p99 {p99:.1} ms",
+            report.get("s3_events_sent")
+        ),
+        lost == 0.0 && refused == 0.0 && p99 <= 10.0,
+    );
+    pool.close().await;
+    cluster.stop().await;
+}
+
+/// S6: `--instances` servers on a Redis Cluster (3 primaries, a replica each) hold
+/// `--cluster-connections`, one per user; targeted events at the S3 rate for the S3 time,
+/// published through every instance, then one broadcast to everyone.
+async fn on_redis_cluster(args: &Args, report: &mut Report) {
+    let (users, rate, secs, instances) = (
+        args.cluster_connections,
+        args.s3_rate,
+        args.s3_secs,
+        args.instances,
+    );
+    let cluster = Cluster::start_on_redis_cluster(&args.server_bin, instances).await;
+    let mut pool = targeted_on("s6", &cluster, users, rate, secs, 3, report).await;
+    broadcast("s6_broadcast", 1, 0.0, &cluster, Dialect::Sse, &mut pool, report).await;
+    let (lost, refused, p99) = (
+        report.get("s6_lost"),
+        report.get("s6_events_refused"),
+        report.get("s6_p99_ms"),
+    );
+    let broadcast_lost = report.get("s6_broadcast_lost");
+    let (s3_p99, broadcast_p99) = (report.get("s3_p99_ms"), report.get("s6_broadcast_p99_ms"));
+    report.target(
+        "S6",
+        &format!("{instances} instances on a 3-primary cluster, {users} users, {rate}/s for {secs} s, then a broadcast: zero loss"),
+        format!(
+            "{} sent, {lost} lost, {refused} refused; p99 {p99:.1} ms (S3 on one Redis: {s3_p99:.1} ms); \
+             broadcast: {broadcast_lost} lost, p99 {broadcast_p99:.0} ms",
+            report.get("s6_events_sent")
+        ),
+        lost == 0.0 && refused == 0.0 && broadcast_lost == 0.0,
+    );
+    pool.close().await;
+    cluster.stop().await;
+}
+
+/// Targeted events at `rate` per second for `secs` to `users` (one connection each) held by
+/// `cluster`, published round-robin through every instance; figures under `name`.
+async fn targeted_on(
+    name: &str,
+    cluster: &Cluster,
+    users: usize,
+    rate: u64,
+    secs: f64,
+    phase: u8,
+    report: &mut Report,
+) -> Pool {
+    let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), users, 17_000, phase, Dialect::Sse)).await;
     report.correct &= pool.held == users;
     let (_, cpu_before) = cluster.figures();
+    let redis_before = cluster.redis_cpu();
     let Published {
         accepted: expected,
         refused,
@@ -1155,20 +1263,22 @@ async fn targeted(args: &Args, report: &mut Report) {
         1_000_000,
     )
     .await;
+    let redis_after = cluster.redis_cpu();
     let (seen, (lost, duplicated, wrong)) = pool
         .settle(&expected, Duration::from_secs(30), Duration::from_millis(500))
         .await;
     let (_, cpu_after) = cluster.figures();
     let reconnects = pool.reconnects().await;
-    report.put("s3_users", json!(pool.held));
-    report.put("s3_events_sent", json!(expected.len()));
-    report.put("s3_rate_per_second", json!(expected.len() as f64 / secs));
-    report.put("s3_events_refused", json!(refused));
-    report.put("s3_lost", json!(lost));
-    report.put("s3_duplicated", json!(duplicated));
-    report.put("s3_wrong_user", json!(wrong));
-    report.put("s3_stream_reconnects", json!(reconnects));
-    let p99 = report.latencies("s3", seen.iter().map(|s| s[2]).collect());
+    let key = |what: &str| format!("{name}_{what}");
+    report.put(&key("users"), json!(pool.held));
+    report.put(&key("events_sent"), json!(expected.len()));
+    report.put(&key("rate_per_second"), json!(expected.len() as f64 / secs));
+    report.put(&key("events_refused"), json!(refused));
+    report.put(&key("lost"), json!(lost));
+    report.put(&key("duplicated"), json!(duplicated));
+    report.put(&key("wrong_user"), json!(wrong));
+    report.put(&key("stream_reconnects"), json!(reconnects));
+    report.latencies(name, seen.iter().map(|s| s[2]).collect());
     // Where in the run the tail lies: sequence numbers grow with send time.
     let window = (rate * 5).max(1);
     let mut windows: Vec<Vec<u32>> = Vec::new();
@@ -1188,24 +1298,30 @@ async fn targeted(args: &Args, report: &mut Report) {
             percentile_ms(&l, 0.99)
         })
         .collect();
-    report.put("s3_p99_ms_by_5s", json!(by_window));
+    report.put(&key("p99_ms_by_5s"), json!(by_window));
     report.put(
-        "s3_server_cpu_s_per_million_deliveries",
+        &key("server_cpu_s_per_million_deliveries"),
         json!((cpu_after - cpu_before) / seen.len().max(1) as f64 * 1e6),
     );
-    report.put("s3_publisher_failed", json!(failed));
-    report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0 && !failed;
-    report.target(
-        "S3",
-        &format!("{users} users, {rate}/s for {secs} s via Redis: zero loss, p99 <= 10 ms"),
-        format!(
-            "{} sent, {lost} lost, {refused} refused; p99 {p99:.1} ms",
-            expected.len()
-        ),
-        lost == 0 && refused == 0 && p99 <= 10.0,
+    // Redis's CPU per event, each primary: 1 s over it is what one Redis core can take.
+    let per_event: Vec<f64> = redis_before
+        .iter()
+        .zip(&redis_after)
+        .map(|(b, a)| (a - b) / expected.len().max(1) as f64 * 1e6)
+        .collect();
+    report.put(&key("redis_cpu_us_per_event_by_primary"), json!(per_event));
+    report.put(
+        &key("redis_cpu_us_per_event"),
+        json!(per_event.iter().sum::<f64>()),
     );
-    pool.close().await;
-    cluster.stop().await;
+    let busiest = per_event.iter().copied().fold(0.0, f64::max);
+    report.put(
+        &key("redis_ceiling_events_per_second"),
+        json!(if busiest > 0.0 { 1e6 / busiest } else { 0.0 }),
+    );
+    report.put(&key("publisher_failed"), json!(failed));
+    report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0 && !failed;
+    pool
 }
 
 fn gzip_size(path: &std::path::Path) -> u64 {
@@ -1362,6 +1478,10 @@ pub async fn harness(args: Args) -> ExitCode {
     if args.runs("s3") {
         eprintln!("S3: targeted events through Redis");
         targeted(&args, &mut report).await;
+    }
+    if args.runs("s6") {
+        eprintln!("S6: several instances on a Redis Cluster");
+        on_redis_cluster(&args, &mut report).await;
     }
     report.put("harness_seconds", json!(started.elapsed().as_secs_f64()));
     report.print();

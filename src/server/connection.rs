@@ -45,12 +45,22 @@ pub(super) struct Closer {
     /// How far this connection got: what the replay and the live events handed to the
     /// client. Live events it covers were sent already and are skipped.
     pub(super) delivered_through: Cursor,
+    /// Where the prelude told the client it starts (its `id:`): in lanes, the id written
+    /// with each event is never behind it, even in a lane with nothing delivered yet.
+    pub(super) announced: Cursor,
+}
+
+impl Closer {
+    /// The client's resume point: how far it got, not behind where it started.
+    fn position(&self) -> Cursor {
+        self.delivered_through.max(self.announced)
+    }
 }
 
 impl Drop for Closer {
     fn drop(&mut self) {
         self.service
-            .stream_closed(self.user.clone(), self.id, self.delivered_through);
+            .stream_closed(self.user.clone(), self.id, self.position());
     }
 }
 
@@ -72,11 +82,10 @@ impl Stream for EventStream {
                 Poll::Ready(Received::Frame(Outbound::Event(event)))
                     if this.closer.delivered_through.covers(&event) => {}
                 Poll::Ready(Received::Frame(Outbound::Event(event))) => {
-                    let cursor = &mut this.closer.delivered_through;
-                    cursor.advance(&event);
-                    if let Cursor::Lanes { .. } = cursor {
+                    this.closer.delivered_through.advance(&event);
+                    if let Cursor::Lanes { .. } = this.closer.delivered_through {
                         // Frames of a lane carry no id: the client's is its place in both.
-                        chunk.push(id_line(*cursor));
+                        chunk.push(id_line(this.closer.position()));
                     }
                     chunk.push(event.frame.clone());
                 }

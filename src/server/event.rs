@@ -6,7 +6,8 @@ use std::{fmt, fmt::Write as _, str::FromStr, sync::Arc};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// The id of a published event: opaque to clients, increasing, valid as `Last-Event-ID`.
+/// The id of a published event: increasing (per lane on a cluster). As a client's
+/// `Last-Event-ID` it stands for a [`Cursor`].
 ///
 /// Ids come from one counter per broker (one per Redis for the Redis broker), so a user's
 /// events and broadcasts share one order and one id resumes both exactly; on a Redis

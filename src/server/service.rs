@@ -438,6 +438,7 @@ impl SseService {
             user: user.clone(),
             id: registration.id,
             delivered_through: Cursor::default(),
+            announced: Cursor::default(),
         };
         let broker = &inner.broker;
         let start = match broker.in_lanes() {
@@ -526,6 +527,7 @@ impl SseService {
         prelude.extend_from_slice(&self.ready_frame());
         tracing::debug!(user = %user, ?resume, "stream opened");
         closer.delivered_through = replayed_through;
+        closer.announced = starts_after;
         Ok(EventStream {
             prelude: VecDeque::from([prelude.freeze()]),
             mailbox: registration.mailbox,

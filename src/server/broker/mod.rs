@@ -4,7 +4,8 @@
 //! process; [`RedisBroker`] shares ids, history and fan-out between any number of instances
 //! through one Redis, [`ClusterBroker`] through a Redis Cluster.
 //! A broker knows nothing of connections: it is given a [`Delivery`] when it is built and
-//! hands it every event (published here or, with Redis, anywhere) in id order, so each
+//! hands it every event (published here or, with Redis, anywhere) in id order (on a cluster,
+//! in id order per lane: see [`Cursor`]), so each
 //! connection sees ids increase and a `Last-Event-ID` is always a safe place to resume from;
 //! it also passes on requests to end a user's streams. The
 //! [`SseService`](super::SseService) decides which users the broker listens for.
@@ -26,7 +27,7 @@ pub use crate::api::BrokerHealth;
 
 /// What a broker hands over to this process: in the service, the local hub.
 pub trait Delivery: Send + Sync + 'static {
-    /// An event, in id order.
+    /// An event, in id order (per lane, on a broker that orders by lane).
     fn deliver(&self, event: Arc<PublishedEvent>);
     /// Ends this process's streams of `user` (a disconnect sent from any instance);
     /// returns how many there were.
@@ -115,11 +116,12 @@ pub enum BrokerError {
 
 /// Assigns ids, keeps history for replay, and fans events out to its [`EventSink`].
 ///
-/// Implementations must hand events to the sink in id order, and must make an event
+/// Implementations must hand events to the sink in id order (per lane where
+/// [`Broker::in_lanes`]), and must make an event
 /// replayable no later than they hand it to the sink.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// A short name for stats: `memory` or `redis`.
+    /// A short name for stats: `memory`, `redis` or `redis-cluster`.
     fn kind(&self) -> &'static str;
 
     /// Whether ids are ordered per lane (see [`Cursor::Lanes`]): a client's cursor then
@@ -128,7 +130,8 @@ pub trait Broker: Send + Sync + 'static {
         false
     }
 
-    /// Publishes a batch atomically in order; returns one id per event.
+    /// Publishes a batch in order, atomically (on a cluster, atomically per lane: a user's
+    /// events, or the broadcasts); returns one id per event.
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError>;
 
     /// Events for `user` (and broadcasts) after `after`, in order (in each lane).

@@ -133,7 +133,8 @@ pub(super) const PUBLISH_SCRIPT: &str = r#"
 -- ARGV[5] = PUBLISH (or SPUBLISH on a cluster), ARGV[6] = how long the counter is kept, ms (0: always),
 -- ARGV[7] = the batch's nonce, kept with its events ('' for none): when the batch's events are
 -- in the stream already (a retry of a try whose reply was lost), their ids are returned and
--- nothing is published twice. They have ids from `now` on, so only those are looked at.
+-- nothing is published twice. They have ids from `now` on, so only the newest 1,000 entries
+-- from `now` on are looked at (a retry comes within seconds).
 -- then per event: channel, name, data, ttl ms, coalescing key, timestamp ms
 -- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53; format them as
 -- integers, never as 1.79e+15.
@@ -150,7 +151,9 @@ if nonce ~= '' and #KEYS > 1 then
       end
     end
   end
-  if #found > 0 then return found end
+  if #found == (#KEYS - 1) / 2 then return found end
+  -- Part of it only (a flood trimmed the rest away): publishing again would repeat that part.
+  if #found > 0 then return redis.error_reply('ERR batch ' .. nonce .. ' partly published already') end
 end
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local clock = tonumber(ARGV[1]) * 1000
@@ -245,6 +248,21 @@ pub struct RedisOptions {
     pub max_stream_len: usize,
 }
 
+/// For a TLS URL (`rediss://`, `valkeys://`), installs `ring` as the process's default
+/// rustls provider if none is set: redis-rs takes the default, which rustls can pick by
+/// itself only when exactly one is compiled in, and a host app may bring another. A host
+/// that installs its own must do so before starting the service.
+pub(super) fn install_tls_provider_for(url: &str) {
+    let tls = url.trim().split_once("://").is_some_and(|(scheme, _)| {
+        ["rediss", "valkeys"]
+            .iter()
+            .any(|s| scheme.eq_ignore_ascii_case(s))
+    });
+    if tls && rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 pub(super) fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -259,17 +277,7 @@ impl RedisBroker {
             retention,
             max_stream_len,
         } = options;
-        let tls = url.split_once("://").is_some_and(|(scheme, _)| {
-            ["rediss", "valkeys"]
-                .iter()
-                .any(|s| scheme.eq_ignore_ascii_case(s))
-        });
-        if tls && rustls::crypto::CryptoProvider::get_default().is_none() {
-            // redis-rs takes the process's default TLS provider, which rustls can pick by
-            // itself only when exactly one is compiled in; a host app may bring another.
-            // A host that installs its own must do so before starting the service.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
+        install_tls_provider_for(&url);
         let client = match ca_cert {
             None => Client::open(url.as_str()),
             Some(pem) => Client::build_with_tls(

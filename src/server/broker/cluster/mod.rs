@@ -37,26 +37,37 @@
 //!
 //! Replication in Redis is asynchronous, so on a shard with replicas a publish returns once
 //! one of them confirmed it (`WAIT 1`, up to [`REPLICA_WAIT`]): a failover right after does
-//! not lose it. Past that wait (a replica down or far behind) the primary alone has it.
+//! not lose it. When no replica confirms in time (one down or far behind), the publish
+//! succeeds on the primary alone, as Redis does, and that primary's publishes stop waiting
+//! for [`REPLICA_LATE_PAUSE`]: a `WAIT` holds up every command on its connection. A retry
+//! (the router's, or one after an unconfirmed `WAIT`) finds the batch by its nonce and
+//! returns its ids instead of publishing it twice.
+//!
+//! Known limits: a lane's catch-up runs one lane after another in the dispatch task (a
+//! shard with many subscribed users takes a while to catch up, and live events wait); and
+//! instances' clocks must agree within a minute (see [`empty_lane_head`]).
 
 pub mod router;
 
 use std::{
     collections::{HashMap, HashSet},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Weak,
     },
     time::Duration,
 };
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use redis::Script;
 use tokio::sync::mpsc;
 
 use self::router::{ClusterRouter, RouterError, RouterOptions, ShardedSubscriber, SubscriberEvent};
 use super::{
-    redis::{check_version, decode_entry, decode_payload, Message, PAGE, PUBLISH_SCRIPT},
+    redis::{
+        check_version, decode_entry, decode_payload, install_tls_provider_for, Message, PAGE, PUBLISH_SCRIPT,
+    },
     Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
     Retention, Target,
 };
@@ -65,13 +76,21 @@ use crate::server::{metrics as m, now_ms};
 /// The least time a lane's id counter outlives its last publish.
 pub const SEQ_KEEP_MIN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Subscriber events (messages, resubscriptions) waiting for the dispatch task. When full,
-/// a shard's messages are dropped and its channels caught up from the streams instead.
+/// a channel's messages are dropped until its `Resubscribed` is queued, and its lane is
+/// caught up from its stream then (see [`router::ShardedSubscriber`]).
 const SUBSCRIBER_QUEUE: usize = 16_384;
+/// Lanes of one batch published at once (each a script on its shard).
+const PUBLISH_CONCURRENCY: usize = 32;
 /// How long a publish waits for a replica of its shard to confirm it.
 const REPLICA_WAIT: Duration = Duration::from_millis(500);
-/// How far before a subscription a lane is read back if its shard drops before any of its
-/// events came: covers clocks of other instances running behind this one.
-const CATCH_UP_MARGIN_MS: u64 = 60_000;
+/// How far behind the clock an empty lane stands (see [`empty_lane_head`]).
+const EMPTY_LANE_MARGIN_MS: u64 = 60_000;
+/// How long a failed publish shows the broker as degraded.
+const PUBLISH_FAILURE_SHOWS: Duration = Duration::from_secs(5);
+/// How long publishes stop waiting for the replicas of a primary whose replicas did not
+/// confirm one in time (a replica down or far behind): waits there would block that
+/// primary's connection for every command.
+const REPLICA_LATE_PAUSE: Duration = Duration::from_secs(10);
 
 const SET_DELIVERED_SCRIPT: &str = r#"
 -- KEYS[1] = cursor key; ARGV[1] = user lane id, ARGV[2] = broadcast lane id, ARGV[3] = ttl ms.
@@ -135,18 +154,18 @@ fn router_error(e: RouterError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
-/// How far each lane was handed to the sink.
+/// How far each lane this instance listens to was handed to the sink: the newest id handed
+/// over, or where the lane stood when it was subscribed. A catch-up reads after it, and a
+/// message at or below it is not handed over again.
 #[derive(Default)]
 struct Dispatched {
-    /// Per subscribed user: the newest id handed over (0 for none yet), and the id the
-    /// clock gave when they were subscribed, less a margin: where a catch-up starts when
-    /// nothing was handed over yet.
-    users: HashMap<Arc<str>, (u64, u64)>,
-    broadcast: (u64, u64),
+    /// Per subscribed user.
+    users: HashMap<Arc<str>, u64>,
+    broadcast: u64,
 }
 
 impl Dispatched {
-    fn lane(&mut self, target: &Target) -> Option<&mut (u64, u64)> {
+    fn lane(&mut self, target: &Target) -> Option<&mut u64> {
         match target {
             Target::User(user) => self.users.get_mut(user),
             Target::Broadcast => Some(&mut self.broadcast),
@@ -162,8 +181,14 @@ pub struct ClusterBroker {
     dispatched: std::sync::Mutex<Dispatched>,
     /// Channels whose shard is down, or whose lane could not be read back yet.
     behind: std::sync::Mutex<HashSet<String>>,
-    /// The last publish failed (cleared by the next that succeeds).
-    publish_failed: AtomicBool,
+    /// When a publish last failed (ms; 0 for never): degraded for [`PUBLISH_FAILURE_SHOWS`].
+    publish_failed_at: AtomicU64,
+    /// Primaries (`host:port`) whose replicas did not confirm a publish in time, and until
+    /// when (ms) publishes there do not wait for them again.
+    replica_late_until: std::sync::Mutex<HashMap<String, u64>>,
+    /// Serialises subscribing and unsubscribing users (a user's last tab closing while a
+    /// new one opens), as on one Redis.
+    subscribing: tokio::sync::Mutex<()>,
     /// Highest id this instance issued or saw, in any lane: new ids go above it.
     floor: AtomicU64,
     retention: Retention,
@@ -188,6 +213,10 @@ impl ClusterBroker {
     /// Connects to the cluster, checks its version, subscribes broadcasts, and hands every
     /// event of the subscribed users, and every broadcast, to `sink`.
     pub async fn connect(options: ClusterOptions, sink: EventSink) -> Result<Arc<Self>, BrokerError> {
+        options
+            .seeds
+            .iter()
+            .for_each(|seed| install_tls_provider_for(seed));
         let router = ClusterRouter::connect(&options.seeds, RouterOptions::default())
             .await
             .map_err(|e| BrokerError::Unavailable(format!("Redis Cluster: {e}")))?;
@@ -197,17 +226,23 @@ impl ClusterBroker {
             .map_err(router_error)?;
         check_version(&info)?;
         let (subscriber, events) = router.subscriber(SUBSCRIBER_QUEUE);
-        let since = catch_up_start(now_ms());
+        let broadcast_seq = lane_key(&Target::Broadcast, "seq").to_string();
+        let broadcast_head: Option<u64> = router
+            .query(&broadcast_seq, &redis::Cmd::get(&broadcast_seq))
+            .await
+            .map_err(router_error)?;
         let broker = Arc::new(Self {
             router,
             subscriber,
             sink,
             dispatched: std::sync::Mutex::new(Dispatched {
                 users: HashMap::new(),
-                broadcast: (0, since),
+                broadcast: broadcast_head.unwrap_or_else(|| empty_lane_head(now_ms())),
             }),
             behind: Default::default(),
-            publish_failed: AtomicBool::new(false),
+            publish_failed_at: AtomicU64::new(0),
+            replica_late_until: Default::default(),
+            subscribing: Default::default(),
             floor: AtomicU64::new(0),
             retention: options.retention,
             max_stream_len: options.max_stream_len.max(1),
@@ -243,7 +278,7 @@ impl ClusterBroker {
     fn dispatch(&self, event: PublishedEvent) {
         {
             let mut dispatched = self.lock_dispatched();
-            let Some((through, _)) = dispatched.lane(&event.target) else {
+            let Some(through) = dispatched.lane(&event.target) else {
                 return;
             };
             if event.id.0 <= *through {
@@ -263,10 +298,7 @@ impl ClusterBroker {
             let Some(target) = lane_of_channel(&channel) else {
                 continue;
             };
-            let from = self
-                .lock_dispatched()
-                .lane(&target)
-                .map(|&mut (through, since)| through.max(since));
+            let from = self.lock_dispatched().lane(&target).map(|through| *through);
             let Some(from) = from else {
                 // Nobody here listens for that user any more.
                 self.lock_behind().remove(&channel);
@@ -336,12 +368,14 @@ impl ClusterBroker {
             let page: Entries = self.router.query(&stream, &xrange).await.map_err(router_error)?;
             let full = page.len() == PAGE;
             for (entry_id, fields) in page {
+                // Past this entry whatever it holds: a page of undecodable ones moves on too.
+                let entry = entry_id.split('-').next().and_then(|id| id.parse::<u64>().ok());
+                from = from.max(entry.unwrap_or(from));
                 let Some(event) = decode_entry(target, &entry_id, &fields, PublishedEvent::encode_in_lane)
                 else {
                     tracing::warn!(stream, entry = %entry_id, "skipped an undecodable entry");
                     continue;
                 };
-                from = from.max(event.id.0);
                 if !self.retention.keeps(&event, now) {
                     gap = true;
                     continue;
@@ -390,10 +424,12 @@ impl ClusterBroker {
         }
         let stream = stream.to_string();
         let script = &self.publish_script;
+        let slot = router::key_slot(stream.as_bytes());
         let mut attempt = 0;
         let ids: Vec<u64> = loop {
             attempt += 1;
-            if self.router.replicas_of(router::key_slot(stream.as_bytes())) == 0 {
+            let owner = self.router.owner_of(slot).unwrap_or_default();
+            if self.router.replicas_of(slot) == 0 || self.replica_late(&owner) {
                 break self
                     .router
                     .eval_script(&stream, script, &call)
@@ -409,17 +445,37 @@ impl ClusterBroker {
             {
                 Ok((ids, confirmed)) => {
                     if confirmed == 0 {
-                        tracing::warn!(stream, "no replica confirmed a publish in time");
+                        tracing::warn!(stream, primary = owner, "no replica confirmed a publish in time");
+                        let until = now_ms() + REPLICA_LATE_PAUSE.as_millis() as u64;
+                        self.replica_late_until
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(owner, until);
                     }
                     break ids;
                 }
                 // The primary went away before confirming: run the batch again where the
                 // slot now lives (it comes back with its ids if the replica had it).
-                Err(e) if attempt < 3 => tracing::warn!(stream, "publish not confirmed, retrying: {e}"),
+                Err(e @ (RouterError::Unavailable(_) | RouterError::ClusterDown(_))) if attempt < 3 => {
+                    tracing::warn!(stream, "publish not confirmed, retrying: {e}")
+                }
                 Err(e) => return Err(router_error(e)),
             }
         };
         Ok(ids.into_iter().map(EventId).collect())
+    }
+
+    /// Whether publishes on `primary` skip waiting for its replicas for now.
+    fn replica_late(&self, primary: &str) -> bool {
+        let mut late = self.replica_late_until.lock().unwrap_or_else(|e| e.into_inner());
+        match late.get(primary) {
+            Some(&until) if now_ms() < until => true,
+            Some(_) => {
+                late.remove(primary);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Sends `"!disconnect <nonce>"` to the instances listening for `user` and adds up the
@@ -479,9 +535,11 @@ fn disconnect_reply_key(user: &str, nonce: &str) -> String {
     format!("sse:{{u:{user}}}:disconnect:{nonce}")
 }
 
-/// Where a catch-up starts for a lane nothing was handed over of yet, subscribed at `now`.
-fn catch_up_start(now: u64) -> u64 {
-    now.saturating_sub(CATCH_UP_MARGIN_MS).saturating_mul(1000)
+/// Where a lane with no event (none kept, or its counter expired) stands at `now`: where
+/// the clock stood a minute ago. Instances' clocks must agree within that minute (NTP), or
+/// an event from one running behind could be issued below it.
+fn empty_lane_head(now: u64) -> u64 {
+    now.saturating_sub(EMPTY_LANE_MARGIN_MS).saturating_mul(1000)
 }
 
 /// Hands the subscriber's messages to the sink in order, catches lanes up after their shard
@@ -543,32 +601,46 @@ impl Broker for ClusterBroker {
     }
 
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
-        // One script per lane, in the order the lanes first appear; a batch is atomic per lane.
+        // One script per lane, in the order the lanes first appear; a batch is atomic per
+        // lane, not across lanes (they are on different shards).
         let mut lanes: Vec<(&Target, Vec<usize>)> = Vec::new();
+        let mut lane_of: HashMap<&Target, usize> = HashMap::new();
         for (i, event) in events.iter().enumerate() {
-            match lanes.iter_mut().find(|(t, _)| **t == event.target) {
-                Some((_, at)) => at.push(i),
-                None => lanes.push((&event.target, vec![i])),
-            }
+            let lane = *lane_of.entry(&event.target).or_insert_with(|| {
+                lanes.push((&event.target, Vec::new()));
+                lanes.len() - 1
+            });
+            lanes[lane].1.push(i);
         }
-        let results = futures::future::join_all(lanes.iter().map(|(target, at)| {
-            let batch: Vec<&Envelope> = at.iter().map(|&i| &events[i]).collect();
-            async move { self.publish_lane(target, &batch).await }
-        }))
-        .await;
+        let work: Vec<futures::future::BoxFuture<'_, Result<Vec<EventId>, BrokerError>>> = lanes
+            .iter()
+            .map(|(target, at)| {
+                let batch: Vec<&Envelope> = at.iter().map(|&i| &events[i]).collect();
+                let target: &Target = target;
+                Box::pin(async move { self.publish_lane(target, &batch).await }) as _
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(work)
+            .buffered(PUBLISH_CONCURRENCY)
+            .collect()
+            .await;
         let mut ids = vec![EventId(0); events.len()];
         for ((_, at), result) in lanes.iter().zip(results) {
             let lane_ids = result.inspect_err(|_| {
-                self.publish_failed.store(true, Ordering::Relaxed);
+                self.publish_failed_at.store(now_ms(), Ordering::Relaxed);
                 self.report_health();
             })?;
+            if lane_ids.len() != at.len() {
+                return Err(BrokerError::Unavailable(format!(
+                    "a lane answered {} ids for {} events",
+                    lane_ids.len(),
+                    at.len()
+                )));
+            }
             for (&i, id) in at.iter().zip(lane_ids) {
                 ids[i] = id;
                 self.floor.fetch_max(id.0, Ordering::Relaxed);
             }
-        }
-        if self.publish_failed.swap(false, Ordering::Relaxed) {
-            self.report_health();
         }
         Ok(ids)
     }
@@ -603,7 +675,7 @@ impl Broker for ClusterBroker {
         // An empty lane stands where the clock stood a while ago, not at 0: a client that
         // starts there and comes back after the retention gets `resync` only if events came
         // in between (as with one order), and no event to come is issued below it.
-        let empty = catch_up_start(now_ms());
+        let empty = empty_lane_head(now_ms());
         Ok(Cursor::Lanes {
             user: EventId(own.unwrap_or(empty)),
             broadcast: EventId(broadcast.unwrap_or(empty)),
@@ -641,24 +713,39 @@ impl Broker for ClusterBroker {
     }
 
     async fn subscribe(&self, user: &str) {
+        let _serial = self.subscribing.lock().await;
         let user: Arc<str> = user.into();
-        let channel = lane_key(&Target::User(user.clone()), "live").to_string();
-        self.lock_dispatched()
-            .users
-            .entry(user)
-            .or_insert((0, catch_up_start(now_ms())));
-        if let Err(e) = self.subscriber.subscribe(channel).await {
+        let target = Target::User(user.clone());
+        let channel = lane_key(&target, "live").to_string();
+        if !self.lock_dispatched().users.contains_key(&user) {
+            // Where the lane stands now: a catch-up after a lost shard reads from here, and
+            // the first connection's replay covers what came before.
+            let seq = lane_key(&target, "seq").to_string();
+            let head: Option<u64> = match self.router.query(&seq, &redis::Cmd::get(&seq)).await {
+                Ok(head) => head,
+                Err(e) => {
+                    tracing::warn!("cannot read where {channel} stands: {e}");
+                    None
+                }
+            };
+            let head = head.unwrap_or_else(|| empty_lane_head(now_ms()));
+            self.lock_dispatched().users.entry(user).or_insert(head);
+        }
+        if let Err(e) = self.subscriber.subscribe(channel.clone()).await {
             // The subscriber keeps trying; its `Resubscribed` catches the lane up.
             tracing::warn!("subscribe failed: {e}");
+            self.lock_behind().insert(channel);
+            self.report_health();
         }
     }
 
     async fn unsubscribe(&self, user: &str) {
+        let _serial = self.subscribing.lock().await;
         let target = Target::User(user.into());
         let channel = lane_key(&target, "live").to_string();
-        self.subscriber.unsubscribe(&channel).await;
         self.lock_dispatched().users.remove(user);
         self.lock_behind().remove(&channel);
+        self.subscriber.unsubscribe(&channel).await;
     }
 
     async fn disconnect(&self, user: &str) -> Result<usize, BrokerError> {
@@ -666,7 +753,10 @@ impl Broker for ClusterBroker {
     }
 
     fn health(&self) -> BrokerHealth {
-        if self.lock_behind().is_empty() && !self.publish_failed.load(Ordering::Relaxed) {
+        let failed_at = self.publish_failed_at.load(Ordering::Relaxed);
+        let failing =
+            failed_at > 0 && now_ms().saturating_sub(failed_at) < PUBLISH_FAILURE_SHOWS.as_millis() as u64;
+        if self.lock_behind().is_empty() && !failing {
             BrokerHealth::Healthy
         } else {
             BrokerHealth::Degraded

@@ -749,11 +749,15 @@ pub enum SubscriberEvent {
 /// their slot lives after a failover or migration.
 ///
 /// Events go to a bounded queue. Messages are offered with `try_send` from the
-/// connection's push callback, which must never block the connection's task; when the
-/// queue is full the message is dropped and its channel marked, and once the queue has
-/// room again the background task sends [`SubscriberEvent::Resubscribed`] for the marked
-/// channels, so the consumer catches up from the streams and nothing is lost. `Lost` and
-/// `Resubscribed` are sent by the background task and wait for room.
+/// connection's push callback, which must never block the connection's task.
+///
+/// The promise to the consumer, per channel: once a message of a channel may have been
+/// missed (its connection dropped, its slot moved, or the queue was full), no message of
+/// that channel is queued until its [`SubscriberEvent::Resubscribed`] is; messages in
+/// between are dropped. So whatever the consumer read back from its streams when it
+/// handles `Resubscribed` covers every message it did not get, and nothing is lost. `Lost`
+/// is sent by the background task and waits for room; `Resubscribed` is queued together
+/// with the end of the channel's suppression, and retried while the queue is full.
 ///
 /// Dropping the subscriber closes its connections and stops its task.
 pub struct ShardedSubscriber {
@@ -784,6 +788,10 @@ struct SubState {
     lost: HashSet<u64>,
     /// Channels whose message did not fit in the event queue.
     overflowed: HashSet<String>,
+    /// Channels whose messages are dropped until their `Resubscribed` is queued.
+    suppressed: HashSet<String>,
+    /// Channels live again whose `Resubscribed` is still to be queued.
+    announce: HashSet<String>,
     /// Refresh the slot table before the next pass.
     refresh: bool,
 }
@@ -852,6 +860,7 @@ impl ShardedSubscriber {
                     Some(Ok(()))
                 } else if out_of_time {
                     let message = format!("{} channel(s) not subscribed yet", pending.len());
+                    state.suppressed.extend(pending.iter().cloned());
                     state.catch_up.extend(pending);
                     Some(Err(RouterError::Unavailable(message)))
                 } else {
@@ -880,6 +889,8 @@ impl ShardedSubscriber {
             let mut state = inner.state();
             state.catch_up.remove(channel);
             state.overflowed.remove(channel);
+            state.suppressed.remove(channel);
+            state.announce.remove(channel);
             match state.channels.remove(channel).flatten() {
                 Some(id) => state.shards.values().find(|s| s.id == id).map(|s| s.conn.clone()),
                 None => None,
@@ -956,7 +967,7 @@ impl SubInner {
                     return;
                 };
                 let mut state = self.state();
-                if !state.channels.contains_key(&channel) {
+                if !state.channels.contains_key(&channel) || state.suppressed.contains(&channel) {
                     return;
                 }
                 let event = SubscriberEvent::Message {
@@ -964,6 +975,7 @@ impl SubInner {
                     payload,
                 };
                 if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(event) {
+                    state.suppressed.insert(channel.clone());
                     state.overflowed.insert(channel);
                     drop(state);
                     self.wake.notify_one();
@@ -983,6 +995,7 @@ impl SubInner {
                 if state.channels.get(&channel) == Some(&Some(id)) {
                     debug!(%channel, "server unsubscribed channel; slot moved");
                     state.channels.insert(channel.clone(), None);
+                    state.suppressed.insert(channel.clone());
                     state.catch_up.insert(channel);
                     state.refresh = true;
                     drop(state);
@@ -1009,18 +1022,25 @@ impl SubInner {
                 channels,
                 catch_up,
                 overflowed: marked,
+                suppressed,
+                announce,
                 ..
             } = &mut *state;
             for (channel, shard) in channels.iter_mut() {
                 if shard.is_some_and(|id| lost_ids.contains(&id)) {
                     *shard = None;
+                    suppressed.insert(channel.clone());
                     catch_up.insert(channel.clone());
                     lost.push(channel.clone());
                 }
             }
             for channel in marked.drain() {
                 match channels.get(&channel) {
-                    Some(Some(_)) => overflowed.push(channel),
+                    // Still subscribed: only its `Resubscribed` is owed.
+                    Some(Some(_)) => {
+                        announce.insert(channel.clone());
+                        overflowed.push(channel);
+                    }
                     Some(None) => {
                         catch_up.insert(channel);
                     }
@@ -1035,10 +1055,7 @@ impl SubInner {
             let _ = self.events.send(SubscriberEvent::Lost { channels: lost }).await;
         }
         if !overflowed.is_empty() {
-            let _ = self
-                .events
-                .send(SubscriberEvent::Resubscribed { channels: overflowed })
-                .await;
+            debug!(channels = overflowed.len(), "event queue was full; catching up");
         }
         if refresh {
             let _ = self.router.refresh().await;
@@ -1063,6 +1080,7 @@ impl SubInner {
         for (addr, channels) in by_owner {
             pending |= !self.subscribe_on(&addr, channels).await;
         }
+        pending |= !self.announce();
         let primaries: HashSet<String> = self.router.primaries().into_iter().collect();
         let mut state = self.state();
         if pending {
@@ -1133,7 +1151,6 @@ impl SubInner {
             .await;
 
         let mut all_done = true;
-        let mut resubscribed = Vec::new();
         {
             let mut state = self.state();
             let mut broken = false;
@@ -1144,7 +1161,7 @@ impl SubInner {
                         if let Some(shard @ None) = state.channels.get_mut(&channel) {
                             *shard = Some(id);
                             if state.catch_up.remove(&channel) {
-                                resubscribed.push(channel);
+                                state.announce.insert(channel);
                             }
                         }
                     }
@@ -1159,16 +1176,33 @@ impl SubInner {
                 state.lost.insert(id);
             }
         }
-        if !resubscribed.is_empty() {
-            info!(%addr, channels = resubscribed.len(), "channels resubscribed");
-            let _ = self
-                .events
-                .send(SubscriberEvent::Resubscribed {
-                    channels: resubscribed,
-                })
-                .await;
-        }
+        self.announce();
         all_done
+    }
+
+    /// Queues `Resubscribed` for the channels live again, and ends their suppression in the
+    /// same step (under the lock that the push callback takes): a message after it is
+    /// queued after it. Returns false when the queue is full (tried again on the next pass).
+    fn announce(&self) -> bool {
+        let mut state = self.state();
+        if state.announce.is_empty() {
+            return true;
+        }
+        let channels: Vec<String> = state.announce.iter().cloned().collect();
+        let count = channels.len();
+        match self.events.try_send(SubscriberEvent::Resubscribed { channels }) {
+            Ok(()) => {
+                let SubState {
+                    announce, suppressed, ..
+                } = &mut *state;
+                for channel in announce.drain() {
+                    suppressed.remove(&channel);
+                }
+                info!(channels = count, "channels resubscribed");
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
