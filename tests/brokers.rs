@@ -49,16 +49,30 @@ async fn check_delivery(config: SseConfig) {
     sse.send_system_alert(alert("all")).await.unwrap();
     sse.send_notification("a", note("a2")).await.unwrap();
     sse.send_notification("b", note("b1")).await.unwrap();
-    assert_eq!(
-        [
-            text(&a.next().await),
-            text(&a.next().await),
-            text(&a.next().await)
-        ],
-        ["a1", "all", "a2"]
-    );
-    assert_eq!([text(&b.next().await), text(&b.next().await)], ["all", "b1"]);
+    let got_a = [a.next().await, a.next().await, a.next().await];
+    assert_in_order(&got_a, &["a1", "all", "a2"]);
+    assert_in_order(&[b.next().await, b.next().await], &["all", "b1"]);
     assert!(a.nothing_within(Duration::from_millis(300)).await);
+}
+
+/// `got` is `expected` (titles), in order; on a cluster (ids in two lanes) in order within
+/// each lane: the user's events, and the broadcasts (`all...`), may interleave either way.
+fn assert_in_order(got: &[eventsource_stream::Event], expected: &[&str]) {
+    let titles: Vec<String> = got.iter().map(text).collect();
+    if !got.iter().all(|e| e.id.contains('.')) {
+        assert_eq!(titles, expected);
+        return;
+    }
+    let lane = |broadcast: bool| move |t: &&str| t.starts_with("all") == broadcast;
+    for broadcast in [false, true] {
+        let got: Vec<&str> = titles
+            .iter()
+            .map(String::as_str)
+            .filter(lane(broadcast))
+            .collect();
+        let want: Vec<&str> = expected.iter().copied().filter(lane(broadcast)).collect();
+        assert_eq!(got, want, "in {titles:?}");
+    }
 }
 
 /// A reconnect with `Last-Event-ID` replays what was missed, user and broadcast, once.
@@ -1032,15 +1046,28 @@ async fn instances_on_a_redis_cluster_act_as_one() {
             text(&client.next().await),
             text(&client.next().await),
         ];
+        // The user's lane in order; the broadcast lane's one event anywhere among them.
+        let own: Vec<&String> = got.iter().filter(|t| *t != "everyone").collect();
         assert_eq!(
-            got,
-            [
-                format!("{user}-0"),
-                format!("{user}-1"),
-                format!("{user}-2"),
-                "everyone".to_string()
-            ]
+            own,
+            [&format!("{user}-0"), &format!("{user}-1"), &format!("{user}-2")]
         );
+        assert_eq!(got.iter().filter(|t| *t == "everyone").count(), 1);
+    }
+    // One batch over every shard (one script per shard) and a broadcast: each gets its own.
+    let batch: Vec<serde_json::Value> = users
+        .iter()
+        .map(|u| json!({"user_id": u, "event": "notification", "data": {"title": format!("{u}-batch"), "message": "m"}}))
+        .chain([json!({"broadcast": true, "event": "system_alert", "data": {"message": "all-batch", "type": "info"}})])
+        .collect();
+    let (status, body) = a.publish(json!(batch)).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["ids"].as_array().map(Vec::len), Some(users.len() + 1));
+    for (user, client) in users.iter().zip(&mut clients) {
+        // Two lanes on two shards: either may come first.
+        let mut got = [text(&client.next().await), text(&client.next().await)];
+        got.sort();
+        assert_eq!(got, ["all-batch".to_string(), format!("{user}-batch")]);
     }
     for client in &mut clients {
         assert!(

@@ -125,52 +125,23 @@ fn trimmed_key<T: std::fmt::Display>(stream: T) -> Prefixed<T> {
     Prefixed("sse:trimmed:", stream)
 }
 
-/// One batch in one Lua script: ids, streams, live messages. Shared with the cluster broker,
-/// which runs it per lane (every key of a lane in one hash slot) with `SPUBLISH`.
-pub(super) const PUBLISH_SCRIPT: &str = r#"
+const PUBLISH_SCRIPT: &str = r#"
 -- KEYS[1] = id counter, then per event: stream, trimmed marker
 -- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
--- ARGV[5] = PUBLISH (or SPUBLISH on a cluster), ARGV[6] = how long the counter is kept, ms (0: always),
--- ARGV[7] = the batch's nonce, kept with its events ('' for none): when the batch's events are
--- in the stream already (a retry of a try whose reply was lost), their ids are returned and
--- nothing is published twice. They have ids from `now` on, so only the newest 1,000 entries
--- from `now` on are looked at (a retry comes within seconds).
 -- then per event: channel, name, data, ttl ms, coalescing key, timestamp ms
 -- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53; format them as
 -- integers, never as 1.79e+15.
-local nonce = ARGV[7]
-if nonce ~= '' and #KEYS > 1 then
-  local found = {}
-  local from = string.format('%.0f', tonumber(ARGV[1]) * 1000)
-  local recent = redis.call('XREVRANGE', KEYS[2], '+', from, 'COUNT', 1000)
-  for _, entry in ipairs(recent) do
-    local fields = entry[2]
-    for f = 1, #fields, 2 do
-      if fields[f] == 'b' and fields[f + 1] == nonce then
-        table.insert(found, 1, string.match(entry[1], '^(%d+)'))
-      end
-    end
-  end
-  if #found == (#KEYS - 1) / 2 then return found end
-  -- Part of it only (a flood trimmed the rest away): publishing again would repeat that part.
-  if #found > 0 then return redis.error_reply('ERR batch ' .. nonce .. ' partly published already') end
-end
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local clock = tonumber(ARGV[1]) * 1000
 local floor = tonumber(ARGV[4])
 local ids = {}
 for i = 0, (#KEYS - 1) / 2 - 1 do
   local stream, trimmed = KEYS[2 + i * 2], KEYS[3 + i * 2]
-  local at = 7 + i * 6
+  local at = 4 + i * 6
   last = math.max(last + 1, clock, floor + 1)
   local id = string.format('%.0f', last)
-  if nonce == '' then
-    redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
-      'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
-  else
-    redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
-      'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5], 'b', nonce)
-  end
+  redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
+    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
   local ttl = tonumber(ARGV[at + 4])
   if redis.call('XLEN', stream) > tonumber(ARGV[2]) then
     redis.call('XTRIM', stream, 'MAXLEN', ARGV[2])
@@ -181,14 +152,10 @@ for i = 0, (#KEYS - 1) / 2 - 1 do
   -- A stream lives as long as its longest-kept event: only ever extend its expiry.
   if redis.call('PTTL', stream) < ttl then redis.call('PEXPIRE', stream, ttl) end
   if redis.call('PTTL', trimmed) > 0 and redis.call('PTTL', trimmed) < ttl then redis.call('PEXPIRE', trimmed, ttl) end
-  redis.call(ARGV[5], ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
+  redis.call('PUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
   ids[#ids + 1] = id
 end
-if ARGV[6] == '0' then
-  redis.call('SET', KEYS[1], string.format('%.0f', last))
-else
-  redis.call('SET', KEYS[1], string.format('%.0f', last), 'PX', ARGV[6])
-end
+redis.call('SET', KEYS[1], string.format('%.0f', last))
 return ids
 "#;
 
@@ -729,10 +696,7 @@ impl Broker for RedisBroker {
         call.arg(now)
             .arg(self.max_stream_len)
             .arg(trim_below)
-            .arg(self.floor.load(Ordering::Relaxed))
-            .arg("PUBLISH")
-            .arg(0)
-            .arg("");
+            .arg(self.floor.load(Ordering::Relaxed));
         for event in &events {
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
             call.arg(channel_of(&event.target))

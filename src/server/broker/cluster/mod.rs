@@ -65,9 +65,7 @@ use tokio::sync::mpsc;
 
 use self::router::{ClusterRouter, RouterError, RouterOptions, ShardedSubscriber, SubscriberEvent};
 use super::{
-    redis::{
-        check_version, decode_entry, decode_payload, install_tls_provider_for, Message, PAGE, PUBLISH_SCRIPT,
-    },
+    redis::{check_version, decode_entry, decode_payload, install_tls_provider_for, Message, PAGE},
     Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
     Retention, Target,
 };
@@ -79,8 +77,10 @@ pub const SEQ_KEEP_MIN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// a channel's messages are dropped until its `Resubscribed` is queued, and its lane is
 /// caught up from its stream then (see [`router::ShardedSubscriber`]).
 const SUBSCRIBER_QUEUE: usize = 16_384;
-/// Lanes of one batch published at once (each a script on its shard).
+/// Lanes of one batch published at once.
 const PUBLISH_CONCURRENCY: usize = 32;
+/// How long a batch's ids are kept for a retry to find (retries come within seconds).
+const BATCH_KEEP: Duration = Duration::from_secs(60);
 /// How long a publish waits for a replica of its shard to confirm it.
 const REPLICA_WAIT: Duration = Duration::from_millis(500);
 /// How far behind the clock an empty lane stands (see [`empty_lane_head`]).
@@ -91,6 +91,50 @@ const PUBLISH_FAILURE_SHOWS: Duration = Duration::from_secs(5);
 /// confirm one in time (a replica down or far behind): waits there would block that
 /// primary's connection for every command.
 const REPLICA_LATE_PAUSE: Duration = Duration::from_secs(10);
+
+/// One lane's part of a batch in one script on the lane's shard (every key in one slot).
+/// The same steps as on one Redis, with the lane's own counter, `SPUBLISH`, and a key that
+/// makes a retry harmless.
+const PUBLISH_SCRIPT: &str = r#"
+-- KEYS[1] = the batch's key, then per event: the lane's counter, stream and trimmed marker.
+-- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
+-- ARGV[5] = how long a lane's counter is kept, ms, ARGV[6] = how long the batch's key is kept, ms,
+-- then per event: channel, name, data, ttl ms, coalescing key, timestamp ms.
+-- The batch's key holds the ids it was given: a retry of a try whose reply was lost gets
+-- them back instead of publishing the batch again.
+-- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53.
+local done = redis.call('GET', KEYS[1])
+if done then return cjson.decode(done) end
+local n = (#KEYS - 1) / 3
+local clock = tonumber(ARGV[1]) * 1000
+local floor = tonumber(ARGV[4])
+local last, ids = {}, {}
+for i = 0, n - 1 do
+  local seq, stream, trimmed = KEYS[2 + i * 3], KEYS[3 + i * 3], KEYS[4 + i * 3]
+  local at = 6 + i * 6
+  last[seq] = math.max((last[seq] or tonumber(redis.call('GET', seq) or '0')) + 1, clock, floor + 1)
+  local id = string.format('%.0f', last[seq])
+  redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
+    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
+  local ttl = tonumber(ARGV[at + 4])
+  if redis.call('XLEN', stream) > tonumber(ARGV[2]) then
+    redis.call('XTRIM', stream, 'MAXLEN', ARGV[2])
+    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
+    local below = string.format('%.0f', tonumber(string.match(first, '^(%d+)')) - 1)
+    redis.call('SET', trimmed, below, 'PX', ttl)
+  end
+  -- A stream lives as long as its longest-kept event: only ever extend its expiry.
+  if redis.call('PTTL', stream) < ttl then redis.call('PEXPIRE', stream, ttl) end
+  if redis.call('PTTL', trimmed) > 0 and redis.call('PTTL', trimmed) < ttl then redis.call('PEXPIRE', trimmed, ttl) end
+  redis.call('SPUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
+  ids[#ids + 1] = id
+end
+for seq, value in pairs(last) do
+  redis.call('SET', seq, string.format('%.0f', value), 'PX', ARGV[5])
+end
+redis.call('SET', KEYS[1], cjson.encode(ids), 'PX', ARGV[6])
+return ids
+"#;
 
 const SET_DELIVERED_SCRIPT: &str = r#"
 -- KEYS[1] = cursor key; ARGV[1] = user lane id, ARGV[2] = broadcast lane id, ARGV[3] = ttl ms.
@@ -388,41 +432,57 @@ impl ClusterBroker {
         }
     }
 
-    /// Publishes one lane's part of a batch: one script on the lane's shard.
-    async fn publish_lane(&self, target: &Target, events: &[&Envelope]) -> Result<Vec<EventId>, BrokerError> {
+    /// Publishes `events`, all of one lane, in one script on the lane's shard.
+    async fn publish_on_shard(&self, events: &[&Envelope]) -> Result<Vec<EventId>, BrokerError> {
+        let Some(first) = events.first() else {
+            return Ok(Vec::new());
+        };
+        // A retry (here or in the router) must not publish the batch twice: the script keeps
+        // its ids under a key of its own, in the first event's slot, and a retry gets them.
+        let batch = format!(
+            "{}:{:016x}{:016x}",
+            lane_key(&first.target, "batch"),
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        self.publish_batch(&batch, events).await
+    }
+
+    /// [`publish_on_shard`](Self::publish_on_shard) under the batch key `batch`.
+    async fn publish_batch(&self, batch: &str, events: &[&Envelope]) -> Result<Vec<EventId>, BrokerError> {
+        let Some(first) = events.first() else {
+            return Ok(Vec::new());
+        };
         let now = now_ms();
         let trim_below = now
             .saturating_sub(self.retention.longest().as_millis() as u64)
             .saturating_mul(1000);
         let seq_keep = self.retention.longest().max(SEQ_KEEP_MIN).as_millis() as u64;
-        let stream = lane_key(target, "stream");
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.publish_script.get_hash())
-            .arg(1 + 2 * events.len())
-            .arg(lane_key(target, "seq"));
-        for _ in events {
-            call.arg(stream).arg(lane_key(target, "trimmed"));
+            .arg(1 + 3 * events.len())
+            .arg(batch);
+        for event in events {
+            call.arg(lane_key(&event.target, "seq"))
+                .arg(lane_key(&event.target, "stream"))
+                .arg(lane_key(&event.target, "trimmed"));
         }
-        // A retry (here or in the router) must not publish the batch twice: its events carry
-        // a nonce, and the script returns their ids if they are there already.
-        let nonce = format!("{:016x}", rand::random::<u64>());
         call.arg(now)
             .arg(self.max_stream_len)
             .arg(trim_below)
             .arg(self.floor.load(Ordering::Relaxed))
-            .arg("SPUBLISH")
             .arg(seq_keep)
-            .arg(&nonce);
+            .arg(BATCH_KEEP.as_millis() as u64);
         for event in events {
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
-            call.arg(lane_key(target, "live"))
+            call.arg(lane_key(&event.target, "live"))
                 .arg(&*event.name)
                 .arg(&event.data)
                 .arg(ttl_ms)
                 .arg(event.coalesce_key.as_deref().unwrap_or(""))
                 .arg(event.timestamp_ms);
         }
-        let stream = stream.to_string();
+        let stream = lane_key(&first.target, "stream").to_string();
         let script = &self.publish_script;
         let slot = router::key_slot(stream.as_bytes());
         let mut attempt = 0;
@@ -601,23 +661,22 @@ impl Broker for ClusterBroker {
     }
 
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
-        // One script per lane, in the order the lanes first appear; a batch is atomic per
-        // lane, not across lanes (they are on different shards).
-        let mut lanes: Vec<(&Target, Vec<usize>)> = Vec::new();
+        // One script per lane (a Redis Cluster runs a script on one slot only), in the order
+        // the lanes first appear; atomic per lane, not across lanes.
+        let mut lanes: Vec<Vec<usize>> = Vec::new();
         let mut lane_of: HashMap<&Target, usize> = HashMap::new();
         for (i, event) in events.iter().enumerate() {
             let lane = *lane_of.entry(&event.target).or_insert_with(|| {
-                lanes.push((&event.target, Vec::new()));
+                lanes.push(Vec::new());
                 lanes.len() - 1
             });
-            lanes[lane].1.push(i);
+            lanes[lane].push(i);
         }
         let work: Vec<futures::future::BoxFuture<'_, Result<Vec<EventId>, BrokerError>>> = lanes
             .iter()
-            .map(|(target, at)| {
-                let batch: Vec<&Envelope> = at.iter().map(|&i| &events[i]).collect();
-                let target: &Target = target;
-                Box::pin(async move { self.publish_lane(target, &batch).await }) as _
+            .map(|at| {
+                let part: Vec<&Envelope> = at.iter().map(|&i| &events[i]).collect();
+                Box::pin(async move { self.publish_on_shard(&part).await }) as _
             })
             .collect();
         let results: Vec<_> = futures::stream::iter(work)
@@ -625,22 +684,29 @@ impl Broker for ClusterBroker {
             .collect()
             .await;
         let mut ids = vec![EventId(0); events.len()];
-        for ((_, at), result) in lanes.iter().zip(results) {
-            let lane_ids = result.inspect_err(|_| {
-                self.publish_failed_at.store(now_ms(), Ordering::Relaxed);
-                self.report_health();
-            })?;
-            if lane_ids.len() != at.len() {
-                return Err(BrokerError::Unavailable(format!(
-                    "a lane answered {} ids for {} events",
-                    lane_ids.len(),
-                    at.len()
-                )));
+        let mut failed = None;
+        for (at, result) in lanes.iter().zip(results) {
+            match result {
+                Ok(shard_ids) if shard_ids.len() == at.len() => {
+                    for (&i, id) in at.iter().zip(shard_ids) {
+                        ids[i] = id;
+                        self.floor.fetch_max(id.0, Ordering::Relaxed);
+                    }
+                }
+                Ok(shard_ids) => {
+                    failed = Some(BrokerError::Unavailable(format!(
+                        "a lane answered {} ids for {} events",
+                        shard_ids.len(),
+                        at.len()
+                    )))
+                }
+                Err(e) => failed = Some(e),
             }
-            for (&i, id) in at.iter().zip(lane_ids) {
-                ids[i] = id;
-                self.floor.fetch_max(id.0, Ordering::Relaxed);
-            }
+        }
+        if let Some(e) = failed {
+            self.publish_failed_at.store(now_ms(), Ordering::Relaxed);
+            self.report_health();
+            return Err(e);
         }
         Ok(ids)
     }
@@ -790,6 +856,59 @@ mod tests {
             .map(|what| router::key_slot(lane_key(&Target::Broadcast, what).to_string().as_bytes()))
             .collect();
         assert_eq!(broadcast.len(), 1);
+    }
+
+    /// A batch run twice (a retry after its reply was lost) is published once: the second
+    /// run answers the first's ids and adds nothing to the streams. On a real cluster.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retried_batch_is_published_once() {
+        struct Nowhere;
+        impl crate::server::broker::Delivery for Nowhere {
+            fn deliver(&self, _: Arc<PublishedEvent>) {}
+            fn disconnect(&self, _: &str) -> usize {
+                0
+            }
+        }
+        let cluster = tokio::task::spawn_blocking(|| sse_notify_testkit::RedisCluster::start(3, 0))
+            .await
+            .unwrap();
+        let options = ClusterOptions {
+            seeds: cluster.urls().split(',').map(String::from).collect(),
+            retention: Retention {
+                default: Duration::from_secs(60),
+                offline: Vec::new(),
+            },
+            max_stream_len: 1000,
+        };
+        let broker = ClusterBroker::connect(options, Arc::new(Nowhere)).await.unwrap();
+        let envelope = |user: &str| Envelope {
+            target: Target::User(user.into()),
+            name: "notification".into(),
+            data: "{}".into(),
+            timestamp_ms: 0,
+            coalesce_key: None,
+        };
+        let events = [envelope("a"), envelope("a")];
+        let batch: Vec<&Envelope> = events.iter().collect();
+        let first = broker.publish_batch("sse:{u:a}:batch:1", &batch).await.unwrap();
+        let again = broker.publish_batch("sse:{u:a}:batch:1", &batch).await.unwrap();
+        assert_eq!(first, again);
+        assert!(first[0] < first[1], "ids increase within a lane");
+        let length = |user: &str| {
+            let stream = lane_key(&Target::User(user.into()), "stream").to_string();
+            let router = broker.router.clone();
+            async move {
+                router
+                    .query::<usize>(&stream, redis::cmd("XLEN").arg(&stream))
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(length("a").await, 2);
+        // Another batch is another batch.
+        let third = broker.publish_batch("sse:{u:a}:batch:2", &batch).await.unwrap();
+        assert!(third[0] > first[1]);
+        assert_eq!(length("a").await, 4);
     }
 
     #[test]
