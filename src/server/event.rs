@@ -219,16 +219,8 @@ impl PublishedEvent {
         published_at_ms: u64,
         coalesce_key: Option<Arc<str>>,
     ) -> Self {
-        let (frame, data) = encode_event_frame(id, &name, data);
-        Self {
-            id,
-            target,
-            name,
-            published_at_ms,
-            coalesce_key,
-            frame,
-            data,
-        }
+        let frame = encode_event_frame(Some(id), &name, data);
+        Self::framed(frame, id, target, name, published_at_ms, coalesce_key)
     }
 
     /// An event of a lane (see [`Cursor::Lanes`]): its frame has no `id:` line, since the
@@ -241,9 +233,18 @@ impl PublishedEvent {
         published_at_ms: u64,
         coalesce_key: Option<Arc<str>>,
     ) -> Self {
-        let frame = encode_frame(&name, data);
-        let data_at = "event: ".len() + name.len() + "\ndata: ".len();
-        let data = frame.slice(data_at..data_at + data.len());
+        let frame = encode_event_frame(None, &name, data);
+        Self::framed(frame, id, target, name, published_at_ms, coalesce_key)
+    }
+
+    fn framed(
+        (frame, data): (Bytes, Bytes),
+        id: EventId,
+        target: Target,
+        name: Arc<str>,
+        published_at_ms: u64,
+        coalesce_key: Option<Arc<str>>,
+    ) -> Self {
         Self {
             id,
             target,
@@ -277,11 +278,14 @@ pub fn id_line(cursor: Cursor) -> Bytes {
     buf.freeze()
 }
 
-/// Encodes an event's frame; returns it and the view of its `data`.
-fn encode_event_frame(id: EventId, name: &str, data: &str) -> (Bytes, Bytes) {
+/// Encodes an event's frame (with its `id:` line, or none in a lane); returns it and the
+/// view of its `data`.
+fn encode_event_frame(id: Option<EventId>, name: &str, data: &str) -> (Bytes, Bytes) {
     let mut buf = BytesMut::with_capacity(name.len() + data.len() + 40);
     // `BytesMut` is a `fmt::Write`: the id goes in without a `String` of its own.
-    let _ = writeln!(buf, "id: {}", id.0);
+    if let Some(id) = id {
+        let _ = writeln!(buf, "id: {}", id.0);
+    }
     let data_at = buf.len() + "event: ".len() + name.len() + "\ndata: ".len();
     put_name_and_data(&mut buf, name, data);
     let frame = buf.freeze();

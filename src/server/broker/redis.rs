@@ -125,7 +125,32 @@ fn trimmed_key<T: std::fmt::Display>(stream: T) -> Prefixed<T> {
     Prefixed("sse:trimmed:", stream)
 }
 
-const PUBLISH_SCRIPT: &str = r#"
+/// One event's stream write, the same on one Redis and on a cluster (in Lua, for the publish
+/// scripts): `XADD` with the id, trimmed by time (`MINID ~`) and by length (recording what a
+/// flood pushed out), and the stream's expiry only ever extended. Expects `stream`,
+/// `trimmed`, `id` and `at` (where the event's arguments start in `ARGV`).
+macro_rules! lua_append_event {
+    () => {
+        r#"
+  redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
+    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
+  local ttl = tonumber(ARGV[at + 4])
+  if redis.call('XLEN', stream) > tonumber(ARGV[2]) then
+    redis.call('XTRIM', stream, 'MAXLEN', ARGV[2])
+    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
+    local below = string.format('%.0f', tonumber(string.match(first, '^(%d+)')) - 1)
+    redis.call('SET', trimmed, below, 'PX', ttl)
+  end
+  -- A stream lives as long as its longest-kept event: only ever extend its expiry.
+  if redis.call('PTTL', stream) < ttl then redis.call('PEXPIRE', stream, ttl) end
+  if redis.call('PTTL', trimmed) > 0 and redis.call('PTTL', trimmed) < ttl then redis.call('PEXPIRE', trimmed, ttl) end
+"#
+    };
+}
+pub(super) use lua_append_event;
+
+const PUBLISH_SCRIPT: &str = concat!(
+    r#"
 -- KEYS[1] = id counter, then per event: stream, trimmed marker
 -- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
 -- then per event: channel, name, data, ttl ms, coalescing key, timestamp ms
@@ -140,24 +165,15 @@ for i = 0, (#KEYS - 1) / 2 - 1 do
   local at = 4 + i * 6
   last = math.max(last + 1, clock, floor + 1)
   local id = string.format('%.0f', last)
-  redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
-    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
-  local ttl = tonumber(ARGV[at + 4])
-  if redis.call('XLEN', stream) > tonumber(ARGV[2]) then
-    redis.call('XTRIM', stream, 'MAXLEN', ARGV[2])
-    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
-    local below = string.format('%.0f', tonumber(string.match(first, '^(%d+)')) - 1)
-    redis.call('SET', trimmed, below, 'PX', ttl)
-  end
-  -- A stream lives as long as its longest-kept event: only ever extend its expiry.
-  if redis.call('PTTL', stream) < ttl then redis.call('PEXPIRE', stream, ttl) end
-  if redis.call('PTTL', trimmed) > 0 and redis.call('PTTL', trimmed) < ttl then redis.call('PEXPIRE', trimmed, ttl) end
-  redis.call('PUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
+"#,
+    lua_append_event!(),
+    r#"  redis.call('PUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
   ids[#ids + 1] = id
 end
 redis.call('SET', KEYS[1], string.format('%.0f', last))
 return ids
-"#;
+"#
+);
 
 const SET_DELIVERED_SCRIPT: &str = r#"
 -- KEYS[1] = cursor key; ARGV[1] = id, ARGV[2] = ttl ms. Keeps the higher id.

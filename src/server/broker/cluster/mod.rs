@@ -65,7 +65,10 @@ use tokio::sync::mpsc;
 
 use self::router::{ClusterRouter, RouterError, RouterOptions, ShardedSubscriber, SubscriberEvent};
 use super::{
-    redis::{check_version, decode_entry, decode_payload, install_tls_provider_for, Message, PAGE},
+    redis::{
+        check_version, decode_entry, decode_payload, install_tls_provider_for, lua_append_event, Message,
+        PAGE,
+    },
     Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
     Retention, Target,
 };
@@ -95,7 +98,8 @@ const REPLICA_LATE_PAUSE: Duration = Duration::from_secs(10);
 /// One lane's part of a batch in one script on the lane's shard (every key in one slot).
 /// The same steps as on one Redis, with the lane's own counter, `SPUBLISH`, and a key that
 /// makes a retry harmless.
-const PUBLISH_SCRIPT: &str = r#"
+const PUBLISH_SCRIPT: &str = concat!(
+    r#"
 -- KEYS[1] = the batch's key, then per event: the lane's counter, stream and trimmed marker.
 -- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
 -- ARGV[5] = how long a lane's counter is kept, ms, ARGV[6] = how long the batch's key is kept, ms,
@@ -114,19 +118,9 @@ for i = 0, n - 1 do
   local at = 6 + i * 6
   last[seq] = math.max((last[seq] or tonumber(redis.call('GET', seq) or '0')) + 1, clock, floor + 1)
   local id = string.format('%.0f', last[seq])
-  redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
-    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
-  local ttl = tonumber(ARGV[at + 4])
-  if redis.call('XLEN', stream) > tonumber(ARGV[2]) then
-    redis.call('XTRIM', stream, 'MAXLEN', ARGV[2])
-    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
-    local below = string.format('%.0f', tonumber(string.match(first, '^(%d+)')) - 1)
-    redis.call('SET', trimmed, below, 'PX', ttl)
-  end
-  -- A stream lives as long as its longest-kept event: only ever extend its expiry.
-  if redis.call('PTTL', stream) < ttl then redis.call('PEXPIRE', stream, ttl) end
-  if redis.call('PTTL', trimmed) > 0 and redis.call('PTTL', trimmed) < ttl then redis.call('PEXPIRE', trimmed, ttl) end
-  redis.call('SPUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
+"#,
+    lua_append_event!(),
+    r#"  redis.call('SPUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
   ids[#ids + 1] = id
 end
 for seq, value in pairs(last) do
@@ -134,7 +128,8 @@ for seq, value in pairs(last) do
 end
 redis.call('SET', KEYS[1], cjson.encode(ids), 'PX', ARGV[6])
 return ids
-"#;
+"#
+);
 
 const SET_DELIVERED_SCRIPT: &str = r#"
 -- KEYS[1] = cursor key; ARGV[1] = user lane id, ARGV[2] = broadcast lane id, ARGV[3] = ttl ms.
