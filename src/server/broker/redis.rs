@@ -70,10 +70,10 @@ const BROADCAST_CHANNEL: &str = "sse:broadcast";
 pub(super) const PAGE: usize = 512;
 /// The oldest Redis this broker runs on: `XADD ... MINID`, `XINFO` fields and sharded
 /// pub/sub need 7.0.
-pub(super) const MIN_REDIS: (u32, u32) = (7, 0);
+const MIN_REDIS: (u32, u32) = (7, 0);
 /// A live message whose id is further ahead of this instance's clock is refused: it would
 /// make every later event look old.
-pub(super) const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
+const MAX_CLOCK_SKEW_MS: u64 = 3_600_000;
 
 const USER_CHANNEL_PREFIX: &str = "sse:u:";
 
@@ -246,7 +246,7 @@ pub(super) fn install_tls_provider_for(url: &str) {
     }
 }
 
-pub(super) fn unavailable(e: redis::RedisError) -> BrokerError {
+fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
@@ -550,7 +550,7 @@ pub(super) fn decode_entry(
 }
 
 /// Whether `data` is one JSON object on one line (what every publisher writes).
-pub(super) fn is_json_object(data: &str) -> bool {
+fn is_json_object(data: &str) -> bool {
     data.starts_with('{')
         && !data.contains(['\n', '\r'])
         && serde_json::from_str::<serde::de::IgnoredAny>(data).is_ok()
