@@ -36,6 +36,7 @@ lint:
 
 test-rust:
 	cargo test --features ssr,demo
+	cargo test -p sse-notify-testkit
 
 ## Fault injection on the release build (not part of `make test`): two instances and a real
 ## redis-server, 5,000 connections, instance and Redis restarts, cut pub/sub connections,

@@ -19,15 +19,25 @@ function binary(name: string, override?: string): string {
   return candidates.sort((a, b) => fs.statSync(b).mtimeMs - fs.statSync(a).mtimeMs)[0];
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/** Whether nothing listens on `port` on loopback right now. */
+function bindable(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
     const srv = net.createServer();
-    srv.listen(0, "127.0.0.1", () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-    srv.on("error", reject);
+    srv.once("error", () => resolve(false));
+    srv.listen(port, "127.0.0.1", () => srv.close(() => resolve(true)));
   });
+}
+
+/**
+ * A free port below Linux's ephemeral range (32768-60999), picked at random: the kernel
+ * never hands one of these to the browser's outgoing connections between the moment it is
+ * picked and the moment the server binds it.
+ */
+async function freePort(): Promise<number> {
+  for (;;) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    if (await bindable(port)) return port;
+  }
 }
 
 /** One running sse-notify server (the demo binary, or the example host app). */
@@ -42,17 +52,29 @@ export class Server {
 
   static async start(env: Record<string, string> = {}): Promise<Server> {
     const bin = binary("sse-notify", process.env.SSE_NOTIFY_BIN);
-    const server = new Server(await freePort(), { SSE_DEMO: "1", ...env }, bin, "site");
-    await server.start();
-    return server;
+    return Server.startOnFreePort({ SSE_DEMO: "1", ...env }, bin, "site");
   }
 
   /** The example host app (examples/host), with sse-notify under /notify. */
   static async startHost(env: Record<string, string> = {}): Promise<Server> {
     const bin = binary("sse-notify-host-example", process.env.HOST_BIN);
-    const server = new Server(await freePort(), env, bin, "site-host");
-    await server.start();
-    return server;
+    return Server.startOnFreePort(env, bin, "site-host");
+  }
+
+  /** Starts on a free port, and on another if something took that one meanwhile. */
+  private static async startOnFreePort(env: Record<string, string>, bin: string, siteRoot: string): Promise<Server> {
+    let failure: unknown;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const server = new Server(await freePort(), env, bin, siteRoot);
+      try {
+        await server.start();
+        return server;
+      } catch (e) {
+        failure = e;
+        await server.stop();
+      }
+    }
+    throw failure;
   }
 
   url(p = "/"): string {

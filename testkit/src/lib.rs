@@ -3,15 +3,44 @@
 //! never depends on a server someone left running.
 
 use std::{
+    io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-/// A port nothing listens on right now (the OS picks it; a race with another process is
-/// possible but rare, and shows as a failed start).
+/// Ports handed out by [`free_port`]: below Linux's ephemeral range (32768-60999), so the
+/// kernel never gives one to an outgoing connection or to another `bind(0)` between the
+/// moment it is picked and the moment the server binds it.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port nothing listens on right now, picked at random in [`TEST_PORTS`] so parallel tests
+/// and processes rarely pick the same one; a collision shows as a failed start, which
+/// [`RedisServer::start_with`] retries on other ports.
 pub fn free_port() -> u16 {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let seed = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ CALLS
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // SplitMix64's finaliser spreads nearby seeds over the whole range.
+    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    for step in 0..span {
+        let port = TEST_PORTS.start + ((x + step) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -23,6 +52,59 @@ pub fn wait_listening(addr: SocketAddr, within: Duration) {
     let deadline = Instant::now() + within;
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether the `redis-server` answering on `port` is the process `pid` (and not another one
+/// that won a race for the port), asked through `INFO server`.
+fn answers_as(port: u16, pid: u32) -> bool {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"INFO server\r\n").is_err() {
+        return false;
+    }
+    let wanted = format!("process_id:{pid}\r\n");
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(read @ 1..) = stream.read(&mut chunk) {
+        reply.extend_from_slice(&chunk[..read]);
+        let text = String::from_utf8_lossy(&reply);
+        if text.contains(&wanted) {
+            return true;
+        }
+        if text.contains("process_id:") && text.contains("\r\nexecutable:") {
+            return false;
+        }
+    }
+    false
+}
+
+/// Spawns `redis-server` with `args` and waits until it answers on `port` as itself; an
+/// error if it exits first (its port was taken) or is not up within 10 s.
+fn spawn_redis(args: &[String], port: u16) -> Result<Child, String> {
+    let mut child = Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed (make setup)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("redis-server on port {port} exited at start: {status}"));
+        }
+        if answers_as(port, child.id()) {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("redis-server on port {port} did not answer within 10 s"));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -49,20 +131,34 @@ impl RedisServer {
 
     /// Starts one with extra `redis-server` arguments (e.g. `["--maxclients", "10000"]`).
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = free_port();
-        let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        args.extend(["--save", "", "--appendonly", "no"].map(String::from));
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let mut server = Self {
-            port,
-            args,
-            child: None,
-        };
-        server.restart();
-        server
+        Self::start_on_free_ports(|| extra.iter().map(|a| a.to_string()).collect())
+    }
+
+    /// Starts one on a free port with the arguments `extra` gives, asked again with each
+    /// attempt (so a second port in them can be picked afresh); tries other ports when one
+    /// turns out to be taken.
+    fn start_on_free_ports(extra: impl Fn() -> Vec<String>) -> Self {
+        let mut failures = Vec::new();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+                .into_iter()
+                .map(String::from)
+                .collect();
+            args.extend(["--save", "", "--appendonly", "no"].map(String::from));
+            args.extend(extra());
+            match spawn_redis(&args, port) {
+                Ok(child) => {
+                    return Self {
+                        port,
+                        args,
+                        child: Some(child),
+                    }
+                }
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("redis-server did not start: {}", failures.join("; "))
     }
 
     /// `redis://127.0.0.1:<port>`.
@@ -78,13 +174,8 @@ impl RedisServer {
     /// Starts it again (after [`kill`](Self::kill)) on the same port, with no data.
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new("redis-server")
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (make setup)");
+        let child = spawn_redis(&self.args, self.port).unwrap_or_else(|failure| panic!("{failure}"));
         self.child = Some(child);
-        wait_listening(([127, 0, 0, 1], self.port).into(), Duration::from_secs(10));
     }
 
     /// Kills it at once, as in an outage.
@@ -129,24 +220,29 @@ impl RedisCluster {
         let mut dirs = Vec::new();
         for _ in 0..masters * (1 + replicas) {
             let dir = TempDir::new("redis-cluster-node");
-            // The bus port defaults to the client port + 10000, which may be taken.
-            let bus_port = free_port().to_string();
-            nodes.push(RedisServer::start_with(&[
-                "--cluster-enabled",
-                "yes",
-                "--dir",
-                dir.path().to_str().expect("a UTF-8 temp dir"),
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-port",
-                &bus_port,
-                "--cluster-node-timeout",
-                "2000",
-                // A replica takes over however long ago it last heard from its primary
-                // (tests kill primaries moments after the cluster forms).
-                "--cluster-replica-validity-factor",
-                "0",
-            ]));
+            let dir_path = dir.path().to_str().expect("a UTF-8 temp dir").to_owned();
+            nodes.push(RedisServer::start_on_free_ports(|| {
+                // The bus port defaults to the client port + 10000, which may be taken.
+                let bus_port = free_port().to_string();
+                [
+                    "--cluster-enabled",
+                    "yes",
+                    "--dir",
+                    &dir_path,
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus_port,
+                    "--cluster-node-timeout",
+                    "2000",
+                    // A replica takes over however long ago it last heard from its primary
+                    // (tests kill primaries moments after the cluster forms).
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ]
+                .map(String::from)
+                .to_vec()
+            }));
             dirs.push(dir);
         }
         let mut create = Command::new("redis-cli");
@@ -224,5 +320,42 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A start on a port someone else holds fails instead of passing off the other
+    /// listener (here another `redis-server`) as the new server.
+    #[test]
+    fn a_taken_port_is_an_error_not_someone_elses_server() {
+        let other = RedisServer::start();
+        let args: Vec<String> = [
+            "--port",
+            &other.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]
+        .map(String::from)
+        .to_vec();
+        let failure = spawn_redis(&args, other.port).expect_err("started on a taken port");
+        assert!(failure.contains("exited at start"), "{failure}");
+        assert!(
+            answers_as(other.port, other.pid().unwrap()),
+            "the other server was disturbed"
+        );
+    }
+
+    #[test]
+    fn free_ports_are_outside_the_ephemeral_range_and_bindable() {
+        for _ in 0..50 {
+            let port = free_port();
+            assert!(TEST_PORTS.contains(&port), "{port}");
+            TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
     }
 }
