@@ -543,6 +543,66 @@ mod tests {
     }
 
     #[test]
+    fn a_redis_cluster_is_named_by_the_flag_and_a_list_of_seeds() {
+        let seeds = "redis://127.0.0.1:7000, rediss://10.0.0.2:7001";
+        let c = from(&[("SSE_REDIS_CLUSTER", "1"), ("REDIS_URL", seeds)]).unwrap();
+        assert!(c.redis_cluster);
+        let url = c.redis_url.as_ref().map(|u| u.expose_secret().to_string());
+        assert_eq!(url.as_deref(), Some(seeds));
+        let one_seed = from(&[("SSE_REDIS_CLUSTER", "true"), ("REDIS_URL", "redis://n1:7000")]).unwrap();
+        assert!(one_seed.redis_cluster, "one seed is enough to find the others");
+        let off = from(&[("SSE_REDIS_CLUSTER", "0"), ("REDIS_URL", "redis://n1:6379")]).unwrap();
+        assert!(!off.redis_cluster);
+
+        for (vars, variable, says) in [
+            (
+                &[("REDIS_URL", "redis://n1:7000,redis://n2:7000")][..],
+                "REDIS_URL",
+                "set SSE_REDIS_CLUSTER=1",
+            ),
+            (
+                &[("SSE_REDIS_CLUSTER", "1")][..],
+                "REDIS_URL",
+                "needs the cluster's nodes",
+            ),
+            (
+                &[
+                    ("SSE_REDIS_CLUSTER", "1"),
+                    ("REDIS_URL", "redis://n1:7000,,redis://n2:7000"),
+                ][..],
+                "REDIS_URL",
+                "separated by commas",
+            ),
+            (
+                &[
+                    ("SSE_REDIS_CLUSTER", "1"),
+                    ("REDIS_URL", "redis://n1:7000,http://n2"),
+                ][..],
+                "REDIS_URL",
+                "separated by commas",
+            ),
+            (
+                &[("SSE_REDIS_CLUSTER", "yes please")][..],
+                "SSE_REDIS_CLUSTER",
+                "expected 1 or 0",
+            ),
+            (
+                &[
+                    ("SSE_REDIS_CLUSTER", "1"),
+                    ("REDIS_URL", "rediss://n1:7000"),
+                    ("SSE_REDIS_CA_CERT", "/etc/ca.pem"),
+                ][..],
+                "SSE_REDIS_CA_CERT",
+                "not supported on a Redis Cluster",
+            ),
+        ] {
+            let err = from(vars).unwrap_err();
+            assert_eq!(err.variable, variable, "{vars:?}: {err}");
+            assert!(err.to_string().contains(says), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
     fn upstash_variables_stop_the_start_with_what_to_set() {
         let err = from(&[
             ("UPSTASH_REDIS_REST_URL", "https://eu1-fine-cat-123.upstash.io"),
