@@ -82,8 +82,12 @@ pub const SEQ_KEEP_MIN: Duration = Duration::from_secs(7 * 24 * 3600);
 const SUBSCRIBER_QUEUE: usize = 16_384;
 /// Lanes of one batch published at once.
 const PUBLISH_CONCURRENCY: usize = 32;
-/// How long a batch's ids are kept for a retry to find (retries come within seconds).
-const BATCH_KEEP: Duration = Duration::from_secs(60);
+/// How many times a publish runs its batch when a primary goes away before confirming.
+const PUBLISH_ATTEMPTS: u32 = 3;
+/// How long a batch's ids are kept for a retry to find: longer than every attempt can take
+/// (each within the router's 6 s retry budget plus a [`REPLICA_WAIT`]; a unit test checks),
+/// and no longer, since each lane of each publish leaves one such key.
+const BATCH_KEEP: Duration = Duration::from_secs(30);
 /// How long a publish waits for a replica of its shard to confirm it.
 const REPLICA_WAIT: Duration = Duration::from_millis(500);
 /// How far behind the clock an empty lane stands (see [`empty_lane_head`]).
@@ -511,7 +515,9 @@ impl ClusterBroker {
                 }
                 // The primary went away before confirming: run the batch again where the
                 // slot now lives (it comes back with its ids if the replica had it).
-                Err(e @ (RouterError::Unavailable(_) | RouterError::ClusterDown(_))) if attempt < 3 => {
+                Err(e @ (RouterError::Unavailable(_) | RouterError::ClusterDown(_)))
+                    if attempt < PUBLISH_ATTEMPTS =>
+                {
                     tracing::warn!(stream, "publish not confirmed, retrying: {e}")
                 }
                 Err(e) => return Err(router_error(e)),
@@ -834,6 +840,15 @@ impl Broker for ClusterBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_kept_longer_than_its_retries_take() {
+        let attempt = router::RouterOptions::default().retry_budget + REPLICA_WAIT;
+        assert!(
+            BATCH_KEEP > attempt * PUBLISH_ATTEMPTS,
+            "a late retry would publish the batch again"
+        );
+    }
 
     #[test]
     fn every_key_of_a_lane_is_in_one_slot() {
