@@ -5,7 +5,8 @@
 //! can be tried without code: `/?position=bottom-left&max=3&dismiss=2000&auto=false&theme=dark`
 //! (also `stall=<ms>`, the stall timeout; `share=false`, one stream per tab;
 //! `transport=auto|sse|websocket`; `sse_retry=<ms>`, how soon SSE is tried again after a
-//! fallback to WebSocket).
+//! fallback to WebSocket; `token_ttl=<s>`, stream on tokens of that life from the demo's
+//! token endpoint instead of the cookie).
 
 use leptos::{either::Either, prelude::*};
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
@@ -311,6 +312,12 @@ fn HomePage() -> impl IntoView {
                 q.get("sse_retry").and_then(|s| s.parse::<u64>().ok()),
             )
         });
+    let token_url = query.with_untracked(|q| {
+        q.get("token_ttl")
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(|ttl| format!("{DEMO_TOKEN_PATH}?ttl={ttl}"))
+    });
+    let token_first = token_url.is_some();
     let status = RwSignal::new(ConnectionStatus::default());
     let log = RwSignal::new(Vec::<SseMessage>::new());
     let on_message = Callback::new(move |msg: SseMessage| {
@@ -335,6 +342,8 @@ fn HomePage() -> impl IntoView {
             share_across_tabs=share
             transport
             sse_retry_interval=sse_retry
+            token_url
+            token_first
         />
         <section class="hero">
             <h1>"Live notifications for Leptos"</h1>

@@ -115,3 +115,37 @@ test("a stream whose token expires fetches a fresh one from token_url and keeps 
   await server.notify("short", "After a fresh token");
   await expect(page.locator(".sse-toast", { hasText: "After a fresh token" })).toBeVisible();
 });
+
+/** The user a stream request's `?token=` names (the JWT's `sub`). */
+function tokenUser(streamUrl: string): string | undefined {
+  const token = new URL(streamUrl).searchParams.get("token");
+  if (!token) return undefined;
+  return JSON.parse(Buffer.from(token.split(".")[1], "base64url").toString()).sub;
+}
+
+test("a token fetched for one user is dropped when another signs in on the same page", async ({ page, context, server }) => {
+  await signIn(context, server, "first-user");
+  const streams: string[] = [];
+  page.on("request", (r) => {
+    if (r.url().includes("/api/sse")) streams.push(r.url());
+  });
+  // Tokens that outlive the test, so the first user's would still be accepted.
+  await openLive(page, server, "?auto=false&token_ttl=600");
+  await expect(page.locator('.status[data-status="open"]')).toBeVisible();
+  expect(streams.map(tokenUser)).toEqual(["first-user"]);
+
+  await page.getByTestId("sign-out").click();
+  await expect(page.locator(".status")).toHaveAttribute("data-status", "closed");
+  await page.locator("#user_id").fill("second-user");
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await expect(page.getByTestId("user")).toHaveText("second-user");
+  await expect(page.locator('.status[data-status="open"]')).toBeVisible();
+  await expect.poll(() => streams.length).toBeGreaterThan(1);
+  const after = streams.slice(1).map(tokenUser);
+  expect(after).toEqual(after.map(() => "second-user"));
+
+  await server.notify("first-user", "For the first user");
+  await server.notify("second-user", "For the second user");
+  await expect(page.locator(".sse-toast", { hasText: "For the second user" })).toBeVisible();
+  await expect(page.locator(".sse-toast", { hasText: "For the first user" })).toHaveCount(0);
+});

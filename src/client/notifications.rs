@@ -143,12 +143,14 @@ pub fn SseNotifications(
     /// changes. Leave it out to connect at once with the session cookie.
     #[prop(optional, into)]
     user_id: Option<Signal<Option<String>>>,
-    /// A session token sent as `?token=`, where the cookie cannot be used.
+    /// A session token sent as `?token=`, where the cookie cannot be used. Takes a
+    /// string or an `Option`; read once, when the component is created.
     #[prop(optional, into)]
-    session_id: Option<String>,
+    session_id: MaybeProp<String>,
     /// Where to fetch a fresh token when the session ends; see [`UseSseOptions::token_url`].
+    /// Takes a string or an `Option`; read once, when the component is created.
     #[prop(optional, into)]
-    token_url: Option<String>,
+    token_url: MaybeProp<String>,
     /// Fetch the first token from `token_url` too; see [`UseSseOptions::token_first`].
     #[prop(optional)]
     token_first: bool,
@@ -218,8 +220,8 @@ pub fn SseNotifications(
 
     let mut options = UseSseOptions::default()
         .url(url)
-        .session_id(session_id)
-        .token_url(token_url)
+        .session_id(session_id.get_untracked())
+        .token_url(token_url.get_untracked())
         .token_first(token_first)
         .reconnect_interval(reconnect_interval)
         .max_reconnect_attempts(max_reconnect_attempts)
