@@ -4,8 +4,9 @@
 //!
 //! Each user's events and the broadcasts are a *lane*: one id counter, one stream, one
 //! sharded channel, all under one hash tag, so a lane lives on one shard and a publish to it
-//! is one atomic script there (the one [`RedisBroker`](super::RedisBroker) runs, with
-//! `SPUBLISH`). Lanes spread over the shards by user.
+//! is atomic there (the steps [`RedisBroker`](super::RedisBroker) runs, with `SPUBLISH`).
+//! Lanes spread over the shards by user; the lanes of a batch that share a shard are
+//! published in one script there (see [`PUBLISH_SCRIPT`]).
 //!
 //! | key / channel | what |
 //! |---|---|
@@ -99,38 +100,64 @@ const PUBLISH_FAILURE_SHOWS: Duration = Duration::from_secs(5);
 /// primary's connection for every command.
 const REPLICA_LATE_PAUSE: Duration = Duration::from_secs(10);
 
-/// One lane's part of a batch in one script on the lane's shard (every key in one slot).
-/// The same steps as on one Redis, with the lane's own counter, `SPUBLISH`, and a key that
+/// The lanes of a batch that live on one shard, in one script there: the steps of a publish
+/// on one Redis, per lane, with the lane's own counter, `SPUBLISH`, and a key per lane that
 /// makes a retry harmless.
+///
+/// One lane declares its keys, so the router follows its slot wherever it moved. Several
+/// lanes are in several slots, which a script may not declare: their keys come as arguments
+/// instead (`allow-cross-slot-keys`), and a lane whose slot this node does not hold whole
+/// (moved, or moving) stops the script before the lane writes anything. The lanes before it
+/// are done and recorded under their keys, so publishing each lane on its own afterwards
+/// publishes nothing twice.
 const PUBLISH_SCRIPT: &str = concat!(
-    r#"
--- KEYS[1] = the batch's key, then per event: the lane's counter, stream and trimmed marker.
+    r#"#!lua flags=allow-cross-slot-keys
+-- Per event: its lane's batch key, counter, stream and trimmed marker; in KEYS (one lane),
+-- or in ARGV after ARGV[7] (lanes in several slots; KEYS empty).
 -- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
--- ARGV[5] = how long a lane's counter is kept, ms, ARGV[6] = how long the batch's key is kept, ms,
--- then per event: channel, name, data, ttl ms, coalescing key, timestamp ms.
--- The batch's key holds the ids it was given: a retry of a try whose reply was lost gets
--- them back instead of publishing the batch again.
+-- ARGV[5] = how long a lane's counter is kept, ms, ARGV[6] = how long a batch key is kept, ms,
+-- ARGV[7] = number of events; then the keys if not in KEYS; then per event: channel, name,
+-- data, ttl ms, coalescing key, timestamp ms. A lane's events are next to each other.
+-- A batch key holds the ids its lane was given: a retry of a try whose reply was lost gets
+-- them back instead of publishing the lane again.
 -- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53.
-local done = redis.call('GET', KEYS[1])
-if done then return cjson.decode(done) end
-local n = (#KEYS - 1) / 3
+local n = tonumber(ARGV[7])
+local K, args = KEYS, 7
+if #KEYS == 0 then
+  K = {}
+  for k = 1, 4 * n do K[k] = ARGV[7 + k] end
+  args = 7 + 4 * n
+end
 local clock = tonumber(ARGV[1]) * 1000
 local floor = tonumber(ARGV[4])
-local last, ids = {}, {}
-for i = 0, n - 1 do
-  local seq, stream, trimmed = KEYS[2 + i * 3], KEYS[3 + i * 3], KEYS[4 + i * 3]
-  local at = 6 + i * 6
-  last[seq] = math.max((last[seq] or tonumber(redis.call('GET', seq) or '0')) + 1, clock, floor + 1)
-  local id = string.format('%.0f', last[seq])
+local ids = {}
+local i = 0
+while i < n do
+  local batch, seq, stream, trimmed = K[1 + i * 4], K[2 + i * 4], K[3 + i * 4], K[4 + i * 4]
+  -- Fails (a non-local key) unless this node holds every key of the lane's slot.
+  redis.call('EXISTS', batch, seq, stream, trimmed)
+  local j = i
+  while j + 1 < n and K[1 + (j + 1) * 4] == batch do j = j + 1 end
+  local done = redis.call('GET', batch)
+  if done then
+    for _, id in ipairs(cjson.decode(done)) do ids[#ids + 1] = id end
+  else
+    local last, lane = tonumber(redis.call('GET', seq) or '0'), {}
+    for e = i, j do
+      local at = args + e * 6
+      last = math.max(last + 1, clock, floor + 1)
+      local id = string.format('%.0f', last)
 "#,
     lua_append_event!(),
-    r#"  redis.call('SPUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
-  ids[#ids + 1] = id
+    r#"      redis.call('SPUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
+      lane[#lane + 1] = id
+      ids[#ids + 1] = id
+    end
+    redis.call('SET', seq, string.format('%.0f', last), 'PX', ARGV[5])
+    redis.call('SET', batch, cjson.encode(lane), 'PX', ARGV[6])
+  end
+  i = j + 1
 end
-for seq, value in pairs(last) do
-  redis.call('SET', seq, string.format('%.0f', value), 'PX', ARGV[5])
-end
-redis.call('SET', KEYS[1], cjson.encode(ids), 'PX', ARGV[6])
 return ids
 "#
 );
@@ -195,6 +222,43 @@ fn lane_of_channel(channel: &str) -> Option<Target> {
 
 fn router_error(e: RouterError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
+}
+
+/// One lane's part of a batch, and the key (in the lane's slot) its ids are kept under, so
+/// a retry returns them instead of publishing the lane again.
+struct LaneBatch<'a> {
+    batch_key: String,
+    events: Vec<&'a Envelope>,
+}
+
+impl<'a> LaneBatch<'a> {
+    /// `events`, all of one lane (at least one), under a new batch key.
+    fn new(events: Vec<&'a Envelope>) -> Self {
+        let batch_key = format!(
+            "{}:{:016x}{:016x}",
+            lane_key(&events[0].target, "batch"),
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
+        Self { batch_key, events }
+    }
+
+    fn target(&self) -> &'a Target {
+        &self.events[0].target
+    }
+
+    fn slot(&self) -> u16 {
+        router::key_slot(lane_key(self.target(), "stream").to_string().as_bytes())
+    }
+}
+
+/// Where the publish script finds its keys.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeysIn {
+    /// Declared (one lane): the cluster checks them and redirects.
+    Keys,
+    /// In the arguments (several lanes, several slots): the script checks each lane's.
+    Arguments,
 }
 
 /// How far each lane this instance listens to was handed to the sink: the newest id handed
@@ -431,48 +495,72 @@ impl ClusterBroker {
         }
     }
 
-    /// Publishes `events`, all of one lane, in one script on the lane's shard.
-    async fn publish_on_shard(&self, events: &[&Envelope]) -> Result<Vec<EventId>, BrokerError> {
-        let Some(first) = events.first() else {
-            return Ok(Vec::new());
-        };
-        // A retry (here or in the router) must not publish the batch twice: the script keeps
-        // its ids under a key of its own, in the first event's slot, and a retry gets them.
-        let batch = format!(
-            "{}:{:016x}{:016x}",
-            lane_key(&first.target, "batch"),
-            rand::random::<u64>(),
-            rand::random::<u64>()
-        );
-        self.publish_batch(&batch, events).await
+    /// Publishes `lanes`, all on one shard as far as this instance knows: in one script if
+    /// there are several, and if that fails (a slot moved meanwhile), lane by lane, each
+    /// following its slot. Returns each lane's ids.
+    async fn publish_on_shard(&self, lanes: &[&LaneBatch<'_>]) -> Result<Vec<Vec<EventId>>, BrokerError> {
+        if lanes.len() > 1 {
+            match self.publish_lanes(lanes, KeysIn::Arguments).await {
+                Ok(ids) => return Ok(ids),
+                Err(e) => tracing::debug!(lanes = lanes.len(), "publishing lane by lane: {e}"),
+            }
+        }
+        let each = lanes
+            .iter()
+            .map(|lane| self.publish_lanes(std::slice::from_ref(lane), KeysIn::Keys));
+        let ids = futures::future::try_join_all(each).await?;
+        Ok(ids.into_iter().flatten().collect())
     }
 
-    /// [`publish_on_shard`](Self::publish_on_shard) under the batch key `batch`.
-    async fn publish_batch(&self, batch: &str, events: &[&Envelope]) -> Result<Vec<EventId>, BrokerError> {
-        let Some(first) = events.first() else {
+    /// Runs the publish script once for `lanes` (one lane with `KeysIn::Keys`) on the shard
+    /// of the first, waiting for a replica where there is one; returns each lane's ids.
+    async fn publish_lanes(
+        &self,
+        lanes: &[&LaneBatch<'_>],
+        keys_in: KeysIn,
+    ) -> Result<Vec<Vec<EventId>>, BrokerError> {
+        let Some(first) = lanes.first() else {
             return Ok(Vec::new());
         };
+        let events = lanes.iter().map(|lane| lane.events.len()).sum::<usize>();
         let now = now_ms();
         let trim_below = now
             .saturating_sub(self.retention.longest().as_millis() as u64)
             .saturating_mul(1000);
         let seq_keep = self.retention.longest().max(SEQ_KEEP_MIN).as_millis() as u64;
+        let keys = |call: &mut redis::Cmd| {
+            for lane in lanes {
+                let target = lane.target();
+                for _ in &lane.events {
+                    call.arg(&lane.batch_key)
+                        .arg(lane_key(target, "seq"))
+                        .arg(lane_key(target, "stream"))
+                        .arg(lane_key(target, "trimmed"));
+                }
+            }
+        };
         let mut call = redis::cmd("EVALSHA");
-        call.arg(self.publish_script.get_hash())
-            .arg(1 + 3 * events.len())
-            .arg(batch);
-        for event in events {
-            call.arg(lane_key(&event.target, "seq"))
-                .arg(lane_key(&event.target, "stream"))
-                .arg(lane_key(&event.target, "trimmed"));
+        call.arg(self.publish_script.get_hash());
+        match keys_in {
+            KeysIn::Keys => {
+                call.arg(4 * events);
+                keys(&mut call);
+            }
+            KeysIn::Arguments => {
+                call.arg(0);
+            }
         }
         call.arg(now)
             .arg(self.max_stream_len)
             .arg(trim_below)
             .arg(self.floor.load(Ordering::Relaxed))
             .arg(seq_keep)
-            .arg(BATCH_KEEP.as_millis() as u64);
-        for event in events {
+            .arg(BATCH_KEEP.as_millis() as u64)
+            .arg(events);
+        if keys_in == KeysIn::Arguments {
+            keys(&mut call);
+        }
+        for event in lanes.iter().flat_map(|lane| &lane.events) {
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
             call.arg(lane_key(&event.target, "live"))
                 .arg(&*event.name)
@@ -481,7 +569,7 @@ impl ClusterBroker {
                 .arg(event.coalesce_key.as_deref().unwrap_or(""))
                 .arg(event.timestamp_ms);
         }
-        let stream = lane_key(&first.target, "stream").to_string();
+        let stream = lane_key(first.target(), "stream").to_string();
         let script = &self.publish_script;
         let slot = router::key_slot(stream.as_bytes());
         let mut attempt = 0;
@@ -523,7 +611,17 @@ impl ClusterBroker {
                 Err(e) => return Err(router_error(e)),
             }
         };
-        Ok(ids.into_iter().map(EventId).collect())
+        if ids.len() != events {
+            return Err(BrokerError::Unavailable(format!(
+                "a publish answered {} ids for {events} events",
+                ids.len()
+            )));
+        }
+        let mut ids = ids.into_iter().map(EventId);
+        Ok(lanes
+            .iter()
+            .map(|lane| ids.by_ref().take(lane.events.len()).collect())
+            .collect())
     }
 
     /// Whether publishes on `primary` skip waiting for its replicas for now.
@@ -662,8 +760,7 @@ impl Broker for ClusterBroker {
     }
 
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
-        // One script per lane (a Redis Cluster runs a script on one slot only), in the order
-        // the lanes first appear; atomic per lane, not across lanes.
+        // Lanes in the order they first appear, each atomic; not atomic across lanes.
         let mut lanes: Vec<Vec<usize>> = Vec::new();
         let mut lane_of: HashMap<&Target, usize> = HashMap::new();
         for (i, event) in events.iter().enumerate() {
@@ -673,11 +770,32 @@ impl Broker for ClusterBroker {
             });
             lanes[lane].push(i);
         }
-        let work: Vec<futures::future::BoxFuture<'_, Result<Vec<EventId>, BrokerError>>> = lanes
+        let batches: Vec<LaneBatch<'_>> = lanes
             .iter()
-            .map(|at| {
-                let part: Vec<&Envelope> = at.iter().map(|&i| &events[i]).collect();
-                Box::pin(async move { self.publish_on_shard(&part).await }) as _
+            .map(|at| LaneBatch::new(at.iter().map(|&i| &events[i]).collect()))
+            .collect();
+        // The lanes on one primary go in one script: one call instead of one per user.
+        let mut shards: Vec<Vec<usize>> = Vec::new();
+        let mut shard_of: HashMap<String, usize> = HashMap::new();
+        for (lane, batch) in batches.iter().enumerate() {
+            let shard = match self.router.owner_of(batch.slot()) {
+                Some(owner) => *shard_of.entry(owner).or_insert_with(|| {
+                    shards.push(Vec::new());
+                    shards.len() - 1
+                }),
+                None => {
+                    shards.push(Vec::new());
+                    shards.len() - 1
+                }
+            };
+            shards[shard].push(lane);
+        }
+        type Published<'a> = futures::future::BoxFuture<'a, Result<Vec<Vec<EventId>>, BrokerError>>;
+        let work: Vec<Published<'_>> = shards
+            .iter()
+            .map(|shard| {
+                let lanes: Vec<&LaneBatch<'_>> = shard.iter().map(|&lane| &batches[lane]).collect();
+                Box::pin(async move { self.publish_on_shard(&lanes).await }) as _
             })
             .collect();
         let results: Vec<_> = futures::stream::iter(work)
@@ -686,20 +804,15 @@ impl Broker for ClusterBroker {
             .await;
         let mut ids = vec![EventId(0); events.len()];
         let mut failed = None;
-        for (at, result) in lanes.iter().zip(results) {
+        for (shard, result) in shards.iter().zip(results) {
             match result {
-                Ok(shard_ids) if shard_ids.len() == at.len() => {
-                    for (&i, id) in at.iter().zip(shard_ids) {
-                        ids[i] = id;
-                        self.floor.fetch_max(id.0, Ordering::Relaxed);
+                Ok(lane_ids) => {
+                    for (&lane, lane_ids) in shard.iter().zip(lane_ids) {
+                        for (&i, id) in lanes[lane].iter().zip(lane_ids) {
+                            ids[i] = id;
+                            self.floor.fetch_max(id.0, Ordering::Relaxed);
+                        }
                     }
-                }
-                Ok(shard_ids) => {
-                    failed = Some(BrokerError::Unavailable(format!(
-                        "a lane answered {} ids for {} events",
-                        shard_ids.len(),
-                        at.len()
-                    )))
                 }
                 Err(e) => failed = Some(e),
             }
@@ -868,10 +981,8 @@ mod tests {
         assert_eq!(broadcast.len(), 1);
     }
 
-    /// A batch run twice (a retry after its reply was lost) is published once: the second
-    /// run answers the first's ids and adds nothing to the streams. On a real cluster.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_retried_batch_is_published_once() {
+    /// A broker on a cluster of 3 primaries of its own, which delivers nowhere.
+    async fn broker_on_a_cluster() -> (sse_notify_testkit::RedisCluster, Arc<ClusterBroker>) {
         struct Nowhere;
         impl crate::server::broker::Delivery for Nowhere {
             fn deliver(&self, _: Arc<PublishedEvent>) {}
@@ -891,34 +1002,139 @@ mod tests {
             max_stream_len: 1000,
         };
         let broker = ClusterBroker::connect(options, Arc::new(Nowhere)).await.unwrap();
-        let envelope = |user: &str| Envelope {
+        (cluster, broker)
+    }
+
+    fn envelope(user: &str) -> Envelope {
+        Envelope {
             target: Target::User(user.into()),
             name: "notification".into(),
             data: "{}".into(),
             timestamp_ms: 0,
             coalesce_key: None,
-        };
+        }
+    }
+
+    fn lane<'a>(batch_key: &str, events: &'a [Envelope]) -> LaneBatch<'a> {
+        LaneBatch {
+            batch_key: batch_key.into(),
+            events: events.iter().collect(),
+        }
+    }
+
+    /// How many events `user`'s stream holds.
+    async fn stream_length(broker: &ClusterBroker, user: &str) -> usize {
+        let stream = lane_key(&Target::User(user.into()), "stream").to_string();
+        broker
+            .router
+            .query::<usize>(&stream, redis::cmd("XLEN").arg(&stream))
+            .await
+            .unwrap()
+    }
+
+    /// The owner of `user`'s lane.
+    fn shard_of(broker: &ClusterBroker, user: &str) -> String {
+        let slot = router::key_slot(
+            lane_key(&Target::User(user.into()), "stream")
+                .to_string()
+                .as_bytes(),
+        );
+        broker.router.owner_of(slot).unwrap()
+    }
+
+    /// A batch run twice (a retry after its reply was lost) is published once: the second
+    /// run answers the first's ids and adds nothing to the streams. On a real cluster.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retried_batch_is_published_once() {
+        let (_cluster, broker) = broker_on_a_cluster().await;
         let events = [envelope("a"), envelope("a")];
-        let batch: Vec<&Envelope> = events.iter().collect();
-        let first = broker.publish_batch("sse:{u:a}:batch:1", &batch).await.unwrap();
-        let again = broker.publish_batch("sse:{u:a}:batch:1", &batch).await.unwrap();
+        let one = lane("sse:{u:a}:batch:1", &events);
+        let first = broker.publish_lanes(&[&one], KeysIn::Keys).await.unwrap();
+        let again = broker.publish_lanes(&[&one], KeysIn::Keys).await.unwrap();
         assert_eq!(first, again);
-        assert!(first[0] < first[1], "ids increase within a lane");
-        let length = |user: &str| {
-            let stream = lane_key(&Target::User(user.into()), "stream").to_string();
-            let router = broker.router.clone();
-            async move {
-                router
-                    .query::<usize>(&stream, redis::cmd("XLEN").arg(&stream))
-                    .await
-                    .unwrap()
-            }
-        };
-        assert_eq!(length("a").await, 2);
+        assert!(first[0][0] < first[0][1], "ids increase within a lane");
+        assert_eq!(stream_length(&broker, "a").await, 2);
         // Another batch is another batch.
-        let third = broker.publish_batch("sse:{u:a}:batch:2", &batch).await.unwrap();
-        assert!(third[0] > first[1]);
-        assert_eq!(length("a").await, 4);
+        let other = lane("sse:{u:a}:batch:2", &events);
+        let third = broker.publish_lanes(&[&other], KeysIn::Keys).await.unwrap();
+        assert!(third[0][0] > first[0][1]);
+        assert_eq!(stream_length(&broker, "a").await, 4);
+    }
+
+    /// The lanes of one shard go in one script, each with its own ids, and a retry of that
+    /// script publishes none of them again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lanes_of_one_shard_are_published_in_one_script_once() {
+        let (_cluster, broker) = broker_on_a_cluster().await;
+        let home = shard_of(&broker, "u0");
+        let users: Vec<String> = (1..)
+            .map(|i| format!("u{i}"))
+            .filter(|user| shard_of(&broker, user) == home)
+            .take(3)
+            .collect();
+        let events: Vec<[Envelope; 2]> = users.iter().map(|u| [envelope(u), envelope(u)]).collect();
+        let lanes: Vec<LaneBatch<'_>> = events
+            .iter()
+            .map(|pair| LaneBatch::new(pair.iter().collect()))
+            .collect();
+        let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
+        let first = broker.publish_lanes(&lanes, KeysIn::Arguments).await.unwrap();
+        let again = broker.publish_lanes(&lanes, KeysIn::Arguments).await.unwrap();
+        assert_eq!(first, again);
+        assert_eq!(first.len(), 3);
+        for (user, ids) in users.iter().zip(&first) {
+            assert!(ids[0] < ids[1], "{user}: {ids:?}");
+            assert_eq!(stream_length(&broker, user).await, 2, "{user}");
+        }
+    }
+
+    /// A lane whose slot the shard does not hold stops the script before it writes; the
+    /// lanes before it are recorded, so publishing lane by lane afterwards (what a publish
+    /// falls back to) publishes every event exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lane_elsewhere_stops_the_script_and_the_rest_go_lane_by_lane_once() {
+        let (_cluster, broker) = broker_on_a_cluster().await;
+        let home = shard_of(&broker, "h0");
+        let here: Vec<String> = (1..)
+            .map(|i| format!("h{i}"))
+            .filter(|user| shard_of(&broker, user) == home)
+            .take(2)
+            .collect();
+        let away = (1..)
+            .map(|i| format!("a{i}"))
+            .find(|user| shard_of(&broker, user) != home)
+            .unwrap();
+        let users = [here[0].clone(), away.clone(), here[1].clone()];
+        let events: Vec<[Envelope; 1]> = users.iter().map(|u| [envelope(u)]).collect();
+        let lanes: Vec<LaneBatch<'_>> = events
+            .iter()
+            .map(|e| LaneBatch::new(e.iter().collect()))
+            .collect();
+        let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
+
+        let refused = broker.publish_lanes(&lanes, KeysIn::Arguments).await;
+        assert!(
+            refused.is_err(),
+            "a lane of another shard was written: {refused:?}"
+        );
+        let lengths = [
+            stream_length(&broker, &users[0]).await,
+            stream_length(&broker, &users[1]).await,
+            stream_length(&broker, &users[2]).await,
+        ];
+        assert_eq!(
+            lengths,
+            [1, 0, 0],
+            "the script stops at the lane elsewhere, before it writes"
+        );
+
+        let ids = broker.publish_on_shard(&lanes).await.unwrap();
+        assert_eq!(ids.len(), 3);
+        for user in &users {
+            assert_eq!(stream_length(&broker, user).await, 1, "{user}: published once");
+        }
+        let again = broker.publish_on_shard(&lanes).await.unwrap();
+        assert_eq!(ids, again, "a retry answers the same ids");
     }
 
     #[test]
