@@ -44,9 +44,9 @@
 //! (the router's, or one after an unconfirmed `WAIT`) finds the batch by its nonce and
 //! returns its ids instead of publishing it twice.
 //!
-//! Known limits: a lane's catch-up runs one lane after another in the dispatch task (a
-//! shard with many subscribed users takes a while to catch up, and live events wait); and
-//! instances' clocks must agree within a minute (see [`empty_lane_head`]).
+//! Known limits: a catch-up runs in the dispatch task, [`CATCH_UP_CONCURRENCY`] lanes at a
+//! time (live events wait meanwhile); and instances' clocks must agree within a minute (see
+//! [`empty_lane_head`]).
 
 pub mod router;
 
@@ -81,8 +81,10 @@ pub const SEQ_KEEP_MIN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// a channel's messages are dropped until its `Resubscribed` is queued, and its lane is
 /// caught up from its stream then (see [`router::ShardedSubscriber`]).
 const SUBSCRIBER_QUEUE: usize = 16_384;
-/// Lanes of one batch published at once.
+/// Shards of one batch published at once.
 const PUBLISH_CONCURRENCY: usize = 32;
+/// Lanes read back at once after their shard came back (each one `MGET` and `XRANGE`).
+const CATCH_UP_CONCURRENCY: usize = 32;
 /// How many times a publish runs its batch when a primary goes away before confirming.
 const PUBLISH_ATTEMPTS: u32 = 3;
 /// How long a batch's ids are kept for a retry to find: longer than every attempt can take
@@ -106,8 +108,8 @@ const REPLICA_LATE_PAUSE: Duration = Duration::from_secs(10);
 ///
 /// One lane declares its keys, so the router follows its slot wherever it moved. Several
 /// lanes are in several slots, which a script may not declare: their keys come as arguments
-/// instead (`allow-cross-slot-keys`), and a lane whose slot this node does not hold whole
-/// (moved, or moving) stops the script before the lane writes anything. The lanes before it
+/// instead (`allow-cross-slot-keys`), and a lane whose slot this node does not hold (moved,
+/// or moving) stops the script before the lane writes anything. The lanes before it
 /// are done and recorded under their keys, so publishing each lane on its own afterwards
 /// publishes nothing twice.
 const PUBLISH_SCRIPT: &str = concat!(
@@ -134,10 +136,11 @@ local ids = {}
 local i = 0
 while i < n do
   local batch, seq, stream, trimmed = K[1 + i * 4], K[2 + i * 4], K[3 + i * 4], K[4 + i * 4]
-  -- Fails (a non-local key) unless this node holds every key of the lane's slot.
-  redis.call('EXISTS', batch, seq, stream, trimmed)
   local j = i
   while j + 1 < n and K[1 + (j + 1) * 4] == batch do j = j + 1 end
+  -- The lane's first command. Its batch key exists only once the lane is done, so on a node
+  -- that does not hold the lane's slot (moved, or moving and the key not here) it fails
+  -- as a non-local key and stops the script before the lane writes anything.
   local done = redis.call('GET', batch)
   if done then
     for _, id in ipairs(cjson.decode(done)) do ids[#ids + 1] = id end
@@ -401,35 +404,40 @@ impl ClusterBroker {
     /// a shard came back, or a slot moved. A lane that cannot be read stays behind and is
     /// tried again.
     async fn catch_up(&self, channels: Vec<String>) {
-        for channel in channels {
-            let Some(target) = lane_of_channel(&channel) else {
-                continue;
-            };
-            let from = self.lock_dispatched().lane(&target).map(|through| *through);
-            let Some(from) = from else {
-                // Nobody here listens for that user any more.
+        futures::stream::iter(channels)
+            .for_each_concurrent(CATCH_UP_CONCURRENCY, |channel| self.catch_up_lane(channel))
+            .await;
+        self.report_health();
+    }
+
+    /// [`catch_up`](Self::catch_up) for one channel's lane.
+    async fn catch_up_lane(&self, channel: String) {
+        let Some(target) = lane_of_channel(&channel) else {
+            return;
+        };
+        let from = self.lock_dispatched().lane(&target).map(|through| *through);
+        let Some(from) = from else {
+            // Nobody here listens for that user any more.
+            self.lock_behind().remove(&channel);
+            return;
+        };
+        match self.read_lane(&target, EventId(from)).await {
+            Ok((missed, _)) => {
+                if !missed.is_empty() {
+                    tracing::info!(
+                        channel,
+                        events = missed.len(),
+                        "recovered events published while not listening"
+                    );
+                }
+                missed.into_iter().for_each(|e| self.dispatch(e));
                 self.lock_behind().remove(&channel);
-                continue;
-            };
-            match self.read_lane(&target, EventId(from)).await {
-                Ok((missed, _)) => {
-                    if !missed.is_empty() {
-                        tracing::info!(
-                            channel,
-                            events = missed.len(),
-                            "recovered events published while not listening"
-                        );
-                    }
-                    missed.into_iter().for_each(|e| self.dispatch(e));
-                    self.lock_behind().remove(&channel);
-                }
-                Err(e) => {
-                    tracing::warn!(channel, "cannot catch up yet: {e}");
-                    self.lock_behind().insert(channel);
-                }
+            }
+            Err(e) => {
+                tracing::warn!(channel, "cannot catch up yet: {e}");
+                self.lock_behind().insert(channel);
             }
         }
-        self.report_health();
     }
 
     /// `target`'s lane after `after`, read in pages from its stream; and whether some
