@@ -271,6 +271,8 @@ async fn production_mode_has_no_sign_in_and_guards_stats() {
     assert_eq!(sign_in.status(), 200);
 
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_sse-notify"))
+        // What cargo-leptos sets when it builds the binary (`cargo test` does not).
+        .env("LEPTOS_OUTPUT_NAME", "sse-notify")
         .env("SSE_DEMO", "yes")
         .env("LEPTOS_SITE_ADDR", "127.0.0.1:0")
         .output()
@@ -287,6 +289,8 @@ async fn bad_configuration_stops_the_start() {
         ("UPSTASH_REDIS_REST_URL", "https://x.upstash.io"),
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_sse-notify"))
+            // What cargo-leptos sets when it builds the binary (`cargo test` does not).
+            .env("LEPTOS_OUTPUT_NAME", "sse-notify")
             .env(variable, value)
             .env("LEPTOS_SITE_ADDR", "127.0.0.1:0")
             .output()

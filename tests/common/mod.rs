@@ -397,6 +397,8 @@ impl ServerProcess {
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_sse-notify"))
+            // What cargo-leptos sets when it builds the binary (`cargo test` does not).
+            .env("LEPTOS_OUTPUT_NAME", "sse-notify")
             .env("LEPTOS_SITE_ADDR", addr.to_string())
             .env("SSE_JWT_SECRET", SECRET)
             .env("SSE_PUBLISH_KEY", PUBLISH_KEY)
