@@ -41,7 +41,7 @@
 //! not lose it. When no replica confirms in time (one down or far behind), the publish
 //! succeeds on the primary alone, as Redis does, and that primary's publishes stop waiting
 //! for [`REPLICA_LATE_PAUSE`]: a `WAIT` holds up every command on its connection. A retry
-//! (the router's, or one after an unconfirmed `WAIT`) finds the batch by its nonce and
+//! (the router's, or one after a failed script or `WAIT`) finds each lane's batch key and
 //! returns its ids instead of publishing it twice.
 //!
 //! Known limits: a catch-up runs in the dispatch task, [`CATCH_UP_CONCURRENCY`] lanes at a
@@ -81,15 +81,18 @@ pub const SEQ_KEEP_MIN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// a channel's messages are dropped until its `Resubscribed` is queued, and its lane is
 /// caught up from its stream then (see [`router::ShardedSubscriber`]).
 const SUBSCRIBER_QUEUE: usize = 16_384;
-/// Shards of one batch published at once.
+/// Scripts of one batch run at once (one per shard, or per lane when a slot moved).
 const PUBLISH_CONCURRENCY: usize = 32;
+/// Most events in one script: a bigger batch takes several, so one script never holds its
+/// shard for long (about 20 µs per event).
+const EVENTS_PER_SCRIPT: usize = 500;
 /// Lanes read back at once after their shard came back (each one `MGET` and `XRANGE`).
 const CATCH_UP_CONCURRENCY: usize = 32;
 /// How many times a publish runs its batch when a primary goes away before confirming.
 const PUBLISH_ATTEMPTS: u32 = 3;
-/// How long a batch's ids are kept for a retry to find: longer than every attempt can take
-/// (each within the router's 6 s retry budget plus a [`REPLICA_WAIT`]; a unit test checks),
-/// and no longer, since each lane of each publish leaves one such key.
+/// How long a lane's batch key (its ids) is kept for a retry to find. Each retry that finds
+/// it keeps it for this long again, so it must outlast one attempt (a unit test checks the
+/// bound), and no longer: each lane of each publish leaves one such key.
 const BATCH_KEEP: Duration = Duration::from_secs(30);
 /// How long a publish waits for a replica of its shard to confirm it.
 const REPLICA_WAIT: Duration = Duration::from_millis(500);
@@ -106,48 +109,50 @@ const REPLICA_LATE_PAUSE: Duration = Duration::from_secs(10);
 /// on one Redis, per lane, with the lane's own counter, `SPUBLISH`, and a key per lane that
 /// makes a retry harmless.
 ///
-/// One lane declares its keys, so the router follows its slot wherever it moved. Several
-/// lanes are in several slots, which a script may not declare: their keys come as arguments
-/// instead (`allow-cross-slot-keys`), and a lane whose slot this node does not hold (moved,
-/// or moving) stops the script before the lane writes anything. The lanes before it
-/// are done and recorded under their keys, so publishing each lane on its own afterwards
-/// publishes nothing twice.
+/// One lane declares its keys (`KEYS`), so the router follows its slot wherever it moved.
+/// Several lanes are in several slots, which a script may not declare: their keys come in
+/// `ARGV` instead (`allow-cross-slot-keys`, `KEYS` empty), and a lane whose slot this node
+/// does not hold (moved, or moving and the lane's batch key not here) stops the script
+/// before the lane writes anything. The lanes before it are done and recorded under their
+/// keys, so publishing each lane on its own afterwards publishes nothing twice.
 const PUBLISH_SCRIPT: &str = concat!(
     r#"#!lua flags=allow-cross-slot-keys
--- Per event: its lane's batch key, counter, stream and trimmed marker; in KEYS (one lane),
--- or in ARGV after ARGV[7] (lanes in several slots; KEYS empty).
 -- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
 -- ARGV[5] = how long a lane's counter is kept, ms, ARGV[6] = how long a batch key is kept, ms,
--- ARGV[7] = number of events; then the keys if not in KEYS; then per event: channel, name,
--- data, ttl ms, coalescing key, timestamp ms. A lane's events are next to each other.
+-- ARGV[7] = number of lanes m, ARGV[8 .. 7 + m] = each lane's number of events.
+-- Per lane, its batch key, counter, stream and trimmed marker: in KEYS, or (KEYS empty) in
+-- the next 4m arguments. Then per event, lane after lane: channel, name, data, ttl ms,
+-- coalescing key, timestamp ms.
 -- A batch key holds the ids its lane was given: a retry of a try whose reply was lost gets
 -- them back instead of publishing the lane again.
--- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53.
-local n = tonumber(ARGV[7])
-local K, args = KEYS, 7
+-- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53, and stay strings in
+-- cjson (which writes numbers with 14 digits).
+local m = tonumber(ARGV[7])
+local K, at = KEYS, 7 + m
 if #KEYS == 0 then
   K = {}
-  for k = 1, 4 * n do K[k] = ARGV[7 + k] end
-  args = 7 + 4 * n
+  for k = 1, 4 * m do K[k] = ARGV[at + k] end
+  at = at + 4 * m
 end
 local clock = tonumber(ARGV[1]) * 1000
 local floor = tonumber(ARGV[4])
 local ids = {}
-local i = 0
-while i < n do
-  local batch, seq, stream, trimmed = K[1 + i * 4], K[2 + i * 4], K[3 + i * 4], K[4 + i * 4]
-  local j = i
-  while j + 1 < n and K[1 + (j + 1) * 4] == batch do j = j + 1 end
+for l = 0, m - 1 do
+  local batch, seq, stream, trimmed = K[1 + l * 4], K[2 + l * 4], K[3 + l * 4], K[4 + l * 4]
+  local events = tonumber(ARGV[8 + l])
   -- The lane's first command. Its batch key exists only once the lane is done, so on a node
   -- that does not hold the lane's slot (moved, or moving and the key not here) it fails
   -- as a non-local key and stops the script before the lane writes anything.
   local done = redis.call('GET', batch)
   if done then
+    -- A retry: kept for another while (each retry finds it), and written, so a WAIT after
+    -- it confirms the lane reached a replica.
+    redis.call('PEXPIRE', batch, ARGV[6])
     for _, id in ipairs(cjson.decode(done)) do ids[#ids + 1] = id end
+    at = at + events * 6
   else
     local last, lane = tonumber(redis.call('GET', seq) or '0'), {}
-    for e = i, j do
-      local at = args + e * 6
+    for _ = 1, events do
       last = math.max(last + 1, clock, floor + 1)
       local id = string.format('%.0f', last)
 "#,
@@ -155,11 +160,11 @@ while i < n do
     r#"      redis.call('SPUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
       lane[#lane + 1] = id
       ids[#ids + 1] = id
+      at = at + 6
     end
     redis.call('SET', seq, string.format('%.0f', last), 'PX', ARGV[5])
     redis.call('SET', batch, cjson.encode(lane), 'PX', ARGV[6])
   end
-  i = j + 1
 end
 return ids
 "#
@@ -435,7 +440,10 @@ impl ClusterBroker {
             }
             Err(e) => {
                 tracing::warn!(channel, "cannot catch up yet: {e}");
-                self.lock_behind().insert(channel);
+                // Unless the user left meanwhile (the retry tick would never clear it).
+                if self.lock_dispatched().lane(&target).is_some() {
+                    self.lock_behind().insert(channel);
+                }
             }
         }
     }
@@ -504,19 +512,33 @@ impl ClusterBroker {
     }
 
     /// Publishes `lanes`, all on one shard as far as this instance knows: in one script if
-    /// there are several, and if that fails (a slot moved meanwhile), lane by lane, each
-    /// following its slot. Returns each lane's ids.
+    /// there are several, and if the script stops at a lane the shard does not hold (a slot
+    /// moved meanwhile), lane by lane, each following its slot. Returns each lane's ids.
     async fn publish_on_shard(&self, lanes: &[&LaneBatch<'_>]) -> Result<Vec<Vec<EventId>>, BrokerError> {
         if lanes.len() > 1 {
             match self.publish_lanes(lanes, KeysIn::Arguments).await {
                 Ok(ids) => return Ok(ids),
-                Err(e) => tracing::debug!(lanes = lanes.len(), "publishing lane by lane: {e}"),
+                // The shard answered, but not for every lane: a non-local key.
+                Err(RouterError::Redis(e)) => {
+                    tracing::debug!(lanes = lanes.len(), "publishing lane by lane: {e}")
+                }
+                // The shard did not answer through every retry: the lanes would not fare
+                // better one by one.
+                Err(e) => return Err(router_error(e)),
             }
         }
-        let each = lanes
+        type Lane<'a> = futures::future::BoxFuture<'a, Result<Vec<Vec<EventId>>, RouterError>>;
+        let each: Vec<Lane<'_>> = lanes
             .iter()
-            .map(|lane| self.publish_lanes(std::slice::from_ref(lane), KeysIn::Keys));
-        let ids = futures::future::try_join_all(each).await?;
+            .map(|lane| Box::pin(self.publish_lanes(std::slice::from_ref(lane), KeysIn::Keys)) as _)
+            .collect();
+        let ids: Vec<Vec<Vec<EventId>>> = futures::stream::iter(each)
+            .buffered(PUBLISH_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(router_error)?;
         Ok(ids.into_iter().flatten().collect())
     }
 
@@ -526,7 +548,7 @@ impl ClusterBroker {
         &self,
         lanes: &[&LaneBatch<'_>],
         keys_in: KeysIn,
-    ) -> Result<Vec<Vec<EventId>>, BrokerError> {
+    ) -> Result<Vec<Vec<EventId>>, RouterError> {
         let Some(first) = lanes.first() else {
             return Ok(Vec::new());
         };
@@ -539,19 +561,17 @@ impl ClusterBroker {
         let keys = |call: &mut redis::Cmd| {
             for lane in lanes {
                 let target = lane.target();
-                for _ in &lane.events {
-                    call.arg(&lane.batch_key)
-                        .arg(lane_key(target, "seq"))
-                        .arg(lane_key(target, "stream"))
-                        .arg(lane_key(target, "trimmed"));
-                }
+                call.arg(&lane.batch_key)
+                    .arg(lane_key(target, "seq"))
+                    .arg(lane_key(target, "stream"))
+                    .arg(lane_key(target, "trimmed"));
             }
         };
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.publish_script.get_hash());
         match keys_in {
             KeysIn::Keys => {
-                call.arg(4 * events);
+                call.arg(4 * lanes.len());
                 keys(&mut call);
             }
             KeysIn::Arguments => {
@@ -564,7 +584,10 @@ impl ClusterBroker {
             .arg(self.floor.load(Ordering::Relaxed))
             .arg(seq_keep)
             .arg(BATCH_KEEP.as_millis() as u64)
-            .arg(events);
+            .arg(lanes.len());
+        for lane in lanes {
+            call.arg(lane.events.len());
+        }
         if keys_in == KeysIn::Arguments {
             keys(&mut call);
         }
@@ -585,11 +608,7 @@ impl ClusterBroker {
             attempt += 1;
             let owner = self.router.owner_of(slot).unwrap_or_default();
             if self.router.replicas_of(slot) == 0 || self.replica_late(&owner) {
-                break self
-                    .router
-                    .eval_script(&stream, script, &call)
-                    .await
-                    .map_err(router_error)?;
+                break self.router.eval_script(&stream, script, &call).await?;
             }
             // Acknowledged once a replica has it too, so a failover right after cannot lose
             // it. Past the timeout the primary alone has it: Redis's usual window.
@@ -616,11 +635,11 @@ impl ClusterBroker {
                 {
                     tracing::warn!(stream, "publish not confirmed, retrying: {e}")
                 }
-                Err(e) => return Err(router_error(e)),
+                Err(e) => return Err(e),
             }
         };
         if ids.len() != events {
-            return Err(BrokerError::Unavailable(format!(
+            return Err(RouterError::Unavailable(format!(
                 "a publish answered {} ids for {events} events",
                 ids.len()
             )));
@@ -782,22 +801,28 @@ impl Broker for ClusterBroker {
             .iter()
             .map(|at| LaneBatch::new(at.iter().map(|&i| &events[i]).collect()))
             .collect();
-        // The lanes on one primary go in one script: one call instead of one per user.
-        let mut shards: Vec<Vec<usize>> = Vec::new();
-        let mut shard_of: HashMap<String, usize> = HashMap::new();
+        // The lanes on one primary go in one script (one call instead of one per user), up
+        // to EVENTS_PER_SCRIPT events; a lane whose owner is unknown goes alone.
+        let mut scripts: Vec<(Vec<usize>, usize)> = Vec::new();
+        let mut open_script: HashMap<String, usize> = HashMap::new();
         for (lane, batch) in batches.iter().enumerate() {
-            let shard = match self.router.owner_of(batch.slot()) {
-                Some(owner) => *shard_of.entry(owner).or_insert_with(|| {
-                    shards.push(Vec::new());
-                    shards.len() - 1
-                }),
-                None => {
-                    shards.push(Vec::new());
-                    shards.len() - 1
-                }
-            };
-            shards[shard].push(lane);
+            let size = batch.events.len();
+            let owner = self.router.owner_of(batch.slot());
+            let open = owner
+                .as_ref()
+                .and_then(|owner| open_script.get(owner).copied())
+                .filter(|&at| scripts[at].1 + size <= EVENTS_PER_SCRIPT);
+            let at = open.unwrap_or_else(|| {
+                scripts.push((Vec::new(), 0));
+                scripts.len() - 1
+            });
+            if let Some(owner) = owner {
+                open_script.insert(owner, at);
+            }
+            scripts[at].0.push(lane);
+            scripts[at].1 += size;
         }
+        let shards: Vec<Vec<usize>> = scripts.into_iter().map(|(lanes, _)| lanes).collect();
         type Published<'a> = futures::future::BoxFuture<'a, Result<Vec<Vec<EventId>>, BrokerError>>;
         let work: Vec<Published<'_>> = shards
             .iter()
@@ -962,12 +987,17 @@ impl Broker for ClusterBroker {
 mod tests {
     use super::*;
 
+    /// The longest one attempt of a publish can take: the script's routing (its retry
+    /// budget, then a last try that may wait for a connection and a reply), twice if the
+    /// script had to be loaded, then a `WAIT` that may stall until the reply timeout.
     #[test]
-    fn a_batch_is_kept_longer_than_its_retries_take() {
-        let attempt = router::RouterOptions::default().retry_budget + REPLICA_WAIT;
+    fn a_batch_key_outlasts_one_attempt() {
+        let o = router::RouterOptions::default();
+        let route = o.retry_budget + o.connection_timeout + o.response_timeout;
+        let attempt = route * 2 + REPLICA_WAIT + o.response_timeout;
         assert!(
-            BATCH_KEEP > attempt * PUBLISH_ATTEMPTS,
-            "a late retry would publish the batch again"
+            BATCH_KEEP > attempt,
+            "a retry could miss the key and publish the lane again"
         );
     }
 
@@ -1014,13 +1044,46 @@ mod tests {
     }
 
     fn envelope(user: &str) -> Envelope {
+        envelope_with(user, "{}")
+    }
+
+    fn envelope_with(user: &str, data: &str) -> Envelope {
         Envelope {
             target: Target::User(user.into()),
             name: "notification".into(),
-            data: "{}".into(),
+            data: data.into(),
             timestamp_ms: 0,
             coalesce_key: None,
         }
+    }
+
+    /// `user`'s stream: each entry's event id and data.
+    async fn stream_entries(broker: &ClusterBroker, user: &str) -> Vec<(EventId, String)> {
+        let stream = lane_key(&Target::User(user.into()), "stream").to_string();
+        let entries: Vec<(String, Vec<String>)> = broker
+            .router
+            .query(&stream, redis::cmd("XRANGE").arg(&stream).arg("-").arg("+"))
+            .await
+            .unwrap();
+        entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let id = id.strip_suffix("-0").unwrap().parse().unwrap();
+                let data = fields.chunks(2).find(|f| f[0] == "d").unwrap()[1].clone();
+                (EventId(id), data)
+            })
+            .collect()
+    }
+
+    /// `redis-cli -p <port of node> args...`, for cluster commands on one node.
+    fn on_node(node: &str, args: &[&str]) -> String {
+        let port = node.rsplit(':').next().unwrap();
+        let output = std::process::Command::new("redis-cli")
+            .args(["-p", port])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
     }
 
     fn lane<'a>(batch_key: &str, events: &'a [Envelope]) -> LaneBatch<'a> {
@@ -1080,7 +1143,11 @@ mod tests {
             .filter(|user| shard_of(&broker, user) == home)
             .take(3)
             .collect();
-        let events: Vec<[Envelope; 2]> = users.iter().map(|u| [envelope(u), envelope(u)]).collect();
+        let data = |user: &str, n: u8| format!(r#"{{"for":"{user}","n":{n}}}"#);
+        let events: Vec<[Envelope; 2]> = users
+            .iter()
+            .map(|u| [envelope_with(u, &data(u, 1)), envelope_with(u, &data(u, 2))])
+            .collect();
         let lanes: Vec<LaneBatch<'_>> = events
             .iter()
             .map(|pair| LaneBatch::new(pair.iter().collect()))
@@ -1091,8 +1158,9 @@ mod tests {
         assert_eq!(first, again);
         assert_eq!(first.len(), 3);
         for (user, ids) in users.iter().zip(&first) {
-            assert!(ids[0] < ids[1], "{user}: {ids:?}");
-            assert_eq!(stream_length(&broker, user).await, 2, "{user}");
+            // Each lane's stream holds its own two events, under the ids answered for them.
+            let expected = vec![(ids[0], data(user, 1)), (ids[1], data(user, 2))];
+            assert_eq!(stream_entries(&broker, user).await, expected, "{user}");
         }
     }
 
@@ -1143,6 +1211,105 @@ mod tests {
         }
         let again = broker.publish_on_shard(&lanes).await.unwrap();
         assert_eq!(ids, again, "a retry answers the same ids");
+    }
+
+    /// A batch over users on every shard, their events interleaved, gets back each event's
+    /// own id, in order within each user, each event written once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_answers_each_events_own_id() {
+        let (_cluster, broker) = broker_on_a_cluster().await;
+        let mut users: Vec<String> = Vec::new();
+        let mut shards = HashSet::new();
+        // Two users on one shard, and one on each other.
+        for user in (0..).map(|i| format!("p{i}")) {
+            let shard = shard_of(&broker, &user);
+            if shards.insert(shard.clone())
+                || users.iter().filter(|u| shard_of(&broker, u) == shard).count() < 2
+            {
+                users.push(user);
+            }
+            if users.len() == 4 {
+                break;
+            }
+        }
+        let order = [0, 1, 0, 2, 3, 1, 0, 3];
+        let events: Vec<Envelope> = order
+            .iter()
+            .enumerate()
+            .map(|(n, &u)| envelope_with(&users[u], &format!(r#"{{"n":{n}}}"#)))
+            .collect();
+        let ids = broker.publish(events.clone()).await.unwrap();
+        for (u, user) in users.iter().enumerate() {
+            let expected: Vec<(EventId, String)> = order
+                .iter()
+                .zip(&events)
+                .zip(&ids)
+                .filter(|((&of, _), _)| of == u)
+                .map(|((_, event), &id)| (id, event.data.to_string()))
+                .collect();
+            assert_eq!(stream_entries(&broker, user).await, expected, "{user}");
+        }
+    }
+
+    /// A lane whose slot is migrating (its keys still here, its batch key not) stops a
+    /// several-lane script before it writes: the batch key is read first. Once the slot is
+    /// stable again, the batch goes through with every event once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_migrating_lane_stops_the_script_before_it_writes() {
+        let (_cluster, broker) = broker_on_a_cluster().await;
+        let home = shard_of(&broker, "m0");
+        let mut here = (1..)
+            .map(|i| format!("m{i}"))
+            .filter(|u| shard_of(&broker, u) == home);
+        let (before, moving, after) = (here.next().unwrap(), here.next().unwrap(), here.next().unwrap());
+        let elsewhere = (1..)
+            .map(|i| format!("x{i}"))
+            .map(|u| shard_of(&broker, &u))
+            .find(|shard| *shard != home)
+            .unwrap();
+        // The moving lane has a counter and a stream here already.
+        broker.publish(vec![envelope(&moving)]).await.unwrap();
+        assert_eq!(stream_length(&broker, &moving).await, 1);
+
+        let slot = router::key_slot(
+            lane_key(&Target::User(moving.as_str().into()), "stream")
+                .to_string()
+                .as_bytes(),
+        );
+        let destination = on_node(&elsewhere, &["CLUSTER", "MYID"]);
+        let slot_arg = slot.to_string();
+        assert_eq!(
+            on_node(
+                &home,
+                &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &destination]
+            ),
+            "OK"
+        );
+        let events: Vec<[Envelope; 1]> = [&before, &moving, &after].iter().map(|u| [envelope(u)]).collect();
+        let lanes: Vec<LaneBatch<'_>> = events
+            .iter()
+            .map(|e| LaneBatch::new(e.iter().collect()))
+            .collect();
+        let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
+        let refused = broker.publish_lanes(&lanes, KeysIn::Arguments).await;
+        assert!(matches!(refused, Err(RouterError::Redis(_))), "{refused:?}");
+        assert_eq!(
+            stream_length(&broker, &before).await,
+            1,
+            "the lane before it is done"
+        );
+        assert_eq!(
+            stream_length(&broker, &moving).await,
+            1,
+            "the migrating lane wrote nothing"
+        );
+        assert_eq!(stream_length(&broker, &after).await, 0);
+
+        assert_eq!(on_node(&home, &["CLUSTER", "SETSLOT", &slot_arg, "STABLE"]), "OK");
+        broker.publish_on_shard(&lanes).await.unwrap();
+        assert_eq!(stream_length(&broker, &before).await, 1, "not published twice");
+        assert_eq!(stream_length(&broker, &moving).await, 2);
+        assert_eq!(stream_length(&broker, &after).await, 1);
     }
 
     #[test]
