@@ -1113,6 +1113,27 @@ mod tests {
         broker.router.owner_of(slot).unwrap()
     }
 
+    /// Users `<prefix>1`, `<prefix>2`, ... whose lanes are on `shard` (with `on` false:
+    /// elsewhere).
+    fn users_where<'a>(
+        broker: &'a ClusterBroker,
+        prefix: &'a str,
+        shard: &'a str,
+        on: bool,
+    ) -> impl Iterator<Item = String> + 'a {
+        (1..)
+            .map(move |i| format!("{prefix}{i}"))
+            .filter(move |user| (shard_of(broker, user) == shard) == on)
+    }
+
+    /// One lane per group of events, each under a new batch key.
+    fn lanes_of<const N: usize>(events: &[[Envelope; N]]) -> Vec<LaneBatch<'_>> {
+        events
+            .iter()
+            .map(|lane| LaneBatch::new(lane.iter().collect()))
+            .collect()
+    }
+
     /// A batch run twice (a retry after its reply was lost) is published once: the second
     /// run answers the first's ids and adds nothing to the streams. On a real cluster.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1138,20 +1159,13 @@ mod tests {
     async fn lanes_of_one_shard_are_published_in_one_script_once() {
         let (_cluster, broker) = broker_on_a_cluster().await;
         let home = shard_of(&broker, "u0");
-        let users: Vec<String> = (1..)
-            .map(|i| format!("u{i}"))
-            .filter(|user| shard_of(&broker, user) == home)
-            .take(3)
-            .collect();
+        let users: Vec<String> = users_where(&broker, "u", &home, true).take(3).collect();
         let data = |user: &str, n: u8| format!(r#"{{"for":"{user}","n":{n}}}"#);
         let events: Vec<[Envelope; 2]> = users
             .iter()
             .map(|u| [envelope_with(u, &data(u, 1)), envelope_with(u, &data(u, 2))])
             .collect();
-        let lanes: Vec<LaneBatch<'_>> = events
-            .iter()
-            .map(|pair| LaneBatch::new(pair.iter().collect()))
-            .collect();
+        let lanes = lanes_of(&events);
         let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
         let first = broker.publish_lanes(&lanes, KeysIn::Arguments).await.unwrap();
         let again = broker.publish_lanes(&lanes, KeysIn::Arguments).await.unwrap();
@@ -1171,21 +1185,11 @@ mod tests {
     async fn a_lane_elsewhere_stops_the_script_and_the_rest_go_lane_by_lane_once() {
         let (_cluster, broker) = broker_on_a_cluster().await;
         let home = shard_of(&broker, "h0");
-        let here: Vec<String> = (1..)
-            .map(|i| format!("h{i}"))
-            .filter(|user| shard_of(&broker, user) == home)
-            .take(2)
-            .collect();
-        let away = (1..)
-            .map(|i| format!("a{i}"))
-            .find(|user| shard_of(&broker, user) != home)
-            .unwrap();
+        let here: Vec<String> = users_where(&broker, "h", &home, true).take(2).collect();
+        let away = users_where(&broker, "a", &home, false).next().unwrap();
         let users = [here[0].clone(), away.clone(), here[1].clone()];
         let events: Vec<[Envelope; 1]> = users.iter().map(|u| [envelope(u)]).collect();
-        let lanes: Vec<LaneBatch<'_>> = events
-            .iter()
-            .map(|e| LaneBatch::new(e.iter().collect()))
-            .collect();
+        let lanes = lanes_of(&events);
         let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
 
         let refused = broker.publish_lanes(&lanes, KeysIn::Arguments).await;
@@ -1258,15 +1262,9 @@ mod tests {
     async fn a_migrating_lane_stops_the_script_before_it_writes() {
         let (_cluster, broker) = broker_on_a_cluster().await;
         let home = shard_of(&broker, "m0");
-        let mut here = (1..)
-            .map(|i| format!("m{i}"))
-            .filter(|u| shard_of(&broker, u) == home);
+        let mut here = users_where(&broker, "m", &home, true);
         let (before, moving, after) = (here.next().unwrap(), here.next().unwrap(), here.next().unwrap());
-        let elsewhere = (1..)
-            .map(|i| format!("x{i}"))
-            .map(|u| shard_of(&broker, &u))
-            .find(|shard| *shard != home)
-            .unwrap();
+        let elsewhere = shard_of(&broker, &users_where(&broker, "x", &home, false).next().unwrap());
         // The moving lane has a counter and a stream here already.
         broker.publish(vec![envelope(&moving)]).await.unwrap();
         assert_eq!(stream_length(&broker, &moving).await, 1);
@@ -1286,10 +1284,7 @@ mod tests {
             "OK"
         );
         let events: Vec<[Envelope; 1]> = [&before, &moving, &after].iter().map(|u| [envelope(u)]).collect();
-        let lanes: Vec<LaneBatch<'_>> = events
-            .iter()
-            .map(|e| LaneBatch::new(e.iter().collect()))
-            .collect();
+        let lanes = lanes_of(&events);
         let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
         let refused = broker.publish_lanes(&lanes, KeysIn::Arguments).await;
         assert!(matches!(refused, Err(RouterError::Redis(_))), "{refused:?}");
