@@ -84,16 +84,22 @@ const SUBSCRIBER_QUEUE: usize = 16_384;
 /// Scripts of one batch run at once (one per shard, or per lane when a slot moved).
 const PUBLISH_CONCURRENCY: usize = 32;
 /// Most events in one script: a bigger batch takes several, so one script never holds its
-/// shard for long (about 20 µs per event).
+/// shard for long (about 20 µs per event). One lane is never split: a lane with more events
+/// (up to `SSE_MAX_BATCH`) is a script of its own.
 const EVENTS_PER_SCRIPT: usize = 500;
 /// Lanes read back at once after their shard came back (each one `MGET` and `XRANGE`).
 const CATCH_UP_CONCURRENCY: usize = 32;
 /// How many times a publish runs its batch when a primary goes away before confirming.
 const PUBLISH_ATTEMPTS: u32 = 3;
-/// How long a lane's batch key (its ids) is kept for a retry to find. Each retry that finds
-/// it keeps it for this long again, so it must outlast one attempt (a unit test checks the
-/// bound), and no longer: each lane of each publish leaves one such key.
+/// How long a lane's batch key (its ids) is kept for a retry to find: longer than
+/// [`PUBLISH_DEADLINE`], so every try of a publish still finds what an earlier one wrote,
+/// and no longer, since each lane of each publish leaves one such key.
 const BATCH_KEEP: Duration = Duration::from_secs(30);
+/// How long one publish keeps trying, every script of it and every try of each: past it,
+/// no try starts and the publish fails (reported to its sender) rather than risk running a
+/// lane again after its batch key is gone. A failover takes about 2x
+/// `cluster-node-timeout`.
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a publish waits for a replica of its shard to confirm it.
 const REPLICA_WAIT: Duration = Duration::from_millis(500);
 /// How far behind the clock an empty lane stands (see [`empty_lane_head`]).
@@ -384,6 +390,30 @@ impl ClusterBroker {
         self.behind.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Drops from `behind` the lanes of users nobody here listens to any more (one who left
+    /// while their shard was lost, or while their catch-up failed): they would keep the
+    /// broker degraded with nothing to catch up.
+    fn forget_lanes_nobody_listens_to(&self) {
+        let behind: Vec<String> = self.lock_behind().iter().cloned().collect();
+        let gone: Vec<String> = {
+            let mut dispatched = self.lock_dispatched();
+            behind
+                .into_iter()
+                .filter(|channel| {
+                    lane_of_channel(channel).is_none_or(|lane| dispatched.lane(&lane).is_none())
+                })
+                .collect()
+        };
+        if !gone.is_empty() {
+            let mut behind = self.lock_behind();
+            gone.iter().for_each(|channel| {
+                behind.remove(channel);
+            });
+            drop(behind);
+            self.report_health();
+        }
+    }
+
     fn report_health(&self) {
         m::broker_healthy(self.health() == BrokerHealth::Healthy);
     }
@@ -440,10 +470,8 @@ impl ClusterBroker {
             }
             Err(e) => {
                 tracing::warn!(channel, "cannot catch up yet: {e}");
-                // Unless the user left meanwhile (the retry tick would never clear it).
-                if self.lock_dispatched().lane(&target).is_some() {
-                    self.lock_behind().insert(channel);
-                }
+                // If the user left meanwhile, the retry tick drops it.
+                self.lock_behind().insert(channel);
             }
         }
     }
@@ -515,8 +543,9 @@ impl ClusterBroker {
     /// there are several, and if the script stops at a lane the shard does not hold (a slot
     /// moved meanwhile), lane by lane, each following its slot. Returns each lane's ids.
     async fn publish_on_shard(&self, lanes: &[&LaneBatch<'_>]) -> Result<Vec<Vec<EventId>>, BrokerError> {
+        let deadline = tokio::time::Instant::now() + PUBLISH_DEADLINE;
         if lanes.len() > 1 {
-            match self.publish_lanes(lanes, KeysIn::Arguments).await {
+            match self.publish_lanes(lanes, KeysIn::Arguments, deadline).await {
                 Ok(ids) => return Ok(ids),
                 // The shard answered, but not for every lane: a non-local key.
                 Err(RouterError::Redis(e)) => {
@@ -530,7 +559,7 @@ impl ClusterBroker {
         type Lane<'a> = futures::future::BoxFuture<'a, Result<Vec<Vec<EventId>>, RouterError>>;
         let each: Vec<Lane<'_>> = lanes
             .iter()
-            .map(|lane| Box::pin(self.publish_lanes(std::slice::from_ref(lane), KeysIn::Keys)) as _)
+            .map(|lane| Box::pin(self.publish_lanes(std::slice::from_ref(lane), KeysIn::Keys, deadline)) as _)
             .collect();
         let ids: Vec<Vec<Vec<EventId>>> = futures::stream::iter(each)
             .buffered(PUBLISH_CONCURRENCY)
@@ -548,6 +577,7 @@ impl ClusterBroker {
         &self,
         lanes: &[&LaneBatch<'_>],
         keys_in: KeysIn,
+        deadline: tokio::time::Instant,
     ) -> Result<Vec<Vec<EventId>>, RouterError> {
         let Some(first) = lanes.first() else {
             return Ok(Vec::new());
@@ -604,18 +634,27 @@ impl ClusterBroker {
         let script = &self.publish_script;
         let slot = router::key_slot(stream.as_bytes());
         let mut attempt = 0;
+        let gave_up = || RouterError::Unavailable(format!("publish not done within {PUBLISH_DEADLINE:?}"));
         let ids: Vec<u64> = loop {
             attempt += 1;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(gave_up());
+            }
             let owner = self.router.owner_of(slot).unwrap_or_default();
             if self.router.replicas_of(slot) == 0 || self.replica_late(&owner) {
-                break self.router.eval_script(&stream, script, &call).await?;
+                let run = self.router.eval_script(&stream, script, &call);
+                break tokio::time::timeout_at(deadline, run)
+                    .await
+                    .map_err(|_| gave_up())??;
             }
             // Acknowledged once a replica has it too, so a failover right after cannot lose
             // it. Past the timeout the primary alone has it: Redis's usual window.
-            match self
+            let run = self
                 .router
-                .eval_script_and_wait(&stream, script, &call, REPLICA_WAIT)
+                .eval_script_and_wait(&stream, script, &call, REPLICA_WAIT);
+            match tokio::time::timeout_at(deadline, run)
                 .await
+                .map_err(|_| gave_up())?
             {
                 Ok((ids, confirmed)) => {
                     if confirmed == 0 {
@@ -738,6 +777,7 @@ async fn run_dispatch(broker: Weak<ClusterBroker>, mut events: mpsc::Receiver<Su
             event = events.recv() => event,
             _ = retry.tick() => {
                 let Some(this) = broker.upgrade() else { return };
+                this.forget_lanes_nobody_listens_to();
                 let behind: Vec<String> = this.lock_behind().iter().cloned().collect();
                 if !behind.is_empty() {
                     // Only lanes whose channel is subscribed again: the others still wait
@@ -987,18 +1027,19 @@ impl Broker for ClusterBroker {
 mod tests {
     use super::*;
 
-    /// The longest one attempt of a publish can take: the script's routing (its retry
-    /// budget, then a last try that may wait for a connection and a reply), twice if the
-    /// script had to be loaded, then a `WAIT` that may stall until the reply timeout.
+    /// Every try of a publish starts within PUBLISH_DEADLINE of the first, so a batch key
+    /// written by one (even one whose command went out just before the deadline) is still
+    /// there when a later one looks.
     #[test]
-    fn a_batch_key_outlasts_one_attempt() {
-        let o = router::RouterOptions::default();
-        let route = o.retry_budget + o.connection_timeout + o.response_timeout;
-        let attempt = route * 2 + REPLICA_WAIT + o.response_timeout;
+    fn a_batch_key_outlasts_every_try_of_its_publish() {
         assert!(
-            BATCH_KEEP > attempt,
+            BATCH_KEEP >= PUBLISH_DEADLINE * 2,
             "a retry could miss the key and publish the lane again"
         );
+    }
+
+    fn soon() -> tokio::time::Instant {
+        tokio::time::Instant::now() + PUBLISH_DEADLINE
     }
 
     #[test]
@@ -1141,14 +1182,17 @@ mod tests {
         let (_cluster, broker) = broker_on_a_cluster().await;
         let events = [envelope("a"), envelope("a")];
         let one = lane("sse:{u:a}:batch:1", &events);
-        let first = broker.publish_lanes(&[&one], KeysIn::Keys).await.unwrap();
-        let again = broker.publish_lanes(&[&one], KeysIn::Keys).await.unwrap();
+        let first = broker.publish_lanes(&[&one], KeysIn::Keys, soon()).await.unwrap();
+        let again = broker.publish_lanes(&[&one], KeysIn::Keys, soon()).await.unwrap();
         assert_eq!(first, again);
         assert!(first[0][0] < first[0][1], "ids increase within a lane");
         assert_eq!(stream_length(&broker, "a").await, 2);
         // Another batch is another batch.
         let other = lane("sse:{u:a}:batch:2", &events);
-        let third = broker.publish_lanes(&[&other], KeysIn::Keys).await.unwrap();
+        let third = broker
+            .publish_lanes(&[&other], KeysIn::Keys, soon())
+            .await
+            .unwrap();
         assert!(third[0][0] > first[0][1]);
         assert_eq!(stream_length(&broker, "a").await, 4);
     }
@@ -1167,8 +1211,14 @@ mod tests {
             .collect();
         let lanes = lanes_of(&events);
         let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
-        let first = broker.publish_lanes(&lanes, KeysIn::Arguments).await.unwrap();
-        let again = broker.publish_lanes(&lanes, KeysIn::Arguments).await.unwrap();
+        let first = broker
+            .publish_lanes(&lanes, KeysIn::Arguments, soon())
+            .await
+            .unwrap();
+        let again = broker
+            .publish_lanes(&lanes, KeysIn::Arguments, soon())
+            .await
+            .unwrap();
         assert_eq!(first, again);
         assert_eq!(first.len(), 3);
         for (user, ids) in users.iter().zip(&first) {
@@ -1192,7 +1242,7 @@ mod tests {
         let lanes = lanes_of(&events);
         let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
 
-        let refused = broker.publish_lanes(&lanes, KeysIn::Arguments).await;
+        let refused = broker.publish_lanes(&lanes, KeysIn::Arguments, soon()).await;
         assert!(
             refused.is_err(),
             "a lane of another shard was written: {refused:?}"
@@ -1222,17 +1272,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_publish_answers_each_events_own_id() {
         let (_cluster, broker) = broker_on_a_cluster().await;
-        let mut users: Vec<String> = Vec::new();
-        let mut shards = HashSet::new();
         // Two users on one shard, and one on each other.
-        for user in (0..).map(|i| format!("p{i}")) {
-            let shard = shard_of(&broker, &user);
-            if shards.insert(shard.clone())
-                || users.iter().filter(|u| shard_of(&broker, u) == shard).count() < 2
-            {
+        let home = shard_of(&broker, "p0");
+        let mut users: Vec<String> = users_where(&broker, "p", &home, true).take(2).collect();
+        let mut elsewhere = HashSet::new();
+        for user in users_where(&broker, "q", &home, false) {
+            if elsewhere.insert(shard_of(&broker, &user)) {
                 users.push(user);
             }
-            if users.len() == 4 {
+            if elsewhere.len() == 2 {
                 break;
             }
         }
@@ -1266,7 +1314,7 @@ mod tests {
         let (before, moving, after) = (here.next().unwrap(), here.next().unwrap(), here.next().unwrap());
         let elsewhere = shard_of(&broker, &users_where(&broker, "x", &home, false).next().unwrap());
         // The moving lane has a counter and a stream here already.
-        broker.publish(vec![envelope(&moving)]).await.unwrap();
+        let earlier = broker.publish(vec![envelope(&moving)]).await.unwrap()[0];
         assert_eq!(stream_length(&broker, &moving).await, 1);
 
         let slot = router::key_slot(
@@ -1283,10 +1331,14 @@ mod tests {
             ),
             "OK"
         );
-        let events: Vec<[Envelope; 1]> = [&before, &moving, &after].iter().map(|u| [envelope(u)]).collect();
+        let data = |user: &str| format!(r#"{{"lane":"{user}"}}"#);
+        let events: Vec<[Envelope; 1]> = [&before, &moving, &after]
+            .iter()
+            .map(|u| [envelope_with(u, &data(u))])
+            .collect();
         let lanes = lanes_of(&events);
         let lanes: Vec<&LaneBatch<'_>> = lanes.iter().collect();
-        let refused = broker.publish_lanes(&lanes, KeysIn::Arguments).await;
+        let refused = broker.publish_lanes(&lanes, KeysIn::Arguments, soon()).await;
         assert!(matches!(refused, Err(RouterError::Redis(_))), "{refused:?}");
         assert_eq!(
             stream_length(&broker, &before).await,
@@ -1301,10 +1353,19 @@ mod tests {
         assert_eq!(stream_length(&broker, &after).await, 0);
 
         assert_eq!(on_node(&home, &["CLUSTER", "SETSLOT", &slot_arg, "STABLE"]), "OK");
-        broker.publish_on_shard(&lanes).await.unwrap();
-        assert_eq!(stream_length(&broker, &before).await, 1, "not published twice");
-        assert_eq!(stream_length(&broker, &moving).await, 2);
-        assert_eq!(stream_length(&broker, &after).await, 1);
+        let ids = broker.publish_on_shard(&lanes).await.unwrap();
+        // Each lane holds its own event once, under its id (a lane done earlier in the
+        // script is skipped whole, its arguments too).
+        assert_eq!(
+            stream_entries(&broker, &before).await,
+            [(ids[0][0], data(&before))],
+            "not published twice"
+        );
+        assert_eq!(
+            stream_entries(&broker, &moving).await,
+            [(earlier, "{}".to_string()), (ids[1][0], data(&moving))]
+        );
+        assert_eq!(stream_entries(&broker, &after).await, [(ids[2][0], data(&after))]);
     }
 
     #[test]
