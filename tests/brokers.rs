@@ -31,6 +31,29 @@ fn text(event: &eventsource_stream::Event) -> String {
         .to_string()
 }
 
+/// While `user` is away: a notification, a broadcast, one for someone else, another
+/// notification. A resume brings back [`MISSED`], in order.
+async fn publish_while_away(sse: &SseService, user: &str) {
+    sse.send_notification(user, note("m1")).await.unwrap();
+    sse.send_system_alert(alert("mb")).await.unwrap();
+    sse.send_notification("someone-else", note("not yours"))
+        .await
+        .unwrap();
+    sse.send_notification(user, note("m2")).await.unwrap();
+}
+
+/// What [`publish_while_away`] sent the user.
+const MISSED: [&str; 3] = ["m1", "mb", "m2"];
+
+/// The titles of the next `n` events on `client`.
+async fn next_texts(client: &mut SseClient, n: usize) -> Vec<String> {
+    let mut texts = Vec::with_capacity(n);
+    for _ in 0..n {
+        texts.push(text(&client.next().await));
+    }
+    texts
+}
+
 /// The user's lane in a stream's `id:`: all of it with one order, the first half of
 /// `<user lane>.<broadcast lane>` on a Redis Cluster.
 fn user_lane(id: &str) -> &str {
@@ -80,19 +103,9 @@ async fn check_replay(config: SseConfig) {
     let server = start_server(config).await;
     let sse = &server.service;
     let seen = server.resume_point("r").await;
-    sse.send_notification("r", note("m1")).await.unwrap();
-    sse.send_system_alert(alert("mb")).await.unwrap();
-    sse.send_notification("x", note("not yours")).await.unwrap();
-    sse.send_notification("r", note("m2")).await.unwrap();
+    publish_while_away(sse, "r").await;
     let mut again = server.connect("r", "", Some(&seen)).await;
-    assert_eq!(
-        [
-            text(&again.next().await),
-            text(&again.next().await),
-            text(&again.next().await)
-        ],
-        ["m1", "mb", "m2"]
-    );
+    assert_eq!(next_texts(&mut again, 3).await, MISSED);
     sse.send_notification("r", note("live")).await.unwrap();
     assert_eq!(text(&again.next().await), "live");
     assert!(again.nothing_within(Duration::from_millis(300)).await);
@@ -359,18 +372,9 @@ async fn reconnect_to_another_instance_after_a_crash_resumes_without_loss() {
     let seen = on_a.next().await;
     a.crash();
     assert!(on_a.until_closed().await.is_empty());
-    b.service.send_notification("w", note("m1")).await.unwrap();
-    b.service.send_system_alert(alert("mb")).await.unwrap();
-    b.service.send_notification("w", note("m2")).await.unwrap();
+    publish_while_away(&b.service, "w").await;
     let mut on_b = b.connect("w", "", Some(&seen.id)).await;
-    assert_eq!(
-        [
-            text(&on_b.next().await),
-            text(&on_b.next().await),
-            text(&on_b.next().await)
-        ],
-        ["m1", "mb", "m2"]
-    );
+    assert_eq!(next_texts(&mut on_b, 3).await, MISSED);
     assert!(on_b.nothing_within(Duration::from_millis(300)).await);
 }
 
@@ -1040,12 +1044,7 @@ async fn instances_on_a_redis_cluster_act_as_one() {
     }
     a.service.send_system_alert(alert("everyone")).await.unwrap();
     for (user, client) in users.iter().zip(&mut clients) {
-        let got = [
-            text(&client.next().await),
-            text(&client.next().await),
-            text(&client.next().await),
-            text(&client.next().await),
-        ];
+        let got = next_texts(client, 4).await;
         // The user's lane in order; the broadcast lane's one event anywhere among them.
         let own: Vec<&String> = got.iter().filter(|t| *t != "everyone").collect();
         assert_eq!(
@@ -1081,18 +1080,9 @@ async fn instances_on_a_redis_cluster_act_as_one() {
     b.wait_for_clients(&users[0], 0).await;
     let seen = b.resume_point(&users[0]).await;
     assert!(seen.contains('.'), "a cursor in two lanes: {seen}");
-    b.service.send_notification(&users[0], note("m1")).await.unwrap();
-    b.service.send_system_alert(alert("mb")).await.unwrap();
-    b.service.send_notification(&users[0], note("m2")).await.unwrap();
+    publish_while_away(&b.service, &users[0]).await;
     let mut back = a.connect(&users[0], "", Some(&seen)).await;
-    assert_eq!(
-        [
-            text(&back.next().await),
-            text(&back.next().await),
-            text(&back.next().await)
-        ],
-        ["m1", "mb", "m2"]
-    );
+    assert_eq!(next_texts(&mut back, 3).await, MISSED);
     assert!(back.nothing_within(Duration::from_millis(300)).await);
 
     let mut on_b = b.connect(&users[0], "", None).await;
