@@ -295,6 +295,19 @@ macro_rules! behaviour_suite {
                 super::$check(test_config().redis_url(redis.url())).await;
             })*
         }
+        /// The behaviour suite on a Redis Cluster (3 primaries with a replica each): one
+        /// cluster, the checks one after another, every primary emptied in between.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_behaviour_suite_passes_on_a_redis_cluster() {
+            let cluster = start_cluster().await;
+            $(
+                eprintln!("on the cluster: {}", stringify!($check));
+                $check(cluster_config(&cluster)).await;
+                for primary in &cluster.nodes[..3] {
+                    redis_query::<()>(primary, &mut redis::cmd("FLUSHALL")).await;
+                }
+            )*
+        }
     };
 }
 
@@ -975,32 +988,6 @@ async fn start_cluster() -> RedisCluster {
 
 fn cluster_config(cluster: &RedisCluster) -> SseConfig {
     test_config().redis_url(cluster.urls()).redis_cluster(true)
-}
-
-/// The behaviour suite on a Redis Cluster (3 primaries with a replica each): one cluster,
-/// the checks one after another, every primary emptied in between.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_behaviour_suite_passes_on_a_redis_cluster() {
-    let cluster = start_cluster().await;
-    macro_rules! run {
-        ($($check:ident),*) => {$(
-            eprintln!("on the cluster: {}", stringify!($check));
-            $check(cluster_config(&cluster)).await;
-            for primary in &cluster.nodes[..3] {
-                redis_query::<()>(primary, &mut redis::cmd("FLUSHALL")).await;
-            }
-        )*};
-    }
-    run!(
-        check_delivery,
-        check_replay,
-        check_resync,
-        check_connect_during_publishing,
-        check_offline_delivery,
-        check_latest_progress_on_resume,
-        check_resume_ago,
-        check_second_tab
-    );
 }
 
 /// Users whose lanes are on every shard of the cluster.
