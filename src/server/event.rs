@@ -96,6 +96,12 @@ impl Cursor {
         }
     }
 
+    /// The earlier of its lanes, as one id: where a broker with one order resumes it.
+    pub fn earliest(self) -> EventId {
+        let (user, broadcast) = self.lanes();
+        user.min(broadcast)
+    }
+
     /// Each lane through `f`; stays one id when it is one.
     pub fn map(self, f: impl Fn(EventId) -> EventId) -> Self {
         match self {

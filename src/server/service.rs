@@ -452,7 +452,7 @@ impl SseService {
                 user: id,
                 broadcast: id,
             },
-            (Cursor::Lanes { user, broadcast }, Cursor::One(_)) => Cursor::One(user.min(broadcast)),
+            (lanes @ Cursor::Lanes { .. }, Cursor::One(_)) => Cursor::One(lanes.earliest()),
             (cursor, _) => cursor,
         };
         let replay_plan = match resume {

@@ -175,8 +175,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
-        let (user_lane, broadcast_lane) = after.lanes();
-        let after = user_lane.min(broadcast_lane);
+        let after = after.earliest();
         let state = self.lock();
         if after.0 >= state.next_id {
             // Not issued by this broker: from another server or forged.

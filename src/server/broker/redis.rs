@@ -753,8 +753,7 @@ impl Broker for RedisBroker {
     }
 
     async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
-        let (user_lane, broadcast_lane) = after.lanes();
-        let after = user_lane.min(broadcast_lane);
+        let after = after.earliest();
         let (events, gap) = self.read_streams(&[user.into()], after).await?;
         Ok(Replay {
             events: events.into_iter().map(Arc::new).collect(),
