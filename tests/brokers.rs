@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use sse_notify::{
-    events::{ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus},
+    events::{ReelReady, ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus},
     server::{broker::router, SendError, SseConfig, SseService},
 };
 use sse_notify_testkit::RedisCluster;
@@ -280,6 +280,65 @@ async fn check_second_tab(config: SseConfig) {
     assert_eq!(a.id, b.id);
 }
 
+/// A `Last-Event-ID` beyond anything the broker issued (a faster clock's, another
+/// environment's) gets `resync`, and then the stream's position is the real head: live
+/// events below the bogus id still arrive, and what the stream records as the user's
+/// position still lets offline delivery find what comes while they are away.
+async fn check_cursor_from_the_future(config: SseConfig) {
+    let server = start_server(config).await;
+    let sse = &server.service;
+    let seen = server.resume_point("future").await;
+    // Every lane 10^15 ahead: about 31 years of ids.
+    let ahead: Vec<String> = seen
+        .split('.')
+        .map(|lane| (lane.parse::<u64>().unwrap() + 1_000_000_000_000_000).to_string())
+        .collect();
+    let mut client = server.connect("future", "", Some(&ahead.join("."))).await;
+    assert_eq!(client.next().await.event, "resync");
+    sse.send_notification("future", note("live")).await.unwrap();
+    assert_eq!(
+        text(&client.next().await),
+        "live",
+        "a live event below the bogus id"
+    );
+    drop(client);
+    server.wait_for_clients("future", 0).await;
+    // The closed connection's position is recorded asynchronously; give it a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sse.send_notification("future", note("while away")).await.unwrap();
+    let mut again = server.connect("future", "", None).await;
+    assert_eq!(
+        text(&again.next().await),
+        "while away",
+        "offline delivery stopped"
+    );
+}
+
+/// A stream filtered by `events=` never moves the user's offline-delivery position past
+/// events it filtered out: they still wait for the next plain connection.
+async fn check_filtered_stream_keeps_offline_delivery(config: SseConfig) {
+    let server = start_server(config).await;
+    let sse = &server.service;
+    let mut reels_only = server.connect("filtered", "?events=reel_ready", None).await;
+    server.wait_for_clients("filtered", 1).await;
+    sse.send_notification("filtered", note("not for that stream"))
+        .await
+        .unwrap();
+    let ready = ReelReady {
+        reel_id: "r".into(),
+        playback_url: "https://cdn.example.com/r.m3u8".into(),
+        thumbnail_url: None,
+        duration: None,
+    };
+    sse.send_reel_ready("filtered", ready).await.unwrap();
+    assert_eq!(reels_only.next().await.event, "reel_ready");
+    drop(reels_only);
+    server.wait_for_clients("filtered", 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut plain = server.connect("filtered", "", None).await;
+    assert_eq!(text(&plain.next().await), "not for that stream");
+}
+
 macro_rules! behaviour_suite {
     ($($check:ident),*) => {
         mod memory_broker {
@@ -319,7 +378,9 @@ behaviour_suite!(
     check_offline_delivery,
     check_latest_progress_on_resume,
     check_resume_ago,
-    check_second_tab
+    check_second_tab,
+    check_cursor_from_the_future,
+    check_filtered_stream_keeps_offline_delivery
 );
 
 // ---- Redis only. ----
@@ -428,6 +489,65 @@ async fn instances_subscribe_only_to_their_users() {
         assert!(tokio::time::Instant::now() < deadline, "A still subscribed to x");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// When the server, not the client, ends a user's last stream (a disconnect, the session's
+/// expiry), the instance still unsubscribes from the user's channel: no subscription
+/// outlives the streams that needed it.
+#[tokio::test]
+async fn streams_the_server_ends_release_their_subscription() {
+    let redis = RedisServer::start();
+    let server = start_server(test_config().redis_url(redis.url())).await;
+    let subscribers = |user: &str| {
+        let redis = &redis;
+        let channel = format!("sse:u:{user}");
+        async move {
+            let (_, n): (String, u64) =
+                redis_query(redis, redis::cmd("PUBSUB").arg("NUMSUB").arg(channel)).await;
+            n
+        }
+    };
+    let wait_for = |user: &'static str, n: u64| {
+        let subscribers = &subscribers;
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while subscribers(user).await != n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{user}: not {n} subscriber(s)"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // Ended by a disconnect (as at logout), two streams of one user.
+    let mut first = server.connect("bye", "", None).await;
+    let mut second = server.connect("bye", "", None).await;
+    wait_for("bye", 1).await;
+    assert_eq!(server.service.disconnect_user("bye").await.unwrap(), 2);
+    for client in [&mut first, &mut second] {
+        assert_eq!(client.next().await.event, "session_ended");
+    }
+    wait_for("bye", 0).await;
+
+    // Ended by the session's expiry.
+    let token = server
+        .service
+        .issue_token("brief", None, Duration::from_secs(1))
+        .unwrap();
+    let response = server
+        .http
+        .get(server.url("/api/sse"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut brief = SseClient::new(response);
+    wait_for("brief", 1).await;
+    assert_eq!(brief.next().await.event, "session_ended");
+    wait_for("brief", 0).await;
 }
 
 /// Redis dies mid-stream: sends fail with an error, health shows degraded, the streams stay

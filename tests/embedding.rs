@@ -300,3 +300,67 @@ async fn bad_configuration_stops_the_start() {
         assert!(stderr.contains(variable), "{stderr}");
     }
 }
+
+/// A host hook's identity is checked like a token's subject: a user id nobody could
+/// publish to (a control character in it) is refused, and so is one whose `expires_at`
+/// has passed; a valid one with an expiry streams until then.
+#[tokio::test]
+async fn host_identities_are_validated_and_expire() {
+    async fn from_headers(parts: Parts) -> Result<Identity, AuthError> {
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let user = header("x-session-user").ok_or(AuthError::Missing)?;
+        let identity = Identity::new(user.replace("%0A", "\n"));
+        Ok(match header("x-session-expires") {
+            Some(at) => identity.expires_at(at.parse().unwrap()),
+            None => identity,
+        })
+    }
+    let service = SseService::builder(test_config())
+        .authenticate(from_headers)
+        .start()
+        .await
+        .unwrap();
+    let server = serve(service, |sse| Routes::new(sse).build()).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let open = |user: &str, expires: Option<u64>| {
+        let mut request = server
+            .http
+            .get(server.url("/api/sse"))
+            .header("x-session-user", user);
+        if let Some(at) = expires {
+            request = request.header("x-session-expires", at.to_string());
+        }
+        request.send()
+    };
+    for (user, expires) in [("a%0Ab", None), ("late", Some(now - 1))] {
+        let refused = open(user, expires).await.unwrap();
+        assert_eq!(refused.status(), 401, "{user}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["field"], "token", "{user}");
+    }
+    let response = open("brief", Some(now + 2)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut brief = SseClient::new(response);
+    assert_eq!(brief.next().await.event, "session_ended");
+}
+
+/// A prefix long enough that `GET <stream path>` no longer fits the listener's first read
+/// still takes the lean path (it used to panic every connection past 251 bytes).
+#[tokio::test]
+async fn a_long_prefix_still_streams_on_the_lean_path() {
+    let prefix = format!("/{}", "p".repeat(400));
+    let service = SseService::start(test_config()).await.unwrap();
+    let server = serve(service, |sse| Routes::new(sse).prefix(&prefix).build()).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET {prefix}/api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token("long")
+    );
+    let (head, _) = raw_exchange(&mut socket, &request, Duration::from_millis(300)).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "not the lean path: {head}");
+    server.wait_for_clients("long", 1).await;
+}

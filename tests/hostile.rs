@@ -297,3 +297,151 @@ async fn sign_in_is_json_only_and_its_cookie_is_secure_over_https() {
         .unwrap()
         .contains("Secure"));
 }
+
+/// A client that pipelines requests and never reads leaves hyper's response writes blocked;
+/// it can hold neither its connection nor the shutdown: `with_graceful_shutdown` returns
+/// within the drain (10 s) and a little more, instead of never.
+#[tokio::test]
+async fn a_client_that_never_reads_cannot_hold_the_shutdown() {
+    use sse_notify::server::{Routes, SseListener, SseService};
+    let service = SseService::start(test_config()).await.unwrap();
+    let app = Routes::new(&service).build();
+    let listener = SseListener::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(listener.serve(app, &service).with_graceful_shutdown(async move {
+        let _ = stopped.await;
+    }));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut socket = socket.connect(addr).await.unwrap();
+    let requests = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1_000);
+    let mut blocked = false;
+    for _ in 0..1_000 {
+        if tokio::time::timeout(Duration::from_secs(2), socket.write_all(requests.as_bytes()))
+            .await
+            .is_err()
+        {
+            blocked = true;
+            break;
+        }
+    }
+    assert!(blocked, "the server kept reading without being able to answer");
+    let _ = stop.send(());
+    let started = tokio::time::Instant::now();
+    // The drain is 10 s; hyper's write timeout alone (30 s without progress) would take
+    // longer than this.
+    let done = tokio::time::timeout(Duration::from_secs(20), serving).await;
+    assert!(
+        done.is_ok(),
+        "shutdown still waiting on a client that never reads after {:?}",
+        started.elapsed()
+    );
+    drop(socket);
+}
+
+/// One address cannot hold more than its budget of request (non-stream) connections:
+/// with 256 keep-alive connections open from 127.0.0.1, the next gets a bare 503 with
+/// `Retry-After`, while an event stream from the same address still opens (streams have
+/// limits of their own); one closed connection frees a place.
+#[tokio::test]
+async fn one_address_cannot_hold_every_request_connection() {
+    let server = start_server(test_config()).await;
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let (head, _) = raw_exchange(
+            &mut socket,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_millis(20),
+        )
+        .await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        held.push(socket);
+    }
+    let mut over = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (head, _) = raw_exchange(
+        &mut over,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_millis(200),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    let _stream = server.connect("same-address", "", None).await;
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (head, _) = raw_exchange(
+        &mut again,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_millis(200),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+}
+
+/// An HTTP/2 connection (prior knowledge) that answers every ping but sends no request is
+/// closed once idle, as an HTTP/1 keep-alive connection is: pings alone hold nothing.
+#[tokio::test]
+async fn an_idle_http2_connection_that_answers_pings_is_closed() {
+    let server = start_server(test_config()).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // The preface, then an empty SETTINGS frame.
+    socket
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(40);
+    let closed = loop {
+        let mut header = [0u8; 9];
+        let read = tokio::time::timeout_at(deadline, socket.read_exact(&mut header)).await;
+        let Ok(Ok(_)) = read else { break read.is_ok() };
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if socket.read_exact(&mut payload).await.is_err() {
+            break true;
+        }
+        let (kind, flags) = (header[3], header[4]);
+        if kind == 0x4 && flags & 0x1 == 0 {
+            // SETTINGS: acknowledge.
+            let _ = socket.write_all(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00").await;
+        } else if kind == 0x6 && flags & 0x1 == 0 {
+            // PING: answer with an ACK carrying the same payload.
+            let mut pong = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00".to_vec();
+            pong.extend_from_slice(&payload);
+            let _ = socket.write_all(&pong).await;
+        } else if kind == 0x7 {
+            // GOAWAY: the server is closing it.
+            break true;
+        }
+    };
+    assert!(closed, "an idle HTTP/2 connection stayed open for 40 s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}
+
+/// The head timeout is 10 s in total from the accept: a client that waits 8 s before its
+/// first bytes has 2 s left for the rest of its head, not another 10, on the lean stream
+/// path and through hyper alike.
+#[tokio::test]
+async fn the_head_timeout_counts_from_the_accept() {
+    let server = start_server(test_config()).await;
+    let mut lean = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut other = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let accepted = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    lean.write_all(b"GET /api/sse?x=1 HTTP/1.1\r\n").await.unwrap();
+    other.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+    for (what, socket) in [("lean", &mut lean), ("hyper", &mut other)] {
+        assert!(
+            closed_within(socket, Duration::from_secs(12) - accepted.elapsed()).await,
+            "{what}: still open {:?} after the accept",
+            accepted.elapsed()
+        );
+    }
+}

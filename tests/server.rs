@@ -1102,3 +1102,51 @@ async fn cors_preflight_and_stream_for_listed_origins() {
     );
     assert!(head.contains("access-control-allow-credentials: true"), "{head}");
 }
+
+/// A page on another site cannot use the user's cookie for a stream: a cookie-authenticated
+/// `/api/sse` from a foreign `Origin` is refused (403 naming `origin`) and never counts
+/// against the user's connections, so it cannot push their real tabs out. The server's own
+/// origin, a listed one, a request without `Origin`, and an explicit token pass.
+#[tokio::test]
+async fn cookie_streams_from_a_foreign_origin_are_refused() {
+    let listed = "https://app.example";
+    let server = start_server(test_config().allowed_origins(vec![listed.into()])).await;
+    let cookie = format!("sse_session={}", server.token("victim"));
+    let own = format!("http://{}", server.addr);
+    let open = |origin: Option<&str>, token: bool| {
+        let mut request = server.http.get(server.url("/api/sse")).header("cookie", &cookie);
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        if token {
+            request = request.bearer_auth(server.token("victim"));
+        }
+        request.send()
+    };
+    for _ in 0..6 {
+        let refused = open(Some("https://evil.example"), false).await.unwrap();
+        assert_eq!(refused.status(), 403);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["field"], "origin", "{body}");
+    }
+    assert_eq!(server.service.client_count_for_user("victim"), 0);
+    let mut streams = Vec::new();
+    for (origin, token) in [(Some(own.as_str()), false), (Some(listed), false), (None, false)] {
+        let response = open(origin, token).await.unwrap();
+        assert_eq!(response.status(), 200, "{origin:?}");
+        streams.push(SseClient::new(response));
+    }
+    // A page elsewhere that holds a token for the user (handed to it on purpose) may stream.
+    let response = open(Some("https://evil.example"), true).await.unwrap();
+    assert_eq!(response.status(), 200);
+    streams.push(SseClient::new(response));
+    server.wait_for_clients("victim", 4).await;
+    server
+        .service
+        .send_notification("victim", note("mine"))
+        .await
+        .unwrap();
+    for stream in &mut streams {
+        assert_eq!(data(&stream.next().await)["title"], "mine");
+    }
+}

@@ -259,3 +259,42 @@ async fn a_transport_probe_sends_ready_and_holds_no_stream() {
         .unwrap();
     assert!(probe.nothing_within(Duration::from_millis(300)).await);
 }
+
+/// Browsers apply no CORS to a WebSocket handshake: one from a page on another origin is
+/// refused (403, JSON naming `origin`) before anything is read, whatever credentials it
+/// carries; the server's own origin, a listed one, and a client without `Origin` (not a
+/// browser) are judged by their credentials alone.
+#[tokio::test]
+async fn websocket_handshakes_from_foreign_origins_are_refused() {
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Error};
+    let listed = "https://app.example";
+    let server = start_server(test_config().allowed_origins(vec![listed.into()])).await;
+    let cookie = format!("sse_session={}", server.token("ws-victim"));
+    let own = format!("http://{}", server.addr);
+    let handshake = |origin: Option<&str>| {
+        let mut request = format!("ws://{}/api/ws?lastEventId=0", server.addr)
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert("cookie", cookie.parse().unwrap());
+        if let Some(origin) = origin {
+            request.headers_mut().insert("origin", origin.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(request)
+    };
+    for origin in ["https://evil.example", "null", "http://127.0.0.1:1"] {
+        match handshake(Some(origin)).await {
+            Err(Error::Http(response)) => {
+                assert_eq!(response.status(), 403, "{origin}");
+                let body: serde_json::Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+                assert_eq!(body["field"], "origin", "{origin}");
+            }
+            other => panic!("{origin}: {:?}", other.map(|(_, r)| r.status())),
+        }
+    }
+    assert_eq!(server.service.client_count_for_user("ws-victim"), 0);
+    for origin in [Some(own.as_str()), Some(listed), None] {
+        let (_socket, response) = handshake(origin).await.unwrap();
+        assert_eq!(response.status(), 101, "{origin:?}");
+    }
+}

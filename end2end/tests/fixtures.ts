@@ -7,7 +7,7 @@ import * as net from "node:net";
 import * as path from "node:path";
 
 const ROOT = path.resolve(__dirname, "..", "..");
-export const PUBLISH_KEY = "e2e-publish-key";
+export const PUBLISH_KEY = "e2e-publish-key-0123";
 
 /** The newest build of `name` (release or debug), or `override` when set. */
 function binary(name: string, override?: string): string {

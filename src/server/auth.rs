@@ -47,6 +47,10 @@ use serde::{Deserialize, Serialize};
 pub const SESSION_COOKIE: &str = "sse_session";
 /// Longest accepted user id.
 pub const MAX_USER_ID_LEN: usize = 128;
+/// The `aud` claim of session tokens: a token leaked through `?token=` is refused by any
+/// other API that shares the secret but checks its own audience, and tokens meant for
+/// another API are refused here.
+pub const TOKEN_AUDIENCE: &str = "sse-notify";
 
 /// The claims of a session token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +62,10 @@ pub struct Claims {
     /// Optional session id, e.g. to tell one login from another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sid: Option<String>,
+    /// The audience: [`TOKEN_AUDIENCE`] on every token issued here, and required unless
+    /// [`Auth::accept_tokens_without_audience`] (during a migration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
 }
 
 /// Why a request was refused. Shown to the client as a 401.
@@ -152,7 +160,8 @@ impl Auth {
             None => (0..32).map(|_| rand::random::<u8>()).collect(),
         };
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        validation.set_audience(&[TOKEN_AUDIENCE]);
         validation.leeway = 5;
         Self {
             encoding: EncodingKey::from_secret(&secret),
@@ -161,13 +170,27 @@ impl Auth {
         }
     }
 
-    /// A token for `user_id` valid for `ttl`.
+    /// Also accepts tokens without `aud` (a token with another `aud` is still refused):
+    /// for a migration from tokens minted before they carried it.
+    #[must_use]
+    pub fn accept_tokens_without_audience(mut self, accept: bool) -> Self {
+        let required: &[&str] = if accept {
+            &["exp", "sub"]
+        } else {
+            &["exp", "sub", "aud"]
+        };
+        self.validation.set_required_spec_claims(required);
+        self
+    }
+
+    /// A token for `user_id` valid for `ttl`, with `aud` [`TOKEN_AUDIENCE`].
     pub fn issue(&self, user_id: &str, session_id: Option<&str>, ttl: Duration) -> Result<String, AuthError> {
         validate_user_id(user_id).map_err(AuthError::Invalid)?;
         let claims = Claims {
             sub: user_id.to_string(),
             exp: crate::server::now_ms() / 1000 + ttl.as_secs(),
             sid: session_id.map(str::to_string),
+            aud: Some(TOKEN_AUDIENCE.into()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Invalid(e.to_string()))
@@ -238,6 +261,7 @@ mod tests {
             sub: "a".into(),
             exp: 1_000,
             sid: None,
+            aud: Some(TOKEN_AUDIENCE.into()),
         };
         let token = jsonwebtoken::encode(
             &Header::default(),
@@ -259,6 +283,34 @@ mod tests {
             "a changed signature must fail as a bad signature"
         );
         assert_eq!(auth.verify(&good).unwrap().sid.as_deref(), Some("s1"));
+    }
+
+    /// Tokens carry `aud`; one without it passes only behind the migration switch, and
+    /// one for another audience never does.
+    #[test]
+    fn tokens_need_this_audience() {
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &Header::default(),
+                &claims,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap()
+        };
+        let exp = crate::server::now_ms() / 1000 + 60;
+        let issued = auth().issue("a", None, Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            auth().verify(&issued).unwrap().aud.as_deref(),
+            Some(TOKEN_AUDIENCE)
+        );
+        let without = sign(serde_json::json!({"sub": "a", "exp": exp}));
+        let other = sign(serde_json::json!({"sub": "a", "exp": exp, "aud": "billing-api"}));
+        assert!(auth().verify(&without).is_err());
+        assert!(auth().verify(&other).is_err());
+        let migrating = auth().accept_tokens_without_audience(true);
+        assert_eq!(migrating.verify(&without).unwrap().sub, "a");
+        assert!(migrating.verify(&other).is_err());
+        assert!(migrating.verify(&issued).is_ok());
     }
 
     #[test]

@@ -94,8 +94,13 @@ pub struct SseConfig {
     #[builder(into)]
     pub jwt_secret: Option<SecretString>,
     /// Bearer key of `POST /api/events`; `None` disables that route (`SSE_PUBLISH_KEY`).
+    /// At least 16 bytes, and never the JWT secret (its holder could mint sessions).
     #[builder(into)]
     pub publish_key: Option<SecretString>,
+    /// Accept session tokens without an `aud` claim, as issued before tokens carried
+    /// `aud: "sse-notify"`; only while older tokens are still in use. Defaults to off
+    /// (`SSE_ACCEPT_TOKENS_WITHOUT_AUD=1`).
+    pub accept_tokens_without_aud: bool,
     /// Origins allowed by CORS; empty means same origin only (`SSE_ALLOWED_ORIGINS`, comma-separated).
     pub allowed_origins: Vec<String>,
     /// Shared Redis for several instances; `None` runs on the in-process broker (`REDIS_URL`).
@@ -137,6 +142,7 @@ impl Default for SseConfig {
             connect_rate_per_user: 120,
             jwt_secret: None,
             publish_key: None,
+            accept_tokens_without_aud: false,
             allowed_origins: Vec::new(),
             redis_url: None,
             redis_ca_cert: None,
@@ -194,6 +200,7 @@ struct SseVars {
     connect_rate_per_user: Option<u32>,
     jwt_secret: Option<SecretString>,
     publish_key: Option<SecretString>,
+    accept_tokens_without_aud: Option<String>,
     allowed_origins: Option<String>,
     redis_ca_cert: Option<std::path::PathBuf>,
     redis_cluster: Option<String>,
@@ -327,26 +334,17 @@ impl SseConfig {
         if let Some(list) = sse.offline_retention_ms {
             merge_offline_retention(&mut config.offline_retention, &list)?;
         }
-        if let Some(secret) = &sse.jwt_secret {
-            use secrecy::ExposeSecret;
-            if secret.expose_secret().len() < 16 {
-                return Err(ConfigError::new(
-                    "SSE_JWT_SECRET",
-                    "expected a secret of at least 16 bytes",
-                ));
-            }
-        }
         config.jwt_secret = sse.jwt_secret;
         config.publish_key = sse.publish_key;
+        config.accept_tokens_without_aud = flag(
+            "SSE_ACCEPT_TOKENS_WITHOUT_AUD",
+            sse.accept_tokens_without_aud.as_deref(),
+        )?;
         if let Some(origins) = sse.allowed_origins {
             config.allowed_origins = parse_origins(&origins)?;
         }
         config.redis_ca_cert = sse.redis_ca_cert;
-        config.redis_cluster = match sse.redis_cluster.as_deref().map(str::trim) {
-            None | Some("" | "0" | "false") => false,
-            Some("1" | "true") => true,
-            Some(_) => return Err(ConfigError::new("SSE_REDIS_CLUSTER", "expected 1 or 0")),
-        };
+        config.redis_cluster = flag("SSE_REDIS_CLUSTER", sse.redis_cluster.as_deref())?;
         let is_redis_url = |url: &str| url.starts_with("redis://") || url.starts_with("rediss://");
         config.redis_url = match redis.redis_url {
             Some(url) if config.redis_cluster && url.split(',').all(|u| is_redis_url(u.trim())) => {
@@ -385,7 +383,44 @@ impl SseConfig {
                 "not supported on a Redis Cluster yet: use a server certificate of a public CA",
             ));
         }
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks what no single value shows: the secrets' lengths, and that the publish key
+    /// is not the JWT secret. [`from_vars`](Self::from_vars) and the service's start call it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use secrecy::ExposeSecret;
+        let secret = self.jwt_secret.as_ref().map(|s| s.expose_secret().as_bytes());
+        let key = self.publish_key.as_ref().map(|k| k.expose_secret().as_bytes());
+        if secret.is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::new(
+                "SSE_JWT_SECRET",
+                "expected a secret of at least 16 bytes",
+            ));
+        }
+        if key.is_some_and(|k| k.len() < 16) {
+            return Err(ConfigError::new(
+                "SSE_PUBLISH_KEY",
+                "expected a key of at least 16 bytes (e.g. `openssl rand -hex 32`)",
+            ));
+        }
+        if key.is_some() && key == secret {
+            return Err(ConfigError::new(
+                "SSE_PUBLISH_KEY",
+                "must differ from SSE_JWT_SECRET: whoever holds the publish key could sign sessions as any user",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A switch: `1`/`true` or `0`/`false` (unset is off).
+fn flag(variable: &str, value: Option<&str>) -> Result<bool, ConfigError> {
+    match value.map(str::trim) {
+        None | Some("" | "0" | "false") => Ok(false),
+        Some("1" | "true") => Ok(true),
+        Some(_) => Err(ConfigError::new(variable, "expected 1 or 0")),
     }
 }
 
@@ -471,6 +506,35 @@ mod tests {
 
     fn from(pairs: &[(&str, &str)]) -> Result<SseConfig, ConfigError> {
         SseConfig::from_vars(pairs.iter().copied())
+    }
+
+    /// A short publish key, or one equal to the JWT secret (its holder could mint tokens),
+    /// stops the start with the variable named; so does a short secret.
+    #[test]
+    fn publish_keys_are_long_and_not_the_jwt_secret() {
+        let same = "the-same-long-secret-0123";
+        let err = from(&[("SSE_JWT_SECRET", same), ("SSE_PUBLISH_KEY", same)]).unwrap_err();
+        assert_eq!(err.variable, "SSE_PUBLISH_KEY");
+        assert!(!err.to_string().contains(same), "{err}");
+        let err = from(&[("SSE_PUBLISH_KEY", "fifteen-bytes-k")]).unwrap_err();
+        assert_eq!(err.variable, "SSE_PUBLISH_KEY");
+        assert!(from(&[("SSE_PUBLISH_KEY", "sixteen-bytes-ke")]).is_ok());
+        let err = from(&[("SSE_JWT_SECRET", "short")]).unwrap_err();
+        assert_eq!(err.variable, "SSE_JWT_SECRET");
+        // The builder's configuration is checked the same way (the service's start calls it).
+        let built = SseConfig::default().jwt_secret(same).publish_key(same);
+        assert_eq!(built.validate().unwrap_err().variable, "SSE_PUBLISH_KEY");
+        assert!(
+            from(&[("SSE_ACCEPT_TOKENS_WITHOUT_AUD", "1")])
+                .unwrap()
+                .accept_tokens_without_aud
+        );
+        assert_eq!(
+            from(&[("SSE_ACCEPT_TOKENS_WITHOUT_AUD", "yes")])
+                .unwrap_err()
+                .variable,
+            "SSE_ACCEPT_TOKENS_WITHOUT_AUD"
+        );
     }
 
     #[test]
@@ -632,7 +696,7 @@ mod tests {
     fn secrets_are_not_printed() {
         let c = from(&[
             ("SSE_JWT_SECRET", "super-secret-value-123"),
-            ("SSE_PUBLISH_KEY", "publish-key-xyz"),
+            ("SSE_PUBLISH_KEY", "publish-key-xyz-0123"),
             ("REDIS_URL", "redis://:hunter2@r:1"),
         ])
         .unwrap();

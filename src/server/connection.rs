@@ -48,6 +48,9 @@ pub(super) struct Closer {
     /// Where the prelude told the client it starts (its `id:`): in lanes, the id written
     /// with each event is never behind it, even in a lane with nothing delivered yet.
     pub(super) announced: Cursor,
+    /// Whether its position may become the user's offline-delivery start: only a stream
+    /// that was sent every event of the user (no `events=` filter).
+    pub(super) records_position: bool,
 }
 
 impl Closer {
@@ -59,8 +62,8 @@ impl Closer {
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        self.service
-            .stream_closed(self.user.clone(), self.id, self.position());
+        let position = self.records_position.then(|| self.position());
+        self.service.stream_closed(self.user.clone(), self.id, position);
     }
 }
 

@@ -114,7 +114,7 @@ impl Cursor {
     }
 
     /// Lane by lane, with `other`; lanes when either has them.
-    fn zip(self, other: Self, f: impl Fn(EventId, EventId) -> EventId) -> Self {
+    pub fn zip(self, other: Self, f: impl Fn(EventId, EventId) -> EventId) -> Self {
         match (self, other) {
             (Cursor::One(a), Cursor::One(b)) => Cursor::One(f(a, b)),
             _ => {

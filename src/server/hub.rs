@@ -47,11 +47,13 @@ pub enum CloseReason {
     Disconnected,
 }
 
-/// The receiving half of a registered connection, owned by its HTTP stream.
+/// The receiving half of a registered connection, owned by its HTTP stream, which must
+/// [`unregister`](Hub::unregister) it exactly once when it ends.
 pub struct Registration {
     pub id: u64,
     pub mailbox: mailbox::Receiver,
-    /// This is the user's only local connection (the broker should start listening for them).
+    /// No other registration of the user is held here: the broker should start listening
+    /// for them.
     pub first_for_user: bool,
 }
 
@@ -92,7 +94,13 @@ impl Connection {
 
 #[derive(Default)]
 struct Inner {
+    /// The connections events are dispatched to.
     users: HashMap<Arc<str>, Vec<Connection>>,
+    /// Registrations per user not yet unregistered, whether or not the hub has closed
+    /// them (cut as slow, replaced, expired, disconnected): the broker listens for a user
+    /// from their first registration until their last one is unregistered, so a stream
+    /// the hub ended still releases the subscription, exactly once.
+    held: HashMap<Arc<str>, usize>,
     connections: usize,
     next_id: u64,
     closed: bool,
@@ -156,8 +164,10 @@ impl Hub {
         inner.next_id += 1;
         let id = inner.next_id;
         let mut replaced = Vec::new();
+        let held = inner.held.entry(user.clone()).or_default();
+        *held += 1;
+        let first_for_user = *held == 1;
         let conns = inner.users.entry(user.clone()).or_default();
-        let first_for_user = conns.is_empty();
         while conns.len() >= self.max_per_user {
             let mut oldest = conns.remove(0);
             oldest.close(CloseReason::Replaced);
@@ -189,28 +199,45 @@ impl Hub {
         })
     }
 
-    /// Removes a connection (its stream ended). Returns `true` when it was the user's last.
+    /// Ends a registration (its stream is gone), whether the hub had already closed the
+    /// connection or not. Returns `true` when it was the user's last registration here:
+    /// the broker may stop listening for them. Call once per registration.
     pub fn unregister(&self, user: &str, id: u64) -> bool {
         let mut inner = self.lock();
-        let Some(conns) = inner.users.get_mut(user) else {
-            return false;
+        let last = match inner.held.get_mut(user) {
+            Some(held) if *held > 1 => {
+                *held -= 1;
+                false
+            }
+            Some(_) => {
+                inner.held.remove(user);
+                true
+            }
+            None => false,
+        };
+        let Some((user, conns)) = inner.users.get_key_value(user) else {
+            return last;
         };
         let Some(at) = conns.iter().position(|c| c.id == id) else {
-            return false;
+            return last;
         };
-        let gone = conns.remove(at);
-        let last = conns.is_empty();
-        let (user, _) = inner.users.get_key_value(user).expect("present");
         let user = user.clone();
-        if last {
+        let conns = inner.users.get_mut(&user).expect("present");
+        let gone = conns.remove(at);
+        if conns.is_empty() {
             inner.users.remove(&user);
         }
         inner.forget_expiry(&user, &gone);
-        let removed = 1;
-        inner.connections -= removed;
+        inner.connections -= 1;
         drop(inner);
-        m::connections_changed(-(removed as isize));
+        m::connections_changed(-1);
         last
+    }
+
+    /// Whether any registration of `user` is held here (open, or closed by the hub but
+    /// not yet unregistered by its stream).
+    pub fn holds_user(&self, user: &str) -> bool {
+        self.lock().held.contains_key(user)
     }
 
     /// Closes every connection of `user` with `reason`; returns how many there were.
@@ -458,7 +485,9 @@ mod tests {
         ));
         assert!(later.mailbox.try_recv().is_none());
         assert_eq!(hub.client_count(), 2);
-        // Unregistered before its expiry: nothing left to expire.
+        // Unregistered before its expiry: nothing left to expire. The expired one is held
+        // until its stream unregisters it too.
+        assert!(!hub.unregister("a", soon.id));
         assert!(hub.unregister("a", later.id));
         assert_eq!(hub.expire(1_000), 0);
         let _b2 = hub.register(&user("b"), None, None).unwrap();
@@ -469,6 +498,50 @@ mod tests {
         ));
         assert_eq!(hub.client_count(), 0);
         assert_eq!(hub.close_user("b", CloseReason::Disconnected), 0);
+    }
+
+    /// However a stream ends (the client went, or the hub cut it as slow, replaced it,
+    /// expired it, disconnected the user, or shut down), unregistering its registrations
+    /// reports the user's last one exactly once, so the broker's subscription is released
+    /// exactly once.
+    #[test]
+    fn every_way_a_stream_ends_releases_the_user_exactly_once() {
+        type End = fn(&Hub, &[Registration]);
+        let ends: [(&str, End); 6] = [
+            ("client gone", |_, _| {}),
+            ("slow", |hub, _| {
+                for id in 1..=10 {
+                    hub.dispatch(&event(id, Target::User(user("a")), "n"));
+                }
+            }),
+            ("replaced", |hub, _| {
+                let extra = hub.register(&user("a"), None, None).unwrap();
+                assert!(!extra.first_for_user);
+                assert!(!hub.unregister("a", extra.id));
+            }),
+            ("expired", |hub, _| {
+                hub.expire(u64::MAX);
+            }),
+            ("disconnected", |hub, _| {
+                hub.close_user("a", CloseReason::Disconnected);
+            }),
+            ("shutdown", |hub, _| hub.close_all()),
+        ];
+        for (how, end) in ends {
+            let hub = Hub::new(2, 4);
+            let regs: Vec<_> = (0..2)
+                .map(|_| hub.register(&user("a"), None, Some(100)).unwrap())
+                .collect();
+            assert!(regs[0].first_for_user && !regs[1].first_for_user, "{how}");
+            end(&hub, &regs);
+            assert!(hub.holds_user("a"), "{how}: held until unregistered");
+            let lasts: Vec<bool> = regs.iter().map(|r| hub.unregister("a", r.id)).collect();
+            assert_eq!(lasts, [false, true], "{how}");
+            assert!(!hub.holds_user("a"), "{how}");
+            assert_eq!(hub.client_count(), 0, "{how}");
+            // Unregistering again changes nothing.
+            assert!(!hub.unregister("a", regs[1].id), "{how}");
+        }
     }
 
     #[test]

@@ -60,8 +60,8 @@ const BACKLOG: u32 = 4096;
 const ACCEPT_QUEUES: usize = 8;
 /// Largest request head the lean path reads; larger ones get 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// How long a connection may take to send a complete request head, the first or (on
-/// keep-alive) the next one.
+/// How long a connection may take to send a complete request head: the first one from the
+/// moment it is accepted (its first bytes included), and on keep-alive each next one.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write that makes no progress for this long means the client stopped reading: the
 /// connection is dropped so its buffers are freed (the events stay replayable).
@@ -70,6 +70,17 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// past it, more are closed at once, so one client cannot fill the socket budget with
 /// silent connections.
 const MAX_PENDING_PER_ADDRESS: usize = 256;
+/// Connections from one address served by hyper (pages, publishes, stats: everything but
+/// event streams, which have their own limits): past it, new ones get a bare 503, so one
+/// client keeping thousands of keep-alive or HTTP/2 connections busy cannot hold the socket
+/// budget that streams need. A browser keeps about 6 per origin; a backend's pool, tens.
+const MAX_REQUEST_CONNECTIONS_PER_ADDRESS: usize = 256;
+/// A hyper connection with no request in flight for this long is closed, HTTP/2 (whose
+/// pings a client may keep answering) as HTTP/1.
+const IDLE_TIMEOUT: Duration = HEAD_TIMEOUT;
+/// After shutdown begins, how long connections get to finish what is in flight before
+/// they are closed: a client that never reads cannot hold the shutdown.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 /// File descriptors kept free of client sockets (Redis connections, files, the listeners).
 const FD_HEADROOM: usize = 128;
 
@@ -159,7 +170,8 @@ impl Serve {
             stream_prefix: format!("GET {}", service.stream_path()).into_bytes().into(),
             sockets: AtomicUsize::new(0),
             max_sockets: super::config::file_limit().saturating_sub(FD_HEADROOM).max(64),
-            pending: Mutex::new(HashMap::new()),
+            pending: AddressBudget::new(MAX_PENDING_PER_ADDRESS),
+            requests: AddressBudget::new(MAX_REQUEST_CONNECTIONS_PER_ADDRESS),
             shutdown: watching,
         });
         // Accepting stops when this future completes or is dropped.
@@ -176,8 +188,13 @@ impl Serve {
         let _ = shutdown.send(true);
         service.shutdown().await;
         drop(shared);
-        // Every connection holds a receiver until it is done.
-        shutdown.closed().await;
+        // Every connection holds a receiver until it is done; each drains for at most
+        // SHUTDOWN_DRAIN, and a stream stuck in a write for at most WRITE_TIMEOUT: wait
+        // for the drain and a little more, not for the slowest client.
+        let drained = tokio::time::timeout(SHUTDOWN_DRAIN + Duration::from_secs(2), shutdown.closed()).await;
+        if drained.is_err() {
+            tracing::warn!("shutdown: connections still open after the drain; leaving them");
+        }
         Ok(())
     }
 }
@@ -209,7 +226,9 @@ struct Shared {
     sockets: AtomicUsize,
     max_sockets: usize,
     /// Connections per address that have not sent a complete request yet.
-    pending: Mutex<HashMap<IpAddr, usize>>,
+    pending: AddressBudget,
+    /// Connections per address that hyper serves.
+    requests: AddressBudget,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -237,7 +256,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             m::connection_refused("socket_limit");
             continue; // dropping the stream closes it
         };
-        let Some(pending) = PendingSlot::take(&shared, peer.ip()) else {
+        let Some(pending) = shared.pending.take(peer.ip()) else {
             m::connection_refused("pending_per_address");
             continue;
         };
@@ -269,58 +288,92 @@ impl Drop for SocketSlot {
     }
 }
 
-/// A connection that has not sent a complete request yet, counted per address.
-struct PendingSlot {
-    shared: Arc<Shared>,
-    key: IpAddr,
-    released: bool,
+/// Connections per address (IPv6: per /64), at most `limit` each.
+struct AddressBudget {
+    limit: usize,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
-impl PendingSlot {
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+impl AddressBudget {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            counts: Arc::default(),
+        }
+    }
+
+    /// A place for one more connection from `ip`; `None` when it holds `limit` already.
+    fn take(&self, ip: IpAddr) -> Option<AddressSlot> {
         let key = address_key(ip);
-        let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let count = pending.entry(key).or_default();
-        if *count >= MAX_PENDING_PER_ADDRESS {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(key).or_default();
+        if *count >= self.limit {
             return None;
         }
         *count += 1;
-        Some(Self {
-            shared: shared.clone(),
+        Some(AddressSlot {
+            counts: self.counts.clone(),
             key,
             released: false,
         })
     }
+}
 
+/// One connection's place in an [`AddressBudget`], given back when dropped or released.
+pub(crate) struct AddressSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    key: IpAddr,
+    released: bool,
+}
+
+impl AddressSlot {
     fn release(&mut self) {
         if std::mem::replace(&mut self.released, true) {
             return;
         }
-        let mut pending = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = pending.get_mut(&self.key) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                pending.remove(&self.key);
+                counts.remove(&self.key);
             }
         }
     }
 }
 
-impl Drop for PendingSlot {
+impl Drop for AddressSlot {
     fn drop(&mut self) {
         self.release();
     }
 }
 
+/// In the extensions of every request hyper serves: a handler that turns its connection
+/// into an event stream (the WebSocket upgrade) gives its place among the address's
+/// request connections back, since streams have limits of their own.
+#[derive(Clone)]
+pub(crate) struct RequestConnection(Arc<Mutex<Option<AddressSlot>>>);
+
+impl RequestConnection {
+    /// The connection now carries a stream.
+    pub(crate) fn became_stream(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
 /// Reads the first bytes, then serves the connection on the lean path or through hyper.
-async fn handle(mut stream: TcpStream, peer: SocketAddr, mut pending: PendingSlot, shared: &Shared) {
+async fn handle(mut stream: TcpStream, peer: SocketAddr, mut pending: AddressSlot, shared: &Shared) {
+    // One deadline for the whole first head, however it is split between reads.
+    let head_by = tokio::time::Instant::now() + HEAD_TIMEOUT;
     let _ = stream.set_nodelay(true);
     let prefix = &shared.stream_prefix;
     let mut first = Vec::with_capacity(prefix.len() + 1);
-    let lean = tokio::time::timeout(HEAD_TIMEOUT, async {
+    let lean = tokio::time::timeout_at(head_by, async {
         let mut buf = [0u8; 256];
         loop {
-            let n = stream.read(&mut buf[..prefix.len() + 1 - first.len()]).await?;
+            // Never past the byte after the prefix (the rest is the head's), and never past
+            // the buffer: a long prefixed stream path is read in several turns.
+            let want = (prefix.len() + 1 - first.len()).min(buf.len());
+            let n = stream.read(&mut buf[..want]).await?;
             if n == 0 {
                 return Ok::<_, io::Error>(None); // closed before deciding
             }
@@ -345,16 +398,23 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, mut pending: PendingSlo
     };
     let shutdown = shared.shutdown.clone();
     if lean {
-        serve_lean(stream, peer, first, pending, &shared.app, shutdown).await;
+        serve_lean(stream, peer, first, pending, head_by, &shared.app, shutdown).await;
     } else {
         // hyper takes over, with its own timer for every request head; the connection
         // counts as pending only until this hand-over.
         // Boxed: hyper's connection state is kilobytes, and inline it would size the task
         // of every lean stream too (a task is as big as the largest path it may take).
         pending.release();
+        let Some(slot) = shared.requests.take(peer.ip()) else {
+            m::connection_refused("connections_per_address");
+            let _ = write_plain(&mut stream, 503).await;
+            return;
+        };
         Box::pin(serve_hyper(
-            Rewind::new(first.into(), stream),
+            StallTimeout::new(Rewind::new(first.into(), stream), WRITE_TIMEOUT),
             peer,
+            head_by,
+            slot,
             shared.app.clone(),
             shutdown,
         ))
@@ -363,17 +423,38 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, mut pending: PendingSlo
 }
 
 /// Serves one connection through hyper (HTTP/1.1, or HTTP/2 with prior knowledge), with
-/// upgrades (WebSocket), header-read timeouts and a graceful end on shutdown.
+/// upgrades (WebSocket), header-read timeouts, a write timeout, an idle limit, and a
+/// graceful end on shutdown that lasts at most [`SHUTDOWN_DRAIN`].
 async fn serve_hyper(
-    io: Rewind<TcpStream>,
+    io: StallTimeout<Rewind<TcpStream>>,
     peer: SocketAddr,
+    head_by: tokio::time::Instant,
+    slot: AddressSlot,
     app: Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(peer));
-        app.clone().oneshot(request.map(Body::new))
-    });
+    let activity = Arc::new(Activity::new());
+    let budget = RequestConnection(Arc::new(Mutex::new(Some(slot))));
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(budget.clone());
+            // In flight until the response body is done (or dropped).
+            let in_flight = activity.begin();
+            let response = app.clone().oneshot(request.map(Body::new));
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    use http_body_util::BodyExt;
+                    Body::new(body.map_frame(move |frame| {
+                        let _ = &in_flight;
+                        frame
+                    }))
+                }))
+            }
+        })
+    };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -387,12 +468,157 @@ async fn serve_hyper(
         .max_concurrent_streams(64);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
-    tokio::select! {
-        _ = &mut connection => return,
-        _ = shutdown.wait_for(|down| *down) => {}
+    let mut idle_check = tokio::time::interval(IDLE_TIMEOUT / 2);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut connection => return,
+            _ = shutdown.wait_for(|down| *down) => break,
+            // hyper times each head itself, but from its own start: the first head's time
+            // counts from the accept.
+            _ = tokio::time::sleep_until(head_by), if !activity.has_begun() => {
+                m::connection_refused("head_timeout");
+                return;
+            }
+            _ = idle_check.tick() => if activity.idle_for() >= IDLE_TIMEOUT { break },
+        }
     }
     connection.as_mut().graceful_shutdown();
-    let _ = connection.await;
+    // A client that never reads keeps a response in flight: bounded, like everything else.
+    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, connection).await;
+}
+
+/// Requests in flight on one hyper connection, and since when it has had none.
+struct Activity {
+    /// A request has come (its head was complete).
+    begun: std::sync::atomic::AtomicBool,
+    in_flight: AtomicUsize,
+    /// When the last request ended, in ms after `epoch`.
+    quiet_since_ms: std::sync::atomic::AtomicU64,
+    epoch: tokio::time::Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            begun: Default::default(),
+            in_flight: AtomicUsize::new(0),
+            quiet_since_ms: Default::default(),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Counts a request until the returned guard is dropped.
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.begun.store(true, Ordering::Release);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    fn has_begun(&self) -> bool {
+        self.begun.load(Ordering::Acquire)
+    }
+
+    /// How long no request has been in flight (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let since = Duration::from_millis(self.quiet_since_ms.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(since)
+    }
+}
+
+/// One request in flight on a hyper connection.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.quiet_since_ms.store(now, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An IO whose writes fail with `TimedOut` once one has made no progress for `stall`:
+/// hyper has no write timeout of its own, and a client that pipelines requests and never
+/// reads would otherwise hold its connection (and the shutdown) forever. One timer per
+/// connection, armed only while a write is blocked.
+struct StallTimeout<T> {
+    inner: T,
+    stall: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The deadline is set for the write blocked now.
+    armed: bool,
+}
+
+impl<T> StallTimeout<T> {
+    fn new(inner: T, stall: Duration) -> Self {
+        Self {
+            inner,
+            stall,
+            deadline: Box::pin(tokio::time::sleep(stall)),
+            armed: false,
+        }
+    }
+
+    /// What a write's poll gave: on progress the deadline is disarmed; while blocked it is
+    /// armed once, and past it the write fails.
+    fn watch<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if poll.is_ready() {
+            self.armed = false;
+            return poll;
+        }
+        if !self.armed {
+            self.armed = true;
+            let at = tokio::time::Instant::now() + self.stall;
+            self.deadline.as_mut().reset(at);
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for StallTimeout<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for StallTimeout<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, poll)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// Reads the head (the first bytes already read are `first`), runs the router, writes the
@@ -402,13 +628,15 @@ async fn serve_lean(
     stream: TcpStream,
     peer: SocketAddr,
     first: Vec<u8>,
-    pending: PendingSlot,
+    pending: AddressSlot,
+    head_by: tokio::time::Instant,
     app: &Router,
     _shutdown: watch::Receiver<bool>,
 ) {
     // Boxed, so that what only the request needs (head buffer, router future, response
     // head) is freed before streaming, rather than sizing every stream's task for good.
-    if let Some((stream, body, chunked)) = Box::pin(respond(stream, peer, first, pending, app)).await {
+    if let Some((stream, body, chunked)) = Box::pin(respond(stream, peer, first, pending, head_by, app)).await
+    {
         stream_body(stream, body, chunked).await;
     }
 }
@@ -419,10 +647,11 @@ async fn respond(
     mut stream: TcpStream,
     peer: SocketAddr,
     first: Vec<u8>,
-    mut pending: PendingSlot,
+    mut pending: AddressSlot,
+    head_by: tokio::time::Instant,
     app: &Router,
 ) -> Option<(TcpStream, BodyDataStream, bool)> {
-    let request = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, first)).await {
+    let request = match tokio::time::timeout_at(head_by, read_head(&mut stream, first)).await {
         Ok(Ok(request)) => request,
         Ok(Err(status)) => {
             let _ = write_plain(&mut stream, status).await;
@@ -610,16 +839,17 @@ pub(crate) async fn write_with_progress<W: AsyncWrite + Unpin>(
     stream.flush().await
 }
 
-/// A bare error response for a request the router never saw (unparseable head).
+/// A bare error response for a request the router never saw (an unparseable head, or a
+/// connection over its address's budget: 503, come back in a second).
 async fn write_plain(stream: &mut TcpStream, status: u16) -> io::Result<()> {
-    let reason = if status == 431 {
-        "Request Header Fields Too Large"
-    } else {
-        "Bad Request"
+    let (reason, retry) = match status {
+        431 => ("Request Header Fields Too Large", ""),
+        503 => ("Service Unavailable", "Retry-After: 1\r\n"),
+        _ => ("Bad Request", ""),
     };
     let body = format!(r#"{{"error":"{reason}","field":"request"}}"#);
     let response = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\n{retry}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     write_with_progress(stream, &mut [IoSlice::new(response.as_bytes())], WRITE_TIMEOUT).await?;
@@ -707,6 +937,33 @@ mod tests {
         assert!(started.elapsed() > Duration::from_secs(600));
         assert!(!writer.is_finished(), "cut off while still making progress");
         // Now the reader stops: the write fails 30 s after the last progress.
+        let stopped = tokio::time::Instant::now();
+        let (result, failed_at) = writer.await.unwrap();
+        assert_eq!(result, Err(io::ErrorKind::TimedOut));
+        let after = failed_at - stopped;
+        assert!(
+            after <= WRITE_TIMEOUT && after >= WRITE_TIMEOUT - Duration::from_secs(1),
+            "{after:?}"
+        );
+    }
+
+    /// hyper's writes through [`StallTimeout`]: a slow reader that keeps taking bytes is
+    /// never cut off, one that stops is, 30 s after its last progress.
+    #[tokio::test(start_paused = true)]
+    async fn hyper_writes_fail_after_30_s_without_progress() {
+        let (server, mut client) = duplex(64);
+        let mut io = StallTimeout::new(server, WRITE_TIMEOUT);
+        let writer = tokio::spawn(async move {
+            let result = io.write_all(&[b'x'; 4096]).await;
+            (result.map_err(|e| e.kind()), tokio::time::Instant::now())
+        });
+        let mut buf = [0u8; 64];
+        let mut read = 0;
+        while read < 2048 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            read += client.read(&mut buf).await.unwrap();
+        }
+        assert!(!writer.is_finished(), "cut off while still making progress");
         let stopped = tokio::time::Instant::now();
         let (result, failed_at) = writer.await.unwrap();
         assert_eq!(result, Err(io::ErrorKind::TimedOut));

@@ -41,6 +41,7 @@ mod hub;
 mod listener;
 mod mailbox;
 pub mod metrics;
+mod origin;
 pub mod publish;
 mod routes;
 pub mod service;

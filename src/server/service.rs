@@ -95,6 +95,9 @@ pub enum SendError {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A configuration no single setting shows to be wrong (see [`SseConfig::validate`]).
+    #[error(transparent)]
+    Config(#[from] super::ConfigError),
     #[error("could not connect to Redis: {0}")]
     Redis(String),
 }
@@ -146,6 +149,8 @@ struct Inner {
     auth: Auth,
     /// Who a stream request is from: `auth` unless the host gave its own.
     authenticator: Arc<dyn Authenticate>,
+    /// `authenticator` is the host's own hook, not `auth`.
+    host_authenticates: bool,
     /// Where the stream is served (with the routes' prefix), for the listener's lean path.
     stream_path: std::sync::RwLock<Arc<str>>,
     /// Long-lived responses open now (streams, stats streams), and the most allowed.
@@ -205,6 +210,7 @@ impl SseService {
         config: SseConfig,
         authenticator: Option<Arc<dyn Authenticate>>,
     ) -> Result<Self, StartError> {
+        config.validate()?;
         m::install();
         let hub = Arc::new(Hub::new(config.max_clients_per_user, config.queue_capacity));
         let sink: EventSink = Arc::new(HubDelivery(hub.clone()));
@@ -249,7 +255,8 @@ impl SseService {
                 config.history_max_bytes,
             )),
         };
-        let auth = Auth::new(config.jwt_secret.as_ref());
+        let auth = Auth::new(config.jwt_secret.as_ref())
+            .accept_tokens_without_audience(config.accept_tokens_without_aud);
         if config.jwt_secret.is_none() && authenticator.is_none() {
             tracing::warn!(
                 "SSE_JWT_SECRET is not set: using a random secret; sessions end with this process \
@@ -257,6 +264,7 @@ impl SseService {
             );
         }
         let inner = Arc::new(Inner {
+            host_authenticates: authenticator.is_some(),
             authenticator: authenticator.unwrap_or_else(|| Arc::new(auth.clone())),
             auth,
             stream_path: std::sync::RwLock::new(api::STREAM_PATH.into()),
@@ -344,12 +352,26 @@ impl SseService {
         tasks.extend([heartbeat, cleanup, expiry]);
     }
 
-    /// Who a stream request comes from, by the service's [`Authenticate`] hook.
+    /// Who a stream request comes from, by the service's [`Authenticate`] hook. The user
+    /// id is checked as a token's subject is ([`auth::validate_user_id`]), whichever hook
+    /// gave it, and an identity whose `expires_at` has passed is refused: a user id nobody
+    /// could publish to, or a session already over, never opens a stream.
     pub async fn authenticate(
         &self,
         request: axum::http::request::Parts,
     ) -> Result<Identity, auth::AuthError> {
-        self.inner.authenticator.authenticate(request).await
+        let identity = self.inner.authenticator.authenticate(request).await?;
+        auth::validate_user_id(&identity.user_id).map_err(auth::AuthError::Invalid)?;
+        if identity.expires_at.is_some_and(|at| at <= now_ms() / 1000) {
+            return Err(auth::AuthError::Invalid("the session has expired".into()));
+        }
+        Ok(identity)
+    }
+
+    /// Whether stream requests are authenticated by the default session tokens ([`Auth`]),
+    /// not by a hook of the host's.
+    pub fn uses_default_auth(&self) -> bool {
+        !self.inner.host_authenticates
     }
 
     /// Where the stream is served: `/api/sse` under the prefix the routes were built with.
@@ -439,6 +461,7 @@ impl SseService {
             id: registration.id,
             delivered_through: Cursor::default(),
             announced: Cursor::default(),
+            records_position: false,
         };
         let broker = &inner.broker;
         let start = match broker.in_lanes() {
@@ -478,6 +501,8 @@ impl SseService {
         let mut prelude = BytesMut::new();
         prelude.extend_from_slice(format!("retry: {}\n\n", inner.config.retry.as_millis()).as_bytes());
         let mut replayed_through = start;
+        // Lanes the client claimed to be past the broker's head in: announced at the head.
+        let mut announce_at_least = start;
         if let Some((after, fresh_head)) = replay_plan {
             let replay = broker.replay(&user, after).await?;
             let mut replay_through = after;
@@ -512,12 +537,23 @@ impl SseService {
             }
             // Live events up to here came through the replay (or were meant for nobody yet).
             replayed_through = replay_through.max(after).max(fresh_head.unwrap_or(start));
+            if resync {
+                // A cursor beyond the broker's head (a faster clock's, another
+                // environment's, or from before Redis lost its data) must not become this
+                // stream's position: live events below it would be skipped, and it would
+                // be stored as where the user's offline delivery starts. In such a lane
+                // nothing counts as delivered (every queued event goes out) and the
+                // client is told the real head.
+                let head = broker.head(&user).await?;
+                replayed_through = replayed_through.zip(head, |r, h| if r > h { EventId(0) } else { r });
+                announce_at_least = after.zip(head, |a, h| if a > h { h } else { EventId(0) });
+            }
         }
         // For another tab of a connected user, the start is the head read after registering:
         // anything newer is in this connection's queue, behind the start frame.
         let starts_after = match replayed_through.is_start() {
             true => broker.head(&user).await?,
-            false => replayed_through,
+            false => replayed_through.max(announce_at_least),
         };
         if !starts_after.is_start() {
             prelude.extend_from_slice(format!("id: {starts_after}\n\n").as_bytes());
@@ -528,6 +564,9 @@ impl SseService {
         tracing::debug!(user = %user, ?resume, "stream opened");
         closer.delivered_through = replayed_through;
         closer.announced = starts_after;
+        // A filtered stream skipped events it was not asked for: its position says nothing
+        // about them, so it never moves the user's offline delivery past them.
+        closer.records_position = filter.is_none();
         Ok(EventStream {
             prelude: VecDeque::from([prelude.freeze()]),
             mailbox: registration.mailbox,
@@ -551,7 +590,7 @@ impl SseService {
     /// The closing half of the protocol, run when a stream is dropped: unregister it, record
     /// how far it got (where the user's offline delivery starts next time), and stop the
     /// broker listening for the user if this was their last connection here.
-    pub(super) fn stream_closed(&self, user: Arc<str>, id: u64, delivered_through: Cursor) {
+    pub(super) fn stream_closed(&self, user: Arc<str>, id: u64, delivered_through: Option<Cursor>) {
         let last = self.inner.hub.unregister(&user, id);
         tracing::debug!(user = %user, "stream closed");
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -560,11 +599,11 @@ impl SseService {
         let service = self.clone();
         runtime.spawn(async move {
             let broker = &service.inner.broker;
-            if !delivered_through.is_start() {
-                broker.set_delivered_through(&user, delivered_through).await;
+            if let Some(cursor) = delivered_through.filter(|c| !c.is_start()) {
+                broker.set_delivered_through(&user, cursor).await;
             }
             // The user may have come back while this was scheduled.
-            if last && service.inner.hub.client_count_for_user(&user) == 0 {
+            if last && !service.inner.hub.holds_user(&user) {
                 broker.unsubscribe(&user).await;
             }
         });

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use super::{
     auth::Identity,
     event::Cursor,
-    metrics as m,
+    metrics as m, origin,
     service::{OpenError, Resume, MAX_RESUME_AGO},
     ApiError, SseService,
 };
@@ -59,7 +59,7 @@ pub struct StreamQuery {
 pub async fn sse_handler(State(service): State<SseService>, request: Request) -> Result<Response, ApiError> {
     let (parts, _) = request.into_parts();
     let probe = parts.method == Method::HEAD;
-    let admitted = admit(&service, parts).await?;
+    let admitted = admit(&service, parts, Transport::Sse).await?;
     if probe {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
@@ -122,11 +122,30 @@ fn transport_probe(service: &SseService) -> Result<Body, ApiError> {
     Ok(Body::from_stream(body))
 }
 
-/// What every stream transport checks first: the query (`events=`, `lastEventId=`), the
-/// session (the service's `Authenticate` hook), and the connection rates.
-pub(crate) async fn admit(service: &SseService, parts: Parts) -> Result<Admitted, ApiError> {
+/// Which transport a stream request came for: the origin rule differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// `GET /api/sse`: a foreign page is refused when the session comes from a cookie.
+    Sse,
+    /// `GET /api/ws`: browsers apply no CORS to the handshake, so a foreign page is
+    /// always refused.
+    WebSocket,
+}
+
+/// What every stream transport checks first: the page it came from (see
+/// [`origin`](super::origin)), the query (`events=`, `lastEventId=`), the session (the
+/// service's `Authenticate` hook), and the connection rates. Counters move only for
+/// requests that got past the session check.
+pub(crate) async fn admit(
+    service: &SseService,
+    parts: Parts,
+    transport: Transport,
+) -> Result<Admitted, ApiError> {
     if service.is_shutting_down() {
         return Err(OpenError::ShuttingDown.into());
+    }
+    if transport == Transport::WebSocket || origin::cookie_session(&parts, service.uses_default_auth()) {
+        origin::check(&parts, &service.config().allowed_origins)?;
     }
     let Query(query) = Query::<StreamQuery>::try_from_uri(&parts.uri)
         .map_err(|e| ApiError::bad_request(e.body_text()).field("query"))?;
@@ -135,9 +154,6 @@ pub(crate) async fn admit(service: &SseService, parts: Parts) -> Result<Admitted
         Some(after) => Resume::After(after),
         None => parse_resume_ago(query.resume_ago_ms.as_deref())?.map_or(Resume::Now, Resume::Ago),
     };
-    if query.fallback.as_deref() == Some("buffered") {
-        m::buffered_client();
-    }
     let ip = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -148,6 +164,9 @@ pub(crate) async fn admit(service: &SseService, parts: Parts) -> Result<Admitted
         ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
     })?;
     if !probe {
+        if query.fallback.as_deref() == Some("buffered") {
+            m::buffered_client();
+        }
         let user: Arc<str> = identity.user_id.as_str().into();
         service.admit(ip, &user).map_err(|limited| {
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, limited.to_string())

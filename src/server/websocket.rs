@@ -20,7 +20,11 @@ use axum::{
 };
 use futures::StreamExt;
 
-use super::{connection::EventStream, stream::admit, ApiError, SseService};
+use super::{
+    connection::EventStream,
+    stream::{admit, Transport},
+    ApiError, SseService,
+};
 
 /// A send that makes no progress for this long means the client stopped reading.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,10 +39,21 @@ pub async fn ws_handler(State(service): State<SseService>, request: Request) -> 
     let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &())
         .await
         .map_err(|e| ApiError::new(e.status(), e.body_text()).field("upgrade"))?;
-    let admitted = admit(&service, parts).await?;
+    #[cfg(unix)]
+    let connection = parts
+        .extensions
+        .get::<super::listener::RequestConnection>()
+        .cloned();
+    let admitted = admit(&service, parts, Transport::WebSocket).await?;
     let stream = service
         .open_stream(&admitted.identity, admitted.resume, admitted.filter)
         .await?;
+    // Streams have limits of their own: the connection leaves its address's budget of
+    // request connections.
+    #[cfg(unix)]
+    if let Some(connection) = connection {
+        connection.became_stream();
+    }
     // tungstenite's defaults are 128 KiB read and write buffers per socket (137 KiB RSS
     // per idle connection in S1 over WebSocket); clients only send pongs and close, and
     // each frame is flushed as it is sent, so small buffers lose nothing.
