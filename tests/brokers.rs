@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 use sse_notify::{
-    events::{ReelReady, ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus},
-    server::{broker::router, SendError, SseConfig, SseService},
+    events::{Event, ReelReady, ReelUploadProgress, SystemAlert, SystemAlertKind, UploadStatus},
+    server::{broker::router, SendError, SseConfig, SseService, Target},
 };
 use sse_notify_testkit::RedisCluster;
 
@@ -339,6 +339,49 @@ async fn check_filtered_stream_keeps_offline_delivery(config: SseConfig) {
     assert_eq!(text(&plain.next().await), "not for that stream");
 }
 
+/// A backlog longer than a replay page (256) comes whole, in order, once, with what was
+/// published while it was being sent after it; a client that drops half-way resumes from
+/// the last event it got.
+async fn check_long_backlog_in_pages(config: SseConfig) {
+    let server = start_server(config.queue_capacity(10_000)).await;
+    let sse = &server.service;
+    let seen = server.resume_point("backlog").await;
+    let backlog: Vec<_> = (0..600)
+        .map(|n| {
+            (
+                Target::User("backlog".into()),
+                Event::Notification(note(&n.to_string())),
+            )
+        })
+        .collect();
+    sse.publish(backlog).await.unwrap();
+    let mut client = server.connect("backlog", "", Some(&seen)).await;
+    for n in 0..3 {
+        sse.send_notification("backlog", note(&format!("live {n}")))
+            .await
+            .unwrap();
+    }
+    let expected: Vec<String> = (0..600)
+        .map(|n| n.to_string())
+        .chain((0..3).map(|n| format!("live {n}")))
+        .collect();
+    let mut last_id = String::new();
+    for (i, want) in expected.iter().enumerate() {
+        let event = client.next().await;
+        assert_eq!(&text(&event), want, "event {i}");
+        if i == 299 {
+            last_id = event.id.clone();
+        }
+    }
+    assert!(client.nothing_within(Duration::from_millis(300)).await);
+    drop(client);
+    let mut resumed = server.connect("backlog", "", Some(&last_id)).await;
+    for want in &expected[300..] {
+        assert_eq!(&text(&resumed.next().await), want);
+    }
+    assert!(resumed.nothing_within(Duration::from_millis(300)).await);
+}
+
 macro_rules! behaviour_suite {
     ($($check:ident),*) => {
         mod memory_broker {
@@ -380,7 +423,8 @@ behaviour_suite!(
     check_resume_ago,
     check_second_tab,
     check_cursor_from_the_future,
-    check_filtered_stream_keeps_offline_delivery
+    check_filtered_stream_keeps_offline_delivery,
+    check_long_backlog_in_pages
 );
 
 // ---- Redis only. ----

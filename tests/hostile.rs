@@ -445,3 +445,78 @@ async fn the_head_timeout_counts_from_the_accept() {
         );
     }
 }
+
+/// The server's resident memory, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// A backlog is replayed page by page as the client reads: five streams that ask for a
+/// user's 40 MB of history on Redis and then read nothing hold a few pages each, not five
+/// copies of the history (the whole backlog used to be read and framed at once).
+#[tokio::test]
+async fn a_client_that_stops_reading_a_long_replay_holds_only_a_page() {
+    let redis = RedisServer::start();
+    let server = ServerProcess::start(&[("REDIS_URL", &redis.url())]).await;
+    let http = reqwest::Client::new();
+    let seen = {
+        let mut client = server.connect("hoarder").await;
+        let body =
+            json!({"user_id": "hoarder", "event": "notification", "data": {"title": "seen", "message": "m"}});
+        let sent = http
+            .post(format!("http://{}/api/events", server.addr))
+            .bearer_auth(PUBLISH_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 202);
+        client.next().await.id
+    };
+    let message = "x".repeat(2_000);
+    for _ in 0..50 {
+        let batch: Vec<_> = (0..400)
+            .map(|_| json!({"user_id": "hoarder", "event": "notification", "data": {"title": "old", "message": message}}))
+            .collect();
+        let sent = http
+            .post(format!("http://{}/api/events", server.addr))
+            .bearer_auth(PUBLISH_KEY)
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 202);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_bytes(server.pid());
+    let token = sse_notify::server::Auth::new(Some(&SECRET.into()))
+        .issue("hoarder", None, Duration::from_secs(3600))
+        .unwrap();
+    let mut hoarders = Vec::new();
+    for _ in 0..5 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut socket = socket.connect(server.addr).await.unwrap();
+        let request = format!(
+            "GET /api/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nLast-Event-ID: {seen}\r\n\r\n"
+        );
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut first = [0u8; 1024];
+        let n = socket.read(&mut first).await.unwrap();
+        assert!(
+            first[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&first[..n])
+        );
+        hoarders.push(socket);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss_bytes(server.pid()).saturating_sub(before);
+    assert!(
+        grown < 40 * 1024 * 1024,
+        "five stalled replays of a 40 MB backlog grew the server by {} MB",
+        grown / (1024 * 1024)
+    );
+}

@@ -19,7 +19,9 @@ use super::{
     event::{encode_frame, id_line, Cursor},
     hub::{CloseReason, Outbound},
     mailbox::{Received, Receiver},
-    now_ms, SseService,
+    now_ms,
+    replay::{Page, ReplayRest},
+    SseService,
 };
 use crate::events::names;
 
@@ -29,6 +31,10 @@ const MAX_BATCH_BYTES: usize = 32 * 1024;
 /// The body of one SSE response, as bytes ready for the wire.
 pub struct EventStream {
     pub(super) prelude: VecDeque<Bytes>,
+    /// The rest of a backlog longer than a page: sent before anything from the mailbox.
+    pub(super) rest: Option<ReplayRest>,
+    /// Live events up to here came through the replay: skipped.
+    pub(super) replayed_through: Cursor,
     pub(super) mailbox: Receiver,
     /// The mailbox ended or closed: nothing more comes after what is pending.
     pub(super) ended: bool,
@@ -78,12 +84,32 @@ impl Stream for EventStream {
         if this.ended {
             return Poll::Ready(None);
         }
+        while let Some(rest) = &mut this.rest {
+            let (bytes, last) = match rest.poll_page(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Page::Frames(bytes)) => (bytes, false),
+                Poll::Ready(Page::Last(bytes)) => (bytes, true),
+                Poll::Ready(Page::Failed) => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+            };
+            this.closer.delivered_through = this.closer.delivered_through.max(rest.handled());
+            if last {
+                this.closer.announced = this.closer.delivered_through;
+                this.rest = None;
+            }
+            if !bytes.is_empty() {
+                return Poll::Ready(Some(Ok(bytes)));
+            }
+        }
         // Hand over everything that is ready in one chunk: one write for a burst.
         let mut chunk = Chunk::default();
         loop {
             match this.mailbox.poll_recv(cx) {
                 Poll::Ready(Received::Frame(Outbound::Event(event)))
-                    if this.closer.delivered_through.covers(&event) => {}
+                    if this.replayed_through.covers(&event)
+                        || this.closer.delivered_through.covers(&event) => {}
                 Poll::Ready(Received::Frame(Outbound::Event(event))) => {
                     this.closer.delivered_through.advance(&event);
                     if let Cursor::Lanes { .. } = this.closer.delivered_through {

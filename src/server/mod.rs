@@ -43,6 +43,7 @@ mod mailbox;
 pub mod metrics;
 mod origin;
 pub mod publish;
+mod replay;
 mod routes;
 pub mod service;
 pub mod stream;

@@ -63,13 +63,15 @@ use tokio_stream::{wrappers::IntervalStream, StreamExt};
 use super::{
     auth::{self, Auth, Authenticate, Identity},
     broker::{
-        coalesce_latest, Broker, BrokerError, ClusterBroker, ClusterOptions, Delivery, EventSink,
-        MemoryBroker, RedisBroker, RedisOptions, Retention,
+        Broker, BrokerError, ClusterBroker, ClusterOptions, Delivery, EventSink, MemoryBroker, RedisBroker,
+        RedisOptions, Retention,
     },
     connection::{Closer, EventStream},
-    event::{encode_frame, id_line, Cursor, Envelope, EventId, PublishedEvent, Target},
+    event::{encode_frame, Cursor, Envelope, EventId, PublishedEvent, Target},
     hub::{CloseReason, Hub},
-    metrics as m, now_ms, SseConfig,
+    metrics as m, now_ms,
+    replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
+    SseConfig,
 };
 use crate::{
     api::{self, BrokerHealth, Stats},
@@ -503,22 +505,18 @@ impl SseService {
         let mut replayed_through = start;
         // Lanes the client claimed to be past the broker's head in: announced at the head.
         let mut announce_at_least = start;
+        let mut rest = None;
         if let Some((after, fresh_head)) = replay_plan {
-            let replay = broker.replay(&user, after).await?;
+            let now = now_ms();
+            let selection = ReplaySelection {
+                filter: filter.clone(),
+                fresh_head,
+                now_ms: now,
+            };
+            let replay = broker.replay_page(&user, after, REPLAY_PAGE).await?;
             let mut replay_through = after;
             replay.events.iter().for_each(|e| replay_through.advance(e));
-            let now = now_ms();
-            let wanted = |e: &PublishedEvent| {
-                let offline_ok = || {
-                    inner
-                        .retention
-                        .offline_for(&e.name)
-                        .is_some_and(|keep| now.saturating_sub(e.published_at_ms) <= keep.as_millis() as u64)
-                };
-                let passes_filter = filter.as_ref().is_none_or(|f| f.iter().any(|n| **n == *e.name));
-                passes_filter && fresh_head.is_none_or(|head| !head.covers(e) || offline_ok())
-            };
-            let events = coalesce_latest(replay.events.into_iter().filter(|e| wanted(e)).collect());
+            let events = selection.select(&inner.retention, replay.events);
             let resync = replay.gap && fresh_head.is_none();
             m::replayed(events.len(), resync);
             if resync {
@@ -528,15 +526,22 @@ impl SseService {
                 prelude.extend_from_slice(&encode_frame(names::RESYNC, &data));
             }
             let mut sent = after;
-            for event in &events {
-                sent.advance(event);
-                if let Cursor::Lanes { .. } = sent {
-                    prelude.extend_from_slice(&id_line(sent));
-                }
-                prelude.extend_from_slice(&event.frame);
-            }
+            write_frames(&events, &mut sent, &mut prelude);
             // Live events up to here came through the replay (or were meant for nobody yet).
             replayed_through = replay_through.max(after).max(fresh_head.unwrap_or(start));
+            if replay.more {
+                // A backlog longer than a page: the rest is read page by page as the client
+                // takes it, up to the head read now (what is newer is in the queue).
+                let until = broker.head(&user).await?.max(replayed_through);
+                rest = Some(ReplayRest::new(
+                    self.clone(),
+                    user.clone(),
+                    selection,
+                    replay_through.max(after),
+                    sent,
+                    until,
+                ));
+            }
             if resync {
                 // A cursor beyond the broker's head (a faster clock's, another
                 // environment's, or from before Redis lost its data) must not become this
@@ -550,10 +555,12 @@ impl SseService {
             }
         }
         // For another tab of a connected user, the start is the head read after registering:
-        // anything newer is in this connection's queue, behind the start frame.
-        let starts_after = match replayed_through.is_start() {
-            true => broker.head(&user).await?,
-            false => replayed_through.max(announce_at_least),
+        // anything newer is in this connection's queue, behind the start frame. A replay
+        // still going on writes the start when it ends.
+        let starts_after = match (&rest, replayed_through.is_start()) {
+            (Some(_), _) => start,
+            (None, true) => broker.head(&user).await?,
+            (None, false) => replayed_through.max(announce_at_least),
         };
         if !starts_after.is_start() {
             prelude.extend_from_slice(format!("id: {starts_after}\n\n").as_bytes());
@@ -562,18 +569,33 @@ impl SseService {
         // after knows something in between buffers the stream.
         prelude.extend_from_slice(&self.ready_frame());
         tracing::debug!(user = %user, ?resume, "stream opened");
-        closer.delivered_through = replayed_through;
+        // While the rest of a backlog is read, the client's position is the part sent.
+        let skip_live_through = replayed_through.max(rest.as_ref().map_or(start, |r| r.until()));
+        closer.delivered_through = match &rest {
+            Some(rest) => rest.handled(),
+            None => replayed_through,
+        };
         closer.announced = starts_after;
         // A filtered stream skipped events it was not asked for: its position says nothing
         // about them, so it never moves the user's offline delivery past them.
         closer.records_position = filter.is_none();
         Ok(EventStream {
             prelude: VecDeque::from([prelude.freeze()]),
+            rest,
+            replayed_through: skip_live_through,
             mailbox: registration.mailbox,
             ended: false,
             closer,
             _permit: permit,
         })
+    }
+
+    pub(super) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    pub(super) fn retention(&self) -> &Retention {
+        &self.inner.retention
     }
 
     /// The `ready` event that ends every stream's prelude: the heartbeat interval, so the

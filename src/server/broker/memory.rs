@@ -124,7 +124,9 @@ impl Index {
     }
 
     /// The user's events and broadcasts after `after`, merged in id order.
-    fn after(&self, user: &str, after: EventId) -> Vec<Arc<PublishedEvent>> {
+    /// The user's events and broadcasts after `after`, in order, at most `limit`; and
+    /// whether more follow.
+    fn after(&self, user: &str, after: EventId, limit: usize) -> (Vec<Arc<PublishedEvent>>, bool) {
         let empty = VecDeque::new();
         let own = self.users.get(user).unwrap_or(&empty);
         let mut own = own.range(own.partition_point(|e| e.id <= after)..).peekable();
@@ -132,6 +134,9 @@ impl Index {
         let mut all = all.range(all.partition_point(|e| e.id <= after)..).peekable();
         let mut merged = Vec::new();
         loop {
+            if merged.len() >= limit {
+                return (merged, own.peek().is_some() || all.peek().is_some());
+            }
             let next = match (own.peek(), all.peek()) {
                 (Some(a), Some(b)) if a.id < b.id => own.next(),
                 (Some(_), Some(_)) | (None, Some(_)) => all.next(),
@@ -140,7 +145,7 @@ impl Index {
             };
             merged.extend(next.cloned());
         }
-        merged
+        (merged, false)
     }
 }
 
@@ -174,19 +179,19 @@ impl Broker for MemoryBroker {
         Ok(ids)
     }
 
-    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
+    async fn replay_page(&self, user: &str, after: Cursor, limit: usize) -> Result<Replay, BrokerError> {
         let after = after.earliest();
         let state = self.lock();
         if after.0 >= state.next_id {
             // Not issued by this broker: from another server or forged.
             return Ok(Replay {
-                events: Vec::new(),
                 gap: true,
+                ..Replay::default()
             });
         }
         let gap = after.0 < state.forgotten_through;
-        let events = state.index.after(user, after);
-        Ok(Replay { events, gap })
+        let (events, more) = state.index.after(user, after, limit);
+        Ok(Replay { events, gap, more })
     }
 
     fn health(&self) -> BrokerHealth {

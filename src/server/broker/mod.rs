@@ -100,6 +100,8 @@ pub struct Replay {
     /// Some events after the id are no longer kept (or the id is from an earlier run):
     /// the client is sent `resync`.
     pub gap: bool,
+    /// More events follow these (the page was full): ask again from the last one.
+    pub more: bool,
 }
 
 /// Why a broker could not publish or replay.
@@ -134,8 +136,17 @@ pub trait Broker: Send + Sync + 'static {
     /// events, or the broadcasts); returns one id per event.
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError>;
 
-    /// Events for `user` (and broadcasts) after `after`, in order (in each lane).
-    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError>;
+    /// Events for `user` (and broadcasts) after `after`, in order (in each lane): all of
+    /// them. A stream reads by [`replay_page`](Self::replay_page), so that no client's
+    /// backlog is held in memory at once.
+    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
+        self.replay_page(user, after, usize::MAX).await
+    }
+
+    /// Like [`replay`](Self::replay), at most about `limit` events (a page of the backing
+    /// store more at most): the first of them in each lane, with `more` set when others
+    /// follow. Where `gap` is set, it is set on the first page.
+    async fn replay_page(&self, user: &str, after: Cursor, limit: usize) -> Result<Replay, BrokerError>;
 
     /// Where the newest event for `user` (or a broadcast) published so far stands: the
     /// start when none. Lanes on a broker that orders by lane, one id otherwise.

@@ -326,12 +326,14 @@ impl RedisBroker {
     }
 
     /// The streams of `users` and broadcast after `after`, merged in id order, read in
-    /// pages; and whether some events after `after` may no longer be kept.
+    /// pages until at least `limit` events are in; whether some events after `after` may
+    /// no longer be kept; and whether more follow the ones returned.
     async fn read_streams(
         &self,
         users: &[Arc<str>],
         after: EventId,
-    ) -> Result<(Vec<PublishedEvent>, bool), BrokerError> {
+        limit: usize,
+    ) -> Result<(Vec<PublishedEvent>, bool, bool), BrokerError> {
         let mut conn = self.conn.clone();
         let targets: Vec<(Target, String)> = users
             .iter()
@@ -407,9 +409,21 @@ impl RedisBroker {
                 }
             }
             cursors = next;
+            if events.len() >= limit && !cursors.is_empty() {
+                break;
+            }
         }
         events.sort_by_key(|e| e.id);
-        Ok((events, gap))
+        // Streams still being read stopped at their last id: only what lies before the
+        // earliest of those is known to be complete, in one order.
+        let more = match cursors.iter().map(|(_, last)| *last).min() {
+            Some(complete_through) => {
+                events.retain(|e| e.id.0 <= complete_through);
+                true
+            }
+            None => false,
+        };
+        Ok((events, gap, more))
     }
 
     /// Sends `"!disconnect <nonce>"` to the instances listening for `user` and adds up the
@@ -670,7 +684,7 @@ impl RedisBroker {
         };
         let since = EventId(self.last_dispatched.load(Ordering::Relaxed));
         if since.0 > 0 {
-            let (missed, _) = self.read_streams(&users, since).await?;
+            let (missed, _, _) = self.read_streams(&users, since, usize::MAX).await?;
             if !missed.is_empty() {
                 tracing::info!(
                     events = missed.len(),
@@ -752,12 +766,13 @@ impl Broker for RedisBroker {
         Ok(ids)
     }
 
-    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
+    async fn replay_page(&self, user: &str, after: Cursor, limit: usize) -> Result<Replay, BrokerError> {
         let after = after.earliest();
-        let (events, gap) = self.read_streams(&[user.into()], after).await?;
+        let (events, gap, more) = self.read_streams(&[user.into()], after, limit).await?;
         Ok(Replay {
             events: events.into_iter().map(Arc::new).collect(),
             gap,
+            more,
         })
     }
 

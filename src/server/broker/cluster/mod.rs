@@ -456,8 +456,8 @@ impl ClusterBroker {
             self.lock_behind().remove(&channel);
             return;
         };
-        match self.read_lane(&target, EventId(from)).await {
-            Ok((missed, _)) => {
+        match self.read_lane(&target, EventId(from), usize::MAX).await {
+            Ok((missed, _, _)) => {
                 if !missed.is_empty() {
                     tracing::info!(
                         channel,
@@ -476,13 +476,15 @@ impl ClusterBroker {
         }
     }
 
-    /// `target`'s lane after `after`, read in pages from its stream; and whether some
-    /// events after `after` may no longer be kept.
+    /// `target`'s lane after `after`, read in pages from its stream until at least `limit`
+    /// events are in; whether some events after `after` may no longer be kept; and whether
+    /// more may follow.
     async fn read_lane(
         &self,
         target: &Target,
         after: EventId,
-    ) -> Result<(Vec<PublishedEvent>, bool), BrokerError> {
+        limit: usize,
+    ) -> Result<(Vec<PublishedEvent>, bool, bool), BrokerError> {
         let stream = lane_key(target, "stream").to_string();
         // The lane's head and flood watermark, in one round trip.
         let mut watermarks = redis::cmd("MGET");
@@ -534,7 +536,10 @@ impl ClusterBroker {
                 events.push(event);
             }
             if !full {
-                return Ok((events, gap));
+                return Ok((events, gap, false));
+            }
+            if events.len() >= limit {
+                return Ok((events, gap, true));
             }
         }
     }
@@ -898,12 +903,13 @@ impl Broker for ClusterBroker {
         Ok(ids)
     }
 
-    async fn replay(&self, user: &str, after: Cursor) -> Result<Replay, BrokerError> {
+    async fn replay_page(&self, user: &str, after: Cursor, limit: usize) -> Result<Replay, BrokerError> {
         let (user_after, broadcast_after) = after.lanes();
         let target = Target::User(user.into());
+        // Each lane is its own order: a page of each is a prefix of each.
         let (own, broadcasts) = tokio::try_join!(
-            self.read_lane(&target, user_after),
-            self.read_lane(&Target::Broadcast, broadcast_after)
+            self.read_lane(&target, user_after, limit),
+            self.read_lane(&Target::Broadcast, broadcast_after, limit)
         )?;
         let mut events: Vec<Arc<PublishedEvent>> =
             own.0.into_iter().chain(broadcasts.0).map(Arc::new).collect();
@@ -912,6 +918,7 @@ impl Broker for ClusterBroker {
         Ok(Replay {
             events,
             gap: own.1 || broadcasts.1,
+            more: own.2 || broadcasts.2,
         })
     }
 
