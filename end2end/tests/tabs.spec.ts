@@ -65,6 +65,25 @@ test("closing the leader twice in a row loses nothing and shows nothing twice", 
   await expect.poll(() => clients(server)).toBe(1);
 });
 
+test("an event published the moment the leader closes reaches every remaining tab", async ({ context, server }) => {
+  // `demo.ping` has no offline delivery, and nothing waits for the next leader: only
+  // resuming from the stream's opening id (which the old leader saw, and its followers
+  // must have heard) brings it.
+  await signIn(context, server, "handover");
+  const pages = await openTabs(context, server, 3);
+  for (let round = 1; round <= 2; round++) {
+    const leader = await leaderOf(pages);
+    pages.splice(pages.indexOf(leader), 1);
+    await leader.close();
+    const marker = `handed-over-${round}`;
+    const { status, json } = await server.publish({ user_id: "handover", event: "demo.ping", data: { marker } });
+    expect(status, JSON.stringify(json)).toBe(202);
+    for (const page of pages) {
+      await expect(page.getByTestId("event-log").locator("li", { hasText: marker })).toHaveCount(1);
+    }
+  }
+});
+
 test("a toast dismissed in one tab is dismissed in every tab", async ({ context, server }) => {
   await signIn(context, server, "dismisser");
   const [one, two] = await openTabs(context, server, 2);

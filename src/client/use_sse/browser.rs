@@ -211,6 +211,11 @@ fn begin(shared: &Shared, user: Option<&str>) {
             c.role = Role::Follower;
             c.signals.is_leader.set(false);
             c.signals.ready_state.set(ConnectionReadyState::Connecting);
+            // Should this tab lead before the leader told it where the stream stands, it
+            // resumes from when it joined.
+            if c.started_at.is_none() {
+                c.started_at = Some(window().performance().map_or(0.0, |p| p.now()));
+            }
             return;
         }
     }
@@ -240,6 +245,11 @@ fn heard(shared: &Shared, message: TabMessage) {
     let role = shared.borrow().role;
     match (role, message) {
         (Role::Follower, TabMessage::Event(msg)) => deliver(shared, msg),
+        (Role::Follower, TabMessage::Position { id }) => {
+            let mut c = shared.borrow_mut();
+            c.last_id = Some(id.clone());
+            c.signals.last_event_id.set(Some(id));
+        }
         (
             Role::Follower,
             TabMessage::State {
@@ -256,7 +266,11 @@ fn heard(shared: &Shared, message: TabMessage) {
             let error = error.and_then(|(code, detail)| UseSseError::from_code(&code, &detail));
             c.signals.error.set(error);
         }
-        (Role::Leader, TabMessage::Hello) => publish_state(&shared.borrow()),
+        (Role::Leader, TabMessage::Hello) => {
+            let c = shared.borrow();
+            publish_state(&c);
+            publish_position(&c);
+        }
         (Role::Leader, TabMessage::Revive) => revive(shared),
         _ => {}
     }
@@ -271,6 +285,13 @@ fn publish_state(c: &Connection) {
             error: error.map(|e| (e.code().to_string(), e.detail())),
             transport: c.transport.as_str().to_string(),
         });
+    }
+}
+
+/// Tells the other tabs where the shared stream stands, once its `ready` came.
+fn publish_position(c: &Connection) {
+    if let (Role::Leader, Some(relay), true, Some(id)) = (c.role, &c.relay, c.ready, &c.last_id) {
+        relay.post(&TabMessage::Position { id: id.clone() });
     }
 }
 
@@ -681,6 +702,9 @@ fn received(shared: &Shared, msg: SseMessage) {
             c.last_id = Some(msg.id.clone());
             c.signals.last_event_id.set(Some(msg.id));
         }
+        // The other tabs hear only events: without this, a tab that takes over before the
+        // first event opens "now" and misses what was published during the hand-over.
+        publish_position(&c);
         return;
     }
     if msg.event == names::HEARTBEAT {

@@ -22,6 +22,9 @@ use super::SseMessage;
 pub(super) enum TabMessage {
     /// Leader to all: an event its stream received, in order.
     Event(SseMessage),
+    /// Leader to all: the id its stream stands at (the stream's opening id before any
+    /// event), so whichever tab leads next resumes from there and loses nothing.
+    Position { id: String },
     /// Leader to all: where the shared stream is.
     State {
         state: String,
