@@ -84,6 +84,30 @@ test("an event published the moment the leader closes reaches every remaining ta
   }
 });
 
+test("tabs of two users in one browser never hear each other's events", async ({ context, server }) => {
+  // The hook is not told who is signed in (`user_hint=none`): the tabs must tell the users
+  // apart by the identity the server confirmed. The sign-in cookie is the whole context's,
+  // so the first tab's stream stays user A's while the second opens as B.
+  const query = "?auto=false&user_hint=none";
+  await signIn(context, server, "tab-user-a");
+  const [a] = await openTabs(context, server, 1, query);
+  await signIn(context, server, "tab-user-b");
+  const [b] = await openTabs(context, server, 1, query);
+  await expect(a.getByTestId("user")).toHaveText("tab-user-a");
+  await expect(b.getByTestId("user")).toHaveText("tab-user-b");
+  for (const [to, other] of [[a, b], [b, a]] as const) {
+    const user = await to.getByTestId("user").innerText();
+    await server.notify(user, `Only for ${user}`);
+    await expect(to.locator(".sse-toast", { hasText: `Only for ${user}` })).toHaveCount(1);
+    // A relay would have passed it on by now.
+    await other.waitForTimeout(1_000);
+    await expect(other.locator(".sse-toast", { hasText: `Only for ${user}` })).toHaveCount(0);
+  }
+  // Each tab leads its own user's stream.
+  for (const page of [a, b]) await expect(page.locator(".status")).toHaveAttribute("data-leader", "true");
+  expect(await clients(server)).toBe(2);
+});
+
 test("a toast dismissed in one tab is dismissed in every tab", async ({ context, server }) => {
   await signIn(context, server, "dismisser");
   const [one, two] = await openTabs(context, server, 2);
