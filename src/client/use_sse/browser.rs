@@ -28,8 +28,9 @@ const TOKEN_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const RESUME_MARGIN_MS: u64 = 1_000;
 /// SSE failures to open in a row, while the server answers, before WebSocket is tried.
 const SSE_FAILURES_BEFORE_FALLBACK: u32 = 3;
-/// Times a tab moves to the tabs of another identity tag before it stops sharing: more
-/// means the tags keep changing (instances that do not share `SSE_JWT_SECRET`).
+/// Times in a row a tab moves to the tabs of another identity tag before it stops
+/// sharing: more means the tags keep changing (instances that do not share
+/// `SSE_JWT_SECRET`).
 const MAX_IDENTITY_SWITCHES: u32 = 2;
 
 /// Who holds the stream.
@@ -66,7 +67,8 @@ struct Connection {
     /// Events of the current stream that came before its `ready`: a leader relays them
     /// only once `ready` confirmed that the stream is for its tabs' identity.
     unconfirmed: Vec<SseMessage>,
-    /// Moves to the tabs of another identity tag since the last (re)start.
+    /// Moves to the tabs of another identity tag in a row, without a stream confirming
+    /// the tag it joined with in between.
     identity_switches: u32,
     buffer_timer: Option<TimeoutHandle>,
     sse_retry_timer: Option<TimeoutHandle>,
@@ -849,6 +851,10 @@ fn ready_received(shared: &Shared, msg: SseMessage) {
         drop(c);
         switch_identity(shared, tag);
         return;
+    }
+    if c.role == Role::Leader {
+        // Confirmed: only changes in a row count towards giving up on sharing.
+        c.identity_switches = 0;
     }
     let held = std::mem::take(&mut c.unconfirmed);
     if let (Role::Leader, Some(relay)) = (c.role, &c.relay) {
