@@ -23,6 +23,26 @@ pub const METRICS_PATH: &str = "/metrics";
 /// Liveness and broker health.
 pub const HEALTH_PATH: &str = "/healthz";
 
+/// The response header of `HEAD` on the stream path (204) that carries the caller's
+/// identity tag: what tabs of one browser key their shared channels by, learned before
+/// any stream opens.
+pub const IDENTITY_TAG_HEADER: &str = "x-sse-identity-tag";
+
+/// The data of the `ready` event that ends every stream's prelude.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ready {
+    /// How often heartbeats come, so the client knows how soon to expect one.
+    pub heartbeat_ms: u64,
+    /// The opaque tag of the identity the server confirmed for this stream (see
+    /// [`IDENTITY_TAG_HEADER`]): a keyed hash of the user id, never the id itself. Empty
+    /// from a server that sends none.
+    #[serde(default)]
+    pub tag: String,
+    /// Milliseconds since the epoch.
+    pub timestamp: u64,
+}
+
 /// How the broker is doing, for `/healthz`, `/api/stats` and `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -6,7 +6,8 @@
 //! (also `stall=<ms>`, the stall timeout; `share=false`, one stream per tab;
 //! `transport=auto|sse|websocket`; `sse_retry=<ms>`, how soon SSE is tried again after a
 //! fallback to WebSocket; `token_ttl=<s>`, stream on tokens of that life from the demo's
-//! token endpoint instead of the cookie).
+//! token endpoint instead of the cookie; `user_hint=none`, the hook is told only whether
+//! someone is signed in, not who, as in an app whose session signal carries no user id).
 
 use leptos::{either::Either, prelude::*};
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
@@ -318,6 +319,12 @@ fn HomePage() -> impl IntoView {
             .map(|ttl| format!("{DEMO_TOKEN_PATH}?ttl={ttl}"))
     });
     let token_first = token_url.is_some();
+    // Which tabs may share a stream must not depend on the app naming the user: with
+    // `user_hint=none` only the server's confirmation tells users apart.
+    let hook_user_id = match query.with_untracked(|q| q.get("user_hint")).as_deref() {
+        Some("none") => Signal::derive(move || user_id.get().map(|_| "signed-in".to_string())),
+        _ => user_id,
+    };
     let status = RwSignal::new(ConnectionStatus::default());
     let log = RwSignal::new(Vec::<SseMessage>::new());
     let on_message = Callback::new(move |msg: SseMessage| {
@@ -329,7 +336,7 @@ fn HomePage() -> impl IntoView {
 
     view! {
         <SseNotifications
-            user_id
+            user_id=hook_user_id
             position
             max_notifications=max
             dismiss_delay=dismiss

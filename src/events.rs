@@ -47,8 +47,9 @@ pub mod names {
     /// token's `exp` passed) or `disconnected` (ended on purpose, e.g. at logout). The
     /// client must not reconnect with the same credentials.
     pub const SESSION_ENDED: &str = "session_ended";
-    /// Sent right after a stream's replay: `{"heartbeatMs": ..}`. A client that sees the
-    /// response open but not this event soon after knows something in between buffers it.
+    /// Sent right after a stream's replay: `{"heartbeatMs": .., "tag": ..}` (see
+    /// [`api::Ready`](crate::api::Ready)). A client that sees the response open but not this
+    /// event soon after knows something in between buffers it.
     pub const READY: &str = "ready";
 
     /// The payload events a client listens to by default.

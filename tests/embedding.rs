@@ -196,21 +196,38 @@ async fn a_stream_ends_when_its_token_expires() {
 }
 
 /// `HEAD /api/sse` tells a browser whether its session would be let in, without opening
-/// a stream.
+/// a stream, and with which identity tag: the one its stream's `ready` will carry, another
+/// for another user, and never the user id itself.
 #[tokio::test]
 async fn head_probes_the_session_without_opening_a_stream() {
     let server = start_server(test_config()).await;
-    let ok = server
-        .http
-        .head(server.url("/api/sse"))
-        .bearer_auth(server.token("probe"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 204);
+    let tag_of = |user: &'static str| {
+        let request = server
+            .http
+            .head(server.url("/api/sse"))
+            .bearer_auth(server.token(user));
+        async move {
+            let ok = request.send().await.unwrap();
+            assert_eq!(ok.status(), 204);
+            ok.headers()[sse_notify::api::IDENTITY_TAG_HEADER]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let tag = tag_of("probe").await;
     assert_eq!(server.service.client_count_for_user("probe"), 0);
+    assert!(!tag.is_empty() && !tag.contains("probe"), "{tag}");
+    assert_ne!(tag, tag_of("other-probe").await);
+    let mut client = server.connect("probe", "", None).await;
+    let ready = client.next_any().await.unwrap();
+    assert_eq!(ready.event, "ready");
+    assert_eq!(data(&ready)["tag"], tag.as_str());
     let refused = server.http.head(server.url("/api/sse")).send().await.unwrap();
     assert_eq!(refused.status(), 401);
+    assert!(!refused
+        .headers()
+        .contains_key(sse_notify::api::IDENTITY_TAG_HEADER));
 }
 
 /// The standalone binary without `SSE_DEMO`: no sign-in, a status page at `/`, stats and

@@ -1101,6 +1101,21 @@ async fn cors_preflight_and_stream_for_listed_origins() {
         "{head}"
     );
     assert!(head.contains("access-control-allow-credentials: true"), "{head}");
+    // A page on that origin may read the identity tag of its `HEAD` probe.
+    let probe = server
+        .http
+        .head(server.url("/api/sse"))
+        .header("origin", origin)
+        .bearer_auth(server.token("cors"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(probe.status(), 204);
+    let exposed = probe.headers()["access-control-expose-headers"].to_str().unwrap();
+    assert!(
+        exposed.contains(sse_notify::api::IDENTITY_TAG_HEADER),
+        "{exposed}"
+    );
 }
 
 /// A page on another site cannot use the user's cookie for a stream: a cookie-authenticated

@@ -65,7 +65,8 @@ async function openShortSession(page: Page, server: Server) {
   const streams: string[] = [];
   page.on("request", (r) => {
     if (r.url().includes("/api/demo/token")) tokens.push(r.url());
-    if (r.url().includes("/api/sse")) streams.push(r.url());
+    // GET only: the HEAD probe that tells a tab its identity tag opens no stream.
+    if (r.url().includes("/api/sse") && r.method() === "GET") streams.push(r.url());
   });
   await page.goto(server.url("/short-session"));
   await expect(page.locator('[data-hydrated="true"]')).toBeVisible();
@@ -127,7 +128,8 @@ test("a token fetched for one user is dropped when another signs in on the same 
   await signIn(context, server, "first-user");
   const streams: string[] = [];
   page.on("request", (r) => {
-    if (r.url().includes("/api/sse")) streams.push(r.url());
+    // GET only: the HEAD probe that tells a tab its identity tag opens no stream.
+    if (r.url().includes("/api/sse") && r.method() === "GET") streams.push(r.url());
   });
   // Tokens that outlive the test, so the first user's would still be accepted.
   await openLive(page, server, "?auto=false&token_ttl=600");

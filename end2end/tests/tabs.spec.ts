@@ -65,6 +65,49 @@ test("closing the leader twice in a row loses nothing and shows nothing twice", 
   await expect.poll(() => clients(server)).toBe(1);
 });
 
+test("an event published the moment the leader closes reaches every remaining tab", async ({ context, server }) => {
+  // `demo.ping` has no offline delivery, and nothing waits for the next leader: only
+  // resuming from the stream's opening id (which the old leader saw, and its followers
+  // must have heard) brings it.
+  await signIn(context, server, "handover");
+  const pages = await openTabs(context, server, 3);
+  for (let round = 1; round <= 2; round++) {
+    const leader = await leaderOf(pages);
+    pages.splice(pages.indexOf(leader), 1);
+    await leader.close();
+    const marker = `handed-over-${round}`;
+    const { status, json } = await server.publish({ user_id: "handover", event: "demo.ping", data: { marker } });
+    expect(status, JSON.stringify(json)).toBe(202);
+    for (const page of pages) {
+      await expect(page.getByTestId("event-log").locator("li", { hasText: marker })).toHaveCount(1);
+    }
+  }
+});
+
+test("tabs of two users in one browser never hear each other's events", async ({ context, server }) => {
+  // The hook is not told who is signed in (`user_hint=none`): the tabs must tell the users
+  // apart by the identity the server confirmed. The sign-in cookie is the whole context's,
+  // so the first tab's stream stays user A's while the second opens as B.
+  const query = "?auto=false&user_hint=none";
+  await signIn(context, server, "tab-user-a");
+  const [a] = await openTabs(context, server, 1, query);
+  await signIn(context, server, "tab-user-b");
+  const [b] = await openTabs(context, server, 1, query);
+  await expect(a.getByTestId("user")).toHaveText("tab-user-a");
+  await expect(b.getByTestId("user")).toHaveText("tab-user-b");
+  for (const [to, other] of [[a, b], [b, a]] as const) {
+    const user = await to.getByTestId("user").innerText();
+    await server.notify(user, `Only for ${user}`);
+    await expect(to.locator(".sse-toast", { hasText: `Only for ${user}` })).toHaveCount(1);
+    // A relay would have passed it on by now.
+    await other.waitForTimeout(1_000);
+    await expect(other.locator(".sse-toast", { hasText: `Only for ${user}` })).toHaveCount(0);
+  }
+  // Each tab leads its own user's stream.
+  for (const page of [a, b]) await expect(page.locator(".status")).toHaveAttribute("data-leader", "true");
+  expect(await clients(server)).toBe(2);
+});
+
 test("a toast dismissed in one tab is dismissed in every tab", async ({ context, server }) => {
   await signIn(context, server, "dismisser");
   const [one, two] = await openTabs(context, server, 2);

@@ -67,7 +67,8 @@ test("transport=websocket forces the WebSocket stream", async ({ page, context, 
   expect(signedIn.status()).toBe(200);
   const sseRequests: string[] = [];
   page.on("request", (r) => {
-    if (r.url().includes("/api/sse")) sseRequests.push(r.url());
+    // GET only: the HEAD probe that tells a tab its identity tag opens no stream.
+    if (r.url().includes("/api/sse") && r.method() === "GET") sseRequests.push(r.url());
   });
   await page.goto(server.url("/?transport=websocket"));
   await expect(page.locator('[data-hydrated="true"]')).toBeVisible();

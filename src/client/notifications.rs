@@ -216,8 +216,7 @@ pub fn SseNotifications(
         *s = std::mem::take(s).with_labels(labels.unwrap_or_default());
         s.set_max_visible(max_notifications);
     });
-    let sync = DismissSync::new(&url, store);
-
+    let stream_url = url.clone();
     let mut options = UseSseOptions::default()
         .url(url)
         .session_id(session_id.get_untracked())
@@ -254,9 +253,11 @@ pub fn SseNotifications(
         ready_state,
         error,
         is_leader,
+        identity_tag,
         transport,
         ..
     } = use_sse_with_options(options);
+    let sync = DismissSync::new(&stream_url, identity_tag, store);
     if let Some(status) = status {
         Effect::new(move |_| {
             status.set(ConnectionStatus {
@@ -515,53 +516,82 @@ fn page_hidden() -> Signal<bool> {
     hidden.into()
 }
 
-/// Tells the other tabs of the same stream which toasts were dismissed here, and hears
-/// theirs (BroadcastChannel; nothing where it is missing or under SSR).
+/// Tells the other tabs of the same stream and identity which toasts were dismissed here,
+/// and hears theirs (BroadcastChannel; nothing where it is missing or under SSR). The
+/// channel is named by the identity tag the server confirmed, so tabs of another user in
+/// the same browser never hear it; none is open while the tag is unknown.
 #[derive(Clone, Copy)]
 struct DismissSync {
     #[cfg(not(feature = "ssr"))]
-    channel: StoredValue<Option<web_sys::BroadcastChannel>, LocalStorage>,
+    channel: StoredValue<Option<DismissChannel>, LocalStorage>,
+}
+
+/// The open channel of a [`DismissSync`] and its listener.
+#[cfg(not(feature = "ssr"))]
+struct DismissChannel {
+    channel: web_sys::BroadcastChannel,
+    _on_message: wasm_bindgen::closure::Closure<dyn FnMut(web_sys::MessageEvent)>,
+}
+
+#[cfg(not(feature = "ssr"))]
+impl DismissChannel {
+    fn open(name: &str, store: RwSignal<ToastStore>) -> Option<Self> {
+        use wasm_bindgen::{closure::Closure, JsCast};
+        let channel = web_sys::BroadcastChannel::new(name).ok()?;
+        let on_message = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
+            if let Some(source) = e.data().as_string() {
+                store.update(|s| s.dismiss_source(&source));
+            }
+        });
+        channel.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        Some(Self {
+            channel,
+            _on_message: on_message,
+        })
+    }
+
+    fn close(self) {
+        self.channel.set_onmessage(None);
+        self.channel.close();
+    }
 }
 
 impl DismissSync {
-    fn new(url: &str, store: RwSignal<ToastStore>) -> Self {
+    fn new(url: &str, identity_tag: Signal<Option<String>>, store: RwSignal<ToastStore>) -> Self {
         #[cfg(not(feature = "ssr"))]
         {
-            use wasm_bindgen::{closure::Closure, JsCast};
-            let channel = web_sys::BroadcastChannel::new(&format!("sse-notify-toasts:{url}")).ok();
-            if let Some(channel) = &channel {
-                let on_message =
-                    Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
-                        if let Some(source) = e.data().as_string() {
-                            store.update(|s| s.dismiss_source(&source));
-                        }
-                    });
-                channel.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
-                let closing = send_wrapper::SendWrapper::new((channel.clone(), on_message));
-                on_cleanup(move || {
-                    let (channel, on_message) = closing.take();
-                    channel.set_onmessage(None);
-                    channel.close();
-                    drop(on_message);
+            let channel = StoredValue::new_local(None::<DismissChannel>);
+            let url = url.to_string();
+            // Reopened under the new name whenever the confirmed identity changes.
+            Effect::new(move |_| {
+                let name = identity_tag
+                    .get()
+                    .map(|tag| format!("sse-notify-toasts:{url}:{tag}"));
+                channel.try_update_value(|open| {
+                    if let Some(old) = open.take() {
+                        old.close();
+                    }
+                    *open = name.and_then(|name| DismissChannel::open(&name, store));
                 });
-            }
-            Self {
-                channel: StoredValue::new_local(channel),
-            }
+            });
+            on_cleanup(move || {
+                channel.try_update_value(|open| open.take().map(DismissChannel::close));
+            });
+            Self { channel }
         }
         #[cfg(feature = "ssr")]
         {
             // Nothing to share on the server (and no local value to drop on another thread).
-            let _ = (url, store);
+            let _ = (url, identity_tag, store);
             Self {}
         }
     }
 
     fn announce(self, source: &str) {
         #[cfg(not(feature = "ssr"))]
-        self.channel.with_value(|channel| {
-            if let Some(channel) = channel {
-                let _ = channel.post_message(&source.into());
+        self.channel.with_value(|open| {
+            if let Some(open) = open {
+                let _ = open.channel.post_message(&source.into());
             }
         });
         #[cfg(feature = "ssr")]

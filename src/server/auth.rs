@@ -52,6 +52,9 @@ pub const MAX_USER_ID_LEN: usize = 128;
 /// another API are refused here.
 pub const TOKEN_AUDIENCE: &str = "sse-notify";
 
+/// What the identity tag key is derived for, so it never equals the token signing key.
+const TAG_KEY_LABEL: &[u8] = b"sse-notify identity tag v1";
+
 /// The claims of a session token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -149,6 +152,10 @@ pub struct Auth {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// Keys [`identity_tag`](Self::identity_tag): derived from the secret, so every
+    /// instance that shares the secret gives a user the same tag, and a tag reveals
+    /// neither the user id nor the secret.
+    tag_key: ring::hmac::Key,
 }
 
 impl Auth {
@@ -163,10 +170,15 @@ impl Auth {
         validation.set_required_spec_claims(&["exp", "sub", "aud"]);
         validation.set_audience(&[TOKEN_AUDIENCE]);
         validation.leeway = 5;
+        let tag_secret = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            TAG_KEY_LABEL,
+        );
         Self {
             encoding: EncodingKey::from_secret(&secret),
             decoding: DecodingKey::from_secret(&secret),
             validation,
+            tag_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, tag_secret.as_ref()),
         }
     }
 
@@ -181,6 +193,16 @@ impl Auth {
         };
         self.validation.set_required_spec_claims(required);
         self
+    }
+
+    /// The opaque tag of `user_id`: base64url of the first 12 bytes of HMAC-SHA256 over
+    /// it. Browsers key the channels their tabs share by it, so a tab never hears the
+    /// events of another user signed in in the same browser, without the user id being
+    /// exposed to scripts that could not see it before.
+    pub fn identity_tag(&self, user_id: &str) -> String {
+        use base64::Engine as _;
+        let mac = ring::hmac::sign(&self.tag_key, user_id.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&mac.as_ref()[..12])
     }
 
     /// A token for `user_id` valid for `ttl`, with `aud` [`TOKEN_AUDIENCE`].
@@ -252,6 +274,28 @@ mod tests {
 
     fn auth() -> Auth {
         Auth::new(Some(&SECRET.into()))
+    }
+
+    /// The same user gets the same tag from every instance sharing the secret; another
+    /// user, or another secret, another tag; and the tag does not carry the user id.
+    #[test]
+    fn identity_tags_are_stable_per_secret_and_opaque() {
+        let tag = auth().identity_tag("alice");
+        assert_eq!(tag, auth().identity_tag("alice"));
+        assert_eq!(tag.len(), 16, "12 bytes in base64url: {tag}");
+        assert!(tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert_ne!(tag, auth().identity_tag("bob"));
+        assert_ne!(
+            tag,
+            Auth::new(Some(&"another-secret-0123456".into())).identity_tag("alice")
+        );
+        assert_ne!(
+            Auth::new(None).identity_tag("alice"),
+            Auth::new(None).identity_tag("alice")
+        );
+        assert!(!tag.contains("alice"));
     }
 
     #[test]

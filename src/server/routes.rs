@@ -193,7 +193,9 @@ impl Routes {
                         header::AUTHORIZATION,
                         header::CONTENT_TYPE,
                         header::HeaderName::from_static("last-event-id"),
-                    ]),
+                    ])
+                    // A page on a listed origin reads its tag from the `HEAD` probe.
+                    .expose_headers([header::HeaderName::from_static(api::IDENTITY_TAG_HEADER)]),
             );
         }
         routes.with_state(service)

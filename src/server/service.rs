@@ -567,7 +567,7 @@ impl SseService {
         }
         // Then an event at once: a client that saw the response open but not this soon
         // after knows something in between buffers the stream.
-        prelude.extend_from_slice(&self.ready_frame());
+        prelude.extend_from_slice(&self.ready_frame(identity));
         tracing::debug!(user = %user, ?resume, "stream opened");
         // While the rest of a backlog is read, the client's position is the part sent.
         let skip_live_through = replayed_through.max(rest.as_ref().map_or(start, |r| r.until()));
@@ -599,14 +599,24 @@ impl SseService {
     }
 
     /// The `ready` event that ends every stream's prelude: the heartbeat interval, so the
-    /// client knows how soon to expect the next sign of life.
-    pub(crate) fn ready_frame(&self) -> bytes::Bytes {
-        let ready = format!(
-            r#"{{"heartbeatMs":{},"timestamp":{}}}"#,
-            self.inner.config.heartbeat_interval.as_millis(),
-            now_ms()
-        );
-        encode_frame(names::READY, &ready)
+    /// client knows how soon to expect the next sign of life, and the tag of the identity
+    /// the stream is for, so a browser tab that relays the stream to its other tabs can
+    /// check that they share its identity.
+    pub(crate) fn ready_frame(&self, identity: &Identity) -> bytes::Bytes {
+        let ready = api::Ready {
+            heartbeat_ms: self.inner.config.heartbeat_interval.as_millis() as u64,
+            tag: self.identity_tag(identity),
+            timestamp: now_ms(),
+        };
+        let data = serde_json::to_string(&ready).expect("plain numbers and an ASCII tag serialize");
+        encode_frame(names::READY, &data)
+    }
+
+    /// The opaque tag of `identity`'s user (see [`Auth::identity_tag`]): the same on every
+    /// instance that shares `SSE_JWT_SECRET` (random per process without one, also with a
+    /// host's own [`Authenticate`]).
+    pub fn identity_tag(&self, identity: &Identity) -> String {
+        self.inner.auth.identity_tag(&identity.user_id)
     }
 
     /// The closing half of the protocol, run when a stream is dropped: unregister it, record

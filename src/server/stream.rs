@@ -25,7 +25,7 @@ use super::{
     service::{OpenError, Resume, MAX_RESUME_AGO},
     ApiError, SseService,
 };
-use crate::events::validate_event_name;
+use crate::{api, events::validate_event_name};
 
 /// Most distinct names one `events=` filter may list.
 pub const MAX_FILTER_NAMES: usize = 32;
@@ -56,15 +56,19 @@ pub struct StreamQuery {
 
 /// `GET /api/sse`; `HEAD /api/sse` answers whether a `GET` would be let in (204 or 401)
 /// without opening a stream, for a browser that cannot see why its `EventSource` failed.
+/// A 204 carries the identity tag ([`api::IDENTITY_TAG_HEADER`]), so a tab knows which
+/// other tabs it may share a stream with before it opens one.
 pub async fn sse_handler(State(service): State<SseService>, request: Request) -> Result<Response, ApiError> {
     let (parts, _) = request.into_parts();
     let probe = parts.method == Method::HEAD;
     let admitted = admit(&service, parts, Transport::Sse).await?;
     if probe {
-        return Ok(StatusCode::NO_CONTENT.into_response());
+        let tag = service.identity_tag(&admitted.identity);
+        let tag = HeaderValue::from_str(&tag).expect("a base64url tag is a valid header value");
+        return Ok((StatusCode::NO_CONTENT, [(api::IDENTITY_TAG_HEADER, tag)]).into_response());
     }
     let body = if admitted.probe {
-        transport_probe(&service)?
+        transport_probe(&service, &admitted.identity)?
     } else {
         let stream = service
             .open_stream(&admitted.identity, admitted.resume, admitted.filter)
@@ -101,12 +105,12 @@ pub const PROBE_HOLD: Duration = Duration::from_secs(15);
 /// The body of a transport probe: a retry hint that keeps `EventSource` from coming back
 /// by itself, the `ready` event, then nothing until [`PROBE_HOLD`] passes or the server
 /// shuts down. It holds a connection permit, not a place in the hub.
-fn transport_probe(service: &SseService) -> Result<Body, ApiError> {
+fn transport_probe(service: &SseService, identity: &Identity) -> Result<Body, ApiError> {
     let permit = service
         .hold_connection()
         .ok_or(OpenError::TooManyConnections(service.config().max_connections))?;
     let mut first = BytesMut::from(&b"retry: 3600000\n\n"[..]);
-    first.extend_from_slice(&service.ready_frame());
+    first.extend_from_slice(&service.ready_frame(identity));
     let shutting_down = service.shutting_down();
     let held = async move {
         tokio::select! {

@@ -14,7 +14,7 @@ use super::{
     ConnectionReadyState, Signals, SseMessage, StreamParams, Transport, TransportMode, UseSseError,
     UseSseOptions,
 };
-use crate::{backoff::backoff_delay, events::names};
+use crate::{api, backoff::backoff_delay, events::names};
 
 /// How many recent ids are remembered to drop duplicates.
 const SEEN_IDS: usize = 512;
@@ -28,13 +28,18 @@ const TOKEN_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const RESUME_MARGIN_MS: u64 = 1_000;
 /// SSE failures to open in a row, while the server answers, before WebSocket is tried.
 const SSE_FAILURES_BEFORE_FALLBACK: u32 = 3;
+/// Times in a row a tab moves to the tabs of another identity tag before it stops
+/// sharing: more means the tags keep changing (instances that do not share
+/// `SSE_JWT_SECRET`).
+const MAX_IDENTITY_SWITCHES: u32 = 2;
 
 /// Who holds the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
-    /// This tab alone (tabs do not share, or cannot).
+    /// This tab alone (tabs do not share, or cannot, or the server named no identity).
     Alone,
-    /// Another tab leads; this one hears its events through the relay.
+    /// Another tab leads; this one hears its events through the relay. Also while the
+    /// tab asks the server who it is, before it joins the tabs of that identity.
     Follower,
     Leader,
 }
@@ -56,8 +61,15 @@ struct Connection {
     fallback: Option<&'static str>,
     /// SSE failed to open this many times in a row while the server answered.
     sse_failures: u32,
-    /// The `ready` event came on the current stream.
+    /// The `ready` event came on the current stream (and, when leading, named the
+    /// identity the other tabs share).
     ready: bool,
+    /// Events of the current stream that came before its `ready`: a leader relays them
+    /// only once `ready` confirmed that the stream is for its tabs' identity.
+    unconfirmed: Vec<SseMessage>,
+    /// Moves to the tabs of another identity tag in a row, without a stream confirming
+    /// the tag it joined with in between.
+    identity_switches: u32,
     buffer_timer: Option<TimeoutHandle>,
     sse_retry_timer: Option<TimeoutHandle>,
     /// On WebSocket: the SSE probe open now, its `ready` listener, and how long it may take.
@@ -112,6 +124,8 @@ pub(super) fn start(
         fallback: None,
         sse_failures: 0,
         ready: false,
+        unconfirmed: Vec::new(),
+        identity_switches: 0,
         buffer_timer: None,
         sse_retry_timer: None,
         probe: None,
@@ -148,9 +162,10 @@ pub(super) fn start(
                         c.started_at = None;
                         c.seen.clear();
                         c.signals.last_event_id.set(None);
+                        c.signals.identity_tag.set(None);
                     }
                     if current.is_some() {
-                        begin(&shared, current.as_deref());
+                        begin(&shared);
                     }
                 }
                 current
@@ -158,7 +173,7 @@ pub(super) fn start(
         }
         None if immediate => {
             let shared = SendWrapper::new(shared.clone());
-            Effect::new(move |_| begin(&shared, None));
+            Effect::new(move |_| begin(&shared));
         }
         None => {}
     }
@@ -186,38 +201,113 @@ pub(super) fn start(
     (open, close)
 }
 
-/// Starts holding or sharing the stream: joins the tabs' election, or opens alone.
-fn begin(shared: &Shared, user: Option<&str>) {
+/// Starts holding or sharing the stream: asks the server who this tab is (`HEAD`) and
+/// joins the election of that identity's tabs, or opens alone.
+fn begin(shared: &Shared) {
     let mut c = shared.borrow_mut();
     c.generation += 1;
     c.stopped = false;
     c.attempts = 0;
     c.refreshes = 0;
+    c.identity_switches = 0;
     // A token fetched for an earlier user must never open this one's stream.
     c.token = c.options.session_id.clone();
     if c.options.share_across_tabs && tabs::supported() {
-        let name = format!("sse-notify:{}:{}", c.options.url, user.unwrap_or(""));
-        let hears = {
-            let shared = shared.clone();
-            move |message| heard(&shared, message)
-        };
-        let leads = {
-            let shared = shared.clone();
-            let generation = c.generation;
-            move || became_leader(&shared, generation)
-        };
-        c.relay = Relay::join(&name, hears, leads);
-        if c.relay.is_some() {
-            c.role = Role::Follower;
-            c.signals.is_leader.set(false);
-            c.signals.ready_state.set(ConnectionReadyState::Connecting);
-            return;
-        }
+        c.role = Role::Follower;
+        c.signals.is_leader.set(false);
+        c.signals.ready_state.set(ConnectionReadyState::Connecting);
+        let (url, credentials) = session_probe_request(&c);
+        let generation = c.generation;
+        let shared = SendWrapper::new(shared.clone());
+        leptos::task::spawn_local(async move {
+            let probe = probe_session(&url, credentials).await;
+            {
+                let c = shared.borrow();
+                if c.generation != generation || c.stopped {
+                    return;
+                }
+            }
+            match probe {
+                SessionProbe::Accepted(Some(tag)) => join(&shared, tag),
+                // Nobody to share with yet: open alone; the stream's `ready` names the
+                // identity, and the tab joins its tabs then.
+                _ => open_alone(&shared),
+            }
+        });
+        return;
     }
-    c.role = Role::Alone;
-    c.signals.is_leader.set(true);
     drop(c);
-    open(shared);
+    open_alone(shared);
+}
+
+/// Joins the election of the tabs of identity `tag`: follows their leader (resuming from
+/// where it stands if this tab ever leads), or leads when the lock comes.
+fn join(shared: &Shared, tag: String) {
+    let mut c = shared.borrow_mut();
+    let hears = {
+        let shared = shared.clone();
+        move |message| heard(&shared, message)
+    };
+    let leads = {
+        let shared = shared.clone();
+        let generation = c.generation;
+        move || became_leader(&shared, generation)
+    };
+    c.relay = Relay::join(&c.options.url, &tag, hears, leads);
+    c.signals.identity_tag.set(Some(tag));
+    if c.relay.is_none() {
+        drop(c);
+        open_alone(shared);
+        return;
+    }
+    c.role = Role::Follower;
+    c.signals.is_leader.set(false);
+    c.signals.ready_state.set(ConnectionReadyState::Connecting);
+    // Should this tab lead before the leader told it where the stream stands, it resumes
+    // from when it joined.
+    if c.started_at.is_none() {
+        c.started_at = Some(window().performance().map_or(0.0, |p| p.now()));
+    }
+}
+
+/// Holds a stream of its own, shared with no other tab.
+fn open_alone(shared: &Shared) {
+    {
+        let mut c = shared.borrow_mut();
+        c.role = Role::Alone;
+        c.signals.is_leader.set(true);
+    }
+    if !shared.borrow().stopped {
+        open(shared);
+    }
+}
+
+/// This tab's stream is for identity `tag` (its `ready` said so), not the one of the tabs
+/// it shares with, or it shares with none yet: leave them, before relaying anything, for
+/// the tabs of `tag`, resuming from the last id. A session that changed under a leader
+/// (another user signed in in this browser) thus never reaches the first user's tabs.
+fn switch_identity(shared: &Shared, tag: Option<String>) {
+    let tag = {
+        let mut c = shared.borrow_mut();
+        c.identity_switches += 1;
+        c.generation += 1;
+        c.unconfirmed.clear();
+        c.opened = false;
+        close_source(&mut c);
+        if let Some(relay) = c.relay.take() {
+            relay.leave();
+        }
+        if c.identity_switches > MAX_IDENTITY_SWITCHES {
+            leptos::logging::warn!(
+                "sse-notify: the identity tag keeps changing (do all instances share SSE_JWT_SECRET?); this tab stops sharing its stream"
+            );
+        }
+        tag.filter(|_| c.identity_switches <= MAX_IDENTITY_SWITCHES)
+    };
+    match tag {
+        Some(tag) => join(shared, tag),
+        None => open_alone(shared),
+    }
 }
 
 /// The lock came: this tab holds the stream now, resuming from the last id any tab saw.
@@ -240,6 +330,11 @@ fn heard(shared: &Shared, message: TabMessage) {
     let role = shared.borrow().role;
     match (role, message) {
         (Role::Follower, TabMessage::Event(msg)) => deliver(shared, msg),
+        (Role::Follower, TabMessage::Position { id }) => {
+            let mut c = shared.borrow_mut();
+            c.last_id = Some(id.clone());
+            c.signals.last_event_id.set(Some(id));
+        }
         (
             Role::Follower,
             TabMessage::State {
@@ -256,7 +351,11 @@ fn heard(shared: &Shared, message: TabMessage) {
             let error = error.and_then(|(code, detail)| UseSseError::from_code(&code, &detail));
             c.signals.error.set(error);
         }
-        (Role::Leader, TabMessage::Hello) => publish_state(&shared.borrow()),
+        (Role::Leader, TabMessage::Hello) => {
+            let c = shared.borrow();
+            publish_state(&c);
+            publish_position(&c);
+        }
         (Role::Leader, TabMessage::Revive) => revive(shared),
         _ => {}
     }
@@ -271,6 +370,14 @@ fn publish_state(c: &Connection) {
             error: error.map(|e| (e.code().to_string(), e.detail())),
             transport: c.transport.as_str().to_string(),
         });
+    }
+}
+
+/// Tells the other tabs where the shared stream stands, once its `ready` confirmed it is
+/// theirs.
+fn publish_position(c: &Connection) {
+    if let (Role::Leader, Some(relay), true, Some(id)) = (c.role, &c.relay, c.ready, &c.last_id) {
+        relay.post(&TabMessage::Position { id: id.clone() });
     }
 }
 
@@ -358,8 +465,7 @@ fn revive(shared: &Shared) {
             if joined {
                 open(shared);
             } else {
-                let user = shared.borrow().options.user_id.and_then(|u| u.get_untracked());
-                begin(shared, user.as_deref());
+                begin(shared);
             }
         }
     }
@@ -409,6 +515,7 @@ fn open_sse(shared: &Shared) {
     close_source(&mut c);
     c.opened = false;
     c.ready = false;
+    c.unconfirmed.clear();
     let url = next_stream_url(&mut c, Transport::Sse);
     let init = EventSourceInit::new();
     init.set_with_credentials(c.options.credentials());
@@ -486,6 +593,7 @@ fn open_websocket(shared: &Shared) {
     close_source(&mut c);
     c.opened = false;
     c.ready = false;
+    c.unconfirmed.clear();
     c.socket_last_id = c.last_id.clone();
     let url = next_stream_url(&mut c, Transport::WebSocket);
     let Ok(socket) = web_sys::WebSocket::new(&url) else {
@@ -670,17 +778,7 @@ fn close_probe(c: &mut Connection) {
 fn received(shared: &Shared, msg: SseMessage) {
     arm_stall_timer(shared);
     if msg.event == names::READY {
-        // The stream flows: nothing in between holds it back. Its id is where it starts.
-        let mut c = shared.borrow_mut();
-        c.ready = true;
-        c.sse_failures = 0;
-        if let Some(t) = c.buffer_timer.take() {
-            t.clear();
-        }
-        if c.last_id.is_none() && !msg.id.is_empty() {
-            c.last_id = Some(msg.id.clone());
-            c.signals.last_event_id.set(Some(msg.id));
-        }
+        ready_received(shared, msg);
         return;
     }
     if msg.event == names::HEARTBEAT {
@@ -706,12 +804,67 @@ fn received(shared: &Shared, msg: SseMessage) {
         }
         _ => {}
     }
-    if let Some(relay) = &shared.borrow().relay {
-        if shared.borrow().role == Role::Leader && msg.event != names::RESYNC {
-            relay.post(&TabMessage::Event(msg.clone()));
+    {
+        let mut c = shared.borrow_mut();
+        if c.role == Role::Leader && msg.event != names::RESYNC {
+            if !c.ready {
+                c.unconfirmed.push(msg.clone());
+            } else if let Some(relay) = &c.relay {
+                relay.post(&TabMessage::Event(msg.clone()));
+            }
         }
     }
     deliver(shared, msg);
+}
+
+/// The stream flows (nothing in between holds it back), starts after its id, and is for
+/// the identity its tag names. A leader whose tabs share that identity relays what came
+/// before it and where the stream stands; one whose tabs do not, or a tab alone that could
+/// share, moves to the tabs of that identity.
+fn ready_received(shared: &Shared, msg: SseMessage) {
+    let tag = serde_json::from_str::<api::Ready>(&msg.data)
+        .ok()
+        .map(|ready| ready.tag)
+        .filter(|tag| !tag.is_empty());
+    let mut c = shared.borrow_mut();
+    c.ready = true;
+    c.sse_failures = 0;
+    if let Some(t) = c.buffer_timer.take() {
+        t.clear();
+    }
+    if c.last_id.is_none() && !msg.id.is_empty() {
+        c.last_id = Some(msg.id.clone());
+        c.signals.last_event_id.set(Some(msg.id));
+    }
+    if tag.is_some() {
+        c.signals.identity_tag.set(tag.clone());
+    }
+    let election = c.relay.as_ref().map(|relay| relay.tag().to_string());
+    let may_share =
+        c.options.share_across_tabs && tabs::supported() && c.identity_switches < MAX_IDENTITY_SWITCHES;
+    let switch = match c.role {
+        Role::Leader => election != tag,
+        Role::Alone => c.relay.is_none() && may_share && tag.is_some(),
+        Role::Follower => false,
+    };
+    if switch {
+        drop(c);
+        switch_identity(shared, tag);
+        return;
+    }
+    if c.role == Role::Leader {
+        // Confirmed: only changes in a row count towards giving up on sharing.
+        c.identity_switches = 0;
+    }
+    let held = std::mem::take(&mut c.unconfirmed);
+    if let (Role::Leader, Some(relay)) = (c.role, &c.relay) {
+        for msg in held {
+            relay.post(&TabMessage::Event(msg));
+        }
+    }
+    // The other tabs hear only events: without this, a tab that takes over before the
+    // first event opens "now" and misses what was published during the hand-over.
+    publish_position(&c);
 }
 
 /// An event for this tab (from its own stream, or relayed): drop a duplicate, update the
@@ -899,16 +1052,42 @@ async fn fetch_token_with(url: &str, credentials: bool, signal: Option<&web_sys:
     token.map_or(Fetched::Failed, Fetched::Token)
 }
 
-/// Asks the server whether the session would be let in (`HEAD` on the stream URL): `false`
-/// only on a clear 401.
-async fn session_accepted(url: &str, credentials: bool) -> bool {
+/// What `HEAD` on the stream URL says about this tab's session.
+enum SessionProbe {
+    /// It would be let in, as the identity of this tag (`None` from a server that names
+    /// none).
+    Accepted(Option<String>),
+    /// A clear 401.
+    Refused,
+    /// No answer (offline, server down): nothing is known.
+    Unanswered,
+}
+
+/// The URL and credentials mode of a `HEAD` probe of this tab's session.
+fn session_probe_request(c: &Connection) -> (String, bool) {
+    let url = c.options.stream_url(&StreamParams {
+        token: c.token.as_deref(),
+        ..Default::default()
+    });
+    (url, c.options.credentials())
+}
+
+/// Asks the server whether the session would be let in, and as whom (`HEAD` on the stream
+/// URL), without opening a stream.
+async fn probe_session(url: &str, credentials: bool) -> SessionProbe {
     let mut request = gloo_net::http::RequestBuilder::new(url).method(gloo_net::http::Method::HEAD);
     if credentials {
         request = request.credentials(web_sys::RequestCredentials::Include);
     }
     match request.send().await {
-        Ok(response) => response.status() != 401,
-        Err(_) => true,
+        Ok(response) if response.status() == 401 => SessionProbe::Refused,
+        Ok(response) => SessionProbe::Accepted(
+            response
+                .headers()
+                .get(api::IDENTITY_TAG_HEADER)
+                .filter(|tag| !tag.is_empty()),
+        ),
+        Err(_) => SessionProbe::Unanswered,
     }
 }
 
@@ -918,14 +1097,8 @@ fn fail(shared: &Shared, err: UseSseError) {
         let closed = close_with_error(&mut c, &err);
         // A stream that never opened may have been refused: find out why before retrying.
         let probe = (!closed.was_open && err == UseSseError::Connection).then(|| {
-            (
-                c.options.stream_url(&StreamParams {
-                    token: c.token.as_deref(),
-                    ..Default::default()
-                }),
-                c.options.credentials(),
-                c.generation,
-            )
+            let (url, credentials) = session_probe_request(&c);
+            (url, credentials, c.generation)
         });
         (closed, probe)
     };
@@ -935,11 +1108,11 @@ fn fail(shared: &Shared, err: UseSseError) {
         Some((url, credentials, generation)) => {
             let shared = SendWrapper::new(shared.clone());
             leptos::task::spawn_local(async move {
-                let accepted = session_accepted(&url, credentials).await;
+                let refused = matches!(probe_session(&url, credentials).await, SessionProbe::Refused);
                 if shared.borrow().generation != generation || shared.borrow().stopped {
                     return;
                 }
-                if !accepted {
+                if refused {
                     session_refused(&shared, true);
                     return;
                 }

@@ -21,11 +21,15 @@
 //! ```
 //!
 //! What it does for you:
-//! - **one stream for all tabs**: tabs of the same origin and user elect a leader (Web
+//! - **one stream for all tabs**: tabs of the same origin and identity elect a leader (Web
 //!   Locks); only the leader holds the `EventSource` and relays every event to the others
-//!   (BroadcastChannel), so a user with many tabs holds one connection. When the leader
-//!   closes or crashes, another tab takes over and resumes from the last id any tab saw.
-//!   Where Web Locks are missing, each tab opens its own stream;
+//!   (BroadcastChannel), so a user with many tabs holds one connection. The identity is
+//!   the server's: a tab asks (`HEAD`) for its identity tag before it joins, and a leader
+//!   whose stream turns out to be another identity's moves to that identity's tabs before
+//!   relaying anything, so two users signed in in one browser never hear each other's
+//!   events. When the leader closes or crashes, another tab takes over and resumes from the
+//!   last id any tab saw (the stream's opening id included). Where Web Locks are missing,
+//!   each tab opens its own stream;
 //! - every event reaches `on_message`, even in a burst, and an event id seen before is
 //!   dropped;
 //! - on an error or a stall it reconnects with exponential backoff and jitter, resuming from
@@ -266,8 +270,9 @@ pub struct UseSseOptions {
     /// Send cookies with the stream request (`EventSource`'s `withCredentials`); needed for
     /// a stream on another origin. Defaults to `None`: on for an absolute `url`.
     pub with_credentials: Option<bool>,
-    /// Share one stream between the tabs of this origin and user (Web Locks and
-    /// BroadcastChannel). Defaults to `true`.
+    /// Share one stream between the tabs of this origin and identity (Web Locks and
+    /// BroadcastChannel; the identity is the one the server confirmed, see
+    /// [`UseSseReturn::identity_tag`]). Defaults to `true`.
     pub share_across_tabs: bool,
     /// SSE, WebSocket, or SSE with a WebSocket fallback. Defaults to `Auto`.
     pub transport: TransportMode,
@@ -462,6 +467,10 @@ where
     pub last_event_id: Signal<Option<String>>,
     /// This tab holds the stream (the others share it); `true` when not sharing.
     pub is_leader: Signal<bool>,
+    /// The opaque tag of the identity the server confirmed for this tab (its `HEAD` probe,
+    /// then each stream's `ready`): what to key anything shared between tabs by, so tabs of
+    /// different users never mix. `None` until known.
+    pub identity_tag: Signal<Option<String>>,
     /// How the stream travels now: SSE, or WebSocket after a fallback.
     pub transport: Signal<Transport>,
     /// (Re)opens the stream now, resuming after the last seen id; also after giving up,
@@ -486,6 +495,7 @@ pub fn use_sse_with_options(
         last_event: RwSignal::new(None::<SseMessage>),
         last_event_id: RwSignal::new(None::<String>),
         is_leader: RwSignal::new(true),
+        identity_tag: RwSignal::new(None::<String>),
         transport: RwSignal::new(Transport::Sse),
     };
 
@@ -504,6 +514,7 @@ pub fn use_sse_with_options(
         last_event: signals.last_event.into(),
         last_event_id: signals.last_event_id.into(),
         is_leader: signals.is_leader.into(),
+        identity_tag: signals.identity_tag.into(),
         transport: signals.transport.into(),
         open,
         close,
@@ -518,6 +529,7 @@ struct Signals {
     last_event: RwSignal<Option<SseMessage>>,
     last_event_id: RwSignal<Option<String>>,
     is_leader: RwSignal<bool>,
+    identity_tag: RwSignal<Option<String>>,
     transport: RwSignal<Transport>,
 }
 

@@ -1,6 +1,11 @@
-//! One stream per browser: the tabs of one origin and user elect a leader with the Web
+//! One stream per browser: the tabs of one origin and identity elect a leader with the Web
 //! Locks API, and the leader relays what its stream brings to the others over a
 //! BroadcastChannel.
+//!
+//! The lock and the channel are named by the identity tag the server confirmed (the
+//! `HEAD` probe's, then each stream's `ready`), never by what the page says about its user:
+//! tabs signed in as different users in one browser never share. Every message carries
+//! the sender's tag too, and one with another tag is dropped.
 //!
 //! The lock is held for as long as the leader's hook lives (a promise that resolves only
 //! on release); the browser hands it to the next waiting tab when the leader closes,
@@ -22,6 +27,9 @@ use super::SseMessage;
 pub(super) enum TabMessage {
     /// Leader to all: an event its stream received, in order.
     Event(SseMessage),
+    /// Leader to all: the id its stream stands at (the stream's opening id before any
+    /// event), so whichever tab leads next resumes from there and loses nothing.
+    Position { id: String },
     /// Leader to all: where the shared stream is.
     State {
         state: String,
@@ -34,6 +42,13 @@ pub(super) enum TabMessage {
     Hello,
     /// A follower to the leader: `open` was called here; reopen if closed.
     Revive,
+}
+
+/// A message and the identity tag of the tab that sent it.
+#[derive(Serialize, Deserialize)]
+struct Envelope<M> {
+    tag: String,
+    message: M,
 }
 
 /// Whether this browser has both Web Locks and BroadcastChannel.
@@ -49,6 +64,8 @@ pub(super) fn supported() -> bool {
 /// This tab's place in the election: the channel it listens on, and its lock request (or
 /// the lock itself, once it leads).
 pub(super) struct Relay {
+    /// The identity tag of the tabs in this election.
+    tag: String,
     channel: BroadcastChannel,
     _on_message: Closure<dyn FnMut(MessageEvent)>,
     _on_granted: Closure<dyn FnMut(JsValue) -> Promise>,
@@ -59,22 +76,28 @@ pub(super) struct Relay {
 }
 
 impl Relay {
-    /// Joins the election for `name`: `on_message` hears the other tabs, `on_leader` runs
-    /// once this tab holds the lock. `None` where Web Locks or BroadcastChannel are missing.
+    /// Joins the election of the tabs streaming from `url` as the identity `tag`:
+    /// `on_message` hears the other tabs, `on_leader` runs once this tab holds the lock.
+    /// `None` where Web Locks or BroadcastChannel are missing.
     pub(super) fn join(
-        name: &str,
+        url: &str,
+        tag: &str,
         on_message: impl Fn(TabMessage) + 'static,
         on_leader: impl FnOnce() + 'static,
     ) -> Option<Self> {
         let window = web_sys::window()?;
         let locks = Reflect::get(&window.navigator(), &"locks".into()).ok()?;
         let request: Function = Reflect::get(&locks, &"request".into()).ok()?.dyn_into().ok()?;
-        let channel = BroadcastChannel::new(name).ok()?;
+        let name = format!("sse-notify:{url}:{tag}");
+        let channel = BroadcastChannel::new(&name).ok()?;
+        let own_tag = tag.to_string();
         let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
-            if let Some(text) = event.data().as_string() {
-                if let Ok(message) = serde_json::from_str::<TabMessage>(&text) {
-                    on_message(message);
-                }
+            let Some(text) = event.data().as_string() else {
+                return;
+            };
+            match serde_json::from_str::<Envelope<TabMessage>>(&text) {
+                Ok(envelope) if envelope.tag == own_tag => on_message(envelope.message),
+                _ => {}
             }
         });
         channel.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
@@ -97,7 +120,7 @@ impl Relay {
         let lock_options = js_sys::Object::new();
         Reflect::set(&lock_options, &"signal".into(), &abort.signal()).ok()?;
         let pending = request
-            .call3(&locks, &name.into(), &lock_options, on_granted.as_ref())
+            .call3(&locks, &name.as_str().into(), &lock_options, on_granted.as_ref())
             .ok()?;
         // An aborted request rejects: that is how a tab that never led leaves.
         if let Ok(pending) = pending.dyn_into::<Promise>() {
@@ -106,6 +129,7 @@ impl Relay {
             ignore.forget();
         }
         let relay = Self {
+            tag: tag.to_string(),
             channel,
             _on_message: on_message,
             _on_granted: on_granted,
@@ -116,9 +140,18 @@ impl Relay {
         Some(relay)
     }
 
+    /// The identity tag of the tabs in this election.
+    pub(super) fn tag(&self) -> &str {
+        &self.tag
+    }
+
     /// Sends `message` to every other tab in the election.
     pub(super) fn post(&self, message: &TabMessage) {
-        if let Ok(text) = serde_json::to_string(message) {
+        let envelope = Envelope {
+            tag: self.tag.clone(),
+            message,
+        };
+        if let Ok(text) = serde_json::to_string(&envelope) {
             let _ = self.channel.post_message(&text.into());
         }
     }
