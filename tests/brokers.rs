@@ -1382,3 +1382,46 @@ async fn cut_subscriber_connections_catch_up_from_the_streams() {
     );
     assert_all_delivered_once(&users, &mut clients, &sent).await;
 }
+
+/// With `SSE_REDIS_WAIT_REPLICAS=1` a publish is acknowledged once a replica has it too:
+/// right after the answer the replica holds it, and while the replica is stopped a publish
+/// waits for it (up to 500 ms) before it is acknowledged on the primary alone.
+#[tokio::test]
+async fn publishes_wait_for_a_replica_when_asked() {
+    let primary = RedisServer::start();
+    let port = primary.url().rsplit(':').next().unwrap().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info: String = redis_query(&replica, redis::cmd("INFO").arg("replication")).await;
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the replica never synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let server = start_server(test_config().redis_url(primary.url()).redis_wait_replicas(1)).await;
+    let sse = &server.service;
+    let id = sse.send_notification("w", note("kept twice")).await.unwrap();
+    let on_replica: u64 = redis_query(&replica, redis::cmd("GET").arg("sse:seq")).await;
+    assert!(on_replica >= id.0, "acknowledged before the replica had it");
+
+    let pid = replica.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let started = tokio::time::Instant::now();
+    let sent = sse.send_notification("w", note("primary only")).await;
+    let waited = started.elapsed();
+    signal("-CONT");
+    sent.unwrap();
+    assert!(
+        waited >= Duration::from_millis(450),
+        "acknowledged after {waited:?} without a replica's confirmation"
+    );
+}

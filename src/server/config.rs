@@ -114,6 +114,11 @@ pub struct SseConfig {
     pub redis_ca_cert: Option<std::path::PathBuf>,
     /// `redis_url` names the nodes of a Redis Cluster (`SSE_REDIS_CLUSTER=1`).
     pub redis_cluster: bool,
+    /// On one Redis with replicas: how many must confirm a publish before it is
+    /// acknowledged (`WAIT`, up to 500 ms each), so a failover right after cannot lose it.
+    /// A Redis Cluster always waits for one replica of the shard. Defaults to 0
+    /// (`SSE_REDIS_WAIT_REPLICAS`).
+    pub redis_wait_replicas: usize,
 }
 
 impl Default for SseConfig {
@@ -147,6 +152,7 @@ impl Default for SseConfig {
             redis_url: None,
             redis_ca_cert: None,
             redis_cluster: false,
+            redis_wait_replicas: 0,
         }
     }
 }
@@ -204,6 +210,7 @@ struct SseVars {
     allowed_origins: Option<String>,
     redis_ca_cert: Option<std::path::PathBuf>,
     redis_cluster: Option<String>,
+    redis_wait_replicas: Option<usize>,
 }
 
 /// The Redis variables, which have no `SSE_` prefix.
@@ -377,6 +384,27 @@ impl SseConfig {
             }
             None => upstash_url(redis.upstash_redis_rest_url, redis.upstash_redis_rest_token)?,
         };
+        config.redis_wait_replicas = sse.redis_wait_replicas.unwrap_or(0);
+        match (
+            config.redis_wait_replicas,
+            config.redis_cluster,
+            &config.redis_url,
+        ) {
+            (0, _, _) => {}
+            (_, true, _) => {
+                return Err(ConfigError::new(
+                    "SSE_REDIS_WAIT_REPLICAS",
+                    "a Redis Cluster waits for a replica of each shard by itself: leave it unset",
+                ))
+            }
+            (_, false, None) => {
+                return Err(ConfigError::new(
+                    "SSE_REDIS_WAIT_REPLICAS",
+                    "needs REDIS_URL: the in-process broker has no replicas",
+                ))
+            }
+            _ => {}
+        }
         if config.redis_cluster && config.redis_ca_cert.is_some() {
             return Err(ConfigError::new(
                 "SSE_REDIS_CA_CERT",

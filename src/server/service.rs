@@ -245,6 +245,7 @@ impl SseService {
                     ca_cert,
                     retention: config.retention(),
                     max_stream_len: config.history_capacity,
+                    wait_replicas: config.redis_wait_replicas,
                 };
                 RedisBroker::connect(options, sink)
                     .await

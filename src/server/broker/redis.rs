@@ -201,7 +201,25 @@ pub struct RedisBroker {
     publish_script: Script,
     set_delivered_script: Script,
     subscriber: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// With `wait_replicas`: publishes wait for replicas to confirm them.
+    replica_wait: Option<ReplicaWait>,
 }
+
+/// How a publish is confirmed by replicas before it is acknowledged, so a failover right
+/// after cannot lose it. A `WAIT` blocks its connection, so publishes and their `WAIT`s
+/// run on a connection of their own.
+struct ReplicaWait {
+    replicas: usize,
+    conn: ConnectionManager,
+    /// Until when (ms since the epoch) publishes do not wait, after replicas did not
+    /// confirm one in time (down or far behind): each wait would block every publish.
+    late_until_ms: AtomicU64,
+}
+
+/// How long a publish waits for its replicas.
+const REPLICA_WAIT: Duration = Duration::from_millis(500);
+/// How long publishes stop waiting after replicas missed one.
+const REPLICA_LATE_PAUSE: Duration = Duration::from_secs(10);
 
 /// The users whose channels this instance listens to, and the subscribe/unsubscribe handle
 /// of the current subscriber connection (`None` while it is down). One lock for both: a
@@ -229,6 +247,9 @@ pub struct RedisOptions {
     pub retention: Retention,
     /// Most entries one stream keeps.
     pub max_stream_len: usize,
+    /// Replicas that must confirm a publish before it is acknowledged (`WAIT`, up to
+    /// 500 ms); 0 acknowledges once the primary has it.
+    pub wait_replicas: usize,
 }
 
 /// For a TLS URL (`rediss://`, `valkeys://`), installs `ring` as the process's default
@@ -250,6 +271,20 @@ fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// Redis answered that it does not know the script (restarted, or its scripts flushed).
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Loads the publish script, so the `EVALSHA` can run again; a failure shows in that run.
+async fn load_publish_script(conn: &mut ConnectionManager) {
+    let _ = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(PUBLISH_SCRIPT)
+        .exec_async(conn)
+        .await;
+}
+
 impl RedisBroker {
     /// Connects, checks the server's version, starts the subscriber task, and hands every
     /// event of the subscribed users, and every broadcast, to `sink`.
@@ -259,6 +294,7 @@ impl RedisBroker {
             ca_cert,
             retention,
             max_stream_len,
+            wait_replicas,
         } = options;
         install_tls_provider_for(&url);
         let client = match ca_cert {
@@ -277,10 +313,20 @@ impl RedisBroker {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let mut conn = ConnectionManager::new_with_config(client.clone(), config)
+        let mut conn = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(unavailable)?;
         check_server(&mut conn).await?;
+        let replica_wait = match wait_replicas {
+            0 => None,
+            replicas => Some(ReplicaWait {
+                replicas,
+                conn: ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map_err(unavailable)?,
+                late_until_ms: AtomicU64::new(0),
+            }),
+        };
         let broker = Arc::new(Self {
             client,
             conn,
@@ -294,6 +340,7 @@ impl RedisBroker {
             publish_script: Script::new(PUBLISH_SCRIPT),
             set_delivered_script: Script::new(SET_DELIVERED_SCRIPT),
             subscriber: std::sync::Mutex::new(None),
+            replica_wait,
         });
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run_subscriber(Arc::downgrade(&broker), ready_tx));
@@ -424,6 +471,40 @@ impl RedisBroker {
             None => false,
         };
         Ok((events, gap, more))
+    }
+
+    /// Runs the publish script and `WAIT`s for the replicas on the publish connection. Past
+    /// the wait the primary alone has it, Redis's usual window: acknowledged, and publishes
+    /// stop waiting for a while.
+    async fn publish_and_wait(
+        &self,
+        call: redis::Cmd,
+        wait: &ReplicaWait,
+        now: u64,
+    ) -> Result<Vec<u64>, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.add_command(call)
+            .cmd("WAIT")
+            .arg(wait.replicas)
+            .arg(REPLICA_WAIT.as_millis() as u64);
+        let mut conn = wait.conn.clone();
+        let (ids, confirmed): (Vec<u64>, usize) = match pipe.query_async(&mut conn).await {
+            Err(e) if is_noscript(&e) => {
+                load_publish_script(&mut conn).await;
+                pipe.query_async(&mut conn).await?
+            }
+            reply => reply?,
+        };
+        if confirmed < wait.replicas {
+            tracing::warn!(
+                confirmed,
+                wanted = wait.replicas,
+                "replicas did not confirm a publish in time; not waiting for them for a while"
+            );
+            let until = now + REPLICA_LATE_PAUSE.as_millis() as u64;
+            wait.late_until_ms.store(until, Ordering::Relaxed);
+        }
+        Ok(ids)
     }
 
     /// Sends `"!disconnect <nonce>"` to the instances listening for `user` and adds up the
@@ -736,21 +817,21 @@ impl Broker for RedisBroker {
                 .arg(event.coalesce_key.as_deref().unwrap_or(""))
                 .arg(event.timestamp_ms);
         }
-        let mut conn = self.conn.clone();
-        let reply: Result<Vec<u64>, redis::RedisError> = match call.query_async(&mut conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // First publish since Redis restarted (or flushed its scripts).
-                match redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(PUBLISH_SCRIPT)
-                    .exec_async(&mut conn)
-                    .await
-                {
-                    Ok(()) => call.query_async(&mut conn).await,
-                    Err(e) => Err(e),
+        let reply = match &self.replica_wait {
+            Some(wait) if wait.late_until_ms.load(Ordering::Relaxed) <= now => {
+                self.publish_and_wait(call, wait, now).await
+            }
+            _ => {
+                let mut conn = self.conn.clone();
+                match call.query_async(&mut conn).await {
+                    Err(e) if is_noscript(&e) => {
+                        // First publish since Redis restarted (or flushed its scripts).
+                        load_publish_script(&mut conn).await;
+                        call.query_async(&mut conn).await
+                    }
+                    reply => reply,
                 }
             }
-            reply => reply,
         };
         let ids: Vec<EventId> = reply
             .map_err(|e| {
