@@ -1165,3 +1165,19 @@ async fn cookie_streams_from_a_foreign_origin_are_refused() {
         assert_eq!(data(&stream.next().await)["title"], "mine");
     }
 }
+
+/// A stream that resumes by time (no id yet, as a tab taking over the stream may) from
+/// before the server started gets what is kept and never `resync`: it has no state to
+/// reload.
+#[tokio::test]
+async fn resuming_by_time_from_before_the_start_is_no_resync() {
+    let server = start_server(test_config()).await;
+    let mut client = server.connect("early", "?resumeAgoMs=60000", None).await;
+    server
+        .service
+        .send_notification("early", note("first"))
+        .await
+        .unwrap();
+    let event = client.next().await;
+    assert_eq!(event.event, "notification", "{:?}", event.data);
+}

@@ -518,7 +518,9 @@ impl SseService {
             let mut replay_through = after;
             replay.events.iter().for_each(|e| replay_through.advance(e));
             let events = selection.select(&inner.retention, replay.events);
-            let resync = replay.gap && fresh_head.is_none();
+            // Only a client that named an id has state to reload: one resuming by time
+            // (no id yet) or a first connection gets what is kept, as a new client would.
+            let resync = replay.gap && matches!(resume, Resume::After(_));
             m::replayed(events.len(), resync);
             if resync {
                 let data = format!(
