@@ -576,19 +576,7 @@ async fn streams_the_server_ends_release_their_subscription() {
     wait_for("bye", 0).await;
 
     // Ended by the session's expiry.
-    let token = server
-        .service
-        .issue_token("brief", None, Duration::from_secs(1))
-        .unwrap();
-    let response = server
-        .http
-        .get(server.url("/api/sse"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut brief = SseClient::new(response);
+    let mut brief = server.connect_expiring("brief", Duration::from_secs(1)).await;
     wait_for("brief", 1).await;
     assert_eq!(brief.next().await.event, "session_ended");
     wait_for("brief", 0).await;

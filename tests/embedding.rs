@@ -170,20 +170,8 @@ async fn disconnect_ends_a_users_streams() {
 #[tokio::test]
 async fn a_stream_ends_when_its_token_expires() {
     let server = start_server(test_config()).await;
-    let token = server
-        .service
-        .issue_token("brief", None, Duration::from_secs(2))
-        .unwrap();
-    let response = server
-        .http
-        .get(server.url("/api/sse"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
     let started = tokio::time::Instant::now();
-    let mut client = SseClient::new(response);
+    let mut client = server.connect_expiring("brief", Duration::from_secs(2)).await;
     let last = client.until_end().await;
     assert_eq!(last.last().map(|e| e.event.as_str()), Some("session_ended"));
     assert_eq!(data(last.last().unwrap())["reason"], "expired");

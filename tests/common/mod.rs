@@ -86,6 +86,20 @@ impl TestServer {
         SseClient::new(response)
     }
 
+    /// Opens `/api/sse` as `user` on a session token that expires after `ttl`.
+    pub async fn connect_expiring(&self, user: &str, ttl: Duration) -> SseClient {
+        let token = self.service.issue_token(user, None, ttl).unwrap();
+        let response = self
+            .http
+            .get(self.url("/api/sse"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(response.status(), 200, "{:?}", response.text().await);
+        SseClient::new(response)
+    }
+
     /// Opens `/api/ws` (the same stream over WebSocket) as `user` with an optional query
     /// (`?lastEventId=`, `?events=`); its frames read like the SSE stream's.
     pub async fn connect_ws(&self, user: &str, query: &str) -> SseClient {
