@@ -658,10 +658,10 @@ async fn events_published_while_an_instance_was_cut_off_are_recovered() {
     );
 }
 
-/// Redis keys expire with the retention of what they hold: a user's stream as long as its
-/// longest-kept event (a notification waits 24 h for an offline user), a stream of custom
-/// events after the replay retention, the delivery position after the longest retention;
-/// with a short retention, the keys are gone once it has passed.
+/// Redis keys expire with the retention of what they hold: a user's stream of notifications
+/// after 24 h (they wait that long for an offline user), a stream of custom events after
+/// the replay retention, the delivery position after the longest retention; with a short
+/// retention, the keys are gone once it has passed.
 #[tokio::test]
 async fn redis_keys_expire_with_their_retention() {
     let redis = RedisServer::start();
@@ -673,7 +673,7 @@ async fn redis_keys_expire_with_their_retention() {
         .unwrap();
     let pttl = |key: &str| redis::cmd("PTTL").arg(key).clone();
     let day: i64 = 24 * 3600 * 1000;
-    let notification_ttl: i64 = redis_query(&redis, &mut pttl("sse:stream:u:ttl")).await;
+    let notification_ttl: i64 = redis_query(&redis, &mut pttl("sse:stream:t:notification:u:ttl")).await;
     assert!(
         day - 60_000 < notification_ttl && notification_ttl <= day,
         "{notification_ttl}"
@@ -831,6 +831,94 @@ async fn redis_streams_are_trimmed_by_time() {
         .unwrap();
     let length: usize = redis_query(&redis, redis::cmd("XLEN").arg("sse:stream:u:old")).await;
     assert!(length <= 4, "{length} entries left of 41");
+}
+
+/// Publishes a notification to `flood`, 40 short-lived custom events, waits past the
+/// replay retention (300 ms), and publishes one more (trimming happens as events are added).
+async fn publish_a_flood_beside_a_notification(server: &TestServer) {
+    let sse = &server.service;
+    sse.send_notification("flood", note("kept")).await.unwrap();
+    for n in 0..40 {
+        sse.send_custom_event("flood", "job.step", json!({"n": n}))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sse.send_custom_event("flood", "job.step", json!({"n": "new"}))
+        .await
+        .unwrap();
+}
+
+/// Each type is kept only as long as its own retention: a flood of short-lived events is
+/// trimmed by time although a notification kept 24 h is in the same user's history, and
+/// that notification still reaches the user when they connect.
+async fn check_types_are_trimmed_by_their_own_retention(
+    server: &TestServer,
+    xlen: impl AsyncFn(&str) -> usize,
+    short_stream: &str,
+    notification_stream: &str,
+) {
+    publish_a_flood_beside_a_notification(server).await;
+    let short = xlen(short_stream).await;
+    assert!(short <= 4, "{short} of 41 short-lived entries left");
+    assert_eq!(xlen(notification_stream).await, 1);
+    let mut client = server.connect("flood", "", None).await;
+    assert_eq!(text(&client.next().await), "kept");
+    assert!(client.nothing_within(Duration::from_millis(200)).await);
+}
+
+#[tokio::test]
+async fn types_are_trimmed_by_their_own_retention_on_redis() {
+    // Small stream nodes, so approximate trimming can drop whole nodes of a short stream.
+    let redis = RedisServer::start_with(&["--stream-node-max-entries", "4"]);
+    let server = start_server(
+        test_config()
+            .redis_url(redis.url())
+            .event_retention(Duration::from_millis(300)),
+    )
+    .await;
+    let xlen = async |key: &str| redis_query::<usize>(&redis, redis::cmd("XLEN").arg(key)).await;
+    check_types_are_trimmed_by_their_own_retention(
+        &server,
+        xlen,
+        "sse:stream:u:flood",
+        "sse:stream:t:notification:u:flood",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_are_trimmed_by_their_own_retention_on_a_redis_cluster() {
+    let cluster = start_cluster().await;
+    for node in &cluster.nodes {
+        let _: () = redis_query(
+            node,
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("stream-node-max-entries")
+                .arg(4),
+        )
+        .await;
+    }
+    let server = start_server(cluster_config(&cluster).event_retention(Duration::from_millis(300))).await;
+    // The key lives on one primary; the others answer MOVED.
+    let xlen = async |key: &str| {
+        for node in &cluster.nodes[..3] {
+            let client = redis::Client::open(node.url()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            if let Ok(n) = redis::cmd("XLEN").arg(key).query_async::<usize>(&mut conn).await {
+                return n;
+            }
+        }
+        panic!("no primary holds {key}")
+    };
+    check_types_are_trimmed_by_their_own_retention(
+        &server,
+        xlen,
+        "sse:{u:flood}:stream",
+        "sse:{u:flood}:stream:notification",
+    )
+    .await;
 }
 
 /// A resume reads a long backlog in pages, and gets all of it in order, once.

@@ -8,6 +8,7 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use common::*;
+use serde_json::json;
 use sse_notify::server::BrokerHealth;
 use tokio::io::AsyncWriteExt;
 
@@ -124,6 +125,39 @@ async fn every_series_counts_what_happened() {
     assert_eq!(moved(&before, &after, "sse_replays_total"), 2.0);
     assert_eq!(moved(&before, &after, "sse_replayed_events_total"), 2.0);
     assert_eq!(moved(&before, &after, "sse_resyncs_total"), 1.0);
+
+    // A replay read in several pages is one replay.
+    // (the alert above is offline-delivered to a new user first: wait for our own event)
+    let mut first = server.connect("m-d", "", None).await;
+    server
+        .service
+        .send_custom_event("m-d", "job.start", json!({}))
+        .await
+        .unwrap();
+    let long_seen = loop {
+        let e = first.next().await;
+        if e.event == "job.start" {
+            break e.id;
+        }
+    };
+    drop(first);
+    server.wait_for_clients("m-d", 0).await;
+    for n in 0..600 {
+        server
+            .service
+            .send_custom_event("m-d", "job.step", json!({ "n": n }))
+            .await
+            .unwrap();
+    }
+    let before = scrape(&server).await;
+    let mut long = server.connect("m-d", "", Some(&long_seen)).await;
+    for n in 0..600 {
+        assert_eq!(data(&long.next().await)["n"], n);
+    }
+    assert!(long.nothing_within(Duration::from_millis(300)).await);
+    let after = scrape(&server).await;
+    assert_eq!(moved(&before, &after, "sse_replays_total"), 1.0);
+    assert_eq!(moved(&before, &after, "sse_replayed_events_total"), 600.0);
 
     // Refusals, by reason.
     let before = scrape(&server).await;

@@ -40,8 +40,9 @@ pub enum Sub {
 pub struct Args {
     /// Comma-separated scenarios: s1, s2, s4 (one instance), s1x, s2x (several on Redis),
     /// s3 (targeted via Redis), s5 (bundle), s6 (several on a Redis Cluster: targeted at
-    /// the S3 rate to `--cluster-connections` users, then a broadcast).
-    #[arg(long, default_value = "s1,s2,s4,s1x,s2x,s3,s5,s6", value_delimiter = ',')]
+    /// the S3 rate to `--cluster-connections` users, then a broadcast), s8 (Redis memory
+    /// per active uploader).
+    #[arg(long, default_value = "s1,s2,s4,s1x,s2x,s3,s5,s6,s8", value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// What else S1/S2 (and S4 where it applies) run against, side by side with sse-notify
     /// over SSE, in the same run: `ws` (sse-notify over WebSocket), `nchan` (nginx + nchan,
@@ -1201,6 +1202,84 @@ async fn targeted(args: &Args, report: &mut Report) {
     cluster.stop().await;
 }
 
+/// S8: what one active uploader (10 progress events a second, and a day's 20
+/// notifications) holds in Redis once steady. Progress is kept its 5 minutes: 3,000 entries.
+/// When every event of a user's stream was kept as long as the longest-kept type (24 h),
+/// the same user reached the stream cap, 100,000 entries, in under 3 hours: that user is
+/// published here too, and both users' keys are measured with `MEMORY USAGE`.
+async fn redis_memory_per_uploader(args: &Args, report: &mut Report) {
+    const PER_SECOND: usize = 10;
+    const NOTIFICATIONS: usize = 20;
+    let kept_now = PER_SECOND * 300;
+    let kept_before = 100_000;
+    let cluster = Cluster::start(&args.server_bin, 1, true).await;
+    let mut publisher = Publisher::connect(cluster.addrs()[0])
+        .await
+        .expect("publisher connects");
+    for (user, progress_events) in [("mem-now", kept_now), ("mem-before", kept_before)] {
+        let events: Vec<Value> = (0..NOTIFICATIONS)
+            .map(|n| {
+                json!({"user_id": user, "event": "notification",
+                       "data": {"title": "Comment", "message": format!("Someone commented on your reel ({n})")}})
+            })
+            .chain((0..progress_events).map(|n| {
+                json!({"user_id": user, "event": "reel_upload_progress",
+                       "data": {"reelId": format!("reel-{}", n / 1_000), "progress": n % 100, "status": "uploading"}})
+            }))
+            .collect();
+        for batch in events.chunks(1_000) {
+            let status = publisher
+                .post(&Value::Array(batch.to_vec()).to_string())
+                .await
+                .expect("publish");
+            report.correct &= status == 202;
+        }
+    }
+    let redis_port = cluster.redis.as_ref().expect("on Redis").port;
+    let (now_bytes, before_bytes) = (
+        redis_bytes_of(redis_port, "mem-now"),
+        redis_bytes_of(redis_port, "mem-before"),
+    );
+    report.put("s8_bytes_per_uploader", json!(now_bytes));
+    report.put("s8_bytes_per_uploader_before", json!(before_bytes));
+    report.target(
+        "S8",
+        "Redis memory per active uploader (10 progress/s, 20 notifications), steady state",
+        format!(
+            "{:.0} KB ({kept_now} entries) vs {:.1} MB when kept as long as notifications ({kept_before} entries): {:.0}x less",
+            now_bytes as f64 / 1e3,
+            before_bytes as f64 / 1e6,
+            before_bytes as f64 / now_bytes.max(1) as f64
+        ),
+        now_bytes > 0 && now_bytes * 10 < before_bytes,
+    );
+    cluster.stop().await;
+}
+
+/// The bytes Redis (on localhost:`port`) uses for every key naming `user`.
+fn redis_bytes_of(port: u16, user: &str) -> u64 {
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let pattern = format!("*:{user}");
+    cli(&["--scan", "--pattern", &pattern])
+        .lines()
+        .filter(|key| !key.is_empty())
+        .map(|key| {
+            cli(&["MEMORY", "USAGE", key, "SAMPLES", "0"])
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// S6: `--instances` servers on a Redis Cluster (3 primaries, a replica each) hold
 /// `--cluster-connections`, one per user; targeted events at the S3 rate for the S3 time,
 /// published through every instance, then one broadcast to everyone.
@@ -1482,6 +1561,10 @@ pub async fn harness(args: Args) -> ExitCode {
     if args.runs("s6") {
         eprintln!("S6: several instances on a Redis Cluster");
         on_redis_cluster(&args, &mut report).await;
+    }
+    if args.runs("s8") {
+        eprintln!("S8: Redis memory per active uploader");
+        redis_memory_per_uploader(&args, &mut report).await;
     }
     report.put("harness_seconds", json!(started.elapsed().as_secs_f64()));
     report.print();

@@ -65,12 +65,18 @@ pub fn slow_client_disconnected() {
     counter!("sse_slow_client_disconnects_total").increment(1);
 }
 
+/// A stream opened with a replay (its first page): `events` sent, `gap` if it got `resync`.
 pub fn replayed(events: usize, gap: bool) {
     counter!("sse_replays_total").increment(1);
-    counter!("sse_replayed_events_total").increment(events as u64);
+    replayed_more(events);
     if gap {
         counter!("sse_resyncs_total").increment(1);
     }
+}
+
+/// A later page of a replay: counts its events, not another replay.
+pub fn replayed_more(events: usize) {
+    counter!("sse_replayed_events_total").increment(events as u64);
 }
 
 pub fn connection_refused(reason: &'static str) {

@@ -158,7 +158,7 @@ impl ReplayRest {
             .collect();
         let last = !replay.more || owed.is_empty();
         let events = self.selection.select(self.service.retention(), owed);
-        m::replayed(events.len(), false);
+        m::replayed_more(events.len());
         let mut out = BytesMut::new();
         write_frames(&events, &mut self.sent, &mut out);
         Poll::Ready(if last {

@@ -532,10 +532,15 @@ impl SseService {
             write_frames(&events, &mut sent, &mut prelude);
             // Live events up to here came through the replay (or were meant for nobody yet).
             replayed_through = replay_through.max(after).max(fresh_head.unwrap_or(start));
+            // The head now, for a replay to go on to or a cursor to correct (read once).
+            let head = match replay.more || resync {
+                true => broker.head(&user).await?,
+                false => start,
+            };
             if replay.more {
                 // A backlog longer than a page: the rest is read page by page as the client
                 // takes it, up to the head read now (what is newer is in the queue).
-                let until = broker.head(&user).await?.max(replayed_through);
+                let until = head.max(replayed_through);
                 rest = Some(ReplayRest::new(
                     self.clone(),
                     user.clone(),
@@ -552,7 +557,6 @@ impl SseService {
                 // be stored as where the user's offline delivery starts. In such a lane
                 // nothing counts as delivered (every queued event goes out) and the
                 // client is told the real head.
-                let head = broker.head(&user).await?;
                 replayed_through = replayed_through.zip(head, |r, h| if r > h { EventId(0) } else { r });
                 announce_at_least = after.zip(head, |a, h| if a > h { h } else { EventId(0) });
             }

@@ -123,7 +123,6 @@ impl Index {
         });
     }
 
-    /// The user's events and broadcasts after `after`, merged in id order.
     /// The user's events and broadcasts after `after`, in order, at most `limit`; and
     /// whether more follow.
     fn after(&self, user: &str, after: EventId, limit: usize) -> (Vec<Arc<PublishedEvent>>, bool) {

@@ -60,6 +60,26 @@ impl Retention {
             .map(|(_, d)| *d)
     }
 
+    /// Whether events named `name` are kept longer than the replay retention. On Redis such
+    /// a type has a stream of its own, trimmed by its own retention, so a flood of
+    /// short-lived events is never kept as long as the longest-kept type.
+    pub fn kept_longer(&self, name: &str) -> bool {
+        self.offline_for(name).is_some_and(|d| d > self.default)
+    }
+
+    /// The types [kept longer](Self::kept_longer), each once, in name order.
+    pub fn long_kept_types(&self) -> Vec<&str> {
+        let mut types: Vec<&str> = self
+            .offline
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .filter(|name| self.kept_longer(name))
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        types
+    }
+
     /// The longest any event is kept.
     pub fn longest(&self) -> Duration {
         self.offline
@@ -227,5 +247,8 @@ mod tests {
             "zero turns offline delivery off"
         );
         assert_eq!(r.longest(), Duration::from_secs(86_400));
+        assert!(r.kept_longer("notification"));
+        assert!(!r.kept_longer("system_alert") && !r.kept_longer("custom.x"));
+        assert_eq!(r.long_kept_types(), ["notification"]);
     }
 }

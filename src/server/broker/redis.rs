@@ -5,8 +5,9 @@
 //! | key / channel | what |
 //! |---|---|
 //! | `sse:seq` | the newest id issued: one order for every instance |
-//! | `sse:stream:u:<user>` | stream of the user's events, entry id `<event id>-0`, fields `n` (name), `d` (data), `t` (ms), `k` (coalescing key) |
-//! | `sse:stream:broadcast` | stream of broadcasts, same layout |
+//! | `sse:stream:u:<user>` | stream of the user's events kept only the replay retention, entry id `<event id>-0`, fields `n` (name), `d` (data), `t` (ms), `k` (coalescing key) |
+//! | `sse:stream:t:<type>:u:<user>` | the same for one type [kept longer](Retention::kept_longer) (`notification`, ...) |
+//! | `sse:stream:broadcast`, `sse:stream:t:<type>:broadcast` | the same for broadcasts |
 //! | `sse:trimmed:<stream>` | the newest id a flood pushed out of that stream (set only when `MAXLEN` trims) |
 //! | `sse:delivered:u:<user>` | highest id a closed connection of the user had received: where offline delivery starts |
 //! | channel `sse:u:<user>` | live fan-out of the user's events, `"<id> <name> <data>"`, and `"!disconnect <nonce>"` |
@@ -14,7 +15,9 @@
 //!
 //! Publishing is one Lua script per batch: issue the id, `XADD` to the stream (trimmed by
 //! time with `MINID ~`, capped by `MAXLEN`, `PEXPIRE`d to the retention), `PUBLISH`: the
-//! history and the live message can never disagree. Because the streams use the global id
+//! history and the live message can never disagree. Each stream holds events of one
+//! retention, so trimming by time keeps every event exactly as long as its type needs: a
+//! flood of progress events is gone after 5 minutes, not kept as long as notifications. Because the streams use the global id
 //! as entry id, a `Last-Event-ID` resumes the user's stream and the broadcast stream at
 //! once, exactly.
 //!
@@ -27,7 +30,7 @@
 //!
 //! ## Replay and gaps
 //!
-//! A resume reads each stream in pages of 512 entries. Every event is kept at least
+//! A resume reads the streams in pages of 512 entries, merged in id order. Every event is kept at least
 //! the replay retention, so a resume from an id within that window is exact. An older id
 //! (or one from the future, or below what a flood pushed out) answers `resync`.
 //!
@@ -64,7 +67,6 @@ use crate::{
 };
 
 const SEQ_KEY: &str = "sse:seq";
-const BROADCAST_STREAM: &str = "sse:stream:broadcast";
 const BROADCAST_CHANNEL: &str = "sse:broadcast";
 /// Entries read per round trip when replaying.
 pub(super) const PAGE: usize = 512;
@@ -97,13 +99,40 @@ impl<T: std::fmt::Display> redis::ToRedisArgs for Prefixed<T> {
 /// A key is one argument.
 impl<T: std::fmt::Display> redis::ToSingleRedisArg for Prefixed<T> {}
 
-/// The stream that keeps `target`'s events for replay.
-fn stream_of(target: &Target) -> Prefixed<&str> {
-    match target {
-        Target::User(user) => Prefixed("sse:stream:u:", user),
-        Target::Broadcast => Prefixed(BROADCAST_STREAM, ""),
+/// The stream that keeps `target`'s events of `kind`: one type [kept
+/// longer](Retention::kept_longer), or (`None`) every type kept only the replay retention.
+/// Written as a command argument like [`Prefixed`].
+#[derive(Clone, Copy)]
+struct StreamKey<'a> {
+    target: &'a Target,
+    kind: Option<&'a str>,
+}
+
+fn stream_of<'a>(target: &'a Target, kind: Option<&'a str>) -> StreamKey<'a> {
+    StreamKey { target, kind }
+}
+
+impl std::fmt::Display for StreamKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Type names have no `:`, so no user id makes one stream's key another's.
+        match self.kind {
+            None => f.write_str("sse:stream:")?,
+            Some(kind) => write!(f, "sse:stream:t:{kind}:")?,
+        }
+        match self.target {
+            Target::User(user) => write!(f, "u:{user}"),
+            Target::Broadcast => f.write_str("broadcast"),
+        }
     }
 }
+
+impl redis::ToRedisArgs for StreamKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self)
+    }
+}
+
+impl redis::ToSingleRedisArg for StreamKey<'_> {}
 
 /// The pub/sub channel of `target`'s live events.
 fn channel_of(target: &Target) -> Prefixed<&str> {
@@ -126,22 +155,24 @@ fn trimmed_key<T: std::fmt::Display>(stream: T) -> Prefixed<T> {
 }
 
 /// One event's stream write, the same on one Redis and on a cluster (in Lua, for the publish
-/// scripts): `XADD` with the id, trimmed by time (`MINID ~`) and by length (recording what a
-/// flood pushed out), and the stream's expiry only ever extended. Expects `stream`,
-/// `trimmed`, `id` and `at` (where the event's arguments start in `ARGV`).
+/// scripts): `XADD` with the id, trimmed by time to the event's retention (`MINID ~`: every
+/// event of a stream has the same one) and by length (recording what a flood pushed out),
+/// and the stream's expiry only ever extended. Expects `stream`, `trimmed`, `id` and `at`
+/// (where the event's arguments start in `ARGV`), with the time in ms in `ARGV[1]`.
 macro_rules! lua_append_event {
     () => {
         r#"
-  redis.call('XADD', stream, 'MINID', '~', ARGV[3], id .. '-0',
-    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
   local ttl = tonumber(ARGV[at + 4])
+  local below = string.format('%.0f', (tonumber(ARGV[1]) - ttl) * 1000)
+  redis.call('XADD', stream, 'MINID', '~', below, id .. '-0',
+    'n', ARGV[at + 2], 'd', ARGV[at + 3], 't', ARGV[at + 6], 'k', ARGV[at + 5])
   if redis.call('XLEN', stream) > tonumber(ARGV[2]) then
     redis.call('XTRIM', stream, 'MAXLEN', ARGV[2])
     local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1][1]
     local below = string.format('%.0f', tonumber(string.match(first, '^(%d+)')) - 1)
     redis.call('SET', trimmed, below, 'PX', ttl)
   end
-  -- A stream lives as long as its longest-kept event: only ever extend its expiry.
+  -- A stream lives as long as its newest event: only ever extend its expiry.
   if redis.call('PTTL', stream) < ttl then redis.call('PEXPIRE', stream, ttl) end
   if redis.call('PTTL', trimmed) > 0 and redis.call('PTTL', trimmed) < ttl then redis.call('PEXPIRE', trimmed, ttl) end
 "#
@@ -152,17 +183,17 @@ pub(super) use lua_append_event;
 const PUBLISH_SCRIPT: &str = concat!(
     r#"
 -- KEYS[1] = id counter, then per event: stream, trimmed marker
--- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
+-- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = floor id,
 -- then per event: channel, name, data, ttl ms, coalescing key, timestamp ms
 -- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53; format them as
 -- integers, never as 1.79e+15.
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local clock = tonumber(ARGV[1]) * 1000
-local floor = tonumber(ARGV[4])
+local floor = tonumber(ARGV[3])
 local ids = {}
 for i = 0, (#KEYS - 1) / 2 - 1 do
   local stream, trimmed = KEYS[2 + i * 2], KEYS[3 + i * 2]
-  local at = 4 + i * 6
+  local at = 3 + i * 6
   last = math.max(last + 1, clock, floor + 1)
   local id = string.format('%.0f', last)
 "#,
@@ -197,6 +228,9 @@ pub struct RedisBroker {
     /// Highest id this instance issued or saw: new ids go above it even if Redis lost its data.
     floor: AtomicU64,
     retention: Retention,
+    /// What each of a target's streams holds: `None` (every type kept only the replay
+    /// retention), then each type kept longer.
+    stream_kinds: Vec<Option<String>>,
     max_stream_len: usize,
     publish_script: Script,
     set_delivered_script: Script,
@@ -335,6 +369,7 @@ impl RedisBroker {
             healthy: AtomicBool::new(true),
             last_dispatched: AtomicU64::new(0),
             floor: AtomicU64::new(0),
+            stream_kinds: stream_kinds(&retention),
             retention,
             max_stream_len: max_stream_len.max(1),
             publish_script: Script::new(PUBLISH_SCRIPT),
@@ -382,19 +417,23 @@ impl RedisBroker {
         limit: usize,
     ) -> Result<(Vec<PublishedEvent>, bool, bool), BrokerError> {
         let mut conn = self.conn.clone();
-        let targets: Vec<(Target, String)> = users
+        let targets: Vec<Target> = users
             .iter()
             .map(|u| Target::User(u.clone()))
             .chain(std::iter::once(Target::Broadcast))
-            .map(|target| {
-                let stream = stream_of(&target).to_string();
-                (target, stream)
+            .collect();
+        let streams: Vec<(Target, String)> = targets
+            .iter()
+            .flat_map(|target| {
+                self.stream_kinds
+                    .iter()
+                    .map(move |kind| (target.clone(), stream_of(target, kind.as_deref()).to_string()))
             })
             .collect();
         // The head and each stream's flood watermark, in one round trip.
         let mut pipe = redis::pipe();
         pipe.get(SEQ_KEY);
-        for (_, stream) in &targets {
+        for (_, stream) in &streams {
             pipe.get(trimmed_key(stream));
         }
         let (head, trimmed): (Option<u64>, Vec<Option<u64>>) = {
@@ -409,68 +448,34 @@ impl RedisBroker {
         let replay_horizon = now
             .saturating_sub(self.retention.default.as_millis() as u64)
             .saturating_mul(1000);
-        let mut gap = after.0 > head.unwrap_or(0).max(self.floor.load(Ordering::Relaxed))
+        let gap = after.0 > head.unwrap_or(0).max(self.floor.load(Ordering::Relaxed))
             // Older than retention may be trimmed, unless nothing was published since.
             || (after.0 < replay_horizon && after.0 < head.unwrap_or(0))
             || trimmed.iter().flatten().any(|&below| after.0 < below);
-
-        // Pages: every stream from `after`, then the ones that filled a page, from where
-        // they stopped.
-        let mut events = Vec::new();
-        let mut cursors: Vec<(usize, u64)> = (0..targets.len()).map(|i| (i, after.0)).collect();
-        while !cursors.is_empty() {
+        let fetch = |asks: &[(usize, u64)]| {
             let mut pipe = redis::pipe();
-            for (i, from) in &cursors {
-                pipe.cmd("XRANGE")
-                    .arg(&targets[*i].1)
-                    .arg(format!("({from}-0"))
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(PAGE);
+            for (i, from) in asks {
+                pipe.add_command(xrange_page(&streams[*i].1, *from));
             }
-            type Entries = Vec<(String, Vec<(String, String)>)>;
-            let pages: Vec<Entries> = pipe.query_async(&mut conn).await.map_err(|e| {
-                self.set_healthy(false);
-                unavailable(e)
-            })?;
-            let mut next = Vec::new();
-            for ((i, _), page) in cursors.iter().zip(pages) {
-                let full = page.len() == PAGE;
-                let mut last = None;
-                for (entry_id, fields) in page {
-                    let Some(event) =
-                        decode_entry(&targets[*i].0, &entry_id, &fields, PublishedEvent::encode)
-                    else {
-                        tracing::warn!(stream = %targets[*i].1, entry = %entry_id, "skipped an undecodable entry");
-                        continue;
-                    };
-                    last = Some(event.id.0);
-                    if !self.retention.keeps(&event, now) {
-                        gap = true;
-                        continue;
-                    }
-                    events.push(event);
-                }
-                if let (true, Some(last)) = (full, last) {
-                    next.push((*i, last));
-                }
+            let mut conn = conn.clone();
+            async move {
+                pipe.query_async(&mut conn).await.map_err(|e| {
+                    self.set_healthy(false);
+                    unavailable(e)
+                })
             }
-            cursors = next;
-            if events.len() >= limit && !cursors.is_empty() {
-                break;
-            }
-        }
-        events.sort_by_key(|e| e.id);
-        // Streams still being read stopped at their last id: only what lies before the
-        // earliest of those is known to be complete, in one order.
-        let more = match cursors.iter().map(|(_, last)| *last).min() {
-            Some(complete_through) => {
-                events.retain(|e| e.id.0 <= complete_through);
-                true
-            }
-            None => false,
         };
-        Ok((events, gap, more))
+        let read = read_merged(
+            &streams,
+            after.0,
+            limit,
+            &self.retention,
+            now,
+            PublishedEvent::encode,
+            fetch,
+        )
+        .await?;
+        Ok((read.events, gap || read.expired, read.more))
     }
 
     /// Runs the publish script and `WAIT`s for the replicas on the publish connection. Past
@@ -644,6 +649,114 @@ pub(super) fn decode_entry(
     ))
 }
 
+/// What each of a target's streams holds: `None` (every type kept only the replay
+/// retention), then each type [kept longer](Retention::kept_longer), in name order.
+pub(super) fn stream_kinds(retention: &Retention) -> Vec<Option<String>> {
+    std::iter::once(None)
+        .chain(
+            retention
+                .long_kept_types()
+                .into_iter()
+                .map(|t| Some(t.to_string())),
+        )
+        .collect()
+}
+
+/// One page of a stream: up to [`PAGE`] entries after `from`.
+pub(super) fn xrange_page(stream: &str, from: u64) -> redis::Cmd {
+    let mut xrange = redis::cmd("XRANGE");
+    xrange
+        .arg(stream)
+        .arg(format!("({from}-0"))
+        .arg("+")
+        .arg("COUNT")
+        .arg(PAGE);
+    xrange
+}
+
+/// Stream entries as `XRANGE` answers them.
+pub(super) type Entries = Vec<(String, Vec<(String, String)>)>;
+
+/// Events read from several streams, merged.
+pub(super) struct MergedRead {
+    /// In id order: every one kept, from the start up to where each stream is read through.
+    pub events: Vec<PublishedEvent>,
+    /// Some entries were no longer kept (their retention passed, trimming lags).
+    pub expired: bool,
+    /// More entries follow in some stream: read again after the last event.
+    pub more: bool,
+}
+
+/// Reads `streams` (each with whose events it holds) after `after`, merged in id order, in
+/// pages until at least `limit` events are known complete: below where every stream still
+/// being read stopped. `fetch` reads one page ([`xrange_page`]) of each `(stream, from)`
+/// asked, in one round trip where it can.
+pub(super) async fn read_merged<F, Fut>(
+    streams: &[(Target, String)],
+    after: u64,
+    limit: usize,
+    retention: &Retention,
+    now: u64,
+    encode: Encode,
+    fetch: F,
+) -> Result<MergedRead, BrokerError>
+where
+    F: Fn(&[(usize, u64)]) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Entries>, BrokerError>>,
+{
+    let mut events = Vec::new();
+    let mut expired = false;
+    let mut reading: Vec<(usize, u64)> = (0..streams.len()).map(|i| (i, after)).collect();
+    while !reading.is_empty() {
+        let pages = fetch(&reading).await?;
+        let mut next = Vec::new();
+        for (&(i, from), page) in reading.iter().zip(pages) {
+            let (target, stream) = &streams[i];
+            let full = page.len() == PAGE;
+            let mut through = from;
+            for (entry_id, fields) in page {
+                // Past this entry whatever it holds: a page of undecodable ones moves on too.
+                let entry = entry_id.split('-').next().and_then(|id| id.parse::<u64>().ok());
+                through = through.max(entry.unwrap_or(through));
+                let Some(event) = decode_entry(target, &entry_id, &fields, encode) else {
+                    tracing::warn!(stream, entry = %entry_id, "skipped an undecodable entry");
+                    continue;
+                };
+                if retention.keeps(&event, now) {
+                    events.push(event);
+                } else {
+                    expired = true;
+                }
+            }
+            if full {
+                next.push((i, through));
+            }
+        }
+        reading = next;
+        let complete_through = reading.iter().map(|&(_, through)| through).min();
+        if let Some(through) = complete_through {
+            if events.iter().filter(|e| e.id.0 <= through).count() >= limit {
+                break;
+            }
+        }
+    }
+    events.sort_by_key(|e| e.id);
+    // Streams still being read stopped where they did: only what lies before the earliest
+    // of those is known to be complete, in one order.
+    let more = match reading.iter().map(|&(_, through)| through).min() {
+        Some(complete_through) => {
+            events.retain(|e| e.id.0 <= complete_through);
+            true
+        }
+        None => false,
+    };
+    Ok(MergedRead {
+        events,
+        expired,
+        more,
+    })
+}
+
 /// Whether `data` is one JSON object on one line (what every publisher writes).
 fn is_json_object(data: &str) -> bool {
     data.starts_with('{')
@@ -786,9 +899,6 @@ impl Broker for RedisBroker {
 
     async fn publish(&self, events: Vec<Envelope>) -> Result<Vec<EventId>, BrokerError> {
         let now = now_ms();
-        let trim_below = now
-            .saturating_sub(self.retention.longest().as_millis() as u64)
-            .saturating_mul(1000);
         // EVALSHA built as one `Cmd`, which packs every argument into one buffer
         // (`ScriptInvocation` allocates a `Vec` per argument: eight per event).
         let bytes: usize = events
@@ -801,12 +911,12 @@ impl Broker for RedisBroker {
             .arg(1 + 2 * events.len())
             .arg(SEQ_KEY);
         for event in &events {
-            let stream = stream_of(&event.target);
+            let kind = self.retention.kept_longer(&event.name).then_some(&*event.name);
+            let stream = stream_of(&event.target, kind);
             call.arg(stream).arg(trimmed_key(stream));
         }
         call.arg(now)
             .arg(self.max_stream_len)
-            .arg(trim_below)
             .arg(self.floor.load(Ordering::Relaxed));
         for event in &events {
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
@@ -957,6 +1067,75 @@ mod tests {
             decode_message("sse:u:bob", "!disconnect abc123", NOW),
             Some(Message::Disconnect { user, nonce }) if &*user == "bob" && nonce == "abc123"
         ));
+    }
+
+    /// `count` entries of `name` from id `first` on, published at `at_ms`.
+    fn entries(first: u64, count: u64, name: &str, at_ms: u64) -> Entries {
+        (first..first + count)
+            .map(|id| {
+                let fields = [("n", name), ("d", "{}"), ("t", &at_ms.to_string()), ("k", "")]
+                    .map(|(k, v)| (k.to_string(), v.to_string()));
+                (format!("{id}-0"), fields.to_vec())
+            })
+            .collect()
+    }
+
+    /// A page that ends early must not skip what another stream holds: one stream with a
+    /// full page of expired entries, another with more than a page's worth of live ones
+    /// after them. Pages are read on until `limit` events are known complete, so every
+    /// live event comes back, in order, over however many calls.
+    #[tokio::test]
+    async fn merged_pages_never_skip_events_of_another_stream() {
+        let retention = Retention {
+            default: Duration::from_secs(300),
+            offline: vec![("notification".into(), Duration::from_secs(86_400))],
+        };
+        let user = Target::User("u".into());
+        let streams = [(user.clone(), "short".to_string()), (user, "long".to_string())];
+        let held = [
+            entries(1, 600, "job.step", 0),
+            entries(1_000, 300, "notification", NOW),
+        ];
+        let fetch = |asks: &[(usize, u64)]| {
+            let pages: Vec<Entries> = asks
+                .iter()
+                .map(|&(i, from)| {
+                    held[i]
+                        .iter()
+                        .filter(|(id, _)| id.trim_end_matches("-0").parse::<u64>().unwrap() > from)
+                        .take(PAGE)
+                        .cloned()
+                        .collect()
+                })
+                .collect();
+            async move { Ok(pages) }
+        };
+        let mut got = Vec::new();
+        let mut after = 0;
+        loop {
+            let read = read_merged(
+                &streams,
+                after,
+                256,
+                &retention,
+                NOW,
+                PublishedEvent::encode,
+                &fetch,
+            )
+            .await
+            .unwrap();
+            assert!(read.expired);
+            got.extend(read.events.iter().map(|e| e.id.0));
+            after = got.last().copied().unwrap_or(after);
+            if !read.more {
+                break;
+            }
+            assert!(
+                !read.events.is_empty(),
+                "more to read, but nothing to resume after"
+            );
+        }
+        assert_eq!(got, (1_000..1_300).collect::<Vec<_>>());
     }
 
     #[test]

@@ -11,11 +11,12 @@
 //! | key / channel | what |
 //! |---|---|
 //! | `sse:{u:<user>}:seq` | the newest id of the user's lane |
-//! | `sse:{u:<user>}:stream` | the user's events, entry id `<event id>-0` (fields as on one Redis) |
-//! | `sse:{u:<user>}:trimmed` | the newest id a flood pushed out of the stream |
+//! | `sse:{u:<user>}:stream` | the user's events kept only the replay retention, entry id `<event id>-0` (fields as on one Redis) |
+//! | `sse:{u:<user>}:stream:<type>` | the same for one type [kept longer](Retention::kept_longer) (`notification`, ...) |
+//! | `sse:{u:<user>}:trimmed`, `sse:{u:<user>}:trimmed:<type>` | the newest id a flood pushed out of that stream |
 //! | `sse:{u:<user>}:delivered` | how far a closed connection of the user had got: `<user lane>.<broadcast lane>` |
 //! | sharded channel `sse:{u:<user>}:live` | live fan-out of the user's events, and `!disconnect <nonce>` |
-//! | `sse:{b}:seq`, `sse:{b}:stream`, `sse:{b}:trimmed`, channel `sse:{b}:live` | the same for broadcasts |
+//! | `sse:{b}:seq`, `sse:{b}:stream[:<type>]`, `sse:{b}:trimmed[:<type>]`, channel `sse:{b}:live` | the same for broadcasts |
 //!
 //! Ids are the same hybrid clock as on one Redis, per lane: they increase within a lane and
 //! stay close to the time they were issued, so lanes interleave roughly by time, but an
@@ -67,8 +68,8 @@ use tokio::sync::mpsc;
 use self::router::{ClusterRouter, RouterError, RouterOptions, ShardedSubscriber, SubscriberEvent};
 use super::{
     redis::{
-        check_version, decode_entry, decode_payload, install_tls_provider_for, lua_append_event, Message,
-        PAGE,
+        check_version, decode_payload, install_tls_provider_for, lua_append_event, read_merged, stream_kinds,
+        xrange_page, Entries, Message,
     },
     Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
     Retention, Target,
@@ -123,29 +124,30 @@ const REPLICA_LATE_PAUSE: Duration = Duration::from_secs(10);
 /// keys, so publishing each lane on its own afterwards publishes nothing twice.
 const PUBLISH_SCRIPT: &str = concat!(
     r#"#!lua flags=allow-cross-slot-keys
--- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = trim-below id (time), ARGV[4] = floor id,
--- ARGV[5] = how long a lane's counter is kept, ms, ARGV[6] = how long a batch key is kept, ms,
--- ARGV[7] = number of lanes m, ARGV[8 .. 7 + m] = each lane's number of events.
+-- ARGV[1] = now ms, ARGV[2] = max stream length, ARGV[3] = floor id,
+-- ARGV[4] = how long a lane's counter is kept, ms, ARGV[5] = how long a batch key is kept, ms,
+-- ARGV[6] = number of lanes m, ARGV[7 .. 6 + m] = each lane's number of events.
 -- Per lane, its batch key, counter, stream and trimmed marker: in KEYS, or (KEYS empty) in
 -- the next 4m arguments. Then per event, lane after lane: channel, name, data, ttl ms,
--- coalescing key, timestamp ms.
+-- coalescing key, timestamp ms, and the suffix of its stream and trimmed marker (empty, or
+-- `:<type>` for a type kept longer: same hash tag, same slot).
 -- A batch key holds the ids its lane was given: a retry of a try whose reply was lost gets
 -- them back instead of publishing the lane again.
 -- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53, and stay strings in
 -- cjson (which writes numbers with 14 digits).
-local m = tonumber(ARGV[7])
-local K, at = KEYS, 7 + m
+local m = tonumber(ARGV[6])
+local K, at = KEYS, 6 + m
 if #KEYS == 0 then
   K = {}
   for k = 1, 4 * m do K[k] = ARGV[at + k] end
   at = at + 4 * m
 end
 local clock = tonumber(ARGV[1]) * 1000
-local floor = tonumber(ARGV[4])
+local floor = tonumber(ARGV[3])
 local ids = {}
 for l = 0, m - 1 do
-  local batch, seq, stream, trimmed = K[1 + l * 4], K[2 + l * 4], K[3 + l * 4], K[4 + l * 4]
-  local events = tonumber(ARGV[8 + l])
+  local batch, seq, lane_stream, lane_trimmed = K[1 + l * 4], K[2 + l * 4], K[3 + l * 4], K[4 + l * 4]
+  local events = tonumber(ARGV[7 + l])
   -- The lane's first command. Its batch key exists only once the lane is done, so on a node
   -- that does not hold the lane's slot (moved, or moving and the key not here) it fails
   -- as a non-local key and stops the script before the lane writes anything.
@@ -153,23 +155,24 @@ for l = 0, m - 1 do
   if done then
     -- A retry: kept for another while (each retry finds it), and written, so a WAIT after
     -- it confirms the lane reached a replica.
-    redis.call('PEXPIRE', batch, ARGV[6])
+    redis.call('PEXPIRE', batch, ARGV[5])
     for _, id in ipairs(cjson.decode(done)) do ids[#ids + 1] = id end
-    at = at + events * 6
+    at = at + events * 7
   else
     local last, lane = tonumber(redis.call('GET', seq) or '0'), {}
     for _ = 1, events do
       last = math.max(last + 1, clock, floor + 1)
       local id = string.format('%.0f', last)
+      local stream, trimmed = lane_stream .. ARGV[at + 7], lane_trimmed .. ARGV[at + 7]
 "#,
     lua_append_event!(),
     r#"      redis.call('SPUBLISH', ARGV[at + 1], id .. ' ' .. ARGV[at + 2] .. ' ' .. ARGV[at + 3])
       lane[#lane + 1] = id
       ids[#ids + 1] = id
-      at = at + 6
+      at = at + 7
     end
-    redis.call('SET', seq, string.format('%.0f', last), 'PX', ARGV[5])
-    redis.call('SET', batch, cjson.encode(lane), 'PX', ARGV[6])
+    redis.call('SET', seq, string.format('%.0f', last), 'PX', ARGV[4])
+    redis.call('SET', batch, cjson.encode(lane), 'PX', ARGV[5])
   end
 end
 return ids
@@ -191,29 +194,57 @@ redis.call('SET', KEYS[1], string.format('%.0f.%.0f', user, broadcast), 'PX', AR
 return 1
 "#;
 
-/// A key or channel of a lane: `sse:{u:<user>}:<what>` or `sse:{b}:<what>`.
+/// A key or channel of a lane: `sse:{u:<user>}:<what>` or `sse:{b}:<what>`, then
+/// `:<kind>` for the stream (and trimmed marker) of a type kept longer.
 #[derive(Clone, Copy)]
 struct LaneKey<'a> {
     user: Option<&'a str>,
     what: &'static str,
+    kind: KindSuffix<'a>,
 }
 
 fn lane_key<'a>(target: &'a Target, what: &'static str) -> LaneKey<'a> {
+    lane_key_of_kind(target, what, None)
+}
+
+/// A lane's stream or trimmed marker for events of `kind` (see [`super::redis::stream_kinds`]).
+fn lane_key_of_kind<'a>(target: &'a Target, what: &'static str, kind: Option<&'a str>) -> LaneKey<'a> {
     LaneKey {
         user: match target {
             Target::User(user) => Some(user),
             Target::Broadcast => None,
         },
         what,
+        kind: KindSuffix(kind),
     }
 }
 
 impl std::fmt::Display for LaneKey<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.user {
-            Some(user) => write!(f, "sse:{{u:{user}}}:{}", self.what),
-            None => write!(f, "sse:{{b}}:{}", self.what),
+            Some(user) => write!(f, "sse:{{u:{user}}}:{}{}", self.what, self.kind),
+            None => write!(f, "sse:{{b}}:{}{}", self.what, self.kind),
         }
+    }
+}
+
+/// What follows a lane's stream key for events of one type kept longer: `:<type>`, or
+/// nothing. Type names have no `:` or `}`, so no user id makes one key another's.
+#[derive(Clone, Copy)]
+struct KindSuffix<'a>(Option<&'a str>);
+
+impl std::fmt::Display for KindSuffix<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(kind) => write!(f, ":{kind}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl redis::ToRedisArgs for KindSuffix<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self)
     }
 }
 
@@ -313,6 +344,8 @@ pub struct ClusterBroker {
     /// Highest id this instance issued or saw, in any lane: new ids go above it.
     floor: AtomicU64,
     retention: Retention,
+    /// What each of a lane's streams holds (see [`stream_kinds`]).
+    stream_kinds: Vec<Option<String>>,
     max_stream_len: usize,
     publish_script: Script,
     set_delivered_script: Script,
@@ -365,6 +398,7 @@ impl ClusterBroker {
             replica_late_until: Default::default(),
             subscribing: Default::default(),
             floor: AtomicU64::new(0),
+            stream_kinds: stream_kinds(&options.retention),
             retention: options.retention,
             max_stream_len: options.max_stream_len.max(1),
             publish_script: Script::new(PUBLISH_SCRIPT),
@@ -476,72 +510,75 @@ impl ClusterBroker {
         }
     }
 
-    /// `target`'s lane after `after`, read in pages from its stream until at least `limit`
-    /// events are in; whether some events after `after` may no longer be kept; and whether
-    /// more may follow.
+    /// `target`'s lane after `after`, read in pages from its streams until at least
+    /// `limit` events are in; whether some events after `after` may no longer be kept; and
+    /// whether more may follow.
     async fn read_lane(
         &self,
         target: &Target,
         after: EventId,
         limit: usize,
     ) -> Result<(Vec<PublishedEvent>, bool, bool), BrokerError> {
-        let stream = lane_key(target, "stream").to_string();
-        // The lane's head and flood watermark, in one round trip.
+        let kinds = || self.stream_kinds.iter().map(|kind| kind.as_deref());
+        let streams: Vec<(Target, String)> = kinds()
+            .map(|kind| {
+                (
+                    target.clone(),
+                    lane_key_of_kind(target, "stream", kind).to_string(),
+                )
+            })
+            .collect();
+        // Every key of a lane is in one slot: route by its first stream.
+        let route = &streams[0].1;
+        // The lane's head and each stream's flood watermark, in one round trip.
         let mut watermarks = redis::cmd("MGET");
-        watermarks
-            .arg(lane_key(target, "seq"))
-            .arg(lane_key(target, "trimmed"));
-        let (head, trimmed): (Option<u64>, Option<u64>) = self
+        watermarks.arg(lane_key(target, "seq"));
+        for kind in kinds() {
+            watermarks.arg(lane_key_of_kind(target, "trimmed", kind));
+        }
+        let mut reply: Vec<Option<u64>> = self
             .router
-            .query(&stream, &watermarks)
+            .query(route, &watermarks)
             .await
             .map_err(router_error)?;
+        let head = reply.remove(0).unwrap_or(0);
         let now = now_ms();
-        let head = head.unwrap_or(0);
         let replay_horizon = now
             .saturating_sub(self.retention.default.as_millis() as u64)
             .saturating_mul(1000);
-        let mut gap = after.0
+        let gap = after.0
             > head
                 .max(self.floor.load(Ordering::Relaxed))
                 .max(now.saturating_mul(1000))
             || (after.0 < replay_horizon && after.0 < head)
-            || trimmed.is_some_and(|below| after.0 < below);
-        let mut events = Vec::new();
-        let mut from = after.0;
-        loop {
-            let mut xrange = redis::cmd("XRANGE");
-            xrange
-                .arg(&stream)
-                .arg(format!("({from}-0"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(PAGE);
-            type Entries = Vec<(String, Vec<(String, String)>)>;
-            let page: Entries = self.router.query(&stream, &xrange).await.map_err(router_error)?;
-            let full = page.len() == PAGE;
-            for (entry_id, fields) in page {
-                // Past this entry whatever it holds: a page of undecodable ones moves on too.
-                let entry = entry_id.split('-').next().and_then(|id| id.parse::<u64>().ok());
-                from = from.max(entry.unwrap_or(from));
-                let Some(event) = decode_entry(target, &entry_id, &fields, PublishedEvent::encode_in_lane)
-                else {
-                    tracing::warn!(stream, entry = %entry_id, "skipped an undecodable entry");
-                    continue;
-                };
-                if !self.retention.keeps(&event, now) {
-                    gap = true;
-                    continue;
-                }
-                events.push(event);
+            || reply.iter().flatten().any(|&below| after.0 < below);
+        let fetch = |asks: &[(usize, u64)]| {
+            let pages: Vec<_> = asks
+                .iter()
+                .map(|&(i, from)| (streams[i].1.clone(), xrange_page(&streams[i].1, from)))
+                .collect();
+            let router = &self.router;
+            async move {
+                futures::future::try_join_all(
+                    pages
+                        .iter()
+                        .map(|(stream, xrange)| router.query::<Entries>(stream, xrange)),
+                )
+                .await
+                .map_err(router_error)
             }
-            if !full {
-                return Ok((events, gap, false));
-            }
-            if events.len() >= limit {
-                return Ok((events, gap, true));
-            }
-        }
+        };
+        let read = read_merged(
+            &streams,
+            after.0,
+            limit,
+            &self.retention,
+            now,
+            PublishedEvent::encode_in_lane,
+            fetch,
+        )
+        .await?;
+        Ok((read.events, gap || read.expired, read.more))
     }
 
     /// Publishes `lanes`, all on one shard as far as this instance knows: in one script if
@@ -589,9 +626,6 @@ impl ClusterBroker {
         };
         let events = lanes.iter().map(|lane| lane.events.len()).sum::<usize>();
         let now = now_ms();
-        let trim_below = now
-            .saturating_sub(self.retention.longest().as_millis() as u64)
-            .saturating_mul(1000);
         let seq_keep = self.retention.longest().max(SEQ_KEEP_MIN).as_millis() as u64;
         let keys = |call: &mut redis::Cmd| {
             for lane in lanes {
@@ -615,7 +649,6 @@ impl ClusterBroker {
         }
         call.arg(now)
             .arg(self.max_stream_len)
-            .arg(trim_below)
             .arg(self.floor.load(Ordering::Relaxed))
             .arg(seq_keep)
             .arg(BATCH_KEEP.as_millis() as u64)
@@ -628,12 +661,14 @@ impl ClusterBroker {
         }
         for event in lanes.iter().flat_map(|lane| &lane.events) {
             let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
+            let kind = self.retention.kept_longer(&event.name).then_some(&*event.name);
             call.arg(lane_key(&event.target, "live"))
                 .arg(&*event.name)
                 .arg(&event.data)
                 .arg(ttl_ms)
                 .arg(event.coalesce_key.as_deref().unwrap_or(""))
-                .arg(event.timestamp_ms);
+                .arg(event.timestamp_ms)
+                .arg(KindSuffix(kind));
         }
         let stream = lane_key(first.target(), "stream").to_string();
         let script = &self.publish_script;
