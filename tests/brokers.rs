@@ -382,6 +382,27 @@ async fn check_long_backlog_in_pages(config: SseConfig) {
     assert!(resumed.nothing_within(Duration::from_millis(300)).await);
 }
 
+/// A stream opened before anything was ever published still tells its client where it
+/// starts, so the client comes back by id and gets exactly what it missed. (Without an id
+/// it would come back as a new client, and an event written just before its connection
+/// died would count as delivered.)
+async fn check_an_empty_broker_still_announces_an_id(config: SseConfig) {
+    let server = start_server(config).await;
+    let mut client = server.connect("early", "", None).await;
+    let ready = client.next_any().await.expect("stream ended");
+    assert_eq!(ready.event, "ready");
+    assert!(!ready.id.is_empty(), "no id before the first event");
+    drop(client);
+    server.wait_for_clients("early", 0).await;
+    server
+        .service
+        .send_notification("early", note("first"))
+        .await
+        .unwrap();
+    let mut back = server.connect("early", "", Some(&ready.id)).await;
+    assert_eq!(text(&back.next().await), "first", "a resync or nothing instead");
+}
+
 macro_rules! behaviour_suite {
     ($($check:ident),*) => {
         mod memory_broker {
@@ -424,7 +445,8 @@ behaviour_suite!(
     check_second_tab,
     check_cursor_from_the_future,
     check_filtered_stream_keeps_offline_delivery,
-    check_long_backlog_in_pages
+    check_long_backlog_in_pages,
+    check_an_empty_broker_still_announces_an_id
 );
 
 // ---- Redis only. ----

@@ -520,3 +520,53 @@ async fn a_client_that_stops_reading_a_long_replay_holds_only_a_page() {
         grown / (1024 * 1024)
     );
 }
+
+/// A reconnect storm from behind one NAT: 400 connections from one address open at once,
+/// then each sends its stream request. Only 256 are read at a time; the rest wait, unread,
+/// and are served in turn: every one gets its stream (before: 144 were closed at once). A
+/// connection that waits and never sends anything is still closed 10 s after its accept.
+#[tokio::test]
+async fn a_storm_from_one_address_is_served_in_turn() {
+    let server = start_server(test_config()).await;
+    let mut sockets = Vec::new();
+    for _ in 0..400 {
+        sockets.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Every one accepted, most of them past the address's 256 places.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut served = 0;
+    for (i, socket) in sockets.iter_mut().enumerate() {
+        if socket
+            .write_all(stream_request(&server, &format!("nat{i}")).as_bytes())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let mut status = [0u8; 12];
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read_exact(&mut status)).await;
+        if matches!(read, Ok(Ok(_))) && &status == b"HTTP/1.1 200" {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 400, "connections from one address refused in a storm");
+    drop(sockets);
+
+    // 256 silent connections hold the places; the one after them waits, and goes at its
+    // head deadline all the same.
+    let mut silent = Vec::new();
+    for _ in 0..256 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut waiting = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(
+        closed_within(&mut waiting, Duration::from_secs(14)).await,
+        "a waiting connection outlived its head timeout"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}

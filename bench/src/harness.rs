@@ -40,9 +40,14 @@ pub enum Sub {
 pub struct Args {
     /// Comma-separated scenarios: s1, s2, s4 (one instance), s1x, s2x (several on Redis),
     /// s3 (targeted via Redis), s5 (bundle), s6 (several on a Redis Cluster: targeted at
-    /// the S3 rate to `--cluster-connections` users, then a broadcast), s8 (Redis memory
-    /// per active uploader).
-    #[arg(long, default_value = "s1,s2,s4,s1x,s2x,s3,s5,s6,s8", value_delimiter = ',')]
+    /// the S3 rate to `--cluster-connections` users, then a broadcast), s4n (the S4 storm
+    /// with every client behind 4 addresses), s4r (the S4 storm on Redis), s8 (Redis memory
+    /// per active uploader). s4n and s4r run beside nchan when `--compare` has it.
+    #[arg(
+        long,
+        default_value = "s1,s2,s4,s4n,s4r,s1x,s2x,s3,s5,s6,s8",
+        value_delimiter = ','
+    )]
     pub scenarios: Vec<String>,
     /// What else S1/S2 (and S4 where it applies) run against, side by side with sse-notify
     /// over SSE, in the same run: `ws` (sse-notify over WebSocket), `nchan` (nginx + nchan,
@@ -157,6 +162,9 @@ pub struct WorkerArgs {
     pub first_user: usize,
     #[arg(long, value_enum, default_value_t = Dialect::Sse)]
     pub dialect: Dialect,
+    /// How many source addresses its connections come from.
+    #[arg(long, default_value_t = SOURCES_PER_WORKER)]
+    pub sources: usize,
 }
 
 /// How long the audit keeps listening after the last expected event arrived, so late
@@ -245,16 +253,19 @@ struct Peer {
 }
 
 impl Peer {
-    /// Starts `dialect`'s peer on a free port; `None` (with the reason printed) when it
-    /// cannot run here.
-    async fn start(dialect: Dialect, dir: &std::path::Path) -> Option<Self> {
+    /// Starts `dialect`'s peer on a free port (nchan with its store on a `redis-server` of
+    /// its own when `on_redis`); `None` (with the reason printed) when it cannot run here.
+    async fn start(dialect: Dialect, dir: &std::path::Path, on_redis: bool) -> Option<Self> {
         let port = free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let (pid, child) = match dialect {
             Dialect::Nchan => {
                 let started = std::process::Command::new("bash")
                     .arg(dir.join("nchan/start.sh"))
-                    .args([&port.to_string(), "memory"])
+                    .args([
+                        port.to_string().as_str(),
+                        if on_redis { "redis" } else { "memory" },
+                    ])
                     .stdout(Stdio::null())
                     .status();
                 if !matches!(started, Ok(s) if s.success()) {
@@ -389,7 +400,11 @@ impl Cluster {
             .env("RUST_LOG", "warn")
             .env_remove("REDIS_URL")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            .stdout(if std::env::var_os("SSE_BENCH_DEBUG_LOST").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true);
         if let Some(redis) = &self.redis {
             command.env("REDIS_URL", redis.url());
@@ -490,6 +505,8 @@ pub(crate) struct Share {
     dialect: Dialect,
     server: SocketAddr,
     source: String,
+    /// Source addresses, from `source` on.
+    sources: usize,
     connections: usize,
     first_user: usize,
 }
@@ -518,6 +535,7 @@ impl Pool {
                 dialect,
                 server: servers[w % servers.len()],
                 source: format!("127.{}.{run}.{}", 2 * phase, 2 + SOURCES_PER_WORKER * w),
+                sources: SOURCES_PER_WORKER,
                 connections: each.min(connections.saturating_sub(w * each)),
                 first_user: w * each,
             })
@@ -536,6 +554,7 @@ impl Pool {
                 .args(["--connections", &share.connections.to_string()])
                 .args(["--first-user", &share.first_user.to_string()])
                 .args(["--dialect", share.dialect.name()])
+                .args(["--sources", &share.sources.to_string()])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .kill_on_drop(true)
@@ -908,19 +927,23 @@ struct Held {
 }
 
 impl Held {
-    /// Opens `connections` on `subject`, lets them settle, then idles `idle_secs`.
-    /// Connections count as held only if none was dropped and reopened meanwhile (a
-    /// worker reconnects a stream the server ends, which would hide the drop).
+    /// Opens `connections` on `subject`, from `sources` addresses per worker, lets them
+    /// settle, then idles `idle_secs`. Connections count as held only if none was dropped
+    /// and reopened meanwhile (a worker reconnects a stream the server ends, which would
+    /// hide the drop).
+    #[allow(clippy::too_many_arguments)]
     async fn measure(
         subject: &dyn Subject,
         dialect: Dialect,
         connections: usize,
         per_worker: usize,
         phase: u8,
+        sources: usize,
         idle_secs: u64,
     ) -> (Pool, Self) {
         let (rss_before, _) = subject.figures();
-        let plan = Pool::plan(&subject.addrs(), connections, per_worker, phase, dialect);
+        let mut plan = Pool::plan(&subject.addrs(), connections, per_worker, phase, dialect);
+        plan.iter_mut().for_each(|share| share.sources = sources);
         let mut pool = Pool::open(&plan).await;
         let reconnects_before = pool.reconnects().await;
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -950,7 +973,7 @@ async fn single_instance(args: &Args, report: &mut Report, dialect: Dialect) -> 
     let (connections, idle_secs) = (args.connections, args.idle_secs);
     let (ours, peer) = match dialect {
         Dialect::Sse | Dialect::Ws => (Some(Cluster::start(&args.server_bin, 1, false).await), None),
-        Dialect::Nchan | Dialect::Floor => match Peer::start(dialect, &args.peers).await {
+        Dialect::Nchan | Dialect::Floor => match Peer::start(dialect, &args.peers, false).await {
             Some(peer) => (None, Some(peer)),
             None => return false,
         },
@@ -966,7 +989,16 @@ async fn single_instance(args: &Args, report: &mut Report, dialect: Dialect) -> 
         Dialect::Nchan => 5,
         Dialect::Floor => 6,
     };
-    let (mut pool, held) = Held::measure(subject, dialect, connections, 9_500, phase, idle_secs).await;
+    let (mut pool, held) = Held::measure(
+        subject,
+        dialect,
+        connections,
+        9_500,
+        phase,
+        SOURCES_PER_WORKER,
+        idle_secs,
+    )
+    .await;
     report.correct &= held.count == connections;
     let Held {
         count: held,
@@ -1006,7 +1038,15 @@ async fn single_instance(args: &Args, report: &mut Report, dialect: Dialect) -> 
     // A storm needs targeted publishing and resuming, which the floor does not do; over
     // WebSocket it is the same server path as over SSE.
     if args.runs("s4") && matches!(dialect, Dialect::Sse | Dialect::Nchan) {
-        storm(args, subject, dialect, &mut pool, report).await;
+        storm(
+            &format!("s4{}", dialect.suffix()),
+            args,
+            subject,
+            dialect,
+            &mut pool,
+            report,
+        )
+        .await;
     }
     pool.close().await;
     if let Some(cluster) = ours {
@@ -1036,7 +1076,7 @@ async fn broadcast(
     pool: &mut Pool,
     report: &mut Report,
 ) {
-    let (mut cpu, mut busy) = (0.0, Duration::ZERO);
+    let (mut cpu, mut busy, mut cpu_whole) = (0.0, Duration::ZERO, 0.0);
     let (mut lost, mut duplicated, mut latencies, mut status) = (0, 0, Vec::new(), 0);
     for seq in 1..=count {
         pool.ask("clear").await;
@@ -1055,6 +1095,7 @@ async fn broadcast(
         let (_, cpu_after) = subject.figures();
         cpu += cpu_after - cpu_before;
         busy += started.elapsed();
+        cpu_whole += cpu_when_idle_again(subject, idle_pct).await - cpu_before;
         // Keep listening a little: a duplicate may come after the last first copy.
         tokio::time::sleep(AUDIT_GRACE).await;
         let (this_lost, this_duplicated, this_latencies) =
@@ -1084,6 +1125,10 @@ async fn broadcast(
         &format!("{name}_server_cpu_us_per_delivery"),
         json!((cpu - idle_cpu) / received * 1e6),
     );
+    report.put(
+        &format!("{name}_server_cpu_us_per_delivery_whole_phase"),
+        json!(cpu_whole / received * 1e6),
+    );
     // Every subject must deliver everything once; the floor drops what a full socket
     // buffer cannot take, and says so, so only sse-notify's delivery is part of the verdict.
     if matches!(dialect, Dialect::Sse | Dialect::Ws) {
@@ -1091,11 +1136,36 @@ async fn broadcast(
     }
 }
 
+/// The subject's CPU seconds once it is idle again after a broadcast: sampled every
+/// 250 ms until a sample uses no more than its idle CPU (`idle_pct`, from S1) and one clock
+/// tick; the figure from the start of that quiet sample. At most 10 s.
+async fn cpu_when_idle_again(subject: &dyn Subject, idle_pct: f64) -> f64 {
+    const SAMPLE: Duration = Duration::from_millis(250);
+    let quiet = 0.01 + SAMPLE.as_secs_f64() * idle_pct / 100.0;
+    let (_, mut last) = subject.figures();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        tokio::time::sleep(SAMPLE).await;
+        let (_, now) = subject.figures();
+        if now - last <= quiet {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 /// S4: every client drops and reconnects with `Last-Event-ID` at once while targeted
 /// events flow; then every event must have arrived exactly once.
-async fn storm(args: &Args, subject: &dyn Subject, dialect: Dialect, pool: &mut Pool, report: &mut Report) {
+async fn storm(
+    name: &str,
+    args: &Args,
+    subject: &dyn Subject,
+    dialect: Dialect,
+    pool: &mut Pool,
+    report: &mut Report,
+) {
     let rate = args.s4_rate;
-    let name = format!("s4{}", dialect.suffix());
     pool.ask("clear").await;
     let users = pool.held as u32;
     let publishing = tokio::spawn(publish_targeted(
@@ -1125,6 +1195,16 @@ async fn storm(args: &Args, subject: &dyn Subject, dialect: Dialect, pool: &mut 
     let (seen, (lost, duplicated, wrong)) = pool
         .settle(&expected, Duration::from_secs(20), Duration::from_millis(250))
         .await;
+    if std::env::var_os("SSE_BENCH_DEBUG_LOST").is_some() {
+        let got: HashSet<u32> = seen.iter().map(|s| s[1]).collect();
+        let mut missing: Vec<(u32, u32)> = expected
+            .iter()
+            .filter(|(seq, _)| !got.contains(seq))
+            .map(|(s, u)| (*s, *u))
+            .collect();
+        missing.sort();
+        eprintln!("DEBUG lost (seq, user): {:?}", &missing[..missing.len().min(60)]);
+    }
     report.put(&format!("{name}_clients"), json!(expected_back));
     report.put(&format!("{name}_back"), json!(back));
     report.put(&format!("{name}_all_back_seconds"), json!(back_secs));
@@ -1134,9 +1214,100 @@ async fn storm(args: &Args, subject: &dyn Subject, dialect: Dialect, pool: &mut 
     report.put(&format!("{name}_duplicates"), json!(duplicated));
     report.put(&format!("{name}_wrong_user"), json!(wrong));
     report.put(&format!("{name}_publisher_failed"), json!(failed));
-    report.latencies(&name, seen.iter().map(|s| s[2]).collect());
+    report.latencies(name, seen.iter().map(|s| s[2]).collect());
     if dialect == Dialect::Sse {
         report.correct &= lost == 0 && duplicated == 0 && wrong == 0 && refused == 0 && !failed;
+    }
+}
+
+/// Where an S4 variant runs: the in-process broker from 4 addresses in all (clients behind
+/// NATs), or on Redis.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StormVariant {
+    BehindNat,
+    OnRedis,
+}
+
+/// S4n / S4r: the S4 storm on `--connections` fresh clients, on sse-notify and (when
+/// compared) on nchan, side by side: every client behind 4 addresses (2 per worker), or
+/// each server on a `redis-server` of its own.
+async fn storm_variant(args: &Args, report: &mut Report, variant: StormVariant) {
+    let (scenario, phase, sources) = match variant {
+        StormVariant::BehindNat => ("s4n", 7, 2),
+        StormVariant::OnRedis => ("s4r", 9, SOURCES_PER_WORKER),
+    };
+    let on_redis = variant == StormVariant::OnRedis;
+    let mut dialects = vec![Dialect::Sse];
+    if args.compares(Dialect::Nchan) {
+        dialects.push(Dialect::Nchan);
+    }
+    for (i, dialect) in dialects.into_iter().enumerate() {
+        let (ours, peer) = match dialect {
+            Dialect::Sse => (Some(Cluster::start(&args.server_bin, 1, on_redis).await), None),
+            _ => match Peer::start(dialect, &args.peers, on_redis).await {
+                Some(peer) => (None, Some(peer)),
+                None => continue,
+            },
+        };
+        let subject: &dyn Subject = match (&ours, &peer) {
+            (Some(cluster), _) => cluster,
+            (_, Some(peer)) => peer,
+            _ => unreachable!(),
+        };
+        let (mut pool, held) = Held::measure(
+            subject,
+            dialect,
+            args.connections,
+            9_500,
+            phase + i as u8,
+            sources,
+            0,
+        )
+        .await;
+        if dialect == Dialect::Sse {
+            report.correct &= held.count == args.connections;
+        }
+        let name = format!("{scenario}{}", dialect.suffix());
+        storm(&name, args, subject, dialect, &mut pool, report).await;
+        pool.close().await;
+        if let Some(cluster) = ours {
+            cluster.stop().await;
+        }
+        if let Some(peer) = peer {
+            peer.stop().await;
+        }
+    }
+    let (gaps, dups) = (
+        report.get(&format!("{scenario}_gaps")),
+        report.get(&format!("{scenario}_duplicates")),
+    );
+    let (back, expected) = (
+        report.get(&format!("{scenario}_back")),
+        report.get(&format!("{scenario}_clients")),
+    );
+    let secs = report.get(&format!("{scenario}_all_back_seconds"));
+    let nchan_secs = report.get(&format!("{scenario}_nchan_all_back_seconds"));
+    let vs_nchan = secs / nchan_secs;
+    report.put(&format!("{scenario}_back_vs_nchan"), json!(vs_nchan));
+    match variant {
+        StormVariant::BehindNat => {
+            let vs_spread = secs / report.get("s4_all_back_seconds");
+            report.put("s4n_back_vs_s4", json!(vs_spread));
+            report.target(
+                "S4n",
+                "storm from 4 addresses: all back, 0 gaps, within 2x S4's time",
+                format!(
+                    "{back} of {expected} back in {secs:.2} s ({vs_spread:.2}x S4, {vs_nchan:.2}x nchan's); {gaps} gaps, {dups} dups"
+                ),
+                back == expected && gaps == 0.0 && dups == 0.0 && vs_spread <= 2.0,
+            );
+        }
+        StormVariant::OnRedis => report.target(
+            "S4r",
+            "storm on Redis: all back in <= nchan-on-Redis's time, 0 gaps",
+            format!("{back} of {expected} back in {secs:.2} s ({vs_nchan:.2}x nchan's {nchan_secs:.2} s); {gaps} gaps, {dups} dups"),
+            back == expected && gaps == 0.0 && dups == 0.0 && vs_nchan <= 1.0,
+        ),
     }
 }
 
@@ -1144,7 +1315,16 @@ async fn storm(args: &Args, subject: &dyn Subject, dialect: Dialect, pool: &mut 
 async fn cluster_scale(args: &Args, report: &mut Report) {
     let (connections, instances, idle_secs) = (args.cluster_connections, args.instances, args.idle_secs);
     let cluster = Cluster::start(&args.server_bin, instances, true).await;
-    let (mut pool, held) = Held::measure(&cluster, Dialect::Sse, connections, 17_000, 1, idle_secs).await;
+    let (mut pool, held) = Held::measure(
+        &cluster,
+        Dialect::Sse,
+        connections,
+        17_000,
+        1,
+        SOURCES_PER_WORKER,
+        idle_secs,
+    )
+    .await;
     report.correct &= held.count == connections;
     let Held {
         count: held,
@@ -1451,19 +1631,27 @@ fn side_by_side(report: &mut Report, compared: &[Dialect]) {
         Dialect::Floor => "floor (one write per socket)",
     };
     println!(
-        "{:<34} {:>8} {:>9} {:>9} {:>16} {:>11} {:>10}",
-        "same run, one server", "held", "KiB/conn", "idle CPU", "S2 p50/p99 ms", "µs/deliv.", "S4 back s"
+        "{:<34} {:>8} {:>9} {:>9} {:>16} {:>11} {:>11} {:>10}",
+        "same run, one server",
+        "held",
+        "KiB/conn",
+        "idle CPU",
+        "S2 p50/p99 ms",
+        "µs/deliv.",
+        "whole µs",
+        "S4 back s"
     );
     for &d in compared {
         let f_at = |scenario: &str, key: &str| report.get(&format!("{scenario}{}_{key}", d.suffix()));
         println!(
-            "{:<34} {:>8} {:>9.1} {:>8.1}% {:>16} {:>11.1} {:>10}",
+            "{:<34} {:>8} {:>9.1} {:>8.1}% {:>16} {:>11.1} {:>11.1} {:>10}",
             label(d),
             f_at("s1", "connections_held"),
             f_at("s1", "rss_per_connection_kib"),
             f_at("s1", "idle_cpu_percent_of_a_core"),
             format!("{:.0} / {:.0}", f_at("s2", "p50_ms"), f_at("s2", "p99_ms")),
             f_at("s2", "server_cpu_us_per_delivery"),
+            f_at("s2", "server_cpu_us_per_delivery_whole_phase"),
             match f_at("s4", "all_back_seconds") {
                 back if back.is_nan() => "-".to_string(),
                 back => format!("{back:.2}"),
@@ -1498,6 +1686,17 @@ fn side_by_side(report: &mut Report, compared: &[Dialect]) {
             "server CPU per delivery <= 1.3x the floor's",
             format!("{cpu:.2}x"),
             cpu <= 1.3,
+        );
+        let whole = ratio(
+            report.get("s2_server_cpu_us_per_delivery_whole_phase"),
+            report.get("s2_floor_server_cpu_us_per_delivery_whole_phase"),
+        );
+        report.put("s2_cpu_per_delivery_whole_phase_vs_floor", json!(whole));
+        report.target(
+            "S2",
+            "server CPU per delivery, whole phase (publish until idle again) <= 1.5x the floor's",
+            format!("{whole:.2}x"),
+            whole <= 1.5,
         );
     }
     if compared.contains(&Dialect::Nchan) {
@@ -1549,6 +1748,14 @@ pub async fn harness(args: Args) -> ExitCode {
             }
         }
         side_by_side(&mut report, &compared);
+    }
+    if args.runs("s4n") {
+        eprintln!("S4n: the storm with every client behind 4 addresses");
+        storm_variant(&args, &mut report, StormVariant::BehindNat).await;
+    }
+    if args.runs("s4r") {
+        eprintln!("S4r: the storm on Redis");
+        storm_variant(&args, &mut report, StormVariant::OnRedis).await;
     }
     if args.runs("s1x") || args.runs("s2x") {
         eprintln!("S1x/S2x: several instances on one Redis");

@@ -23,7 +23,7 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 
-use crate::harness::{now_us, Dialect, WorkerArgs, SECRET, SOURCES_PER_WORKER};
+use crate::harness::{now_us, Dialect, WorkerArgs, SECRET};
 
 #[derive(Default)]
 struct Counters {
@@ -50,6 +50,7 @@ pub async fn run(args: WorkerArgs) -> ExitCode {
         connections: n,
         first_user,
         dialect,
+        sources,
     } = args;
     let auth = sse_notify::server::Auth::new(Some(&SECRET.into()));
     let counters = Arc::new(Counters::default());
@@ -62,7 +63,7 @@ pub async fn run(args: WorkerArgs) -> ExitCode {
             .expect("token");
         let link = Link {
             server,
-            source: Ipv4Addr::from(u32::from(source) + (i % SOURCES_PER_WORKER) as u32),
+            source: Ipv4Addr::from(u32::from(source) + (i % sources.max(1)) as u32),
             token,
             user,
             dialect,

@@ -66,10 +66,16 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write that makes no progress for this long means the client stopped reading: the
 /// connection is dropped so its buffers are freed (the events stay replayable).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections from one address (IPv6: one /64) that have not yet sent a complete request:
-/// past it, more are closed at once, so one client cannot fill the socket budget with
-/// silent connections.
+/// Connections from one address (IPv6: one /64) read at once while they have not sent a
+/// complete request: more wait unread (see [`MAX_PARKED_PER_ADDRESS`]), so one client
+/// cannot fill the socket budget with silent connections.
 const MAX_PENDING_PER_ADDRESS: usize = 256;
+/// Connections from one address that wait, unread, for one of its
+/// [`MAX_PENDING_PER_ADDRESS`] places: a reconnect storm from behind one NAT (thousands of
+/// clients on one address at once) is read in turn rather than refused. A parked
+/// connection costs a socket and a few bytes, for at most [`HEAD_TIMEOUT`] from its accept;
+/// past this many, more are closed at once.
+const MAX_PARKED_PER_ADDRESS: usize = 16_384;
 /// Connections from one address served by hyper (pages, publishes, stats: everything but
 /// event streams, which have their own limits): past it, new ones get a bare 503, so one
 /// client keeping thousands of keep-alive or HTTP/2 connections busy cannot hold the socket
@@ -170,7 +176,7 @@ impl Serve {
             stream_prefix: format!("GET {}", service.stream_path()).into_bytes().into(),
             sockets: AtomicUsize::new(0),
             max_sockets: super::config::file_limit().saturating_sub(FD_HEADROOM).max(64),
-            pending: AddressBudget::new(MAX_PENDING_PER_ADDRESS),
+            pending: PendingBudget::default(),
             requests: AddressBudget::new(MAX_REQUEST_CONNECTIONS_PER_ADDRESS),
             shutdown: watching,
         });
@@ -185,6 +191,8 @@ impl Serve {
         signal.await;
         tracing::info!("shutting down: no new connections");
         drop(acceptors);
+        // Connections still waiting to be read are closed (they hold the shared state).
+        shared.pending.close_parked();
         let _ = shutdown.send(true);
         service.shutdown().await;
         drop(shared);
@@ -226,7 +234,7 @@ struct Shared {
     sockets: AtomicUsize,
     max_sockets: usize,
     /// Connections per address that have not sent a complete request yet.
-    pending: AddressBudget,
+    pending: PendingBudget,
     /// Connections per address that hyper serves.
     requests: AddressBudget,
     shutdown: watch::Receiver<bool>,
@@ -252,19 +260,152 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let Some(slot) = SocketSlot::take(&shared) else {
+        let Some(socket) = SocketSlot::take(&shared) else {
             m::connection_refused("socket_limit");
             continue; // dropping the stream closes it
         };
-        let Some(pending) = shared.pending.take(peer.ip()) else {
-            m::connection_refused("pending_per_address");
-            continue;
+        let accepted = Accepted {
+            stream,
+            peer,
+            socket,
+            head_by: tokio::time::Instant::now() + HEAD_TIMEOUT,
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            handle(stream, peer, pending, &shared).await;
-        });
+        PendingBudget::admit(&shared, accepted);
+    }
+}
+
+/// A connection just accepted, not read yet.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    socket: SocketSlot,
+    /// When its first request head must be complete: [`HEAD_TIMEOUT`] after the accept.
+    head_by: tokio::time::Instant,
+}
+
+/// Reads `accepted` in a task of its own, holding one of its address's pending places.
+fn spawn_handle(accepted: Accepted, pending: PendingSlot, shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let Accepted {
+            stream,
+            peer,
+            socket,
+            head_by,
+        } = accepted;
+        let _socket = socket;
+        handle(stream, peer, pending, head_by, &shared).await;
+    });
+}
+
+/// Connections that have not sent a complete request yet, per address (IPv6: per /64): at
+/// most [`MAX_PENDING_PER_ADDRESS`] read at once, up to [`MAX_PARKED_PER_ADDRESS`] more
+/// waiting unread, in order of arrival.
+#[derive(Default)]
+struct PendingBudget {
+    addresses: Mutex<HashMap<IpAddr, PendingAddress>>,
+}
+
+#[derive(Default)]
+struct PendingAddress {
+    reading: usize,
+    parked: std::collections::VecDeque<Accepted>,
+}
+
+impl PendingBudget {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PendingAddress>> {
+        self.addresses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads `accepted` now if its address has a place, parks it if its queue has room,
+    /// and closes it otherwise.
+    fn admit(shared: &Arc<Shared>, accepted: Accepted) {
+        let key = address_key(accepted.peer.ip());
+        let mut addresses = shared.pending.lock();
+        let address = addresses.entry(key).or_default();
+        if address.reading < MAX_PENDING_PER_ADDRESS {
+            address.reading += 1;
+            drop(addresses);
+            let slot = PendingSlot::new(shared, key);
+            spawn_handle(accepted, slot, shared.clone());
+        } else if address.parked.len() < MAX_PARKED_PER_ADDRESS {
+            address.parked.push_back(accepted);
+        } else {
+            drop(addresses);
+            m::connection_refused("pending_per_address");
+        }
+    }
+
+    /// One of `key`'s places is free: the next parked connection still in time takes it.
+    fn hand_on(shared: &Arc<Shared>, key: IpAddr) {
+        let now = tokio::time::Instant::now();
+        let mut late = Vec::new();
+        let next = {
+            let mut addresses = shared.pending.lock();
+            let Some(address) = addresses.get_mut(&key) else {
+                return;
+            };
+            let next = loop {
+                match address.parked.pop_front() {
+                    Some(accepted) if accepted.head_by <= now => late.push(accepted),
+                    other => break other,
+                }
+            };
+            if next.is_none() {
+                address.reading -= 1;
+                if address.reading == 0 {
+                    addresses.remove(&key);
+                }
+            }
+            next
+        };
+        // Closed outside the lock.
+        late.iter().for_each(|_| m::connection_refused("head_timeout"));
+        drop(late);
+        if let Some(accepted) = next {
+            spawn_handle(accepted, PendingSlot::new(shared, key), shared.clone());
+        }
+    }
+
+    /// Closes every parked connection (at shutdown).
+    fn close_parked(&self) {
+        let parked: Vec<Accepted> = self
+            .lock()
+            .values_mut()
+            .flat_map(|address| std::mem::take(&mut address.parked))
+            .collect();
+        drop(parked);
+    }
+}
+
+/// One of an address's [`PendingBudget`] places, handed on when released or dropped.
+pub(crate) struct PendingSlot {
+    shared: std::sync::Weak<Shared>,
+    key: IpAddr,
+    released: bool,
+}
+
+impl PendingSlot {
+    fn new(shared: &Arc<Shared>, key: IpAddr) -> Self {
+        Self {
+            shared: Arc::downgrade(shared),
+            key,
+            released: false,
+        }
+    }
+
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        if let Some(shared) = self.shared.upgrade() {
+            PendingBudget::hand_on(&shared, self.key);
+        }
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -361,9 +502,15 @@ impl RequestConnection {
 }
 
 /// Reads the first bytes, then serves the connection on the lean path or through hyper.
-async fn handle(mut stream: TcpStream, peer: SocketAddr, mut pending: AddressSlot, shared: &Shared) {
-    // One deadline for the whole first head, however it is split between reads.
-    let head_by = tokio::time::Instant::now() + HEAD_TIMEOUT;
+async fn handle(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut pending: PendingSlot,
+    head_by: tokio::time::Instant,
+    shared: &Shared,
+) {
+    // One deadline for the whole first head from the accept, however it is split between
+    // reads (and however long the connection waited parked).
     let _ = stream.set_nodelay(true);
     let prefix = &shared.stream_prefix;
     let mut first = Vec::with_capacity(prefix.len() + 1);
@@ -628,7 +775,7 @@ async fn serve_lean(
     stream: TcpStream,
     peer: SocketAddr,
     first: Vec<u8>,
-    pending: AddressSlot,
+    pending: PendingSlot,
     head_by: tokio::time::Instant,
     app: &Router,
     _shutdown: watch::Receiver<bool>,
@@ -647,7 +794,7 @@ async fn respond(
     mut stream: TcpStream,
     peer: SocketAddr,
     first: Vec<u8>,
-    mut pending: AddressSlot,
+    mut pending: PendingSlot,
     head_by: tokio::time::Instant,
     app: &Router,
 ) -> Option<(TcpStream, BodyDataStream, bool)> {

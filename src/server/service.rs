@@ -933,6 +933,10 @@ impl Delivery for HubDelivery {
     fn disconnect(&self, user: &str) -> usize {
         self.0.close_user(user, CloseReason::Disconnected)
     }
+
+    fn listens_for(&self, user: &str) -> bool {
+        self.0.holds_user(user)
+    }
 }
 
 /// Configures an [`SseService`] before it starts; see [`SseService::builder`].

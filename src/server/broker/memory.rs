@@ -270,6 +270,9 @@ mod tests {
         fn disconnect(&self, _: &str) -> usize {
             0
         }
+        fn listens_for(&self, _: &str) -> bool {
+            false
+        }
     }
 
     fn broker(retention: Retention, capacity: usize) -> MemoryBroker {

@@ -32,6 +32,22 @@ pub trait Delivery: Send + Sync + 'static {
     /// Ends this process's streams of `user` (a disconnect sent from any instance);
     /// returns how many there were.
     fn disconnect(&self, user: &str) -> usize;
+    /// Whether this process has a stream of `user` now: a broker listens for a user while
+    /// it does, whatever order subscribe and unsubscribe calls reach it in.
+    fn listens_for(&self, user: &str) -> bool;
+}
+
+/// How far behind the clock a lane with no event stands (see [`empty_head`]).
+const EMPTY_HEAD_MARGIN_MS: u64 = 60_000;
+
+/// Where a lane (on one Redis: the whole broker) with no event stands at `now`: where the
+/// clock stood a minute ago. Ids follow the clock, so every event issued later is above it,
+/// and a stream opened before the first event still tells its client where it starts:
+/// without an id, a client that comes back is a new one, and what the server wrote just
+/// before the connection died counts as delivered. Instances' clocks must agree within
+/// that minute (NTP), or an event from one running behind could be issued below it.
+pub(crate) fn empty_head(now: u64) -> u64 {
+    now.saturating_sub(EMPTY_HEAD_MARGIN_MS).saturating_mul(1000)
 }
 
 /// How brokers hold their [`Delivery`].

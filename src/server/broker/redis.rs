@@ -57,8 +57,8 @@ use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, aio::PubSubSin
 use tokio::sync::Mutex;
 
 use super::{
-    Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
-    Retention, Target,
+    empty_head, Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent,
+    Replay, Retention, Target,
 };
 use crate::{
     backoff::backoff_delay,
@@ -222,6 +222,9 @@ pub struct RedisBroker {
     sink: EventSink,
     /// Who this instance listens for, and the subscriber connection's handle.
     subscriptions: Mutex<Subscriptions>,
+    /// Users whose subscription may have to change: flushed together (see
+    /// [`sync_subscriptions`](Self::sync_subscriptions)).
+    to_sync: std::sync::Mutex<Vec<Arc<str>>>,
     healthy: AtomicBool,
     /// Highest id handed to the sink: recovery after a reconnect starts here.
     last_dispatched: AtomicU64,
@@ -366,6 +369,7 @@ impl RedisBroker {
             conn,
             sink,
             subscriptions: Mutex::new(Subscriptions::default()),
+            to_sync: Default::default(),
             healthy: AtomicBool::new(true),
             last_dispatched: AtomicU64::new(0),
             floor: AtomicU64::new(0),
@@ -394,6 +398,14 @@ impl RedisBroker {
             }
         }
         m::broker_healthy(healthy);
+    }
+
+    /// Where ids stand: the newest issued, or with none in Redis (nothing published yet,
+    /// or its data lost), an [empty head](empty_head); never below what this instance
+    /// issued or saw.
+    fn head_or_empty(&self, head: Option<u64>, now: u64) -> u64 {
+        head.unwrap_or_else(|| empty_head(now))
+            .max(self.floor.load(Ordering::Relaxed))
     }
 
     /// Hands one live or recovered event to the sink, unless it was handed over already.
@@ -448,7 +460,7 @@ impl RedisBroker {
         let replay_horizon = now
             .saturating_sub(self.retention.default.as_millis() as u64)
             .saturating_mul(1000);
-        let gap = after.0 > head.unwrap_or(0).max(self.floor.load(Ordering::Relaxed))
+        let gap = after.0 > self.head_or_empty(head, now)
             // Older than retention may be trimmed, unless nothing was published since.
             || (after.0 < replay_horizon && after.0 < head.unwrap_or(0))
             || trimmed.iter().flatten().any(|&below| after.0 < below);
@@ -861,6 +873,44 @@ async fn run_subscriber(broker: Weak<RedisBroker>, ready: tokio::sync::oneshot::
 }
 
 impl RedisBroker {
+    /// Makes this instance listen for `user` exactly while the hub has a stream of theirs
+    /// ([`Delivery::listens_for`](super::Delivery::listens_for)), and returns once that is
+    /// so in Redis. Whoever holds the lock flushes every user waiting, in one `SUBSCRIBE`
+    /// and one `UNSUBSCRIBE`: a reconnect storm costs a few round trips, not two per
+    /// client, and a user who left and came back in between costs none. Deciding from
+    /// the hub, not from the order of the calls, means a late unsubscribe can never cut
+    /// off a user who has just come back.
+    async fn sync_subscriptions(&self, user: &str) {
+        self.to_sync
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(user.into());
+        let mut subscriptions = self.subscriptions.lock().await;
+        let waiting = std::mem::take(&mut *self.to_sync.lock().unwrap_or_else(|e| e.into_inner()));
+        let (mut add, mut remove) = (Vec::new(), Vec::new());
+        for user in waiting {
+            let wanted = self.sink.listens_for(&user);
+            if wanted && subscriptions.users.insert(user.clone()) {
+                add.push(user_channel(&user).to_string());
+            } else if !wanted && subscriptions.users.remove(&user) {
+                remove.push(user_channel(&user).to_string());
+            }
+        }
+        // Without a connection, the reconnect loop subscribes every user in the set.
+        let Some(pubsub) = subscriptions.pubsub.as_mut() else {
+            return;
+        };
+        if !add.is_empty() {
+            if let Err(e) = pubsub.subscribe(&add).await {
+                // The reconnect loop subscribes every user in the set again.
+                tracing::warn!("subscribe failed: {e}");
+            }
+        }
+        if !remove.is_empty() {
+            let _ = pubsub.unsubscribe(&remove).await;
+        }
+    }
+
     /// Opens a subscriber connection, subscribes broadcast and every subscribed user, then
     /// hands over what was published while this instance was not listening (read from the
     /// streams). Returns the message stream, to be read from then on.
@@ -974,7 +1024,7 @@ impl Broker for RedisBroker {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        Ok(Cursor::One(EventId(head.unwrap_or(0))))
+        Ok(Cursor::One(EventId(self.head_or_empty(head, now_ms()))))
     }
 
     async fn delivered_through(&self, user: &str) -> Result<Option<Cursor>, BrokerError> {
@@ -1004,22 +1054,11 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self, user: &str) {
-        let mut subscriptions = self.subscriptions.lock().await;
-        subscriptions.users.insert(user.into());
-        if let Some(pubsub) = subscriptions.pubsub.as_mut() {
-            if let Err(e) = pubsub.subscribe(user_channel(user)).await {
-                // The reconnect loop subscribes every user in the set again.
-                tracing::warn!("subscribe failed: {e}");
-            }
-        }
+        self.sync_subscriptions(user).await;
     }
 
     async fn unsubscribe(&self, user: &str) {
-        let mut subscriptions = self.subscriptions.lock().await;
-        subscriptions.users.remove(user);
-        if let Some(pubsub) = subscriptions.pubsub.as_mut() {
-            let _ = pubsub.unsubscribe(user_channel(user)).await;
-        }
+        self.sync_subscriptions(user).await;
     }
 
     async fn disconnect(&self, user: &str) -> Result<usize, BrokerError> {
@@ -1136,6 +1175,73 @@ mod tests {
             );
         }
         assert_eq!(got, (1_000..1_300).collect::<Vec<_>>());
+    }
+
+    /// A sink that listens for the users in `listening` and passes on what it is given.
+    struct Recorder {
+        listening: std::sync::Mutex<HashSet<String>>,
+        got: tokio::sync::mpsc::UnboundedSender<Arc<PublishedEvent>>,
+    }
+
+    impl super::super::Delivery for Recorder {
+        fn deliver(&self, event: Arc<PublishedEvent>) {
+            let _ = self.got.send(event);
+        }
+        fn disconnect(&self, _: &str) -> usize {
+            0
+        }
+        fn listens_for(&self, user: &str) -> bool {
+            self.listening.lock().unwrap().contains(user)
+        }
+    }
+
+    /// An unsubscribe that arrives after the user came back (the closing stream's task ran
+    /// late) leaves them subscribed: what counts is whether the hub has a stream of theirs.
+    /// Once they are gone, the channel is released.
+    #[tokio::test]
+    async fn a_late_unsubscribe_never_cuts_off_a_user_who_came_back() {
+        let redis = sse_notify_testkit::RedisServer::start();
+        let (got, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let sink = Arc::new(Recorder {
+            listening: Default::default(),
+            got,
+        });
+        let options = RedisOptions {
+            url: redis.url(),
+            ca_cert: None,
+            retention: Retention {
+                default: Duration::from_secs(60),
+                offline: Vec::new(),
+            },
+            max_stream_len: 1_000,
+            wait_replicas: 0,
+        };
+        let broker = RedisBroker::connect(options, sink.clone()).await.unwrap();
+        sink.listening.lock().unwrap().insert("back".into());
+        broker.subscribe("back").await;
+        broker.unsubscribe("back").await;
+        let envelope = || Envelope {
+            target: Target::User("back".into()),
+            name: "notification".into(),
+            data: "{}".into(),
+            timestamp_ms: 0,
+            coalesce_key: None,
+        };
+        broker.publish(vec![envelope()]).await.unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), received.recv()).await;
+        assert!(matches!(event, Ok(Some(_))), "the user was cut off");
+
+        sink.listening.lock().unwrap().clear();
+        broker.unsubscribe("back").await;
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let (_, listeners): (String, usize) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("sse:u:back")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(listeners, 0, "still subscribed after the user left");
     }
 
     #[test]

@@ -47,7 +47,7 @@
 //!
 //! Known limits: a catch-up runs in the dispatch task, [`CATCH_UP_CONCURRENCY`] lanes at a
 //! time (live events wait meanwhile); and instances' clocks must agree within a minute (see
-//! [`empty_lane_head`]).
+//! [`empty_head`]).
 
 pub mod router;
 
@@ -67,6 +67,7 @@ use tokio::sync::mpsc;
 
 use self::router::{ClusterRouter, RouterError, RouterOptions, ShardedSubscriber, SubscriberEvent};
 use super::{
+    empty_head,
     redis::{
         check_version, decode_payload, install_tls_provider_for, lua_append_event, read_merged, stream_kinds,
         xrange_page, Entries, Message,
@@ -103,8 +104,6 @@ const BATCH_KEEP: Duration = Duration::from_secs(30);
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(15);
 /// How long a publish waits for a replica of its shard to confirm it.
 const REPLICA_WAIT: Duration = Duration::from_millis(500);
-/// How far behind the clock an empty lane stands (see [`empty_lane_head`]).
-const EMPTY_LANE_MARGIN_MS: u64 = 60_000;
 /// How long a failed publish shows the broker as degraded.
 const PUBLISH_FAILURE_SHOWS: Duration = Duration::from_secs(5);
 /// How long publishes stop waiting for the replicas of a primary whose replicas did not
@@ -391,7 +390,7 @@ impl ClusterBroker {
             sink,
             dispatched: std::sync::Mutex::new(Dispatched {
                 users: HashMap::new(),
-                broadcast: broadcast_head.unwrap_or_else(|| empty_lane_head(now_ms())),
+                broadcast: broadcast_head.unwrap_or_else(|| empty_head(now_ms())),
             }),
             behind: Default::default(),
             publish_failed_at: AtomicU64::new(0),
@@ -800,13 +799,6 @@ fn disconnect_reply_key(user: &str, nonce: &str) -> String {
     format!("sse:{{u:{user}}}:disconnect:{nonce}")
 }
 
-/// Where a lane with no event (none kept, or its counter expired) stands at `now`: where
-/// the clock stood a minute ago. Instances' clocks must agree within that minute (NTP), or
-/// an event from one running behind could be issued below it.
-fn empty_lane_head(now: u64) -> u64 {
-    now.saturating_sub(EMPTY_LANE_MARGIN_MS).saturating_mul(1000)
-}
-
 /// Hands the subscriber's messages to the sink in order, catches lanes up after their shard
 /// came back, and retries lanes still behind every second. Ends when the broker is dropped.
 async fn run_dispatch(broker: Weak<ClusterBroker>, mut events: mpsc::Receiver<SubscriberEvent>) {
@@ -970,7 +962,7 @@ impl Broker for ClusterBroker {
         // An empty lane stands where the clock stood a while ago, not at 0: a client that
         // starts there and comes back after the retention gets `resync` only if events came
         // in between (as with one order), and no event to come is issued below it.
-        let empty = empty_lane_head(now_ms());
+        let empty = empty_head(now_ms());
         Ok(Cursor::Lanes {
             user: EventId(own.unwrap_or(empty)),
             broadcast: EventId(broadcast.unwrap_or(empty)),
@@ -1023,7 +1015,7 @@ impl Broker for ClusterBroker {
                     None
                 }
             };
-            let head = head.unwrap_or_else(|| empty_lane_head(now_ms()));
+            let head = head.unwrap_or_else(|| empty_head(now_ms()));
             self.lock_dispatched().users.entry(user).or_insert(head);
         }
         if let Err(e) = self.subscriber.subscribe(channel.clone()).await {
@@ -1036,6 +1028,10 @@ impl Broker for ClusterBroker {
 
     async fn unsubscribe(&self, user: &str) {
         let _serial = self.subscribing.lock().await;
+        if self.sink.listens_for(user) {
+            // Back already (a reconnect, a storm): its subscribe found the lane subscribed.
+            return;
+        }
         let target = Target::User(user.into());
         let channel = lane_key(&target, "live").to_string();
         self.lock_dispatched().users.remove(user);
@@ -1109,6 +1105,9 @@ mod tests {
             fn deliver(&self, _: Arc<PublishedEvent>) {}
             fn disconnect(&self, _: &str) -> usize {
                 0
+            }
+            fn listens_for(&self, _: &str) -> bool {
+                false
             }
         }
         let cluster = tokio::task::spawn_blocking(|| sse_notify_testkit::RedisCluster::start(3, 0))
