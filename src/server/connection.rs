@@ -32,7 +32,8 @@ const MAX_BATCH_BYTES: usize = 32 * 1024;
 pub struct EventStream {
     pub(super) prelude: VecDeque<Bytes>,
     /// The rest of a backlog longer than a page: sent before anything from the mailbox.
-    pub(super) rest: Option<ReplayRest>,
+    /// Boxed: it is rare, and inline it would double the size of every stream.
+    pub(super) rest: Option<Box<ReplayRest>>,
     /// Live events up to here came through the replay: skipped.
     pub(super) replayed_through: Cursor,
     pub(super) mailbox: Receiver,

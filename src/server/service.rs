@@ -541,14 +541,14 @@ impl SseService {
                 // A backlog longer than a page: the rest is read page by page as the client
                 // takes it, up to the head read now (what is newer is in the queue).
                 let until = head.max(replayed_through);
-                rest = Some(ReplayRest::new(
+                rest = Some(Box::new(ReplayRest::new(
                     self.clone(),
                     user.clone(),
                     selection,
                     replay_through.max(after),
                     sent,
                     until,
-                ));
+                )));
             }
             if resync {
                 // A cursor beyond the broker's head (a faster clock's, another

@@ -442,20 +442,32 @@ impl RedisBroker {
                     .map(move |kind| (target.clone(), stream_of(target, kind.as_deref()).to_string()))
             })
             .collect();
-        // The head and each stream's flood watermark, in one round trip.
+        // The head, each stream's flood watermark and first page, in one round trip.
         let mut pipe = redis::pipe();
         pipe.get(SEQ_KEY);
         for (_, stream) in &streams {
             pipe.get(trimmed_key(stream));
         }
-        let (head, trimmed): (Option<u64>, Vec<Option<u64>>) = {
-            let mut reply: Vec<Option<u64>> = pipe.query_async(&mut conn).await.map_err(|e| {
-                self.set_healthy(false);
-                unavailable(e)
-            })?;
-            let head = reply.remove(0);
-            (head, reply)
-        };
+        for (_, stream) in &streams {
+            pipe.add_command(xrange_page(stream, after.0));
+        }
+        let mut reply: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(|e| {
+            self.set_healthy(false);
+            unavailable(e)
+        })?;
+        let pages = reply.split_off(1 + streams.len());
+        let unexpected = |e: redis::ParsingError| BrokerError::Unavailable(format!("unexpected reply: {e}"));
+        let head: Option<u64> = redis::from_redis_value(reply.remove(0)).map_err(unexpected)?;
+        let trimmed = reply
+            .into_iter()
+            .map(redis::from_redis_value::<Option<u64>>)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unexpected)?;
+        let first_pages = pages
+            .into_iter()
+            .map(redis::from_redis_value::<Entries>)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unexpected)?;
         let now = now_ms();
         let replay_horizon = now
             .saturating_sub(self.retention.default.as_millis() as u64)
@@ -484,6 +496,7 @@ impl RedisBroker {
             &self.retention,
             now,
             PublishedEvent::encode,
+            Some(first_pages),
             fetch,
         )
         .await?;
@@ -702,7 +715,9 @@ pub(super) struct MergedRead {
 /// Reads `streams` (each with whose events it holds) after `after`, merged in id order, in
 /// pages until at least `limit` events are known complete: below where every stream still
 /// being read stopped. `fetch` reads one page ([`xrange_page`]) of each `(stream, from)`
-/// asked, in one round trip where it can.
+/// asked, in one round trip where it can; `first_pages`, when given, are every stream's
+/// page after `after`, read already (with the watermarks, in the same round trip).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn read_merged<F, Fut>(
     streams: &[(Target, String)],
     after: u64,
@@ -710,6 +725,7 @@ pub(super) async fn read_merged<F, Fut>(
     retention: &Retention,
     now: u64,
     encode: Encode,
+    mut first_pages: Option<Vec<Entries>>,
     fetch: F,
 ) -> Result<MergedRead, BrokerError>
 where
@@ -720,7 +736,10 @@ where
     let mut expired = false;
     let mut reading: Vec<(usize, u64)> = (0..streams.len()).map(|i| (i, after)).collect();
     while !reading.is_empty() {
-        let pages = fetch(&reading).await?;
+        let pages = match first_pages.take() {
+            Some(pages) => pages,
+            None => fetch(&reading).await?,
+        };
         let mut next = Vec::new();
         for (&(i, from), page) in reading.iter().zip(pages) {
             let (target, stream) = &streams[i];
@@ -1159,6 +1178,7 @@ mod tests {
                 &retention,
                 NOW,
                 PublishedEvent::encode,
+                None,
                 &fetch,
             )
             .await

@@ -529,28 +529,6 @@ impl ClusterBroker {
             .collect();
         // Every key of a lane is in one slot: route by its first stream.
         let route = &streams[0].1;
-        // The lane's head and each stream's flood watermark, in one round trip.
-        let mut watermarks = redis::cmd("MGET");
-        watermarks.arg(lane_key(target, "seq"));
-        for kind in kinds() {
-            watermarks.arg(lane_key_of_kind(target, "trimmed", kind));
-        }
-        let mut reply: Vec<Option<u64>> = self
-            .router
-            .query(route, &watermarks)
-            .await
-            .map_err(router_error)?;
-        let head = reply.remove(0).unwrap_or(0);
-        let now = now_ms();
-        let replay_horizon = now
-            .saturating_sub(self.retention.default.as_millis() as u64)
-            .saturating_mul(1000);
-        let gap = after.0
-            > head
-                .max(self.floor.load(Ordering::Relaxed))
-                .max(now.saturating_mul(1000))
-            || (after.0 < replay_horizon && after.0 < head)
-            || reply.iter().flatten().any(|&below| after.0 < below);
         let fetch = |asks: &[(usize, u64)]| {
             let pages: Vec<_> = asks
                 .iter()
@@ -567,6 +545,33 @@ impl ClusterBroker {
                 .map_err(router_error)
             }
         };
+        // The lane's head, each stream's flood watermark and first page, at once.
+        let mut watermarks = redis::cmd("MGET");
+        watermarks.arg(lane_key(target, "seq"));
+        for kind in kinds() {
+            watermarks.arg(lane_key_of_kind(target, "trimmed", kind));
+        }
+        let from_start: Vec<(usize, u64)> = (0..streams.len()).map(|i| (i, after.0)).collect();
+        let (mut reply, first_pages) = tokio::try_join!(
+            async {
+                self.router
+                    .query::<Vec<Option<u64>>>(route, &watermarks)
+                    .await
+                    .map_err(router_error)
+            },
+            fetch(&from_start)
+        )?;
+        let head = reply.remove(0).unwrap_or(0);
+        let now = now_ms();
+        let replay_horizon = now
+            .saturating_sub(self.retention.default.as_millis() as u64)
+            .saturating_mul(1000);
+        let gap = after.0
+            > head
+                .max(self.floor.load(Ordering::Relaxed))
+                .max(now.saturating_mul(1000))
+            || (after.0 < replay_horizon && after.0 < head)
+            || reply.iter().flatten().any(|&below| after.0 < below);
         let read = read_merged(
             &streams,
             after.0,
@@ -574,6 +579,7 @@ impl ClusterBroker {
             &self.retention,
             now,
             PublishedEvent::encode_in_lane,
+            Some(first_pages),
             fetch,
         )
         .await?;
