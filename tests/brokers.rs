@@ -695,7 +695,7 @@ async fn redis_keys_expire_with_their_retention() {
         .unwrap();
     let pttl = |key: &str| redis::cmd("PTTL").arg(key).clone();
     let day: i64 = 24 * 3600 * 1000;
-    let notification_ttl: i64 = redis_query(&redis, &mut pttl("sse:stream:t:notification:u:ttl")).await;
+    let notification_ttl: i64 = redis_query(&redis, &mut pttl("sse:stream:long:u:ttl")).await;
     assert!(
         day - 60_000 < notification_ttl && notification_ttl <= day,
         "{notification_ttl}"
@@ -904,7 +904,7 @@ async fn types_are_trimmed_by_their_own_retention_on_redis() {
         &server,
         xlen,
         "sse:stream:u:flood",
-        "sse:stream:t:notification:u:flood",
+        "sse:stream:long:u:flood",
     )
     .await;
 }
@@ -938,7 +938,7 @@ async fn types_are_trimmed_by_their_own_retention_on_a_redis_cluster() {
         &server,
         xlen,
         "sse:{u:flood}:stream",
-        "sse:{u:flood}:stream:notification",
+        "sse:{u:flood}:stream:long",
     )
     .await;
 }

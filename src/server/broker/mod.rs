@@ -76,24 +76,22 @@ impl Retention {
             .map(|(_, d)| *d)
     }
 
-    /// Whether events named `name` are kept longer than the replay retention. On Redis such
-    /// a type has a stream of its own, trimmed by its own retention, so a flood of
-    /// short-lived events is never kept as long as the longest-kept type.
+    /// Whether events named `name` are kept longer than the replay retention. On Redis
+    /// they go to a stream of their own, so a flood of short-lived events (progress, custom
+    /// events) is trimmed at the replay retention, not kept as long as notifications.
     pub fn kept_longer(&self, name: &str) -> bool {
         self.offline_for(name).is_some_and(|d| d > self.default)
     }
 
-    /// The types [kept longer](Self::kept_longer), each once, in name order.
-    pub fn long_kept_types(&self) -> Vec<&str> {
-        let mut types: Vec<&str> = self
-            .offline
-            .iter()
-            .map(|(name, _)| name.as_str())
-            .filter(|name| self.kept_longer(name))
-            .collect();
-        types.sort_unstable();
-        types.dedup();
-        types
+    /// How long the Redis stream holding events named `name` keeps its entries: the replay
+    /// retention, or for the types [kept longer](Self::kept_longer), which share one
+    /// stream, the longest of all. A replay still passes over entries past their own
+    /// type's retention ([`keeps`](Self::keeps)).
+    pub fn stream_retention(&self, name: &str) -> Duration {
+        match self.kept_longer(name) {
+            true => self.longest(),
+            false => self.default,
+        }
     }
 
     /// The longest any event is kept.
@@ -265,6 +263,7 @@ mod tests {
         assert_eq!(r.longest(), Duration::from_secs(86_400));
         assert!(r.kept_longer("notification"));
         assert!(!r.kept_longer("system_alert") && !r.kept_longer("custom.x"));
-        assert_eq!(r.long_kept_types(), ["notification"]);
+        assert_eq!(r.stream_retention("notification"), Duration::from_secs(86_400));
+        assert_eq!(r.stream_retention("custom.x"), Duration::from_secs(300));
     }
 }

@@ -5,9 +5,9 @@
 //! | key / channel | what |
 //! |---|---|
 //! | `sse:seq` | the newest id issued: one order for every instance |
-//! | `sse:stream:u:<user>` | stream of the user's events kept only the replay retention, entry id `<event id>-0`, fields `n` (name), `d` (data), `t` (ms), `k` (coalescing key) |
-//! | `sse:stream:t:<type>:u:<user>` | the same for one type [kept longer](Retention::kept_longer) (`notification`, ...) |
-//! | `sse:stream:broadcast`, `sse:stream:t:<type>:broadcast` | the same for broadcasts |
+//! | `sse:stream:u:<user>` | stream of the user's events kept only the replay retention (progress, custom events), entry id `<event id>-0`, fields `n` (name), `d` (data), `t` (ms), `k` (coalescing key) |
+//! | `sse:stream:long:u:<user>` | the same for the types [kept longer](Retention::kept_longer) for offline users (`notification`, ...) |
+//! | `sse:stream:broadcast`, `sse:stream:long:broadcast` | the same for broadcasts |
 //! | `sse:trimmed:<stream>` | the newest id a flood pushed out of that stream (set only when `MAXLEN` trims) |
 //! | `sse:delivered:u:<user>` | highest id a closed connection of the user had received: where offline delivery starts |
 //! | channel `sse:u:<user>` | live fan-out of the user's events, `"<id> <name> <data>"`, and `"!disconnect <nonce>"` |
@@ -15,9 +15,9 @@
 //!
 //! Publishing is one Lua script per batch: issue the id, `XADD` to the stream (trimmed by
 //! time with `MINID ~`, capped by `MAXLEN`, `PEXPIRE`d to the retention), `PUBLISH`: the
-//! history and the live message can never disagree. Each stream holds events of one
-//! retention, so trimming by time keeps every event exactly as long as its type needs: a
-//! flood of progress events is gone after 5 minutes, not kept as long as notifications. Because the streams use the global id
+//! history and the live message can never disagree. Types kept only the replay retention
+//! and types kept longer have streams of their own, each trimmed by time to its retention:
+//! a flood of progress events is gone after 5 minutes, not kept as long as notifications. Because the streams use the global id
 //! as entry id, a `Last-Event-ID` resumes the user's stream and the broadcast stream at
 //! once, exactly.
 //!
@@ -99,9 +99,8 @@ impl<T: std::fmt::Display> redis::ToRedisArgs for Prefixed<T> {
 /// A key is one argument.
 impl<T: std::fmt::Display> redis::ToSingleRedisArg for Prefixed<T> {}
 
-/// The stream that keeps `target`'s events of `kind`: one type [kept
-/// longer](Retention::kept_longer), or (`None`) every type kept only the replay retention.
-/// Written as a command argument like [`Prefixed`].
+/// The stream that keeps `target`'s events of `kind` ([`STREAM_KINDS`]). Written as a
+/// command argument like [`Prefixed`].
 #[derive(Clone, Copy)]
 struct StreamKey<'a> {
     target: &'a Target,
@@ -114,10 +113,10 @@ fn stream_of<'a>(target: &'a Target, kind: Option<&'a str>) -> StreamKey<'a> {
 
 impl std::fmt::Display for StreamKey<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Type names have no `:`, so no user id makes one stream's key another's.
+        // `sse:stream:u:`, `sse:stream:long:`: no user id makes one stream's key another's.
         match self.kind {
             None => f.write_str("sse:stream:")?,
-            Some(kind) => write!(f, "sse:stream:t:{kind}:")?,
+            Some(kind) => write!(f, "sse:stream:{kind}:")?,
         }
         match self.target {
             Target::User(user) => write!(f, "u:{user}"),
@@ -231,9 +230,6 @@ pub struct RedisBroker {
     /// Highest id this instance issued or saw: new ids go above it even if Redis lost its data.
     floor: AtomicU64,
     retention: Retention,
-    /// What each of a target's streams holds: `None` (every type kept only the replay
-    /// retention), then each type kept longer.
-    stream_kinds: Vec<Option<String>>,
     max_stream_len: usize,
     publish_script: Script,
     set_delivered_script: Script,
@@ -373,7 +369,6 @@ impl RedisBroker {
             healthy: AtomicBool::new(true),
             last_dispatched: AtomicU64::new(0),
             floor: AtomicU64::new(0),
-            stream_kinds: stream_kinds(&retention),
             retention,
             max_stream_len: max_stream_len.max(1),
             publish_script: Script::new(PUBLISH_SCRIPT),
@@ -437,9 +432,9 @@ impl RedisBroker {
         let streams: Vec<(Target, String)> = targets
             .iter()
             .flat_map(|target| {
-                self.stream_kinds
+                STREAM_KINDS
                     .iter()
-                    .map(move |kind| (target.clone(), stream_of(target, kind.as_deref()).to_string()))
+                    .map(move |kind| (target.clone(), stream_of(target, *kind).to_string()))
             })
             .collect();
         // The head, each stream's flood watermark and first page, in one round trip.
@@ -674,17 +669,17 @@ pub(super) fn decode_entry(
     ))
 }
 
-/// What each of a target's streams holds: `None` (every type kept only the replay
-/// retention), then each type [kept longer](Retention::kept_longer), in name order.
-pub(super) fn stream_kinds(retention: &Retention) -> Vec<Option<String>> {
-    std::iter::once(None)
-        .chain(
-            retention
-                .long_kept_types()
-                .into_iter()
-                .map(|t| Some(t.to_string())),
-        )
-        .collect()
+/// A target's streams: `None`, the types kept only the replay retention, and `long`, the
+/// types [kept longer](Retention::kept_longer) for offline users. Both are always read, so
+/// a type whose retention changes is still replayed from where it was written.
+pub(super) const STREAM_KINDS: [Option<&str>; 2] = [None, Some(LONG_KEPT)];
+
+/// The stream (kind) of the types kept longer.
+pub(super) const LONG_KEPT: &str = "long";
+
+/// The stream kind of events named `name` (see [`STREAM_KINDS`]).
+pub(super) fn stream_kind(retention: &Retention, name: &str) -> Option<&'static str> {
+    retention.kept_longer(name).then_some(LONG_KEPT)
 }
 
 /// One page of a stream: up to [`PAGE`] entries after `from`.
@@ -980,15 +975,14 @@ impl Broker for RedisBroker {
             .arg(1 + 2 * events.len())
             .arg(SEQ_KEY);
         for event in &events {
-            let kind = self.retention.kept_longer(&event.name).then_some(&*event.name);
-            let stream = stream_of(&event.target, kind);
+            let stream = stream_of(&event.target, stream_kind(&self.retention, &event.name));
             call.arg(stream).arg(trimmed_key(stream));
         }
         call.arg(now)
             .arg(self.max_stream_len)
             .arg(self.floor.load(Ordering::Relaxed));
         for event in &events {
-            let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
+            let ttl_ms = self.retention.stream_retention(&event.name).as_millis() as u64;
             call.arg(channel_of(&event.target))
                 .arg(&*event.name)
                 .arg(&event.data)

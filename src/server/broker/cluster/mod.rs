@@ -12,11 +12,11 @@
 //! |---|---|
 //! | `sse:{u:<user>}:seq` | the newest id of the user's lane |
 //! | `sse:{u:<user>}:stream` | the user's events kept only the replay retention, entry id `<event id>-0` (fields as on one Redis) |
-//! | `sse:{u:<user>}:stream:<type>` | the same for one type [kept longer](Retention::kept_longer) (`notification`, ...) |
-//! | `sse:{u:<user>}:trimmed`, `sse:{u:<user>}:trimmed:<type>` | the newest id a flood pushed out of that stream |
+//! | `sse:{u:<user>}:stream:long` | the same for the types [kept longer](Retention::kept_longer) for offline users (`notification`, ...) |
+//! | `sse:{u:<user>}:trimmed`, `sse:{u:<user>}:trimmed:long` | the newest id a flood pushed out of that stream |
 //! | `sse:{u:<user>}:delivered` | how far a closed connection of the user had got: `<user lane>.<broadcast lane>` |
 //! | sharded channel `sse:{u:<user>}:live` | live fan-out of the user's events, and `!disconnect <nonce>` |
-//! | `sse:{b}:seq`, `sse:{b}:stream[:<type>]`, `sse:{b}:trimmed[:<type>]`, channel `sse:{b}:live` | the same for broadcasts |
+//! | `sse:{b}:seq`, `sse:{b}:stream[:long]`, `sse:{b}:trimmed[:long]`, channel `sse:{b}:live` | the same for broadcasts |
 //!
 //! Ids are the same hybrid clock as on one Redis, per lane: they increase within a lane and
 //! stay close to the time they were issued, so lanes interleave roughly by time, but an
@@ -69,8 +69,8 @@ use self::router::{ClusterRouter, RouterError, RouterOptions, ShardedSubscriber,
 use super::{
     empty_head,
     redis::{
-        check_version, decode_payload, install_tls_provider_for, lua_append_event, read_merged, stream_kinds,
-        xrange_page, Entries, Message,
+        check_version, decode_payload, install_tls_provider_for, lua_append_event, read_merged, stream_kind,
+        xrange_page, Entries, Message, STREAM_KINDS,
     },
     Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
     Retention, Target,
@@ -129,7 +129,7 @@ const PUBLISH_SCRIPT: &str = concat!(
 -- Per lane, its batch key, counter, stream and trimmed marker: in KEYS, or (KEYS empty) in
 -- the next 4m arguments. Then per event, lane after lane: channel, name, data, ttl ms,
 -- coalescing key, timestamp ms, and the suffix of its stream and trimmed marker (empty, or
--- `:<type>` for a type kept longer: same hash tag, same slot).
+-- `:long` for the types kept longer: same hash tag, same slot).
 -- A batch key holds the ids its lane was given: a retry of a try whose reply was lost gets
 -- them back instead of publishing the lane again.
 -- Lua numbers are doubles: ids (about 1.8e15) stay exact below 2^53, and stay strings in
@@ -194,7 +194,7 @@ return 1
 "#;
 
 /// A key or channel of a lane: `sse:{u:<user>}:<what>` or `sse:{b}:<what>`, then
-/// `:<kind>` for the stream (and trimmed marker) of a type kept longer.
+/// `:<kind>` for the stream (and trimmed marker) of the types kept longer.
 #[derive(Clone, Copy)]
 struct LaneKey<'a> {
     user: Option<&'a str>,
@@ -206,7 +206,7 @@ fn lane_key<'a>(target: &'a Target, what: &'static str) -> LaneKey<'a> {
     lane_key_of_kind(target, what, None)
 }
 
-/// A lane's stream or trimmed marker for events of `kind` (see [`super::redis::stream_kinds`]).
+/// A lane's stream or trimmed marker for events of `kind` (see [`STREAM_KINDS`]).
 fn lane_key_of_kind<'a>(target: &'a Target, what: &'static str, kind: Option<&'a str>) -> LaneKey<'a> {
     LaneKey {
         user: match target {
@@ -227,8 +227,8 @@ impl std::fmt::Display for LaneKey<'_> {
     }
 }
 
-/// What follows a lane's stream key for events of one type kept longer: `:<type>`, or
-/// nothing. Type names have no `:` or `}`, so no user id makes one key another's.
+/// What follows a lane's stream key for the types kept longer: `:long`, or nothing. No
+/// user id makes one key another's (the key ends in `}:stream` or `}:stream:long`).
 #[derive(Clone, Copy)]
 struct KindSuffix<'a>(Option<&'a str>);
 
@@ -343,8 +343,6 @@ pub struct ClusterBroker {
     /// Highest id this instance issued or saw, in any lane: new ids go above it.
     floor: AtomicU64,
     retention: Retention,
-    /// What each of a lane's streams holds (see [`stream_kinds`]).
-    stream_kinds: Vec<Option<String>>,
     max_stream_len: usize,
     publish_script: Script,
     set_delivered_script: Script,
@@ -397,7 +395,6 @@ impl ClusterBroker {
             replica_late_until: Default::default(),
             subscribing: Default::default(),
             floor: AtomicU64::new(0),
-            stream_kinds: stream_kinds(&options.retention),
             retention: options.retention,
             max_stream_len: options.max_stream_len.max(1),
             publish_script: Script::new(PUBLISH_SCRIPT),
@@ -518,7 +515,7 @@ impl ClusterBroker {
         after: EventId,
         limit: usize,
     ) -> Result<(Vec<PublishedEvent>, bool, bool), BrokerError> {
-        let kinds = || self.stream_kinds.iter().map(|kind| kind.as_deref());
+        let kinds = || STREAM_KINDS.iter().copied();
         let streams: Vec<(Target, String)> = kinds()
             .map(|kind| {
                 (
@@ -665,8 +662,8 @@ impl ClusterBroker {
             keys(&mut call);
         }
         for event in lanes.iter().flat_map(|lane| &lane.events) {
-            let ttl_ms = self.retention.for_event(&event.name).as_millis() as u64;
-            let kind = self.retention.kept_longer(&event.name).then_some(&*event.name);
+            let ttl_ms = self.retention.stream_retention(&event.name).as_millis() as u64;
+            let kind = stream_kind(&self.retention, &event.name);
             call.arg(lane_key(&event.target, "live"))
                 .arg(&*event.name)
                 .arg(&event.data)
