@@ -74,7 +74,7 @@ pub struct Stats {
     pub events_failed: u64,
     pub slow_client_disconnects: u64,
     pub connections_replaced: u64,
-    /// `memory` or `redis`.
+    /// `memory`, `redis` or `redis-cluster`.
     pub broker: String,
     pub broker_health: BrokerHealth,
     pub uptime_ms: u64,

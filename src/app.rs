@@ -220,7 +220,7 @@ mod server_side {
                 .await
             }
             DemoEvent::UserUpdate(kind) => {
-                let data = serde_json::json!({ "changedBy": "demo", "at": crate::server::now_ms() });
+                let data = serde_json::json!({ "changedBy": "demo", "at": crate::server::clock::now_ms() });
                 sse.send_user_update(&user, UserUpdate { kind, data }).await
             }
             DemoEvent::Custom { name, data } => {
@@ -243,7 +243,7 @@ mod server_side {
                 .await
             }
             DemoEvent::ReelUpload => {
-                let reel_id = format!("reel-{}", crate::server::now_ms() % 100_000);
+                let reel_id = format!("reel-{}", crate::server::clock::now_ms() % 100_000);
                 tokio::spawn(simulate_upload(sse, user, reel_id.clone()));
                 return Ok(reel_id);
             }

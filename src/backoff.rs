@@ -1,5 +1,5 @@
-//! The one backoff formula, used by the browser's reconnects and the server's Redis
-//! subscriber alike.
+//! The one backoff formula, used by the browser's reconnects, the server's Redis
+//! subscriber and the cluster router's retries alike.
 
 /// The delay before retry `attempt` (0-based): `base_ms * 2^attempt`, capped at `cap_ms`,
 /// then a random point in its upper half (`jitter` in `0.0..1.0`), so a crowd of clients

@@ -210,7 +210,7 @@ impl Auth {
         validate_user_id(user_id).map_err(AuthError::Invalid)?;
         let claims = Claims {
             sub: user_id.to_string(),
-            exp: crate::server::now_ms() / 1000 + ttl.as_secs(),
+            exp: crate::server::clock::now_ms() / 1000 + ttl.as_secs(),
             sid: session_id.map(str::to_string),
             aud: Some(TOKEN_AUDIENCE.into()),
         };
@@ -341,7 +341,7 @@ mod tests {
             )
             .unwrap()
         };
-        let exp = crate::server::now_ms() / 1000 + 60;
+        let exp = crate::server::clock::now_ms() / 1000 + 60;
         let issued = auth().issue("a", None, Duration::from_secs(60)).unwrap();
         assert_eq!(
             auth().verify(&issued).unwrap().aud.as_deref(),

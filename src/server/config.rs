@@ -21,7 +21,7 @@ use default_struct_builder::DefaultBuilder;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::server::broker::Retention;
+use crate::{events::names, server::broker::Retention};
 
 /// A configuration value that could not be used. The server refuses to start with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,10 +129,10 @@ impl Default for SseConfig {
             cleanup_interval: Duration::from_secs(60),
             event_retention: Duration::from_secs(300),
             offline_retention: vec![
-                ("notification".into(), Duration::from_secs(24 * 3600)),
-                ("reel_ready".into(), Duration::from_secs(24 * 3600)),
-                ("system_alert".into(), Duration::from_secs(3600)),
-                ("reel_upload_progress".into(), Duration::from_secs(300)),
+                (names::NOTIFICATION.into(), Duration::from_secs(24 * 3600)),
+                (names::REEL_READY.into(), Duration::from_secs(24 * 3600)),
+                (names::SYSTEM_ALERT.into(), Duration::from_secs(3600)),
+                (names::REEL_UPLOAD_PROGRESS.into(), Duration::from_secs(300)),
             ],
             queue_capacity: 256,
             history_capacity: 100_000,

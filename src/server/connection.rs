@@ -16,10 +16,10 @@ use bytes::{Bytes, BytesMut};
 use futures::Stream;
 
 use super::{
+    clock::now_ms,
     event::{encode_frame, id_line, Cursor},
     hub::{CloseReason, Outbound},
     mailbox::{Received, Receiver},
-    now_ms,
     replay::{Page, ReplayRest},
     SseService,
 };

@@ -48,7 +48,7 @@ use tokio::{
 };
 use tower::ServiceExt;
 
-use super::{address_key, metrics as m, SseService};
+use super::{address::address_key, metrics as m, SseService};
 
 /// Pending connections the kernel queues before `accept`, per accept queue (capped by
 /// `net.core.somaxconn`, 4096 on most systems).

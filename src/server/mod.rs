@@ -1,5 +1,5 @@
 //! The server half (feature `ssr`): the SSE endpoint, the publish API and the typed
-//! [`SseService`] API, on an in-process or Redis [`Broker`](broker::Broker).
+//! [`SseService`] API, on an in-process or Redis [`Broker`].
 //!
 //! Build the [`Routes`] into your Axum app, put the [`SseService`] into the Leptos context,
 //! and serve through [`SseListener`] (on unix; plain `axum::serve` works too, with about
@@ -21,18 +21,26 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layout, from the bottom up (each module uses only those above it in this list):
-//! - `event`: event ids, targets and published events with their shared SSE frame;
-//! - `hub`: this process's connections, per user, each with a bounded queue;
-//! - `broker`: ids, history and fan-out (in-process or Redis), handing events to a
-//!   [`Delivery`](broker::Delivery);
-//! - `service` + `connection`: [`SseService`], which owns the hub and the broker and runs
-//!   the protocol of opening and closing a stream;
-//! - `auth`: who a request is from; `stream`, `publish`, `routes`, `listener`: HTTP glue
-//!   around the service.
+//! Layout, in the order a request passes through it, from the socket in:
+//! - the HTTP edge: `listener` (sockets, per-address budgets, timeouts, the lean stream
+//!   path), `routes`, `origin` (cross-site checks), `stream` (`/api/sse` and the stream
+//!   admission shared with `websocket`), `publish` (the HTTP publish API);
+//! - the core: `service` ([`SseService`]: the typed API and the protocol of opening and
+//!   closing a stream), `connection` (one stream's body), `replay` (backlogs in pages),
+//!   `hub` and `mailbox` (this process's connections, each with a bounded queue);
+//! - `broker`: ids, history and fan-out (in-process, one Redis or a Redis Cluster),
+//!   handing events to a [`Delivery`](broker::Delivery), the hub;
+//! - shared by all: `event` (ids, targets, frames), `auth`, `config`, `metrics`, and the
+//!   leaves `clock` and `address`, which use nothing of the server.
+//!
+//! The brokers use only `event`, `clock` and `metrics`; the core uses the brokers; the
+//! edge uses the core. (Some modules still import the items this file re-exports, and
+//! `hub`/`mailbox` and `service`/`connection` use each other.)
 
+mod address;
 pub mod auth;
 pub mod broker;
+pub mod clock;
 pub mod config;
 mod connection;
 pub mod event;
@@ -52,6 +60,7 @@ pub mod websocket;
 pub use crate::api::{BrokerHealth, Stats};
 pub use auth::{Auth, AuthError, Authenticate, Claims, Identity, SESSION_COOKIE};
 pub use broker::{Broker, BrokerError};
+pub use clock::now_ms;
 pub use config::{ConfigError, CookieSecure, SseConfig};
 pub use connection::EventStream;
 pub use event::{EventId, Target};
@@ -71,30 +80,6 @@ use axum::{
 };
 
 use crate::events::ValidationError;
-
-/// The key of per-address budgets and rate limits: the address, or its /64 for IPv6 (one
-/// subscriber usually holds a whole /64); IPv4-mapped IPv6 addresses count as IPv4.
-pub(crate) fn address_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    use std::net::IpAddr;
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut bytes = v6.octets();
-                bytes[8..].fill(0);
-                IpAddr::V6(bytes.into())
-            }
-        },
-    }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// An HTTP error with a JSON body: `{"error": "...", "field": "..."}`.
 #[derive(Debug)]

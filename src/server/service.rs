@@ -1,7 +1,7 @@
 //! [`SseService`]: the server API that handlers, webhooks and background jobs call.
 //!
-//! It is a cheap-to-clone handle. Put it in your Axum state (the [`router`](super::router)
-//! does) and in the Leptos context, so `#[server]` functions reach it with
+//! It is a cheap-to-clone handle. Put it in your Axum state (the [`Routes`](super::Routes)
+//! do) and in the Leptos context, so `#[server]` functions reach it with
 //! `expect_context::<SseService>()`.
 //!
 //! # From a webhook handler
@@ -66,10 +66,11 @@ use super::{
         Broker, BrokerError, ClusterBroker, ClusterOptions, Delivery, EventSink, MemoryBroker, RedisBroker,
         RedisOptions, Retention,
     },
+    clock::now_ms,
     connection::{Closer, EventStream},
     event::{encode_frame, Cursor, Envelope, EventId, PublishedEvent, Target},
     hub::{CloseReason, Hub},
-    metrics as m, now_ms,
+    metrics as m,
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
     SseConfig,
 };
@@ -171,7 +172,7 @@ struct Inner {
 
 /// The notification service: send events, open streams, count clients, shut down.
 ///
-/// It owns the local [`Hub`] of connections and the broker, and runs the connection
+/// It owns the local `Hub` of connections and the broker, and runs the connection
 /// protocol between them; HTTP handlers only adapt requests to it.
 #[derive(Clone)]
 pub struct SseService {
@@ -414,7 +415,7 @@ impl SseService {
             }
         };
         if let (Some(limiter), Some(ip)) = (&self.inner.ip_limiter, ip) {
-            let key = super::address_key(ip);
+            let key = super::address::address_key(ip);
             limiter.check_key(&key).map_err(|n| refused("this address", n))?;
         }
         if let Some(limiter) = &self.inner.user_limiter {

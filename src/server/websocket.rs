@@ -20,6 +20,8 @@ use axum::{
 };
 use futures::StreamExt;
 
+use crate::events::names;
+
 use super::{
     connection::EventStream,
     stream::{admit, Transport},
@@ -74,7 +76,9 @@ async fn pump(mut socket: WebSocket, mut stream: EventStream) {
                     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
                     return;
                 };
-                let heartbeat = bytes.starts_with(b"event: heartbeat");
+                let heartbeat = bytes
+                    .strip_prefix(b"event: ")
+                    .is_some_and(|rest| rest.starts_with(names::HEARTBEAT.as_bytes()));
                 let Ok(text) = Utf8Bytes::try_from(bytes) else { return };
                 if !send(&mut socket, Message::Text(text)).await {
                     return;

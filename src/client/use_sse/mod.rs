@@ -485,7 +485,7 @@ pub fn use_sse() -> UseSseReturn<impl Fn() + Clone + Send + Sync, impl Fn() + Cl
     use_sse_with_options(UseSseOptions::default())
 }
 
-/// Opens the notification stream; see the [module docs](self).
+/// Opens the notification stream; see the module docs of `use_sse`.
 pub fn use_sse_with_options(
     options: UseSseOptions,
 ) -> UseSseReturn<impl Fn() + Clone + Send + Sync, impl Fn() + Clone + Send + Sync> {

@@ -11,7 +11,7 @@ use super::{
     Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
     Retention, Target,
 };
-use crate::server::now_ms;
+use crate::server::clock::now_ms;
 
 /// Keeps history in a ring ordered by id and hands events to its sink while still holding
 /// its lock, so the sink sees them in id order even when many tasks publish at once.

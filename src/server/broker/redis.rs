@@ -63,7 +63,7 @@ use super::{
 use crate::{
     backoff::backoff_delay,
     events::validate_event_name,
-    server::{metrics as m, now_ms},
+    server::{clock::now_ms, metrics as m},
 };
 
 const SEQ_KEY: &str = "sse:seq";

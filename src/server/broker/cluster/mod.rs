@@ -75,7 +75,7 @@ use super::{
     Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
     Retention, Target,
 };
-use crate::server::{metrics as m, now_ms};
+use crate::server::{clock::now_ms, metrics as m};
 
 /// The least time a lane's id counter outlives its last publish.
 pub const SEQ_KEEP_MIN: Duration = Duration::from_secs(7 * 24 * 3600);

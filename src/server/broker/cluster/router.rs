@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::backoff::backoff_delay;
 use futures::{stream, StreamExt};
 use rand::seq::SliceRandom;
 use redis::{
@@ -183,9 +184,20 @@ fn timeout_error() -> RedisError {
     RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
 
-/// Exponential backoff from 50 ms to 500 ms.
-fn next_backoff(current: Duration) -> Duration {
-    (current * 2).min(Duration::from_millis(500))
+/// Waits between retries, by the crate's one formula ([`backoff_delay`]): 50-100 ms first,
+/// doubling up to 250-500 ms, each at a random point in its upper half, so instances that
+/// lost the same node do not retry in step.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let ms = backoff_delay(100, 500, self.attempt, rand::random::<f64>());
+        self.attempt = self.attempt.saturating_add(1);
+        Duration::from_millis(ms)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -471,7 +483,8 @@ impl ClusterRouter {
     async fn route(&self, slot: u16, cmd: &Cmd) -> Result<(String, Value), RouterError> {
         let started = Instant::now();
         let budget = self.inner.options.retry_budget;
-        let mut backoff = Duration::from_millis(50);
+        let mut retries = Backoff::default();
+        let mut backoff = retries.next();
         let mut redirects = 0;
         let mut ask: Option<String> = None;
         loop {
@@ -535,7 +548,7 @@ impl ClusterRouter {
                     }
                     debug!(slot, %addr, error = %err, ?backoff, "retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = next_backoff(backoff);
+                    backoff = retries.next();
                     redirects = 0;
                     let _ = self.refresh().await;
                 }
@@ -845,7 +858,8 @@ impl ShardedSubscriber {
             }
         }
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(50);
+        let mut retries = Backoff::default();
+        let mut backoff = retries.next();
         loop {
             inner.pass().await;
             let out_of_time = started.elapsed() + backoff > inner.router.options().retry_budget;
@@ -876,7 +890,7 @@ impl ShardedSubscriber {
                 None => {}
             }
             tokio::time::sleep(backoff).await;
-            backoff = next_backoff(backoff);
+            backoff = retries.next();
         }
     }
 
@@ -919,7 +933,7 @@ impl ShardedSubscriber {
 /// Re-subscribes what is pending, waking on pushes and retrying with a backoff; ends when
 /// the subscriber is dropped.
 async fn background(inner: Weak<SubInner>, wake: Arc<Notify>) {
-    let mut backoff = Duration::from_millis(50);
+    let mut retries = Backoff::default();
     loop {
         let Some(sub) = inner.upgrade() else {
             return;
@@ -927,11 +941,9 @@ async fn background(inner: Weak<SubInner>, wake: Arc<Notify>) {
         let pending = sub.pass().await;
         drop(sub);
         let wait = if pending {
-            let wait = backoff;
-            backoff = next_backoff(backoff);
-            wait
+            retries.next()
         } else {
-            backoff = Duration::from_millis(50);
+            retries = Backoff::default();
             // Also a bound on how long a dropped subscriber's task lingers.
             Duration::from_secs(1)
         };
