@@ -8,7 +8,10 @@ use std::{
 
 use rand::Rng;
 use redis::{aio::MultiplexedConnection, Value};
-use sse_notify::server::broker::router::{key_slot, ClusterRouter, RouterOptions, SubscriberEvent, SLOTS};
+use sse_notify::server::broker::{
+    router::{key_slot, ClusterRouter, RouterOptions, SLOTS},
+    subscriber::SubscriberEvent,
+};
 use sse_notify_testkit::RedisCluster;
 use tokio::sync::mpsc;
 

@@ -15,7 +15,7 @@ mod memory;
 mod redis;
 
 pub use self::redis::{RedisBroker, RedisOptions};
-pub use cluster::{router, ClusterBroker, ClusterOptions};
+pub use cluster::{router, subscriber, ClusterBroker, ClusterOptions};
 pub use memory::MemoryBroker;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};

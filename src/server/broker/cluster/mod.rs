@@ -50,6 +50,7 @@
 //! [`empty_head`]).
 
 pub mod router;
+pub mod subscriber;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -65,7 +66,10 @@ use futures::StreamExt;
 use redis::Script;
 use tokio::sync::mpsc;
 
-use self::router::{ClusterRouter, RouterError, RouterOptions, ShardedSubscriber, SubscriberEvent};
+use self::{
+    router::{ClusterRouter, RouterError, RouterOptions},
+    subscriber::{ShardedSubscriber, SubscriberEvent},
+};
 use super::{
     empty_head,
     redis::{
