@@ -20,15 +20,19 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = harness::Cli::parse();
+    let cli = cli::Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.command {
-        Some(harness::Sub::Worker(args)) => runtime.block_on(worker::run(args)),
-        Some(harness::Sub::Soak(args)) => runtime.block_on(soak::soak(args)),
+        Some(cli::Sub::Worker(args)) => runtime.block_on(worker::run(args)),
+        Some(cli::Sub::Soak(args)) => runtime.block_on(soak::soak(args)),
         None => runtime.block_on(harness::harness(cli.args)),
     }
 }
 
+mod cli;
 mod harness;
+mod processes;
+mod publish;
+mod report;
 mod soak;
 mod worker;

@@ -18,7 +18,12 @@ use std::{
 use serde_json::{json, Value};
 use sse_notify_testkit::{RedisServer, TempDir};
 
-use crate::harness::{now_us, targeted_batch, Cluster, Dialect, Pool, Publisher, Report};
+use crate::{
+    cli::Dialect,
+    processes::{now_us, Cluster, Pool},
+    publish::{targeted_batch, Publisher},
+    report::Report,
+};
 
 /// Options of the soak run.
 #[derive(clap::Args)]

@@ -23,7 +23,10 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 
-use crate::harness::{now_us, Dialect, WorkerArgs, SECRET};
+use crate::{
+    cli::{Dialect, WorkerArgs, SECRET},
+    processes::now_us,
+};
 
 #[derive(Default)]
 struct Counters {

@@ -1,0 +1,181 @@
+//! Publishing load: a keep-alive HTTP publisher and paced targeted batches.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+};
+
+use crate::{
+    cli::{Dialect, PUBLISH_KEY},
+    processes::now_us,
+};
+
+/// A keep-alive HTTP/1.1 client for `POST /api/events`.
+pub(crate) struct Publisher {
+    pub(crate) stream: BufReader<TcpStream>,
+}
+
+impl Publisher {
+    pub(crate) async fn connect(server: SocketAddr) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(server).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream: BufReader::new(stream),
+        })
+    }
+
+    /// Posts `body` to `POST /api/events`; returns the status.
+    pub(crate) async fn post(&mut self, body: &str) -> std::io::Result<u16> {
+        self.post_to("/api/events", body).await
+    }
+
+    /// Posts `body` to `path` (with the publish key, which peers ignore); returns the status.
+    pub(crate) async fn post_to(&mut self, path: &str, body: &str) -> std::io::Result<u16> {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let stream = self.stream.get_mut();
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut length = 0;
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line).await? == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok(status)
+    }
+}
+
+pub(crate) fn bench_message(sent_us: u64, seq: u32) -> String {
+    format!("bench:{sent_us}:{seq}")
+}
+
+/// The `POST /api/events` body of one targeted `notification` per `(seq, user)`, titled
+/// `title`, each carrying its send time and sequence number.
+pub(crate) fn targeted_batch(batch: &[(u32, u32)], sent_us: u64, title: &str) -> String {
+    Value::Array(
+        batch
+            .iter()
+            .map(|(seq, user)| {
+                json!({"user_id": format!("bench-{user}"), "event": "notification",
+                       "data": {"title": title, "message": bench_message(sent_us, *seq)}})
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+/// One request of a publishing run: path, body, and the `(seq, user)` of its events.
+pub(crate) type PublishRequest = (String, String, Vec<(u32, u32)>);
+
+/// What a publishing run got back.
+#[derive(Default)]
+pub(crate) struct Published {
+    /// seq -> user of every event a server accepted.
+    pub(crate) accepted: HashMap<u32, u32>,
+    /// Events a server answered with anything but 202.
+    pub(crate) refused: usize,
+    /// A publisher could not connect or lost its connection.
+    pub(crate) failed: bool,
+}
+
+/// Sends targeted `notification`s at `rate` per second for `secs`, round-robin over
+/// `users` and over the servers, in 10 ms batches (one request per batch to sse-notify,
+/// one per event to nchan, which takes no batches).
+pub(crate) async fn publish_targeted(
+    dialect: Dialect,
+    servers: Vec<SocketAddr>,
+    rate: u64,
+    secs: f64,
+    users: u32,
+    first_seq: u32,
+) -> Published {
+    let mut tasks = Vec::new();
+    let lanes = servers.len() as u32;
+    for (lane, server) in servers.into_iter().enumerate() {
+        let lane = lane as u32;
+        tasks.push(tokio::spawn(async move {
+            let mut out = Published::default();
+            let Ok(mut publisher) = Publisher::connect(server).await else {
+                eprintln!("publisher: cannot connect to {server}");
+                out.failed = true;
+                return out;
+            };
+            let lane_rate = rate as f64 / f64::from(lanes);
+            let started = Instant::now();
+            let mut ticker = tokio::time::interval(Duration::from_millis(10));
+            let mut sent: u64 = 0;
+            while started.elapsed().as_secs_f64() < secs {
+                ticker.tick().await;
+                let owed = (lane_rate * started.elapsed().as_secs_f64()) as u64;
+                let count = owed.saturating_sub(sent).min(1000);
+                if count == 0 {
+                    continue;
+                }
+                let sent_us = now_us();
+                let batch: Vec<(u32, u32)> = (0..count)
+                    .map(|k| {
+                        let seq = first_seq + ((sent + k) as u32) * lanes + lane;
+                        (seq, seq % users)
+                    })
+                    .collect();
+                sent += count;
+                let requests: Vec<PublishRequest> = if dialect == Dialect::Nchan {
+                    batch
+                        .iter()
+                        .map(|&(seq, user)| {
+                            (
+                                format!("/pub/bench-{user}"),
+                                bench_message(sent_us, seq),
+                                vec![(seq, user)],
+                            )
+                        })
+                        .collect()
+                } else {
+                    let body = targeted_batch(&batch, sent_us, "bench");
+                    vec![("/api/events".into(), body, batch)]
+                };
+                for (path, body, events) in requests {
+                    match publisher.post_to(&path, &body).await {
+                        Ok(200..=299) => out.accepted.extend(events),
+                        Ok(_) => out.refused += events.len(),
+                        Err(e) => {
+                            eprintln!("publisher: lost its connection to {server}: {e}");
+                            out.failed = true;
+                            return out;
+                        }
+                    }
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Published::default();
+    for task in tasks {
+        let lane = task.await.expect("publisher task");
+        all.accepted.extend(lane.accepted);
+        all.refused += lane.refused;
+        all.failed |= lane.failed;
+    }
+    all
+}
