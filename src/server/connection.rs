@@ -18,10 +18,9 @@ use futures::Stream;
 use super::{
     clock::now_ms,
     event::{encode_frame, id_line, Cursor},
-    hub::{CloseReason, Outbound},
-    mailbox::{Received, Receiver},
+    mailbox::{CloseReason, Outbound, Received, Receiver},
     replay::{Page, ReplayRest},
-    SseService,
+    service::SseService,
 };
 use crate::events::names;
 

@@ -20,32 +20,9 @@ use bytes::Bytes;
 
 use super::{
     event::{PublishedEvent, Target},
-    mailbox::{self, Refused},
+    mailbox::{self, CloseReason, Outbound, Refused},
     metrics as m,
 };
-
-/// What a connection's queue carries.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    Event(Arc<PublishedEvent>),
-    /// A frame without an id (heartbeat), so it never moves the client's resume point.
-    Control(Bytes),
-}
-
-/// Why the hub closed a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The user opened more than `max_clients_per_user` connections; this was the oldest.
-    Replaced,
-    /// Its queue was full: the client is not reading.
-    SlowClient,
-    /// The server is shutting down.
-    Shutdown,
-    /// Its session expired (the token's `exp` passed).
-    Expired,
-    /// The user's streams were ended on purpose (e.g. at logout).
-    Disconnected,
-}
 
 /// The receiving half of a registered connection, owned by its HTTP stream, which must
 /// [`unregister`](Hub::unregister) it exactly once when it ends.

@@ -13,7 +13,32 @@ use std::{
     task::{Context, Poll, Waker},
 };
 
-use super::hub::{CloseReason, Outbound};
+use bytes::Bytes;
+
+use super::event::PublishedEvent;
+
+/// What a connection's queue carries.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Event(Arc<PublishedEvent>),
+    /// A frame without an id (heartbeat), so it never moves the client's resume point.
+    Control(Bytes),
+}
+
+/// Why the hub closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The user opened more than `max_clients_per_user` connections; this was the oldest.
+    Replaced,
+    /// Its queue was full: the client is not reading.
+    SlowClient,
+    /// The server is shutting down.
+    Shutdown,
+    /// Its session expired (the token's `exp` passed).
+    Expired,
+    /// The user's streams were ended on purpose (e.g. at logout).
+    Disconnected,
+}
 
 struct State {
     frames: VecDeque<Outbound>,

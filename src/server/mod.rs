@@ -35,7 +35,7 @@
 //!
 //! The brokers use only `event`, `clock` and `metrics`; the core uses the brokers; the
 //! edge uses the core. (Some modules still import the items this file re-exports, and
-//! `hub`/`mailbox` and `service`/`connection` use each other.)
+//! `service` and `connection` use each other.)
 
 mod address;
 pub mod auth;

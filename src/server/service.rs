@@ -69,7 +69,8 @@ use super::{
     clock::now_ms,
     connection::{Closer, EventStream},
     event::{encode_frame, Cursor, Envelope, EventId, PublishedEvent, Target},
-    hub::{CloseReason, Hub},
+    hub::Hub,
+    mailbox::CloseReason,
     metrics as m,
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
     SseConfig,
@@ -984,7 +985,7 @@ fn heartbeat_frame() -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::hub::Outbound;
+    use crate::server::mailbox::Outbound;
     use crate::server::mailbox::Received;
 
     async fn settle() {
