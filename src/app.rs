@@ -344,7 +344,7 @@ fn HomePage() -> impl IntoView {
             status
             on_message
             extra_events=vec!["demo.ping".to_string()]
-            retry_timeout=stall
+            stall_timeout=stall
             theme
             share_across_tabs=share
             transport

@@ -146,6 +146,10 @@ pub fn SseNotifications(
     /// A session token sent as `?token=`, where the cookie cannot be used. Takes a
     /// string or an `Option`; read once, when the component is created.
     #[prop(optional, into)]
+    token: MaybeProp<String>,
+    /// The seed's name for `token` (it holds a token, not a session id); `token` wins
+    /// when both are given.
+    #[prop(optional, into)]
     session_id: MaybeProp<String>,
     /// Where to fetch a fresh token when the session ends; see [`UseSseOptions::token_url`].
     /// Takes a string or an `Option`; read once, when the component is created.
@@ -191,6 +195,9 @@ pub fn SseNotifications(
     /// Milliseconds without any event or heartbeat before the stream counts as stalled and
     /// is reopened. Defaults to `None`: the hook's default (65,000).
     #[prop(default = None)]
+    stall_timeout: Option<u64>,
+    /// The seed's name for `stall_timeout`; `stall_timeout` wins when both are given.
+    #[prop(default = None)]
     retry_timeout: Option<u64>,
     /// First reconnect delay in ms (it doubles per failed attempt). Defaults to 1,000.
     #[prop(default = 1_000)]
@@ -219,7 +226,7 @@ pub fn SseNotifications(
     let stream_url = url.clone();
     let mut options = UseSseOptions::default()
         .url(url)
-        .session_id(session_id.get_untracked())
+        .token(token.get_untracked().or_else(|| session_id.get_untracked()))
         .token_url(token_url.get_untracked())
         .token_first(token_first)
         .reconnect_interval(reconnect_interval)
@@ -235,8 +242,8 @@ pub fn SseNotifications(
     if let Some(user_id) = user_id {
         options = options.user_id(user_id);
     }
-    if let Some(ms) = retry_timeout {
-        options = options.retry_timeout(ms);
+    if let Some(ms) = stall_timeout.or(retry_timeout) {
+        options = options.stall_timeout(ms);
     }
     if let Some(ms) = sse_retry_interval {
         options = options.sse_retry_interval(ms);

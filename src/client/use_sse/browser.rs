@@ -109,7 +109,7 @@ pub(super) fn start(
     let user_id = options.user_id;
     let immediate = options.immediate;
     let shared: Shared = Rc::new(RefCell::new(Connection {
-        token: options.session_id.clone(),
+        token: options.token.clone(),
         fetching_token: None,
         options,
         signals,
@@ -211,7 +211,7 @@ fn begin(shared: &Shared) {
     c.refreshes = 0;
     c.identity_switches = 0;
     // A token fetched for an earlier user must never open this one's stream.
-    c.token = c.options.session_id.clone();
+    c.token = c.options.token.clone();
     if c.options.share_across_tabs && tabs::supported() {
         c.role = Role::Follower;
         c.signals.is_leader.set(false);
@@ -1170,7 +1170,7 @@ fn arm_stall_timer(shared: &Shared) {
     if let Some(t) = c.stall_timer.take() {
         t.clear();
     }
-    let timeout = c.options.retry_timeout;
+    let timeout = c.options.stall_timeout;
     let again = shared.clone();
     c.stall_timer = set_timeout_with_handle(
         move || fail(&again, UseSseError::Stalled(timeout)),

@@ -169,7 +169,7 @@ pub enum UseSseError {
     /// The connection failed or dropped; a reconnect may be on its way.
     #[error("connection lost")]
     Connection,
-    /// Nothing (not even a heartbeat) arrived within `retry_timeout`.
+    /// Nothing (not even a heartbeat) arrived within `stall_timeout`.
     #[error("no event or heartbeat for {0} ms")]
     Stalled(u64),
     /// The server no longer keeps some events this client missed: reload state.
@@ -248,15 +248,16 @@ pub struct UseSseOptions {
     #[builder(into)]
     pub user_id: Option<Signal<Option<String>>>,
     /// A session token sent as `?token=`, for pages that cannot use the `sse_session`
-    /// cookie (e.g. another origin). Defaults to `None`.
-    pub session_id: Option<String>,
+    /// cookie (e.g. another origin). Defaults to `None`. (Was `session_id`, which still
+    /// works as a setter.)
+    pub token: Option<String>,
     /// Where to get a fresh token when the session ends or is refused: `GET` with
     /// credentials, answering `{"token": "..."}` (or the token as text). The token is then
     /// sent as `?token=`. Defaults to `None`: an ended session stays closed.
     pub token_url: Option<String>,
     /// Get the first token from `token_url` too, before the first stream opens, instead of
     /// opening with the cookie: for a page whose stream is on another origin, or that
-    /// streams on short-lived tokens only. Ignored with a `session_id`. A refused fetch
+    /// streams on short-lived tokens only. Ignored with a `token`. A refused fetch
     /// (401 or 403) stops the hook with `Unauthorized`; any other failure, or no answer
     /// within 10 s, is retried with the reconnect backoff. Defaults to `false`.
     pub token_first: bool,
@@ -286,8 +287,8 @@ pub struct UseSseOptions {
     pub sse_retry_interval: u64,
     /// Milliseconds without any event or heartbeat after which the stream counts as
     /// stalled and is reopened; set it above twice the server's heartbeat interval.
-    /// Defaults to 65,000.
-    pub retry_timeout: u64,
+    /// Defaults to 65,000. (Was `retry_timeout`, which still works as a setter.)
+    pub stall_timeout: u64,
     /// Called for every event (heartbeats excepted), in order. Defaults to nothing.
     pub on_message: Arc<dyn Fn(&SseMessage) + Send + Sync>,
     /// Called on every error. Defaults to nothing.
@@ -310,7 +311,7 @@ impl Default for UseSseOptions {
         Self {
             url: api::STREAM_PATH.into(),
             user_id: None,
-            session_id: None,
+            token: None,
             token_url: None,
             token_first: false,
             events: None,
@@ -321,7 +322,7 @@ impl Default for UseSseOptions {
             ws_url: None,
             buffering_timeout: 5_000,
             sse_retry_interval: 60_000,
-            retry_timeout: 65_000,
+            stall_timeout: 65_000,
             on_message: Arc::new(|_| {}),
             on_error: Arc::new(|_| {}),
             on_open: Arc::new(|| {}),
@@ -334,6 +335,18 @@ impl Default for UseSseOptions {
 }
 
 impl UseSseOptions {
+    /// The seed's name for [`token`](Self::token).
+    #[deprecated(note = "renamed to `token`: it holds a session token, not a session id")]
+    pub fn session_id(self, token: Option<String>) -> Self {
+        self.token(token)
+    }
+
+    /// The seed's name for [`stall_timeout`](Self::stall_timeout).
+    #[deprecated(note = "renamed to `stall_timeout`: it is how long a silent stream may stall")]
+    pub fn retry_timeout(self, ms: u64) -> Self {
+        self.stall_timeout(ms)
+    }
+
     #[cfg_attr(feature = "ssr", allow(dead_code))]
     /// The names the EventSource listens for: the payload events plus the control ones.
     fn listened_names(&self) -> Vec<String> {
