@@ -8,7 +8,10 @@ use std::{
     collections::VecDeque,
     convert::Infallible,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
 };
 
@@ -20,7 +23,6 @@ use super::{
     event::{encode_frame, id_line, Cursor},
     mailbox::{CloseReason, Outbound, Received, Receiver},
     replay::{Page, ReplayRest},
-    service::SseService,
 };
 use crate::events::names;
 
@@ -40,12 +42,38 @@ pub struct EventStream {
     pub(super) ended: bool,
     pub(super) closer: Closer,
     /// Its place among the server's `max_connections`.
-    pub(super) _permit: super::service::ConnectionPermit,
+    pub(super) _permit: ConnectionPermit,
+}
+
+/// One place among `SseConfig::max_connections`, held by a long-lived response.
+#[derive(Debug)]
+pub struct ConnectionPermit(Arc<AtomicUsize>);
+
+impl ConnectionPermit {
+    /// A place counted in `open` (already incremented), given back when dropped.
+    pub(super) fn new(open: Arc<AtomicUsize>) -> Self {
+        Self(open)
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a stream tells when it ends (the service: unregister, record the position, let the
+/// broker stop listening), so that this file needs nothing of the service.
+pub(super) trait StreamEnded: Send + Sync + 'static {
+    /// Stream `id` of `user` ended; `position` is where its client got to, when it may become
+    /// the user's offline-delivery start.
+    fn stream_ended(self: Arc<Self>, user: Arc<str>, id: u64, position: Option<Cursor>);
 }
 
 /// Runs the closing half of the protocol when its stream is dropped.
 pub(super) struct Closer {
-    pub(super) service: SseService,
+    /// Told when the stream ends: the service, which runs the closing half of the protocol.
+    pub(super) ended: Arc<dyn StreamEnded>,
     pub(super) user: Arc<str>,
     pub(super) id: u64,
     /// How far this connection got: what the replay and the live events handed to the
@@ -69,7 +97,9 @@ impl Closer {
 impl Drop for Closer {
     fn drop(&mut self) {
         let position = self.records_position.then(|| self.position());
-        self.service.stream_closed(self.user.clone(), self.id, position);
+        self.ended
+            .clone()
+            .stream_ended(self.user.clone(), self.id, position);
     }
 }
 

@@ -34,8 +34,9 @@
 //!   leaves `clock` and `address`, which use nothing of the server.
 //!
 //! The brokers use only `event`, `clock` and `metrics`; the core uses the brokers; the
-//! edge uses the core. (Some modules still import the items this file re-exports, and
-//! `service` and `connection` use each other.)
+//! edge uses the core; within the core, `service` uses `connection`, `replay` and `hub`,
+//! which use nothing of it (a stream reports its end through `connection::StreamEnded`).
+//! (Some modules still import the items this file re-exports.)
 
 mod address;
 pub mod auth;
@@ -62,16 +63,14 @@ pub use auth::{Auth, AuthError, Authenticate, Claims, Identity, SESSION_COOKIE};
 pub use broker::{Broker, BrokerError};
 pub use clock::now_ms;
 pub use config::{ConfigError, CookieSecure, SseConfig};
-pub use connection::EventStream;
+pub use connection::{ConnectionPermit, EventStream};
 pub use event::{EventId, Target};
 #[cfg(unix)]
 pub use listener::{Serve, SseListener};
 pub use routes::Routes;
 #[cfg(feature = "demo")]
 pub use routes::{session_cookie, session_cookie_removal, SESSION_TTL};
-pub use service::{
-    ConnectionPermit, OpenError, RateLimited, Resume, SendError, SseService, SseServiceBuilder, StartError,
-};
+pub use service::{OpenError, RateLimited, Resume, SendError, SseService, SseServiceBuilder, StartError};
 
 use axum::{
     http::{header, HeaderValue, StatusCode},

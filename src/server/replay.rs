@@ -17,9 +17,9 @@ use std::{
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    broker::{coalesce_latest, BrokerError, Replay, Retention},
+    broker::{coalesce_latest, Broker, BrokerError, Replay, Retention},
     event::{id_line, Cursor, PublishedEvent},
-    metrics as m, SseService,
+    metrics as m,
 };
 
 /// Most events one replay read brings in at once (the backing store may add one page of
@@ -81,7 +81,8 @@ type PageRead = Pin<Box<dyn Future<Output = Result<Replay, BrokerError>> + Send>
 
 /// The rest of a backlog longer than a page, read as the client takes it.
 pub(super) struct ReplayRest {
-    service: SseService,
+    broker: Arc<dyn Broker>,
+    retention: Arc<Retention>,
     user: Arc<str>,
     selection: ReplaySelection,
     /// Read on from here: every event up to it was sent or passed over.
@@ -105,7 +106,8 @@ pub(super) enum Page {
 
 impl ReplayRest {
     pub(super) fn new(
-        service: SseService,
+        broker: Arc<dyn Broker>,
+        retention: Arc<Retention>,
         user: Arc<str>,
         selection: ReplaySelection,
         from: Cursor,
@@ -113,7 +115,8 @@ impl ReplayRest {
         until: Cursor,
     ) -> Self {
         Self {
-            service,
+            broker,
+            retention,
             user,
             selection,
             from,
@@ -137,8 +140,8 @@ impl ReplayRest {
     /// Reads and frames the next page.
     pub(super) fn poll_page(&mut self, cx: &mut Context<'_>) -> Poll<Page> {
         let reading = self.reading.get_or_insert_with(|| {
-            let (service, user, from) = (self.service.clone(), self.user.clone(), self.from);
-            Box::pin(async move { service.broker().replay_page(&user, from, REPLAY_PAGE).await })
+            let (broker, user, from) = (self.broker.clone(), self.user.clone(), self.from);
+            Box::pin(async move { broker.replay_page(&user, from, REPLAY_PAGE).await })
         });
         let result = ready!(reading.as_mut().poll(cx));
         self.reading = None;
@@ -157,7 +160,7 @@ impl ReplayRest {
             .filter(|e| self.until.covers(e))
             .collect();
         let last = !replay.more || owed.is_empty();
-        let events = self.selection.select(self.service.retention(), owed);
+        let events = self.selection.select(&self.retention, owed);
         m::replayed_more(events.len());
         let mut out = BytesMut::new();
         write_frames(&events, &mut self.sent, &mut out);

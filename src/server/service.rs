@@ -67,7 +67,7 @@ use super::{
         RedisOptions, Retention,
     },
     clock::now_ms,
-    connection::{Closer, EventStream},
+    connection::{Closer, ConnectionPermit, EventStream, StreamEnded},
     event::{encode_frame, Cursor, Envelope, EventId, PublishedEvent, Target},
     hub::Hub,
     mailbox::CloseReason,
@@ -160,7 +160,7 @@ struct Inner {
     /// Long-lived responses open now (streams, stats streams), and the most allowed.
     long_lived: Arc<AtomicUsize>,
     max_long_lived: usize,
-    retention: Retention,
+    retention: Arc<Retention>,
     ip_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
     user_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     /// `true` once [`SseService::shutdown`] began; long-lived responses end on it.
@@ -275,7 +275,7 @@ impl SseService {
             stream_path: std::sync::RwLock::new(api::STREAM_PATH.into()),
             long_lived: Arc::new(AtomicUsize::new(0)),
             max_long_lived: config.max_connections,
-            retention: config.retention(),
+            retention: Arc::new(config.retention()),
             ip_limiter: limiter(config.connect_rate_per_ip),
             user_limiter: limiter(config.connect_rate_per_user),
             config,
@@ -402,7 +402,7 @@ impl SseService {
             m::connection_refused("max_connections");
             return None;
         }
-        Some(ConnectionPermit(self.inner.long_lived.clone()))
+        Some(ConnectionPermit::new(self.inner.long_lived.clone()))
     }
 
     /// Counts a new connection against the per-address (IPv6: per /64) and per-user rates.
@@ -461,7 +461,7 @@ impl SseService {
             .ok_or(OpenError::ShuttingDown)?;
         // From here on, dropping the closer unregisters the connection, also on an error.
         let mut closer = Closer {
-            service: self.clone(),
+            ended: self.inner.clone(),
             user: user.clone(),
             id: registration.id,
             delivered_through: Cursor::default(),
@@ -544,7 +544,8 @@ impl SseService {
                 // takes it, up to the head read now (what is newer is in the queue).
                 let until = head.max(replayed_through);
                 rest = Some(Box::new(ReplayRest::new(
-                    self.clone(),
+                    inner.broker.clone(),
+                    inner.retention.clone(),
                     user.clone(),
                     selection,
                     replay_through.max(after),
@@ -597,14 +598,6 @@ impl SseService {
             closer,
             _permit: permit,
         })
-    }
-
-    pub(super) fn broker(&self) -> &Arc<dyn Broker> {
-        &self.inner.broker
-    }
-
-    pub(super) fn retention(&self) -> &Retention {
-        &self.inner.retention
     }
 
     /// The `ready` event that ends every stream's prelude: the heartbeat interval, so the
@@ -927,6 +920,12 @@ impl SseService {
 /// The broker hands events and disconnects to the local hub through this.
 struct HubDelivery(Arc<Hub>);
 
+impl StreamEnded for Inner {
+    fn stream_ended(self: Arc<Self>, user: Arc<str>, id: u64, position: Option<Cursor>) {
+        SseService { inner: self }.stream_closed(user, id, position);
+    }
+}
+
 impl Delivery for HubDelivery {
     fn deliver(&self, event: Arc<PublishedEvent>) {
         self.0.dispatch(&event);
@@ -959,16 +958,6 @@ impl SseServiceBuilder {
     /// Starts the service; see [`SseService::start`].
     pub async fn start(self) -> Result<SseService, StartError> {
         SseService::start_with(self.config, self.authenticator).await
-    }
-}
-
-/// One place among `SseConfig::max_connections`, held by a long-lived response.
-#[derive(Debug)]
-pub struct ConnectionPermit(Arc<AtomicUsize>);
-
-impl Drop for ConnectionPermit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
