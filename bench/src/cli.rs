@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use serde_json::json;
+use sse_notify::api;
 
 pub const SECRET: &str = "bench-secret-0123456789abcdef";
 pub(crate) const PUBLISH_KEY: &str = "bench-publish-key";
@@ -131,7 +132,7 @@ impl Dialect {
     pub(crate) fn broadcast(self, message: &str) -> (&'static str, String) {
         match self {
             Dialect::Sse | Dialect::Ws => (
-                "/api/events",
+                api::PUBLISH_PATH,
                 json!({"broadcast": true, "event": "system_alert", "data": {"message": message}}).to_string(),
             ),
             Dialect::Nchan => ("/pub-all", message.to_string()),

@@ -7,6 +7,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
+use sse_notify::api;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -33,7 +34,7 @@ impl Publisher {
 
     /// Posts `body` to `POST /api/events`; returns the status.
     pub(crate) async fn post(&mut self, body: &str) -> std::io::Result<u16> {
-        self.post_to("/api/events", body).await
+        self.post_to(api::PUBLISH_PATH, body).await
     }
 
     /// Posts `body` to `path` (with the publish key, which peers ignore); returns the status.
@@ -153,7 +154,7 @@ pub(crate) async fn publish_targeted(
                         .collect()
                 } else {
                     let body = targeted_batch(&batch, sent_us, "bench");
-                    vec![("/api/events".into(), body, batch)]
+                    vec![(api::PUBLISH_PATH.into(), body, batch)]
                 };
                 for (path, body, events) in requests {
                     match publisher.post_to(&path, &body).await {

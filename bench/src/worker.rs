@@ -13,6 +13,7 @@ use std::{
 
 use futures_util::StreamExt;
 use serde_json::json;
+use sse_notify::api;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{TcpSocket, TcpStream},
@@ -229,7 +230,7 @@ impl Link {
         let mut stream = tokio::time::timeout(Duration::from_secs(30), connect).await??;
         if self.dialect == Dialect::Ws {
             let resume = last_id.map_or(String::new(), |id| format!("?lastEventId={id}"));
-            let mut request = format!("ws://{}/api/ws{resume}", self.server)
+            let mut request = format!("ws://{}{}{resume}", self.server, api::WS_PATH)
                 .into_client_request()
                 .map_err(std::io::Error::other)?;
             let bearer = format!("Bearer {}", self.token)
@@ -248,7 +249,7 @@ impl Link {
         let path = match self.dialect {
             Dialect::Nchan => format!("/sub/bench-{}", self.user),
             Dialect::Floor => "/sub".to_string(),
-            Dialect::Sse | Dialect::Ws => "/api/sse".to_string(),
+            Dialect::Sse | Dialect::Ws => api::STREAM_PATH.to_string(),
         };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
