@@ -17,9 +17,9 @@
 //! time with `MINID ~`, capped by `MAXLEN`, `PEXPIRE`d to the retention), `PUBLISH`: the
 //! history and the live message can never disagree. Types kept only the replay retention
 //! and types kept longer have streams of their own, each trimmed by time to its retention:
-//! a flood of progress events is gone after 5 minutes, not kept as long as notifications. Because the streams use the global id
-//! as entry id, a `Last-Event-ID` resumes the user's stream and the broadcast stream at
-//! once, exactly.
+//! a flood of progress events is gone after 5 minutes, not kept as long as notifications.
+//! Because the streams use the global id as entry id, a `Last-Event-ID` resumes the user's
+//! streams and the broadcast streams at once, exactly.
 //!
 //! Ids are a hybrid clock: `max(newest + 1, now_ms x 1000, the instance's own newest + 1)`.
 //! They increase, stay close to the time they were issued (so streams can be trimmed by
@@ -30,8 +30,8 @@
 //!
 //! ## Replay and gaps
 //!
-//! A resume reads the streams in pages of 512 entries, merged in id order. Every event is kept at least
-//! the replay retention, so a resume from an id within that window is exact. An older id
+//! A resume reads the streams in pages of 512 entries, merged in id order. Every event is
+//! kept at least the replay retention, so a resume from an id within that window is exact. An older id
 //! (or one from the future, or below what a flood pushed out) answers `resync`.
 //!
 //! ## Faults
@@ -491,7 +491,7 @@ impl RedisBroker {
             &self.retention,
             now,
             PublishedEvent::encode,
-            Some(first_pages),
+            first_pages,
             fetch,
         )
         .await?;
@@ -710,8 +710,8 @@ pub(super) struct MergedRead {
 /// Reads `streams` (each with whose events it holds) after `after`, merged in id order, in
 /// pages until at least `limit` events are known complete: below where every stream still
 /// being read stopped. `fetch` reads one page ([`xrange_page`]) of each `(stream, from)`
-/// asked, in one round trip where it can; `first_pages`, when given, are every stream's
-/// page after `after`, read already (with the watermarks, in the same round trip).
+/// asked, in one round trip where it can; `first_pages` are every stream's page after
+/// `after`, which callers read with the watermarks, in the same round trip.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn read_merged<F, Fut>(
     streams: &[(Target, String)],
@@ -720,7 +720,7 @@ pub(super) async fn read_merged<F, Fut>(
     retention: &Retention,
     now: u64,
     encode: Encode,
-    mut first_pages: Option<Vec<Entries>>,
+    first_pages: Vec<Entries>,
     fetch: F,
 ) -> Result<MergedRead, BrokerError>
 where
@@ -730,11 +730,8 @@ where
     let mut events = Vec::new();
     let mut expired = false;
     let mut reading: Vec<(usize, u64)> = (0..streams.len()).map(|i| (i, after)).collect();
-    while !reading.is_empty() {
-        let pages = match first_pages.take() {
-            Some(pages) => pages,
-            None => fetch(&reading).await?,
-        };
+    let mut pages = first_pages;
+    loop {
         let mut next = Vec::new();
         for (&(i, from), page) in reading.iter().zip(pages) {
             let (target, stream) = &streams[i];
@@ -759,28 +756,22 @@ where
             }
         }
         reading = next;
+        // Streams still being read stopped where they did: only what lies before the
+        // earliest of those is known to be complete, in one order.
         let complete_through = reading.iter().map(|&(_, through)| through).min();
-        if let Some(through) = complete_through {
-            if events.iter().filter(|e| e.id.0 <= through).count() >= limit {
-                break;
-            }
+        let complete = |e: &PublishedEvent| complete_through.is_none_or(|through| e.id.0 <= through);
+        if complete_through.is_none() || events.iter().filter(|e| complete(e)).count() >= limit {
+            events.retain(complete);
+            events.sort_by_key(|e| e.id);
+            let more = complete_through.is_some();
+            return Ok(MergedRead {
+                events,
+                expired,
+                more,
+            });
         }
+        pages = fetch(&reading).await?;
     }
-    events.sort_by_key(|e| e.id);
-    // Streams still being read stopped where they did: only what lies before the earliest
-    // of those is known to be complete, in one order.
-    let more = match reading.iter().map(|&(_, through)| through).min() {
-        Some(complete_through) => {
-            events.retain(|e| e.id.0 <= complete_through);
-            true
-        }
-        None => false,
-    };
-    Ok(MergedRead {
-        events,
-        expired,
-        more,
-    })
 }
 
 /// Whether `data` is one JSON object on one line (what every publisher writes).
@@ -1165,6 +1156,7 @@ mod tests {
         let mut got = Vec::new();
         let mut after = 0;
         loop {
+            let first_pages = fetch(&[(0, after), (1, after)]).await.unwrap();
             let read = read_merged(
                 &streams,
                 after,
@@ -1172,7 +1164,7 @@ mod tests {
                 &retention,
                 NOW,
                 PublishedEvent::encode,
-                None,
+                first_pages,
                 &fetch,
             )
             .await

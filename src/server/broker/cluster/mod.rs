@@ -580,7 +580,7 @@ impl ClusterBroker {
             &self.retention,
             now,
             PublishedEvent::encode_in_lane,
-            Some(first_pages),
+            first_pages,
             fetch,
         )
         .await?;
