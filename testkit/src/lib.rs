@@ -327,10 +327,15 @@ impl Drop for TempDir {
 mod tests {
     use super::*;
 
+    /// These tests take ports of their own; run one at a time, a port one of them found
+    /// free is not taken by the other before it binds it again.
+    static PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// A start on a port someone else holds fails instead of passing off the other
     /// listener (here another `redis-server`) as the new server.
     #[test]
     fn a_taken_port_is_an_error_not_someone_elses_server() {
+        let _ports = PORTS.lock().unwrap_or_else(|e| e.into_inner());
         let other = RedisServer::start();
         let args: Vec<String> = [
             "--port",
@@ -352,6 +357,7 @@ mod tests {
 
     #[test]
     fn free_ports_are_outside_the_ephemeral_range_and_bindable() {
+        let _ports = PORTS.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..50 {
             let port = free_port();
             assert!(TEST_PORTS.contains(&port), "{port}");
