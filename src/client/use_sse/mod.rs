@@ -286,9 +286,11 @@ pub struct UseSseOptions {
     /// Milliseconds on WebSocket after which SSE is tried again. Defaults to 60,000.
     pub sse_retry_interval: u64,
     /// Milliseconds without any event or heartbeat after which the stream counts as
-    /// stalled and is reopened; set it above twice the server's heartbeat interval.
-    /// Defaults to 65,000. (Was `retry_timeout`, which still works as a setter.)
-    pub stall_timeout: u64,
+    /// stalled and is reopened. Defaults to `None`: twice the heartbeat interval the
+    /// server announces in its `ready` event, plus 5 s (65 s until it has announced one).
+    /// (Was `retry_timeout`, which still works as a setter.)
+    #[builder(skip)]
+    pub stall_timeout: Option<u64>,
     /// Called for every event (heartbeats excepted), in order. Defaults to nothing.
     pub on_message: Arc<dyn Fn(&SseMessage) + Send + Sync>,
     /// Called on every error. Defaults to nothing.
@@ -322,7 +324,7 @@ impl Default for UseSseOptions {
             ws_url: None,
             buffering_timeout: 5_000,
             sse_retry_interval: 60_000,
-            stall_timeout: 65_000,
+            stall_timeout: None,
             on_message: Arc::new(|_| {}),
             on_error: Arc::new(|_| {}),
             on_open: Arc::new(|| {}),
@@ -335,6 +337,13 @@ impl Default for UseSseOptions {
 }
 
 impl UseSseOptions {
+    /// Sets [`stall_timeout`](Self::stall_timeout): this many ms without any event or
+    /// heartbeat count as a stall, whatever the server's heartbeat interval.
+    pub fn stall_timeout(mut self, ms: u64) -> Self {
+        self.stall_timeout = Some(ms);
+        self
+    }
+
     /// The seed's name for [`token`](Self::token).
     #[deprecated(note = "renamed to `token`: it holds a session token, not a session id")]
     pub fn session_id(self, token: Option<String>) -> Self {
@@ -600,6 +609,7 @@ fn parse_frames(text: &str) -> Vec<Frame> {
 
 #[cfg(not(feature = "ssr"))]
 mod browser;
+mod machine;
 #[cfg(not(feature = "ssr"))]
 mod tabs;
 

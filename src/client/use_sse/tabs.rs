@@ -19,30 +19,7 @@ use serde::{Deserialize, Serialize};
 use wasm_bindgen::{closure::Closure, JsCast, JsValue};
 use web_sys::{AbortController, BroadcastChannel, MessageEvent};
 
-use super::SseMessage;
-
-/// What tabs tell each other.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-pub(super) enum TabMessage {
-    /// Leader to all: an event its stream received, in order.
-    Event(SseMessage),
-    /// Leader to all: the id its stream stands at (the stream's opening id before any
-    /// event), so whichever tab leads next resumes from there and loses nothing.
-    Position { id: String },
-    /// Leader to all: where the shared stream is.
-    State {
-        state: String,
-        error: Option<(String, String)>,
-        /// `sse` or `websocket`.
-        #[serde(default)]
-        transport: String,
-    },
-    /// A new tab to the leader: please send your state.
-    Hello,
-    /// A follower to the leader: `open` was called here; reopen if closed.
-    Revive,
-}
+pub(super) use super::machine::TabMessage;
 
 /// A message and the identity tag of the tab that sent it.
 #[derive(Serialize, Deserialize)]
@@ -138,11 +115,6 @@ impl Relay {
         };
         relay.post(&TabMessage::Hello);
         Some(relay)
-    }
-
-    /// The identity tag of the tabs in this election.
-    pub(super) fn tag(&self) -> &str {
-        &self.tag
     }
 
     /// Sends `message` to every other tab in the election.
