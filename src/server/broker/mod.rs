@@ -8,7 +8,7 @@
 //! in id order per lane: see [`Cursor`]), so each
 //! connection sees ids increase and a `Last-Event-ID` is always a safe place to resume from;
 //! it also passes on requests to end a user's streams. The
-//! [`SseService`](super::SseService) decides which users the broker listens for.
+//! [`SseService`](crate::server::core::service::SseService) decides which users the broker listens for.
 
 mod cluster;
 mod memory;

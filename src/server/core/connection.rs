@@ -1,6 +1,6 @@
 //! One open event stream: what it sends first (retry hint, resync, replay, start id), then
 //! its queue of live events and heartbeats, until the hub closes it or the client goes away.
-//! Built by [`SseService::open_stream`](super::SseService::open_stream); dropping it runs the
+//! Built by [`SseService::open_stream`](super::service::SseService::open_stream); dropping it runs the
 //! closing half of the protocol (unregister, record how far it got, stop listening for the
 //! user if it was their last connection here).
 
@@ -19,12 +19,16 @@ use bytes::{Bytes, BytesMut};
 use futures::Stream;
 
 use super::{
-    clock::now_ms,
-    event::{encode_frame, id_line, Cursor},
     mailbox::{CloseReason, Outbound, Received, Receiver},
     replay::{Page, ReplayRest},
 };
-use crate::events::names;
+use crate::{
+    events::names,
+    server::{
+        clock::now_ms,
+        event::{encode_frame, id_line, Cursor},
+    },
+};
 
 /// Most bytes handed to the socket in one write when several events are waiting.
 const MAX_BATCH_BYTES: usize = 32 * 1024;

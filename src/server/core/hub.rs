@@ -18,9 +18,9 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{
+use super::mailbox::{self, CloseReason, Outbound, Refused};
+use crate::server::{
     event::{PublishedEvent, Target},
-    mailbox::{self, CloseReason, Outbound, Refused},
     metrics as m,
 };
 
@@ -366,8 +366,8 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::core::mailbox::Received;
     use crate::server::event::{Envelope, EventId};
-    use crate::server::mailbox::Received;
 
     fn event(id: u64, target: Target, name: &str) -> Arc<PublishedEvent> {
         let envelope = Envelope {

@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 
-use super::event::PublishedEvent;
+use crate::server::event::PublishedEvent;
 
 /// What a connection's queue carries.
 #[derive(Debug, Clone)]

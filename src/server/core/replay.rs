@@ -16,7 +16,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 
-use super::{
+use crate::server::{
     broker::{coalesce_latest, Broker, BrokerError, Replay, Retention},
     event::{id_line, Cursor, PublishedEvent},
     metrics as m,

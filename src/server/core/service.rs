@@ -1,6 +1,6 @@
 //! [`SseService`]: the server API that handlers, webhooks and background jobs call.
 //!
-//! It is a cheap-to-clone handle. Put it in your Axum state (the [`Routes`](super::Routes)
+//! It is a cheap-to-clone handle. Put it in your Axum state (the [`Routes`](crate::server::Routes)
 //! do) and in the Leptos context, so `#[server]` functions reach it with
 //! `expect_context::<SseService>()`.
 //!
@@ -61,24 +61,27 @@ use tokio::task::JoinHandle;
 use tokio_stream::{wrappers::IntervalStream, StreamExt};
 
 use super::{
-    auth::{self, Auth, Authenticate, Identity},
-    broker::{
-        Broker, BrokerError, ClusterBroker, ClusterOptions, Delivery, EventSink, MemoryBroker, RedisBroker,
-        RedisOptions, Retention,
-    },
-    clock::now_ms,
     connection::{Closer, ConnectionPermit, EventStream, StreamEnded},
-    event::{encode_frame, Cursor, Envelope, EventId, PublishedEvent, Target},
     hub::Hub,
     mailbox::CloseReason,
-    metrics as m,
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
-    SseConfig,
 };
 use crate::{
     api::{self, BrokerHealth, Stats},
     events::{
         names, Event, Notification, ReelReady, ReelUploadProgress, SystemAlert, UserUpdate, ValidationError,
+    },
+    server::{
+        address::address_key,
+        auth::{self, Auth, Authenticate, Identity},
+        broker::{
+            Broker, BrokerError, ClusterBroker, ClusterOptions, Delivery, EventSink, MemoryBroker,
+            RedisBroker, RedisOptions, Retention,
+        },
+        clock::now_ms,
+        config::{ConfigError, SseConfig},
+        event::{encode_frame, Cursor, Envelope, EventId, PublishedEvent, Target},
+        metrics as m,
     },
 };
 
@@ -101,7 +104,7 @@ pub enum SendError {
 pub enum StartError {
     /// A configuration no single setting shows to be wrong (see [`SseConfig::validate`]).
     #[error(transparent)]
-    Config(#[from] super::ConfigError),
+    Config(#[from] ConfigError),
     #[error("could not connect to Redis: {0}")]
     Redis(String),
 }
@@ -388,7 +391,7 @@ impl SseService {
             .clone()
     }
 
-    pub(super) fn set_stream_path(&self, path: &str) {
+    pub(crate) fn set_stream_path(&self, path: &str) {
         *self.inner.stream_path.write().unwrap_or_else(|e| e.into_inner()) = path.into();
     }
 
@@ -416,7 +419,7 @@ impl SseService {
             }
         };
         if let (Some(limiter), Some(ip)) = (&self.inner.ip_limiter, ip) {
-            let key = super::address::address_key(ip);
+            let key = address_key(ip);
             limiter.check_key(&key).map_err(|n| refused("this address", n))?;
         }
         if let Some(limiter) = &self.inner.user_limiter {
@@ -974,8 +977,8 @@ fn heartbeat_frame() -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::mailbox::Outbound;
-    use crate::server::mailbox::Received;
+    use crate::server::core::mailbox::Outbound;
+    use crate::server::core::mailbox::Received;
 
     async fn settle() {
         for _ in 0..10 {

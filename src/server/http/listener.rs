@@ -48,7 +48,7 @@ use tokio::{
 };
 use tower::ServiceExt;
 
-use super::{address::address_key, metrics as m, SseService};
+use crate::server::{address::address_key, config, core::service::SseService, metrics as m};
 
 /// Pending connections the kernel queues before `accept`, per accept queue (capped by
 /// `net.core.somaxconn`, 4096 on most systems).
@@ -138,7 +138,7 @@ impl SseListener {
         self.local_addr
     }
 
-    /// Serves `app` (with [`Routes`](super::Routes) merged in), taking the lean path for
+    /// Serves `app` (with [`Routes`](super::routes::Routes) merged in), taking the lean path for
     /// `sse`'s stream path. Await the result, or add
     /// [`with_graceful_shutdown`](Serve::with_graceful_shutdown).
     pub fn serve(self, app: Router, sse: &SseService) -> Serve {
@@ -175,7 +175,7 @@ impl Serve {
             app,
             stream_prefix: format!("GET {}", service.stream_path()).into_bytes().into(),
             sockets: AtomicUsize::new(0),
-            max_sockets: super::config::file_limit().saturating_sub(FD_HEADROOM).max(64),
+            max_sockets: config::file_limit().saturating_sub(FD_HEADROOM).max(64),
             pending: PendingBudget::default(),
             requests: AddressBudget::new(MAX_REQUEST_CONNECTIONS_PER_ADDRESS),
             shutdown: watching,

@@ -33,7 +33,7 @@ pub(crate) fn check(parts: &Parts, allowed: &[String]) -> Result<(), ApiError> {
     if host.is_some_and(|host| same_authority(origin, host)) {
         return Ok(());
     }
-    super::metrics::connection_refused("origin");
+    crate::server::metrics::connection_refused("origin");
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
         format!("a page on {origin} may not open this stream: not this server's origin nor in SSE_ALLOWED_ORIGINS"),
@@ -63,8 +63,8 @@ fn same_authority(origin: &str, host: &str) -> bool {
 }
 
 /// Whether the session of `parts` would come from a cookie: it carries one, and (for the
-/// default token [`Auth`](super::Auth), which prefers explicit tokens) no bearer header or
-/// `?token=`. A host's own [`Authenticate`](super::Authenticate) hook may read any cookie,
+/// default token [`Auth`](crate::server::auth::Auth), which prefers explicit tokens) no bearer header or
+/// `?token=`. A host's own [`Authenticate`](crate::server::auth::Authenticate) hook may read any cookie,
 /// so there any cookie counts.
 pub(crate) fn cookie_session(parts: &Parts, default_auth: bool) -> bool {
     if !parts.headers.contains_key(header::COOKIE) {
@@ -73,7 +73,7 @@ pub(crate) fn cookie_session(parts: &Parts, default_auth: bool) -> bool {
     if !default_auth {
         return true;
     }
-    let explicit_token = super::auth::bearer_token(&parts.headers).is_some()
+    let explicit_token = crate::server::auth::bearer_token(&parts.headers).is_some()
         || parts
             .uri
             .query()

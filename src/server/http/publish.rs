@@ -24,12 +24,15 @@ use secrecy::ExposeSecret;
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 
-use super::{
-    auth::bearer_token,
-    event::{Envelope, EventId, Target},
-    ApiError, SendError, SseService,
+use super::ApiError;
+use crate::{
+    events::{Event, ValidationError},
+    server::{
+        auth::{self, bearer_token},
+        core::service::{SendError, SseService},
+        event::{Envelope, EventId, Target},
+    },
 };
-use crate::events::{Event, ValidationError};
 
 /// How long a request body may take to arrive: one that trickles in is cut off.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -275,7 +278,7 @@ pub async fn disconnect_handler(
         };
         ApiError::bad_request(format!("expected {{\"user_id\": \"...\"}}: {e}")).field(field)
     })?;
-    super::auth::validate_user_id(&request.user_id).map_err(|e| ApiError::bad_request(e).field("user_id"))?;
+    auth::validate_user_id(&request.user_id).map_err(|e| ApiError::bad_request(e).field("user_id"))?;
     let closed = service
         .disconnect_user(&request.user_id)
         .await
@@ -293,7 +296,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let config = crate::server::SseConfig::default().jwt_secret("publish-tests-secret-123");
+        let config = crate::server::config::SseConfig::default().jwt_secret("publish-tests-secret-123");
         let service = runtime.block_on(SseService::start(config)).unwrap();
         (runtime, service)
     }

@@ -21,9 +21,12 @@ use super::{
     publish::{check_publish_key, disconnect_handler, publish_handler},
     stream::sse_handler,
     websocket::ws_handler,
-    ApiError, SseService,
+    ApiError,
 };
-use crate::api;
+use crate::{
+    api,
+    server::{core::service::SseService, metrics},
+};
 
 /// The routes of the notification server, to merge into an app of any state type.
 ///
@@ -31,7 +34,7 @@ use crate::api;
 /// /api/disconnect`, `GET /api/stats` and `/api/stats/stream`, `GET /metrics`, `GET /healthz`.
 /// Stats and metrics need the publish key unless [`public_stats`](Self::public_stats) is
 /// set. Turn any of them off, and put them all under a prefix; the
-/// [`SseListener`](super::SseListener)'s lean stream path follows the prefix.
+/// [`SseListener`](super::listener::SseListener)'s lean stream path follows the prefix.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -43,7 +46,7 @@ use crate::api;
 /// # Ok(()) }
 /// ```
 ///
-/// Serve the app with [`SseListener::serve`](super::SseListener::serve) (or axum's
+/// Serve the app with [`SseListener::serve`](super::listener::SseListener::serve) (or axum's
 /// `into_make_service_with_connect_info::<SocketAddr>()`), so the per-address connection
 /// limit sees client addresses.
 #[must_use]
@@ -246,7 +249,7 @@ async fn protected_stats_stream(
 async fn metrics() -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        super::metrics::install().render(),
+        metrics::install().render(),
     )
         .into_response()
 }
@@ -318,7 +321,8 @@ async fn session(
 pub fn session_cookie(service: &SseService, request: &axum::http::request::Parts, token: &str) -> String {
     use axum_extra::extract::cookie::{Cookie, SameSite};
 
-    use super::config::CookieSecure;
+    use crate::server::{auth::SESSION_COOKIE, config::CookieSecure};
+
     let https = request.uri.scheme_str() == Some("https")
         || request
             .headers
@@ -330,7 +334,7 @@ pub fn session_cookie(service: &SseService, request: &axum::http::request::Parts
         CookieSecure::Always => true,
         CookieSecure::Never => false,
     };
-    Cookie::build((super::SESSION_COOKIE, token.to_string()))
+    Cookie::build((SESSION_COOKIE, token.to_string()))
         .path("/")
         .http_only(true)
         .same_site(SameSite::Lax)
@@ -344,7 +348,9 @@ pub fn session_cookie(service: &SseService, request: &axum::http::request::Parts
 #[cfg(feature = "demo")]
 pub fn session_cookie_removal() -> String {
     use axum_extra::extract::cookie::{Cookie, SameSite};
-    Cookie::build((super::SESSION_COOKIE, ""))
+
+    use crate::server::auth::SESSION_COOKIE;
+    Cookie::build((SESSION_COOKIE, ""))
         .path("/")
         .http_only(true)
         .same_site(SameSite::Lax)

@@ -20,12 +20,13 @@ use axum::{
 };
 use futures::StreamExt;
 
-use crate::events::names;
-
 use super::{
-    connection::EventStream,
-    stream::{admit, Transport},
-    ApiError, SseService,
+    admission::{admit, Transport},
+    ApiError,
+};
+use crate::{
+    events::names,
+    server::core::{connection::EventStream, service::SseService},
 };
 
 /// A send that makes no progress for this long means the client stopped reading.

@@ -1,0 +1,18 @@
+//! The HTTP edge, in the order a request passes through it: `listener` (sockets,
+//! per-address budgets, timeouts, the lean stream path), `routes` (the Axum router),
+//! `origin` (cross-site checks), `admission` (what both stream transports check before a
+//! stream opens), `stream` (`/api/sse`), `websocket` (`/api/ws`), `publish` (the HTTP
+//! publish API), and `error`, the JSON error every route answers with. It uses the core
+//! and the shared pieces, and nothing uses it but the facade.
+
+mod admission;
+mod error;
+#[cfg(unix)]
+pub(crate) mod listener;
+mod origin;
+pub mod publish;
+pub(crate) mod routes;
+pub mod stream;
+pub mod websocket;
+
+pub use error::ApiError;
