@@ -12,7 +12,6 @@ use std::{
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
     process::{Child, Command},
 };
 
@@ -29,14 +28,11 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// [`sse_notify_testkit::wait_listening`], off the runtime's threads.
 pub(crate) async fn wait_listening(addr: SocketAddr) {
-    for _ in 0..400 {
-        if TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nothing listens on {addr}");
+    tokio::task::spawn_blocking(move || sse_notify_testkit::wait_listening(addr, Duration::from_secs(20)))
+        .await
+        .expect("waiting for a listener");
 }
 
 /// RSS in KiB and CPU seconds (user + system) of one process, from `/proc`.
@@ -235,18 +231,16 @@ impl Cluster {
     }
 
     pub(crate) fn spawn(&self, addr: SocketAddr) -> Child {
-        let mut command = Command::new(&self.binary);
+        let mut command = Command::from(sse_notify_testkit::server_command(
+            &self.binary,
+            addr,
+            SECRET,
+            PUBLISH_KEY,
+        ));
         command
-            .env("LEPTOS_SITE_ADDR", addr.to_string())
-            .env("SSE_JWT_SECRET", SECRET)
-            .env("SSE_PUBLISH_KEY", PUBLISH_KEY)
-            .env("SSE_CONNECT_RATE_PER_IP", "0")
-            .env("SSE_CONNECT_RATE_PER_USER", "0")
             // The default cap leaves 1,024 of the file limit (20,000 here) for other files;
             // the bench holds 19,000 streams and nothing else.
             .env("SSE_MAX_CONNECTIONS", "19500")
-            .env("RUST_LOG", "warn")
-            .env_remove("REDIS_URL")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(if std::env::var_os("SSE_BENCH_DEBUG_LOST").is_some() {
                 Stdio::inherit()

@@ -67,6 +67,43 @@ impl Publisher {
     }
 }
 
+/// Paces one publishing lane at `rate` events per second: every 10 ms, the events owed
+/// since it started, at most `cap` at once (a lane that fell behind catches up in steps).
+pub(crate) struct Pacer {
+    rate: f64,
+    cap: u64,
+    started: Instant,
+    sent: u64,
+    ticker: tokio::time::Interval,
+}
+
+impl Pacer {
+    pub(crate) fn new(rate: f64, cap: u64) -> Self {
+        Self {
+            rate,
+            cap,
+            started: Instant::now(),
+            sent: 0,
+            ticker: tokio::time::interval(Duration::from_millis(10)),
+        }
+    }
+
+    /// Waits for the next tick; the indexes (counted from 0 since the start) of the events
+    /// to send now, empty when none is owed yet.
+    pub(crate) async fn owed(&mut self) -> std::ops::Range<u64> {
+        self.ticker.tick().await;
+        let owed = (self.rate * self.started.elapsed().as_secs_f64()) as u64;
+        let count = owed.saturating_sub(self.sent).min(self.cap);
+        let first = self.sent;
+        self.sent += count;
+        first..self.sent
+    }
+
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
 pub(crate) fn bench_message(sent_us: u64, seq: u32) -> String {
     format!("bench:{sent_us}:{seq}")
 }
@@ -122,25 +159,19 @@ pub(crate) async fn publish_targeted(
                 out.failed = true;
                 return out;
             };
-            let lane_rate = rate as f64 / f64::from(lanes);
-            let started = Instant::now();
-            let mut ticker = tokio::time::interval(Duration::from_millis(10));
-            let mut sent: u64 = 0;
-            while started.elapsed().as_secs_f64() < secs {
-                ticker.tick().await;
-                let owed = (lane_rate * started.elapsed().as_secs_f64()) as u64;
-                let count = owed.saturating_sub(sent).min(1000);
-                if count == 0 {
+            let mut pacer = Pacer::new(rate as f64 / f64::from(lanes), 1_000);
+            while pacer.elapsed().as_secs_f64() < secs {
+                let owed = pacer.owed().await;
+                if owed.is_empty() {
                     continue;
                 }
                 let sent_us = now_us();
-                let batch: Vec<(u32, u32)> = (0..count)
+                let batch: Vec<(u32, u32)> = owed
                     .map(|k| {
-                        let seq = first_seq + ((sent + k) as u32) * lanes + lane;
+                        let seq = first_seq + (k as u32) * lanes + lane;
                         (seq, seq % users)
                     })
                     .collect();
-                sent += count;
                 let requests: Vec<PublishRequest> = if dialect == Dialect::Nchan {
                     batch
                         .iter()

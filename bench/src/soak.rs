@@ -21,7 +21,7 @@ use sse_notify_testkit::{RedisServer, TempDir};
 use crate::{
     cli::Dialect,
     processes::{now_us, Cluster, Pool},
-    publish::{targeted_batch, Publisher},
+    publish::{targeted_batch, Pacer, Publisher},
     report::Report,
 };
 
@@ -215,18 +215,12 @@ async fn publish(
         tasks.push(tokio::spawn(async move {
             let mut out = Published::default();
             let mut publisher: Option<Publisher> = None;
-            let lane_rate = rate as f64 / lanes;
-            let started = Instant::now();
-            let mut sent = 0u64;
-            let mut ticker = tokio::time::interval(Duration::from_millis(10));
+            let mut pacer = Pacer::new(rate as f64 / lanes, 500);
             while !stop.load(Ordering::Relaxed) {
-                ticker.tick().await;
-                let owed = (lane_rate * started.elapsed().as_secs_f64()) as u64;
-                let count = owed.saturating_sub(sent).min(500) as u32;
+                let count = pacer.owed().await.count() as u32;
                 if count == 0 {
                     continue;
                 }
-                sent += u64::from(count);
                 let first = next_seq.fetch_add(count, Ordering::Relaxed);
                 let batch: Vec<(u32, u32)> = (first..first + count).map(|seq| (seq, seq % users)).collect();
                 match post_batch(&mut publisher, server, &batch).await {

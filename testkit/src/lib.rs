@@ -56,6 +56,30 @@ pub fn wait_listening(addr: SocketAddr, within: Duration) {
     }
 }
 
+/// The `sse-notify` binary at `binary`, set up as every test and load run starts it:
+/// listening on `addr`, with `secret` for session tokens and `publish_key` for the publish
+/// API, connection rate limits off (the tests open many streams from one address), quiet
+/// logs, and no `REDIS_URL` from the caller's environment (add one with `.env`).
+pub fn server_command(
+    binary: impl AsRef<std::ffi::OsStr>,
+    addr: SocketAddr,
+    secret: &str,
+    publish_key: &str,
+) -> Command {
+    let mut command = Command::new(binary);
+    command
+        // What cargo-leptos sets when it builds the binary (`cargo test` does not).
+        .env("LEPTOS_OUTPUT_NAME", "sse-notify")
+        .env("LEPTOS_SITE_ADDR", addr.to_string())
+        .env("SSE_JWT_SECRET", secret)
+        .env("SSE_PUBLISH_KEY", publish_key)
+        .env("SSE_CONNECT_RATE_PER_IP", "0")
+        .env("SSE_CONNECT_RATE_PER_USER", "0")
+        .env("RUST_LOG", "warn")
+        .env_remove("REDIS_URL");
+    command
+}
+
 /// Whether the `redis-server` answering on `port` is the process `pid` (and not another one
 /// that won a race for the port), asked through `INFO server`.
 fn answers_as(port: u16, pid: u32) -> bool {

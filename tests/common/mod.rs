@@ -410,19 +410,11 @@ impl ServerProcess {
             .unwrap()
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sse-notify"))
-            // What cargo-leptos sets when it builds the binary (`cargo test` does not).
-            .env("LEPTOS_OUTPUT_NAME", "sse-notify")
-            .env("LEPTOS_SITE_ADDR", addr.to_string())
-            .env("SSE_JWT_SECRET", SECRET)
-            .env("SSE_PUBLISH_KEY", PUBLISH_KEY)
-            .env("SSE_CONNECT_RATE_PER_IP", "0")
-            .env("SSE_CONNECT_RATE_PER_USER", "0")
-            .env("RUST_LOG", "warn")
-            .env_remove("REDIS_URL")
-            .envs(env.iter().copied())
-            .spawn()
-            .expect("the sse-notify binary");
+        let child =
+            sse_notify_testkit::server_command(env!("CARGO_BIN_EXE_sse-notify"), addr, SECRET, PUBLISH_KEY)
+                .envs(env.iter().copied())
+                .spawn()
+                .expect("the sse-notify binary");
         let server = Self { addr, child };
         let http = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + WAIT;
