@@ -12,9 +12,10 @@ LEPTOS_BUILD_FLAGS := $(if $(filter release,$(E2E_PROFILE)),--release,)
 setup:
 	@scripts/setup.sh
 
-## Serve the demo at http://127.0.0.1:3000 on the in-process broker (no Redis needed).
+## Serve the demo at http://127.0.0.1:3000 on the in-process broker (no Redis needed), with
+## the notification center's inbox in a SQLite file under target/ (it survives a restart).
 run: setup
-	SSE_DEMO=1 cargo leptos serve --project sse-notify
+	SSE_DEMO=1 SSE_INBOX_URL=$${SSE_INBOX_URL:-sqlite://target/sse-inbox.db} cargo leptos serve --project sse-notify
 
 ## Serve the example host app (examples/host) at http://127.0.0.1:3100; LEPTOS_SITE_ADDR
 ## and every SSE_* variable apply.

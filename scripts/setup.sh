@@ -19,10 +19,12 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-# 1. Browser for Playwright and Redis for the Redis tests, from Debian.
+# 1. Browser for Playwright, Redis and PostgreSQL for their tests, from Debian.
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# PostgreSQL for the inbox's tests (testkit starts its own servers on free ports).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # 2. The WebAssembly target.

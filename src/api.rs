@@ -22,6 +22,10 @@ pub const STATS_STREAM_PATH: &str = "/api/stats/stream";
 pub const METRICS_PATH: &str = "/metrics";
 /// Liveness and broker health.
 pub const HEALTH_PATH: &str = "/healthz";
+/// The signed-in user's inbox (`GET`, newest first, [`InboxPage`]); `POST` to
+/// `{INBOX_PATH}/read`, `/unread`, `/archive` or `/unarchive` with [`InboxSelection`]
+/// changes it.
+pub const INBOX_PATH: &str = "/api/inbox";
 
 /// The response header of `HEAD` on the stream path (204) that carries the caller's
 /// identity tag: what tabs of one browser key their shared channels by, learned before
@@ -78,4 +82,60 @@ pub struct Stats {
     pub broker: String,
     pub broker_health: BrokerHealth,
     pub uptime_ms: u64,
+}
+
+/// One kept event in a user's inbox, as `GET` [`INBOX_PATH`] lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboxItem {
+    /// The event's id (the same as on the stream).
+    pub id: String,
+    /// The event name, e.g. `notification`.
+    pub event: String,
+    /// The event's `data` object.
+    pub data: serde_json::Value,
+    /// When it was published, ms since the Unix epoch.
+    pub created: u64,
+    /// When this user read it, if they did.
+    pub read: Option<u64>,
+    /// When this user archived it, if they did.
+    pub archived: Option<u64>,
+}
+
+/// A page of the inbox, and the counts of the whole of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboxPage {
+    pub items: Vec<InboxItem>,
+    /// Unread items, archived ones not counted.
+    pub unread: u64,
+    /// Items not archived.
+    pub total: u64,
+    /// Pass as `before=` for the next page; `None` on the last one.
+    pub next: Option<String>,
+}
+
+/// The body of the `POST` routes that change an inbox: some ids, or all of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InboxSelection {
+    /// Event ids; unknown ones and other users' are ignored.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Every item instead.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// The data of the `inbox` control event: what changed, from any tab, device or instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboxChange {
+    /// `added`, `read`, `unread`, `archived` or `unarchived`.
+    pub op: String,
+    /// The items it changed (empty with `all`).
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// It changed every item.
+    #[serde(default)]
+    pub all: bool,
+    /// The unread count after the change; `None` for an item added to everyone (a kept
+    /// broadcast), where each user's count went up by one.
+    pub unread: Option<u64>,
 }

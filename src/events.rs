@@ -51,6 +51,10 @@ pub mod names {
     /// [`api::Ready`](crate::api::Ready)). A client that sees the response open but not this
     /// event soon after knows something in between buffers it.
     pub const READY: &str = "ready";
+    /// Sent when the user's inbox changed (an item added, read, unread, archived or
+    /// unarchived, from any tab, device or instance): `{"op", "ids", "all", "unread"}`.
+    /// Every stream gets it, whatever its `events=` filter.
+    pub const INBOX: &str = "inbox";
 
     /// The payload events a client listens to by default.
     pub const BUILT_IN: [&str; 5] = [
@@ -61,16 +65,24 @@ pub mod names {
         SYSTEM_ALERT,
     ];
     /// Events the server sends on its own.
-    pub const CONTROL: [&str; 5] = [HEARTBEAT, RESYNC, CONNECTION_REPLACED, SESSION_ENDED, READY];
-    /// Names publishers are refused: the control events, and the browser's own
-    /// `EventSource` events (an `event: error` frame would fire every client's error
-    /// handler and loop them all through reconnects).
-    pub const RESERVED: [&str; 8] = [
+    pub const CONTROL: [&str; 6] = [
         HEARTBEAT,
         RESYNC,
         CONNECTION_REPLACED,
         SESSION_ENDED,
         READY,
+        INBOX,
+    ];
+    /// Names publishers are refused: the control events, and the browser's own
+    /// `EventSource` events (an `event: error` frame would fire every client's error
+    /// handler and loop them all through reconnects).
+    pub const RESERVED: [&str; 9] = [
+        HEARTBEAT,
+        RESYNC,
+        CONNECTION_REPLACED,
+        SESSION_ENDED,
+        READY,
+        INBOX,
         "error",
         "open",
         "message",

@@ -119,6 +119,20 @@ pub struct SseConfig {
     /// A Redis Cluster always waits for one replica of the shard. Defaults to 0
     /// (`SSE_REDIS_WAIT_REPLICAS`).
     pub redis_wait_replicas: usize,
+    /// Where the notification center keeps its inbox: `sqlite://<file>` (embedded, one
+    /// instance) or `postgres://...` (any number of instances). `None`: the inbox is off
+    /// and its routes answer 404 (`SSE_INBOX_URL`).
+    #[builder(into)]
+    pub inbox_url: Option<SecretString>,
+    /// Event types kept in the inbox. A broadcast of a kept type (`system_alert` when
+    /// listed) is kept once, with read state per user. Defaults to `notification` and
+    /// `reel_ready` (`SSE_INBOX_EVENTS`).
+    pub inbox_events: Vec<String>,
+    /// Items older than this are pruned. Defaults to 90 days (`SSE_INBOX_RETENTION_DAYS`).
+    pub inbox_retention: Duration,
+    /// Items kept per user (and broadcasts kept in all); the oldest go first. Defaults to
+    /// 1,000 (`SSE_INBOX_MAX_PER_USER`).
+    pub inbox_max_per_user: usize,
 }
 
 impl Default for SseConfig {
@@ -153,6 +167,10 @@ impl Default for SseConfig {
             redis_ca_cert: None,
             redis_cluster: false,
             redis_wait_replicas: 0,
+            inbox_url: None,
+            inbox_events: vec![names::NOTIFICATION.into(), names::REEL_READY.into()],
+            inbox_retention: Duration::from_secs(90 * 24 * 3600),
+            inbox_max_per_user: 1_000,
         }
     }
 }
@@ -211,6 +229,10 @@ struct SseVars {
     redis_ca_cert: Option<std::path::PathBuf>,
     redis_cluster: Option<String>,
     redis_wait_replicas: Option<usize>,
+    inbox_url: Option<SecretString>,
+    inbox_events: Option<String>,
+    inbox_retention_days: Option<u64>,
+    inbox_max_per_user: Option<usize>,
 }
 
 /// The Redis variables, which have no `SSE_` prefix.
@@ -411,6 +433,47 @@ impl SseConfig {
                 "not supported on a Redis Cluster yet: use a server certificate of a public CA",
             ));
         }
+        if let Some(url) = sse.inbox_url {
+            use secrecy::ExposeSecret;
+            let text = url.expose_secret();
+            if !(text.starts_with("sqlite:")
+                || text.starts_with("postgres://")
+                || text.starts_with("postgresql://"))
+            {
+                return Err(ConfigError::new(
+                    "SSE_INBOX_URL",
+                    "expected sqlite://<file> or postgres://user:password@host/database",
+                ));
+            }
+            config.inbox_url = Some(url);
+        }
+        if let Some(list) = sse.inbox_events {
+            let mut kept = Vec::new();
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if crate::events::validate_event_name(name).is_err() || names::RESERVED.contains(&name) {
+                    return Err(ConfigError::new(
+                        "SSE_INBOX_EVENTS",
+                        format!("{name:?} is not an event name publishers can use"),
+                    ));
+                }
+                kept.push(name.to_string());
+            }
+            config.inbox_events = kept;
+        }
+        if let Some(days) = sse.inbox_retention_days {
+            if days == 0 {
+                return Err(ConfigError::new(
+                    "SSE_INBOX_RETENTION_DAYS",
+                    "expected at least 1 day",
+                ));
+            }
+            config.inbox_retention = Duration::from_secs(days.saturating_mul(24 * 3600));
+        }
+        config.inbox_max_per_user = positive(
+            "SSE_INBOX_MAX_PER_USER",
+            sse.inbox_max_per_user,
+            config.inbox_max_per_user,
+        )?;
         config.validate()?;
         Ok(config)
     }

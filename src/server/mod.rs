@@ -42,6 +42,7 @@ pub mod config;
 pub mod core;
 pub mod event;
 pub mod http;
+pub mod inbox;
 pub mod metrics;
 
 pub use self::core::connection::{ConnectionPermit, EventStream};

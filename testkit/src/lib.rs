@@ -326,6 +326,225 @@ impl RedisCluster {
     }
 }
 
+/// A PostgreSQL server of its own (Debian's `postgresql` package) on a free port, in a
+/// temporary data directory, gone on drop. `fsync=off`: a commit survives the server's
+/// crash ([`kill`](Self::kill)), not the machine's.
+/// Run as root, the server runs as the `postgres` user (it refuses root).
+///
+/// ```no_run
+/// let pg = sse_notify_testkit::PostgresServer::start();
+/// let url = pg.database("inbox_tests"); // postgres://postgres@127.0.0.1:<port>/inbox_tests
+/// ```
+pub struct PostgresServer {
+    pub port: u16,
+    bin: PathBuf,
+    child: Option<Child>,
+    // Dropped after the server is killed.
+    dir: TempDir,
+}
+
+/// The folder of the newest installed PostgreSQL's programs.
+fn postgres_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    versions
+        .pop()
+        .expect("PostgreSQL is not installed (apt-get install postgresql; scripts/setup.sh does)")
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `program` with `args`, as the `postgres` user when this process is root.
+fn as_postgres(program: &Path, args: &[&str]) -> Command {
+    if running_as_root() {
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+            .arg(program)
+            .args(args);
+        command
+    } else {
+        let mut command = Command::new(program);
+        command.args(args);
+        command
+    }
+}
+
+impl PostgresServer {
+    pub fn start() -> Self {
+        let bin = postgres_bin();
+        let mut dir = TempDir::new("sse-postgres");
+        let data = dir.path().join("data");
+        if running_as_root() {
+            let status = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status();
+            assert!(status.is_ok_and(|s| s.success()), "chown of the data folder");
+        }
+        let data_arg = data.to_str().expect("a UTF-8 temp path");
+        let initdb = as_postgres(
+            &bin.join("initdb"),
+            &[
+                "-D",
+                data_arg,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("initdb");
+        assert!(
+            initdb.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&initdb.stderr)
+        );
+        let mut failures = Vec::new();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let mut server = Self {
+                port,
+                bin: bin.clone(),
+                child: None,
+                dir,
+            };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(failure) => {
+                    failures.push(failure);
+                    dir = server.take_dir();
+                }
+            }
+        }
+        panic!("postgres did not start: {}", failures.join("; "))
+    }
+
+    fn take_dir(mut self) -> TempDir {
+        self.kill();
+        std::mem::replace(&mut self.dir, TempDir(PathBuf::new()))
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let data = self.dir.path().join("data");
+        let port = self.port.to_string();
+        let socket_dir = self.dir.path().to_str().expect("a UTF-8 temp path").to_string();
+        let mut child = as_postgres(
+            &self.bin.join("postgres"),
+            &[
+                "-D",
+                data.to_str().expect("a UTF-8 temp path"),
+                "-p",
+                &port,
+                "-k",
+                &socket_dir,
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("postgres: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("postgres on port {port} exited at start: {status}"));
+            }
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("postgres on port {port} was not ready within 30 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A new empty database `name` on this server, and its URL.
+    pub fn database(&self, name: &str) -> String {
+        let output = Command::new(self.bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                name,
+            ])
+            .output()
+            .expect("createdb");
+        assert!(
+            output.status.success(),
+            "createdb {name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Stops it at once (`SIGQUIT`, PostgreSQL's immediate shutdown: no checkpoint, the
+    /// server's own children end too): an outage. [`restart`](Self::restart) brings it back
+    /// with its data.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let quit = Command::new("kill")
+                .args(["-QUIT", &child.id().to_string()])
+                .status();
+            if !quit.is_ok_and(|s| s.success()) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, after [`kill`](Self::kill), with the data it had.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn().expect("postgres restarts");
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
 

@@ -754,7 +754,8 @@ mod tests {
                 "resync",
                 "connection_replaced",
                 "session_ended",
-                "ready"
+                "ready",
+                "inbox"
             ]
         );
     }

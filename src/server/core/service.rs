@@ -63,6 +63,7 @@ use tokio_stream::{wrappers::IntervalStream, StreamExt};
 use super::{
     connection::{Closer, ConnectionPermit, EventStream, StreamEnded},
     hub::Hub,
+    inbox::{added_events, Inbox, UserInbox},
     mailbox::CloseReason,
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
 };
@@ -81,6 +82,7 @@ use crate::{
         clock::now_ms,
         config::{ConfigError, SseConfig},
         event::{encode_frame, Cursor, Envelope, EventId, PublishedEvent, Target},
+        inbox::{InboxError, InboxStore, SqlInbox},
         metrics as m,
     },
 };
@@ -97,6 +99,10 @@ pub enum SendError {
     /// The service is shutting down.
     #[error("the notification service is shutting down")]
     ShuttingDown,
+    /// The events were published, but the inbox could not keep those of a kept type, so the
+    /// publish is not acknowledged: open streams may have shown them; retry later.
+    #[error("published, but not kept in the inbox: {0}")]
+    Inbox(#[from] InboxError),
 }
 
 /// Why the service could not start.
@@ -107,6 +113,8 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("could not connect to Redis: {0}")]
     Redis(String),
+    #[error("could not open the inbox store (SSE_INBOX_URL): {0}")]
+    Inbox(String),
 }
 
 /// Where a new stream starts.
@@ -164,6 +172,8 @@ struct Inner {
     long_lived: Arc<AtomicUsize>,
     max_long_lived: usize,
     retention: Arc<Retention>,
+    /// The notification center, when `SSE_INBOX_URL` (or the builder) gave it a store.
+    inbox: Option<Inbox>,
     ip_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
     user_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     /// `true` once [`SseService::shutdown`] began; long-lived responses end on it.
@@ -210,14 +220,29 @@ impl SseService {
         SseServiceBuilder {
             config,
             authenticator: None,
+            inbox_store: None,
         }
     }
 
     async fn start_with(
         config: SseConfig,
         authenticator: Option<Arc<dyn Authenticate>>,
+        inbox_store: Option<Arc<dyn InboxStore>>,
     ) -> Result<Self, StartError> {
         config.validate()?;
+        let inbox_store = match (inbox_store, &config.inbox_url) {
+            (Some(store), _) => Some(store),
+            (None, Some(url)) => {
+                use secrecy::ExposeSecret;
+                let store = SqlInbox::connect(url.expose_secret(), config.inbox_max_per_user)
+                    .await
+                    .map_err(|e| StartError::Inbox(e.to_string()))?;
+                Some(Arc::new(store) as Arc<dyn InboxStore>)
+            }
+            (None, None) => None,
+        };
+        let inbox =
+            inbox_store.map(|store| Inbox::new(store, config.inbox_events.clone(), config.inbox_retention));
         m::install();
         let hub = Arc::new(Hub::new(config.max_clients_per_user, config.queue_capacity));
         let sink: EventSink = Arc::new(HubDelivery(hub.clone()));
@@ -279,6 +304,7 @@ impl SseService {
             long_lived: Arc::new(AtomicUsize::new(0)),
             max_long_lived: config.max_connections,
             retention: Arc::new(config.retention()),
+            inbox,
             ip_limiter: limiter(config.connect_rate_per_ip),
             user_limiter: limiter(config.connect_rate_per_user),
             config,
@@ -358,6 +384,12 @@ impl SseService {
         };
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
         tasks.extend([heartbeat, cleanup, expiry]);
+        if let Some(inbox) = &self.inner.inbox {
+            tasks.push(tokio::spawn(Inbox::prune_forever(
+                inbox.store.clone(),
+                inbox.retention,
+            )));
+        }
     }
 
     /// Who a stream request comes from, by the service's [`Authenticate`] hook. The user
@@ -779,12 +811,17 @@ impl SseService {
             return Err(SendError::ShuttingDown);
         }
         let names: Vec<Arc<str>> = envelopes.iter().map(|e| e.name.clone()).collect();
+        // What the inbox keeps, taken before the broker takes the envelopes.
+        let to_keep: Option<Vec<Envelope>> = self.inner.inbox.as_ref().map(|_| envelopes.clone());
         match self.inner.broker.publish(envelopes).await {
             Ok(ids) => {
                 self.inner
                     .published
                     .fetch_add(ids.len() as u64, Ordering::Relaxed);
                 names.iter().for_each(|n| m::event_published(n));
+                if let (Some(inbox), Some(envelopes)) = (&self.inner.inbox, to_keep) {
+                    self.keep_in_inbox(inbox, &envelopes, &ids).await?;
+                }
                 Ok(ids)
             }
             Err(e) => {
@@ -794,6 +831,43 @@ impl SseService {
                 Err(e.into())
             }
         }
+    }
+
+    /// Keeps the events of a kept type, then tells their owners' streams (`inbox`, op
+    /// `added`). A store that fails fails the publish: nothing is acknowledged that is not
+    /// kept.
+    async fn keep_in_inbox(
+        &self,
+        inbox: &Inbox,
+        envelopes: &[Envelope],
+        ids: &[EventId],
+    ) -> Result<(), SendError> {
+        let items = inbox.kept(envelopes, ids);
+        if items.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = inbox.store.keep(&items).await {
+            self.inner.failed.fetch_add(items.len() as u64, Ordering::Relaxed);
+            items.iter().for_each(|i| m::event_failed(&i.event, "inbox"));
+            tracing::warn!(error = %e, events = items.len(), "published, but the inbox could not keep them");
+            return Err(e.into());
+        }
+        if let Err(e) = self.inner.broker.publish(added_events(&items)).await {
+            tracing::warn!(error = %e, "kept in the inbox, but the streams were not told");
+        }
+        Ok(())
+    }
+
+    /// One user's inbox (the notification center): list, count, mark read, archive.
+    /// [`InboxError::Off`] without a store (`SSE_INBOX_URL`).
+    pub fn inbox(&self, user_id: &str) -> Result<UserInbox, InboxError> {
+        let inbox = self.inner.inbox.as_ref().ok_or(InboxError::Off)?;
+        UserInbox::new(self, inbox.store.clone(), user_id)
+    }
+
+    /// Whether the notification center is on.
+    pub fn has_inbox(&self) -> bool {
+        self.inner.inbox.is_some()
     }
 
     /// Validates `event` for `target` (user id, fields, payload size) and encodes its data
@@ -947,6 +1021,7 @@ impl Delivery for HubDelivery {
 pub struct SseServiceBuilder {
     config: SseConfig,
     authenticator: Option<Arc<dyn Authenticate>>,
+    inbox_store: Option<Arc<dyn InboxStore>>,
 }
 
 impl SseServiceBuilder {
@@ -958,9 +1033,17 @@ impl SseServiceBuilder {
         self
     }
 
+    /// The notification center's store, instead of the one `inbox_url` names: e.g. a
+    /// [`SqlInbox`] on the host's own database, or a store of the host's.
+    #[must_use]
+    pub fn inbox_store(mut self, store: Arc<dyn InboxStore>) -> Self {
+        self.inbox_store = Some(store);
+        self
+    }
+
     /// Starts the service; see [`SseService::start`].
     pub async fn start(self) -> Result<SseService, StartError> {
-        SseService::start_with(self.config, self.authenticator).await
+        SseService::start_with(self.config, self.authenticator, self.inbox_store).await
     }
 }
 

@@ -146,6 +146,11 @@ pub(crate) fn parse_filter(events: Option<&str>) -> Result<Option<Arc<[String]>>
         }
         names.push(name.to_string());
     }
+    // The inbox's changes reach every stream of the user, whatever it filters.
+    let inbox = crate::events::names::INBOX;
+    if !names.iter().any(|n| n == inbox) {
+        names.push(inbox.to_string());
+    }
     Ok(Some(names.into()))
 }
 
@@ -190,17 +195,24 @@ mod tests {
     #[test]
     fn filter_names_are_validated_deduplicated_and_capped() {
         assert!(parse_filter(None).unwrap().is_none());
-        assert_eq!(&*parse_filter(Some("a, b,a")).unwrap().unwrap(), ["a", "b"]);
+        assert_eq!(
+            &*parse_filter(Some("a, b,a")).unwrap().unwrap(),
+            ["a", "b", "inbox"]
+        );
         assert_eq!(
             parse_filter(Some("ok,Bad Name")).unwrap_err().field.as_deref(),
             Some("events")
         );
         let names = |n: usize| (0..n).map(|i| format!("e{i}")).collect::<Vec<_>>().join(",");
-        assert_eq!(parse_filter(Some(&names(32))).unwrap().unwrap().len(), 32);
+        assert_eq!(
+            parse_filter(Some(&names(32))).unwrap().unwrap().len(),
+            33,
+            "and `inbox`"
+        );
         let many = format!("{},{}", names(32), names(32));
         assert_eq!(
             parse_filter(Some(&many)).unwrap().unwrap().len(),
-            32,
+            33,
             "duplicates do not count"
         );
         assert_eq!(
@@ -211,11 +223,11 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Any `events=`: no panic; what is accepted is at most 32 distinct valid names.
+        /// Any `events=`: no panic; what is accepted is at most 32 distinct valid names (and `inbox`).
         #[test]
         fn any_filter_is_parsed_safely(events in ".{0,400}") {
             if let Ok(Some(names)) = parse_filter(Some(&events)) {
-                proptest::prop_assert!(names.len() <= MAX_FILTER_NAMES);
+                proptest::prop_assert!(names.len() <= MAX_FILTER_NAMES + 1, "the names and `inbox`");
                 for (i, name) in names.iter().enumerate() {
                     proptest::prop_assert!(validate_event_name(name).is_ok());
                     proptest::prop_assert!(!names[..i].contains(name));

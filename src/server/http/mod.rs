@@ -2,11 +2,12 @@
 //! per-address budgets, timeouts, the lean stream path), `routes` (the Axum router),
 //! `origin` (cross-site checks), `admission` (what both stream transports check before a
 //! stream opens), `stream` (`/api/sse`), `websocket` (`/api/ws`), `publish` (the HTTP
-//! publish API), and `error`, the JSON error every route answers with. It uses the core
+//! publish API), `inbox` (the notification center), and `error`, the JSON error every route answers with. It uses the core
 //! and the shared pieces, and nothing uses it but the facade.
 
 mod admission;
 mod error;
+pub mod inbox;
 #[cfg(unix)]
 pub(crate) mod listener;
 mod origin;

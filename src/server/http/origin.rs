@@ -36,7 +36,7 @@ pub(crate) fn check(parts: &Parts, allowed: &[String]) -> Result<(), ApiError> {
     crate::server::metrics::connection_refused("origin");
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
-        format!("a page on {origin} may not open this stream: not this server's origin nor in SSE_ALLOWED_ORIGINS"),
+        format!("a page on {origin} may not use this route with the user's session: not this server's origin nor in SSE_ALLOWED_ORIGINS"),
     )
     .field("origin"))
 }

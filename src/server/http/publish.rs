@@ -93,6 +93,7 @@ pub async fn publish_handler(
     };
     let ids = service.publish_envelopes(envelopes).await.map_err(|e| match e {
         SendError::Invalid(e) => ApiError::from(e),
+        SendError::Inbox(_) => ApiError::unavailable(e.to_string()).field("inbox"),
         other => ApiError::unavailable(other.to_string()),
     })?;
     #[derive(serde::Serialize)]

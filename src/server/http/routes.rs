@@ -18,6 +18,7 @@ use tokio_stream::wrappers::IntervalStream;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::{
+    inbox,
     publish::{check_publish_key, disconnect_handler, publish_handler},
     stream::sse_handler,
     websocket::ws_handler,
@@ -60,6 +61,7 @@ pub struct Routes {
     public_stats: bool,
     metrics: bool,
     health: bool,
+    inbox: bool,
     #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     session: bool,
 }
@@ -77,6 +79,7 @@ impl Routes {
             public_stats: false,
             metrics: true,
             health: true,
+            inbox: true,
             session: false,
         }
     }
@@ -130,6 +133,13 @@ impl Routes {
         self
     }
 
+    /// `GET /api/inbox` and `POST /api/inbox/{read,unread,archive,unarchive}`, the signed-in
+    /// user's notification center (404 while the service has no inbox store). Defaults to on.
+    pub fn inbox(mut self, on: bool) -> Self {
+        self.inbox = on;
+        self
+    }
+
     /// `POST /api/session`: sign in as any user (the demo's; never in production).
     /// Defaults to off.
     #[cfg(feature = "demo")]
@@ -175,6 +185,15 @@ impl Routes {
         }
         if self.health {
             routes = routes.route(&at(api::HEALTH_PATH), get(healthz));
+        }
+        if self.inbox {
+            let change = |op: &str| at(&format!("{}/{op}", api::INBOX_PATH));
+            routes = routes
+                .route(&at(api::INBOX_PATH), get(inbox::list_handler))
+                .route(&change("read"), post(inbox::read_handler))
+                .route(&change("unread"), post(inbox::unread_handler))
+                .route(&change("archive"), post(inbox::archive_handler))
+                .route(&change("unarchive"), post(inbox::unarchive_handler));
         }
         #[cfg(feature = "demo")]
         if self.session {

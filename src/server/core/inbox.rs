@@ -1,0 +1,231 @@
+//! The notification center in the core: which published events are kept, and
+//! [`UserInbox`], one user's inbox for server code and the HTTP routes. Every change is
+//! told to the user's streams as an `inbox` event, published like any event, so every tab,
+//! device and instance hears it.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use super::service::{SendError, SseService};
+use crate::{
+    api::{InboxChange, InboxPage},
+    events::names,
+    server::{
+        auth,
+        clock::now_ms,
+        event::{Envelope, EventId, Target},
+        inbox::{InboxCounts, InboxError, InboxOp, InboxQuery, InboxStore, NewItem, Selection, MAX_IDS},
+    },
+};
+
+/// How often items past the retention are pruned, and how many go per statement.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const PRUNE_BATCH: usize = 1_000;
+
+/// The store and what it keeps.
+pub(crate) struct Inbox {
+    pub(crate) store: Arc<dyn InboxStore>,
+    kept: Vec<String>,
+    pub(crate) retention: Duration,
+}
+
+impl Inbox {
+    pub(crate) fn new(store: Arc<dyn InboxStore>, kept: Vec<String>, retention: Duration) -> Self {
+        Self {
+            store,
+            kept,
+            retention,
+        }
+    }
+
+    /// The events of `envelopes` (published as `ids`) that the inbox keeps.
+    pub(crate) fn kept(&self, envelopes: &[Envelope], ids: &[EventId]) -> Vec<NewItem> {
+        envelopes
+            .iter()
+            .zip(ids)
+            .filter(|(e, _)| self.kept.iter().any(|k| **k == *e.name))
+            .map(|(e, id)| NewItem {
+                id: id.0,
+                user: match &e.target {
+                    Target::User(user) => Some(user.clone()),
+                    Target::Broadcast => None,
+                },
+                event: e.name.clone(),
+                data: e.data.clone(),
+                created_ms: e.timestamp_ms,
+            })
+            .collect()
+    }
+
+    /// Deletes items past the retention, a batch at a time (never one long transaction),
+    /// every [`PRUNE_EVERY`]; runs until its task is aborted.
+    pub(crate) async fn prune_forever(store: Arc<dyn InboxStore>, retention: Duration) {
+        let mut ticks = tokio::time::interval(PRUNE_EVERY);
+        loop {
+            ticks.tick().await;
+            let before = now_ms().saturating_sub(retention.as_millis() as u64);
+            loop {
+                match store.prune(before, PRUNE_BATCH).await {
+                    Ok(n) if n as usize == PRUNE_BATCH => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbox pruning failed; trying again later");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `inbox` events telling each owner of `items` which of theirs were added (the
+/// unread count only for a user's own: a kept broadcast adds one to everyone's).
+pub(crate) fn added_events(items: &[NewItem]) -> Vec<Envelope> {
+    let mut by_owner: HashMap<Option<Arc<str>>, Vec<String>> = HashMap::new();
+    for item in items {
+        by_owner
+            .entry(item.user.clone())
+            .or_default()
+            .push(item.id.to_string());
+    }
+    by_owner
+        .into_iter()
+        .map(|(owner, ids)| {
+            let change = InboxChange {
+                op: "added".into(),
+                ids,
+                all: false,
+                unread: None,
+            };
+            let target = owner.map_or(Target::Broadcast, Target::User);
+            change_envelope(target, &change)
+        })
+        .collect()
+}
+
+fn change_envelope(target: Target, change: &InboxChange) -> Envelope {
+    let timestamp_ms = now_ms();
+    Envelope {
+        target,
+        name: names::INBOX.into(),
+        data: serde_json::to_string(change).expect("an inbox change is JSON"),
+        timestamp_ms,
+        coalesce_key: None,
+    }
+}
+
+/// One user's inbox: list it, count it, mark items read or unread, archive them. Every
+/// change reaches all of the user's streams (on every instance) as an `inbox` event
+/// carrying the new unread count.
+///
+/// ```no_run
+/// # async fn f(sse: sse_notify::server::SseService) -> Result<(), sse_notify::server::inbox::InboxError> {
+/// use sse_notify::server::inbox::InboxQuery;
+///
+/// let inbox = sse.inbox("alice")?;
+/// let page = inbox.list(&InboxQuery::default()).await?;
+/// println!("{} unread of {}", page.unread, page.total);
+/// inbox.mark_all_read().await?;
+/// # Ok(()) }
+/// ```
+pub struct UserInbox {
+    service: SseService,
+    store: Arc<dyn InboxStore>,
+    user: Arc<str>,
+}
+
+impl UserInbox {
+    pub(crate) fn new(
+        service: &SseService,
+        store: Arc<dyn InboxStore>,
+        user: &str,
+    ) -> Result<Self, InboxError> {
+        auth::validate_user_id(user).map_err(|message| InboxError::Invalid {
+            field: "user_id",
+            message: message.to_string(),
+        })?;
+        Ok(Self {
+            service: service.clone(),
+            store,
+            user: user.into(),
+        })
+    }
+
+    /// A page, newest first, with the unread and total counts.
+    pub async fn list(&self, query: &InboxQuery) -> Result<InboxPage, InboxError> {
+        self.store.list(&self.user, query).await
+    }
+
+    pub async fn counts(&self) -> Result<InboxCounts, InboxError> {
+        self.store.counts(&self.user).await
+    }
+
+    pub async fn mark_read(&self, ids: &[EventId]) -> Result<InboxCounts, InboxError> {
+        self.change(InboxOp::Read, Selection::Ids(ids.iter().map(|id| id.0).collect()))
+            .await
+    }
+
+    pub async fn mark_all_read(&self) -> Result<InboxCounts, InboxError> {
+        self.change(InboxOp::Read, Selection::All).await
+    }
+
+    pub async fn mark_unread(&self, ids: &[EventId]) -> Result<InboxCounts, InboxError> {
+        self.change(
+            InboxOp::Unread,
+            Selection::Ids(ids.iter().map(|id| id.0).collect()),
+        )
+        .await
+    }
+
+    pub async fn archive(&self, ids: &[EventId]) -> Result<InboxCounts, InboxError> {
+        self.change(
+            InboxOp::Archive,
+            Selection::Ids(ids.iter().map(|id| id.0).collect()),
+        )
+        .await
+    }
+
+    pub async fn unarchive(&self, ids: &[EventId]) -> Result<InboxCounts, InboxError> {
+        self.change(
+            InboxOp::Unarchive,
+            Selection::Ids(ids.iter().map(|id| id.0).collect()),
+        )
+        .await
+    }
+
+    /// Applies `op` to the selected items (ids that are not this user's are ignored), then
+    /// tells every stream of the user. Returns the counts after the change.
+    pub async fn change(&self, op: InboxOp, selection: Selection) -> Result<InboxCounts, InboxError> {
+        if let Selection::Ids(ids) = &selection {
+            if ids.len() > MAX_IDS {
+                return Err(InboxError::Invalid {
+                    field: "ids",
+                    message: format!("names {} ids, at most {MAX_IDS} at once", ids.len()),
+                });
+            }
+            if ids.is_empty() {
+                return self.counts().await;
+            }
+        }
+        self.store.change(&self.user, op, &selection, now_ms()).await?;
+        let counts = self.store.counts(&self.user).await?;
+        let change = InboxChange {
+            op: op.as_str().into(),
+            ids: match &selection {
+                Selection::Ids(ids) => ids.iter().map(u64::to_string).collect(),
+                Selection::All => Vec::new(),
+            },
+            all: selection == Selection::All,
+            unread: Some(counts.unread),
+        };
+        let envelope = change_envelope(Target::User(self.user.clone()), &change);
+        // The change is made: a stream that misses the event still gets the counts with
+        // its next page.
+        if let Err(e) = self.service.publish_envelopes(vec![envelope]).await {
+            match e {
+                SendError::ShuttingDown => {}
+                e => tracing::warn!(error = %e, "an inbox change was made but not told to the streams"),
+            }
+        }
+        Ok(counts)
+    }
+}
