@@ -18,9 +18,9 @@ run: setup
 	SSE_DEMO=1 SSE_INBOX_URL=$${SSE_INBOX_URL:-sqlite://target/sse-inbox.db} cargo leptos serve --project sse-notify
 
 ## Serve the example host app (examples/host) at http://127.0.0.1:3100; LEPTOS_SITE_ADDR
-## and every SSE_* variable apply.
+## and every SSE_* variable apply (the inbox in a SQLite file under target/ by default).
 run-host: setup
-	cargo leptos serve --project sse-notify-host-example
+	SSE_INBOX_URL=$${SSE_INBOX_URL:-sqlite://target/sse-host-inbox.db} cargo leptos serve --project sse-notify-host-example
 
 ## Lint, Rust tests (unit, integration, Redis), then the Playwright suite in Chromium
 ## against the demo and the example host app.

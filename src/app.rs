@@ -21,8 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     api::{self, Stats},
     client::{
-        use_sse_with_options, use_toaster, ConnectionReadyState, ConnectionStatus, NewToast, Position,
-        SseMessage, SseNotifications, Theme, ToastKind, Transport, TransportMode, UseSseError, UseSseOptions,
+        provide_inbox, use_sse_with_options, use_toaster, ConnectionReadyState, ConnectionStatus,
+        InboxOptions, NewToast, NotificationBell, Position, SseMessage, SseNotifications, Theme, ToastKind,
+        Transport, TransportMode, UseSseError, UseSseOptions,
     },
     events::{NotificationKind, SystemAlertKind, UserUpdateKind},
 };
@@ -293,6 +294,9 @@ fn HomePage() -> impl IntoView {
         |_| current_user(),
     );
     let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
+    // The notification center: its first page and count rendered here on the server, kept
+    // live by the stream's `inbox` events (SseNotifications hands them over).
+    provide_inbox(InboxOptions::default().user_id(user_id));
 
     let query = use_query_map();
     let (position, max, dismiss, auto, stall, theme, share, transport, sse_retry) =
@@ -363,7 +367,10 @@ fn HomePage() -> impl IntoView {
                 Some(name) => Either::Right(view! {
                     <div class="signed-in">
                         <span>"Signed in as " <strong data-testid="user">{name}</strong></span>
-                        <button class="button button--ghost" type="button" data-testid="sign-out" on:click=move |_| { sign_out.dispatch(SignOut {}); }>"Sign out"</button>
+                        <span class="signed-in__actions">
+                            <NotificationBell theme />
+                            <button class="button button--ghost" type="button" data-testid="sign-out" on:click=move |_| { sign_out.dispatch(SignOut {}); }>"Sign out"</button>
+                        </span>
                     </div>
                     <div class="grid">
                         <div>

@@ -4,6 +4,7 @@ import { test as base, expect, Page, BrowserContext } from "@playwright/test";
 import { spawn, ChildProcess } from "node:child_process";
 import * as fs from "node:fs";
 import * as net from "node:net";
+import * as os from "node:os";
 import * as path from "node:path";
 
 const ROOT = path.resolve(__dirname, "..", "..");
@@ -81,7 +82,14 @@ export class Server {
     return `http://127.0.0.1:${this.port}${p}`;
   }
 
+  /** `SSE_INBOX_URL: "sqlite:temp"` asks for a fresh SQLite file of this server's own. */
+  private inboxFile?: string;
+
   async start(): Promise<void> {
+    if (this.env.SSE_INBOX_URL === "sqlite:temp") {
+      this.inboxFile ??= path.join(os.tmpdir(), `sse-e2e-inbox-${this.port}-${Date.now()}.db`);
+    }
+    const inbox = this.inboxFile ? { SSE_INBOX_URL: `sqlite://${this.inboxFile}` } : {};
     this.child = spawn(this.bin, [], {
       cwd: ROOT,
       env: {
@@ -94,6 +102,7 @@ export class Server {
         SSE_RETRY_MS: "500",
         RUST_LOG: "warn",
         ...this.env,
+        ...inbox,
       },
       stdio: ["ignore", "inherit", "inherit"],
     });
@@ -170,13 +179,15 @@ export function watchConsole(page: Page): string[] {
   return problems;
 }
 
-type Fixtures = { server: Server; consoleProblems: string[] };
+type Fixtures = { server: Server; consoleProblems: string[]; serverEnv: Record<string, string> };
 
 export const test = base.extend<Fixtures>({
   // The test's pages close before its server stops, so a page never logs the refused
   // reconnects of a server that went away after the test was over.
-  server: async ({ context }, use) => {
-    const server = await Server.start();
+  // Extra variables of the test's server (`test.use({ serverEnv: {...} })`).
+  serverEnv: [{}, { option: true }],
+  server: async ({ context, serverEnv }, use) => {
+    const server = await Server.start(serverEnv);
     await use(server);
     await context.close();
     await server.stop();

@@ -64,3 +64,18 @@ test("the host's logout ends the user's stream, which stays closed", async ({ pa
   await expect(page.getByTestId("stream")).toHaveAttribute("data-status", "closed");
   expect(await clients()).toBe(0);
 });
+
+test("the host's notification bell: live count under the prefix, server-rendered after a reload", async ({ page }) => {
+  await host.stop();
+  host = await Server.startHost({ SSE_INBOX_URL: "sqlite:temp" });
+  await logIn(page, "belluser");
+  await expect(page.locator(".sse-inbox__badge")).toHaveCount(0);
+  await page.getByTestId("notify-me").click();
+  await expect(page.locator(".sse-inbox__badge")).toHaveText("1");
+  await page.reload();
+  await expect(page.locator("[data-hydrated=true]")).toBeVisible();
+  await expect(page.locator(".sse-inbox__badge")).toHaveText("1");
+  await page.locator(".sse-inbox__bell").click();
+  await page.locator(".sse-inbox__item", { hasText: "Hello from the host" }).locator(".sse-inbox__open").click();
+  await expect(page.locator(".sse-inbox__badge")).toHaveCount(0);
+});

@@ -219,6 +219,8 @@ pub fn SseNotifications(
 ) -> impl IntoView {
     let toaster = use_toaster();
     let store = toaster.store();
+    // The notification center, when the app provided one: it hears the stream's `inbox` events.
+    let inbox = super::inbox::use_inbox();
     store.update(|s| {
         *s = std::mem::take(s).with_labels(labels.unwrap_or_default());
         s.set_max_visible(max_notifications);
@@ -235,6 +237,9 @@ pub fn SseNotifications(
         .transport(transport)
         .on_message(move |msg: &SseMessage| {
             store.update(|s| s.apply(msg));
+            if let Some(inbox) = inbox {
+                inbox.apply(msg);
+            }
             if let Some(cb) = on_message {
                 cb.run(msg.clone());
             }
@@ -283,6 +288,7 @@ pub fn SseNotifications(
         auto_dismiss,
         dismiss_delay,
         page_hidden,
+        inbox,
     };
     // Escape dismisses the toast that holds focus; only when focus is inside the toasts.
     let on_keydown = move |e: leptos::ev::KeyboardEvent| {
@@ -334,9 +340,21 @@ struct ToastContext {
     auto_dismiss: bool,
     dismiss_delay: u64,
     page_hidden: Signal<bool>,
+    inbox: Option<super::inbox::Inbox>,
 }
 
 impl ToastContext {
+    /// The user followed the toast's link: the inbox item of its event counts as read.
+    fn opened(self, id: ToastId) {
+        let source = self
+            .store
+            .with_untracked(|s| s.get(id).and_then(|t| t.source.clone()));
+        let event_id = source.as_deref().and_then(|s| s.strip_prefix("event:"));
+        if let (Some(inbox), Some(event_id)) = (self.inbox, event_id) {
+            inbox.mark_read(vec![event_id.to_string()]);
+        }
+    }
+
     /// Dismisses `id` here and, for a toast from the stream, in the other tabs.
     fn dismiss(self, id: ToastId) {
         let source = self
@@ -465,7 +483,7 @@ fn ToastView(ctx: ToastContext, id: ToastId) -> impl IntoView {
                     </div>
                 })}
                 <div class="sse-toast__actions">
-                    {move || link().map(|(href, label)| view! { <a class="sse-toast__link" href=href>{label}</a> })}
+                    {move || link().map(|(href, label)| view! { <a class="sse-toast__link" href=href on:click=move |_| ctx.opened(id)>{label}</a> })}
                     {move || action().map(|action| {
                         let run = action.run.clone();
                         view! {

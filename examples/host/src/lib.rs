@@ -7,7 +7,9 @@ use leptos_router::{
     components::{Route, Router, Routes},
     path,
 };
-use sse_notify::client::{ConnectionStatus, Position, SseNotifications};
+use sse_notify::client::{
+    provide_inbox, ConnectionStatus, InboxOptions, NotificationBell, Position, SseNotifications,
+};
 
 /// Where sse-notify's routes are mounted (the server nests them under it).
 pub const NOTIFY_PREFIX: &str = "/notify";
@@ -85,6 +87,12 @@ fn Home() -> impl IntoView {
     let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
     let status = RwSignal::new(ConnectionStatus::default());
     let notify = ServerAction::<NotifyMe>::new();
+    // The notification center (with SSE_INBOX_URL set): its routes are under the prefix too.
+    provide_inbox(
+        InboxOptions::default()
+            .url(format!("{NOTIFY_PREFIX}/api/inbox"))
+            .user_id(user_id),
+    );
     view! {
         // sse-notify's routes live under /notify here: tell the component where the stream is.
         <SseNotifications url=format!("{NOTIFY_PREFIX}/api/sse") user_id status position=Position::BottomRight />
@@ -95,6 +103,7 @@ fn Home() -> impl IntoView {
                 Some(name) => Either::Right(view! {
                     <header>
                         <h1>"Hello, " <span data-testid="user">{name}</span></h1>
+                        <NotificationBell />
                         <form method="post" action="/logout">
                             <button type="submit" data-testid="logout">"Log out"</button>
                         </form>
