@@ -197,6 +197,23 @@ async fn behaves_as_an_inbox(url: &str) {
         Vec::<&str>::new()
     );
     assert_eq!(store.counts("alice").await.unwrap().total, 5);
+
+    // A batch larger than one insert statement, and many owners at once.
+    let big: Vec<NewItem> = (0..1_200u64)
+        .map(|i| {
+            let owner = if i % 2 == 0 {
+                "carol".to_string()
+            } else {
+                format!("u{i}")
+            };
+            item(100_000 + i, Some(&owner), 50_000 + i)
+        })
+        .collect();
+    store.keep(&big).await.unwrap();
+    let carol = list(store, "carol", InboxStatus::All).await;
+    assert_eq!(carol.total, 5, "trimmed to the limit in the same batch");
+    assert_eq!(carol.items[0].id, "101198", "the newest kept");
+    assert_eq!(store.counts("u1199").await.unwrap().total, 1);
 }
 
 #[tokio::test]

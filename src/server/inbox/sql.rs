@@ -39,6 +39,9 @@ const MIGRATIONS: &[&[&str]] = &[&[
     "CREATE INDEX sse_inbox_state_by_item ON sse_inbox_state (item_id)",
 ]];
 
+/// Rows of one multi-row insert (5 parameters each, far below either database's limit).
+const ROWS_PER_INSERT: usize = 500;
+
 /// The items `$1` sees (their own and broadcasts), with `$1`'s state of each.
 const VISIBLE: &str = "FROM sse_inbox_items i
     LEFT JOIN sse_inbox_state s ON s.item_id = i.id AND s.user_id = $1
@@ -171,23 +174,58 @@ impl InboxStore for SqlInbox {
         if items.is_empty() {
             return Ok(());
         }
+        // A batch is a few statements, not one per event: a multi-row insert, one query
+        // for which of its owners are now past the limit, and a trim of each of those.
         let mut tx = self.pool.begin().await?;
-        for item in items {
-            sqlx::query(
-                "INSERT INTO sse_inbox_items (id, user_id, event, data, created_ms)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(item.id as i64)
-            .bind(item.user.as_deref().map(str::to_string))
-            .bind(item.event.to_string())
-            .bind(item.data.as_str())
-            .bind(item.created_ms as i64)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in items.chunks(ROWS_PER_INSERT) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = i * 5;
+                    format!("(${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5)
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO sse_inbox_items (id, user_id, event, data, created_ms) VALUES {}
+                 ON CONFLICT (id) DO NOTHING",
+                rows.join(", ")
+            );
+            let mut insert = sqlx::query(&sql);
+            for item in chunk {
+                insert = insert
+                    .bind(item.id as i64)
+                    .bind(item.user.as_deref().map(str::to_string))
+                    .bind(item.event.to_string())
+                    .bind(item.data.as_str())
+                    .bind(item.created_ms as i64);
+            }
+            insert.execute(&mut *tx).await?;
         }
-        let owners: BTreeSet<Option<&str>> = items.iter().map(|i| i.user.as_deref()).collect();
-        for owner in owners {
-            self.trim(&mut tx, owner).await?;
+        let owners: Vec<&str> = items
+            .iter()
+            .filter_map(|i| i.user.as_deref())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for chunk in owners.chunks(ROWS_PER_INSERT) {
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT user_id FROM sse_inbox_items WHERE user_id IN ({})
+                 GROUP BY user_id HAVING COUNT(*) > ${}",
+                list.join(", "),
+                chunk.len() + 1
+            );
+            let mut over = sqlx::query(&sql);
+            for owner in chunk {
+                over = over.bind(*owner);
+            }
+            let rows = over.bind(self.max_per_user as i64).fetch_all(&mut *tx).await?;
+            for row in rows {
+                let user: String = row.try_get("user_id")?;
+                self.trim(&mut tx, Some(&user)).await?;
+            }
+        }
+        if items.iter().any(|i| i.user.is_none()) {
+            self.trim(&mut tx, None).await?;
         }
         tx.commit().await?;
         Ok(())
