@@ -35,11 +35,12 @@ pub struct Args {
     /// Comma-separated scenarios: s1, s2, s4 (one instance), s1x, s2x (several on Redis),
     /// s3 (targeted via Redis), s5 (bundle), s6 (several on a Redis Cluster: targeted at
     /// the S3 rate to `--cluster-connections` users, then a broadcast), s4n (the S4 storm
-    /// with every client behind 4 addresses), s4r (the S4 storm on Redis), s8 (Redis memory
-    /// per active uploader). s4n and s4r run beside nchan when `--compare` has it.
+    /// with every client behind 4 addresses), s4r (the S4 storm on Redis), s7 (the inbox's
+    /// store under load, on SQLite and PostgreSQL), s8 (Redis memory per active uploader).
+    /// s4n and s4r run beside nchan when `--compare` has it.
     #[arg(
         long,
-        default_value = "s1,s2,s4,s4n,s4r,s1x,s2x,s3,s5,s6,s8",
+        default_value = "s1,s2,s4,s4n,s4r,s1x,s2x,s3,s5,s6,s7,s8",
         value_delimiter = ','
     )]
     pub scenarios: Vec<String>,

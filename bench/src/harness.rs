@@ -594,7 +594,7 @@ async fn on_redis_cluster(args: &Args, report: &mut Report) {
 
 /// Targeted events at `rate` per second for `secs` to `users` (one connection each) held by
 /// `cluster`, published round-robin through every instance; figures under `name`.
-async fn targeted_on(
+pub(crate) async fn targeted_on(
     name: &str,
     cluster: &Cluster,
     users: usize,
@@ -866,6 +866,10 @@ pub async fn harness(args: Args) -> ExitCode {
     if args.runs("s6") {
         eprintln!("S6: several instances on a Redis Cluster");
         on_redis_cluster(&args, &mut report).await;
+    }
+    if args.runs("s7") {
+        eprintln!("S7: the notification center's store under load");
+        crate::inbox::inbox_under_load(&args, &mut report).await;
     }
     if args.runs("s8") {
         eprintln!("S8: Redis memory per active uploader");

@@ -31,6 +31,7 @@ fn main() -> std::process::ExitCode {
 
 mod cli;
 mod harness;
+mod inbox;
 mod processes;
 mod publish;
 mod report;

@@ -39,8 +39,20 @@ impl Publisher {
 
     /// Posts `body` to `path` (with the publish key, which peers ignore); returns the status.
     pub(crate) async fn post_to(&mut self, path: &str, body: &str) -> std::io::Result<u16> {
+        self.send("POST", path, PUBLISH_KEY, body).await
+    }
+
+    /// `method path` with `Authorization: Bearer <bearer>` and a JSON `body` (none when
+    /// empty); reads the whole answer and returns its status.
+    pub(crate) async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        bearer: &str,
+        body: &str,
+    ) -> std::io::Result<u16> {
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {PUBLISH_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {bearer}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         let stream = self.stream.get_mut();
