@@ -37,21 +37,26 @@ impl Inbox {
         }
     }
 
-    /// The events of `envelopes` (published as `ids`) that the inbox keeps.
-    pub(crate) fn kept(&self, envelopes: &[Envelope], ids: &[EventId]) -> Vec<NewItem> {
+    /// The events of `envelopes` that the inbox keeps, with their place in the batch;
+    /// taken before the broker takes the batch, their ids filled in once it has published
+    /// ([`with_ids`]). Only these are copied.
+    pub(crate) fn to_keep(&self, envelopes: &[Envelope]) -> Vec<(usize, NewItem)> {
         envelopes
             .iter()
-            .zip(ids)
-            .filter(|(e, _)| self.kept.iter().any(|k| **k == *e.name))
-            .map(|(e, id)| NewItem {
-                id: id.0,
-                user: match &e.target {
-                    Target::User(user) => Some(user.clone()),
-                    Target::Broadcast => None,
-                },
-                event: e.name.clone(),
-                data: e.data.clone(),
-                created_ms: e.timestamp_ms,
+            .enumerate()
+            .filter(|(_, e)| self.kept.iter().any(|k| **k == *e.name))
+            .map(|(at, e)| {
+                let item = NewItem {
+                    id: 0,
+                    user: match &e.target {
+                        Target::User(user) => Some(user.clone()),
+                        Target::Broadcast => None,
+                    },
+                    event: e.name.clone(),
+                    data: e.data.clone(),
+                    created_ms: e.timestamp_ms,
+                };
+                (at, item)
             })
             .collect()
     }
@@ -75,6 +80,17 @@ impl Inbox {
             }
         }
     }
+}
+
+/// The items of [`Inbox::to_keep`] under the ids the broker gave their events.
+pub(crate) fn with_ids(to_keep: Vec<(usize, NewItem)>, ids: &[EventId]) -> Vec<NewItem> {
+    to_keep
+        .into_iter()
+        .map(|(at, item)| NewItem {
+            id: ids[at].0,
+            ..item
+        })
+        .collect()
 }
 
 /// The `inbox` events telling each owner of `items` which of theirs were added (the

@@ -63,7 +63,7 @@ use tokio_stream::{wrappers::IntervalStream, StreamExt};
 use super::{
     connection::{Closer, ConnectionPermit, EventStream, StreamEnded},
     hub::Hub,
-    inbox::{added_events, Inbox, UserInbox},
+    inbox::{added_events, with_ids, Inbox, UserInbox},
     mailbox::CloseReason,
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
 };
@@ -82,7 +82,7 @@ use crate::{
         clock::now_ms,
         config::{ConfigError, SseConfig},
         event::{encode_frame, Cursor, Envelope, EventId, PublishedEvent, Target},
-        inbox::{InboxError, InboxStore, SqlInbox},
+        inbox::{InboxError, InboxStore, NewItem, SqlInbox},
         metrics as m,
     },
 };
@@ -812,15 +812,20 @@ impl SseService {
         }
         let names: Vec<Arc<str>> = envelopes.iter().map(|e| e.name.clone()).collect();
         // What the inbox keeps, taken before the broker takes the envelopes.
-        let to_keep: Option<Vec<Envelope>> = self.inner.inbox.as_ref().map(|_| envelopes.clone());
+        let to_keep = self
+            .inner
+            .inbox
+            .as_ref()
+            .map(|inbox| inbox.to_keep(&envelopes))
+            .unwrap_or_default();
         match self.inner.broker.publish(envelopes).await {
             Ok(ids) => {
                 self.inner
                     .published
                     .fetch_add(ids.len() as u64, Ordering::Relaxed);
                 names.iter().for_each(|n| m::event_published(n));
-                if let (Some(inbox), Some(envelopes)) = (&self.inner.inbox, to_keep) {
-                    self.keep_in_inbox(inbox, &envelopes, &ids).await?;
+                if let (Some(inbox), false) = (&self.inner.inbox, to_keep.is_empty()) {
+                    self.keep_in_inbox(inbox, with_ids(to_keep, &ids)).await?;
                 }
                 Ok(ids)
             }
@@ -836,16 +841,7 @@ impl SseService {
     /// Keeps the events of a kept type, then tells their owners' streams (`inbox`, op
     /// `added`). A store that fails fails the publish: nothing is acknowledged that is not
     /// kept.
-    async fn keep_in_inbox(
-        &self,
-        inbox: &Inbox,
-        envelopes: &[Envelope],
-        ids: &[EventId],
-    ) -> Result<(), SendError> {
-        let items = inbox.kept(envelopes, ids);
-        if items.is_empty() {
-            return Ok(());
-        }
+    async fn keep_in_inbox(&self, inbox: &Inbox, items: Vec<NewItem>) -> Result<(), SendError> {
         if let Err(e) = inbox.store.keep(&items).await {
             self.inner.failed.fetch_add(items.len() as u64, Ordering::Relaxed);
             items.iter().for_each(|i| m::event_failed(&i.event, "inbox"));
