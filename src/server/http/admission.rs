@@ -79,8 +79,9 @@ pub(crate) async fn admit(
     if service.is_shutting_down() {
         return Err(OpenError::ShuttingDown.into());
     }
-    if transport == Transport::WebSocket || origin::cookie_session(&parts, service.uses_default_auth()) {
-        origin::check(&parts, &service.config().allowed_origins)?;
+    match transport {
+        Transport::WebSocket => origin::check(&parts, &service.config().allowed_origins)?,
+        Transport::Sse => check_cookie_origin(service, &parts)?,
     }
     let Query(query) = Query::<StreamQuery>::try_from_uri(&parts.uri)
         .map_err(|e| ApiError::bad_request(e.body_text()).field("query"))?;
@@ -94,10 +95,7 @@ pub(crate) async fn admit(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip());
     let probe = parts.method == Method::HEAD;
-    let identity = service.authenticate(parts).await.map_err(|e| {
-        m::connection_refused("unauthorized");
-        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
-    })?;
+    let identity = identify(service, parts).await?;
     if !probe {
         if query.fallback.as_deref() == Some("buffered") {
             m::buffered_client();
@@ -113,6 +111,23 @@ pub(crate) async fn admit(
         resume,
         filter,
         probe: query.probe.as_deref() == Some("1"),
+    })
+}
+
+/// The origin rule of a request that rides the user's session: with a cookie session, a
+/// page on another site is refused (see [`origin`](super::origin)).
+pub(super) fn check_cookie_origin(service: &SseService, parts: &Parts) -> Result<(), ApiError> {
+    if origin::cookie_session(parts, service.uses_default_auth()) {
+        origin::check(parts, &service.config().allowed_origins)?;
+    }
+    Ok(())
+}
+
+/// Who the request is from, by the service's `Authenticate` hook; 401 naming `token`.
+pub(super) async fn identify(service: &SseService, parts: Parts) -> Result<Identity, ApiError> {
+    service.authenticate(parts).await.map_err(|e| {
+        m::connection_refused("unauthorized");
+        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
     })
 }
 

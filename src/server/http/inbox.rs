@@ -18,13 +18,16 @@ use axum::{
 };
 use serde::Deserialize;
 
-use super::{origin, publish::BODY_TIMEOUT, ApiError};
+use super::{
+    admission::{check_cookie_origin, identify},
+    publish::BODY_TIMEOUT,
+    ApiError,
+};
 use crate::{
     api::InboxSelection,
     server::{
         core::{inbox::UserInbox, service::SseService},
         inbox::{InboxCursor, InboxError, InboxOp, InboxQuery, InboxStatus, Selection, MAX_IDS, MAX_PAGE},
-        metrics as m,
     },
 };
 
@@ -49,13 +52,8 @@ async fn user_inbox(service: &SseService, parts: Parts) -> Result<UserInbox, Api
     if !service.has_inbox() {
         return Err(InboxError::Off.into());
     }
-    if origin::cookie_session(&parts, service.uses_default_auth()) {
-        origin::check(&parts, &service.config().allowed_origins)?;
-    }
-    let identity = service.authenticate(parts).await.map_err(|e| {
-        m::connection_refused("unauthorized");
-        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
-    })?;
+    check_cookie_origin(service, &parts)?;
+    let identity = identify(service, parts).await?;
     Ok(service.inbox(&identity.user_id)?)
 }
 
