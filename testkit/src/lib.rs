@@ -362,11 +362,15 @@ fn postgres_bin() -> PathBuf {
         .expect("PostgreSQL is not installed (apt-get install postgresql; scripts/setup.sh does)")
 }
 
+/// Whether this process is root (asked once).
 fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    })
 }
 
 /// `program` with `args`, as the `postgres` user when this process is root.
@@ -388,7 +392,7 @@ fn as_postgres(program: &Path, args: &[&str]) -> Command {
 impl PostgresServer {
     pub fn start() -> Self {
         let bin = postgres_bin();
-        let mut dir = TempDir::new("sse-postgres");
+        let dir = TempDir::new("sse-postgres");
         let data = dir.path().join("data");
         if running_as_root() {
             let status = Command::new("chown")
@@ -421,29 +425,22 @@ impl PostgresServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&initdb.stderr)
         );
+        let mut server = Self {
+            port: 0,
+            bin,
+            child: None,
+            dir,
+        };
+        // Another port when one turns out to be taken.
         let mut failures = Vec::new();
         for _attempt in 0..5 {
-            let port = free_port();
-            let mut server = Self {
-                port,
-                bin: bin.clone(),
-                child: None,
-                dir,
-            };
+            server.port = free_port();
             match server.spawn() {
                 Ok(()) => return server,
-                Err(failure) => {
-                    failures.push(failure);
-                    dir = server.take_dir();
-                }
+                Err(failure) => failures.push(failure),
             }
         }
         panic!("postgres did not start: {}", failures.join("; "))
-    }
-
-    fn take_dir(mut self) -> TempDir {
-        self.kill();
-        std::mem::replace(&mut self.dir, TempDir(PathBuf::new()))
     }
 
     fn spawn(&mut self) -> Result<(), String> {
