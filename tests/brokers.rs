@@ -240,14 +240,19 @@ async fn check_latest_progress_on_resume(config: SseConfig) {
 
 /// A stream without an id that asks for `resumeAgoMs=` (a page whose earlier stream was
 /// held back) gets what was published since then; when nothing was, neither a replay nor a
-/// false `resync`, even with the last event past the retention.
+/// false `resync`, even with the last event past the retention. As the user's first
+/// connection it also gets their offline backlog.
 async fn check_resume_ago(config: SseConfig) {
     let server = start_server(config.event_retention(Duration::from_millis(300))).await;
+    let mut seen = server.connect("ago", "", None).await;
     server
         .service
         .send_notification("ago", note("old"))
         .await
         .unwrap();
+    assert_eq!(text(&seen.next().await), "old");
+    drop(seen);
+    server.wait_for_clients("ago", 0).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let mut quiet = server.connect("ago", "?resumeAgoMs=200", None).await;
     assert!(quiet.nothing_within(Duration::from_millis(200)).await);
@@ -262,6 +267,20 @@ async fn check_resume_ago(config: SseConfig) {
     let mut resumed = server.connect("ago", "?resumeAgoMs=250", None).await;
     assert_eq!(text(&resumed.next().await), "new");
     assert!(resumed.nothing_within(Duration::from_millis(200)).await);
+    drop(resumed);
+    server.wait_for_clients("ago", 0).await;
+
+    // A page that joins its tabs before it streams asks by time too: as the user's first
+    // connection, it also gets what waited for them while they were away, however old.
+    server
+        .service
+        .send_notification("ago", note("while away"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut back = server.connect("ago", "?resumeAgoMs=20", None).await;
+    assert_eq!(text(&back.next().await), "while away");
+    assert!(back.nothing_within(Duration::from_millis(200)).await);
 }
 
 /// A user's second tab writes the same id as the first for the same event: its resume point

@@ -525,7 +525,18 @@ impl SseService {
                 // point every broker still knows, so no false gap).
                 let age_ms = age.min(MAX_RESUME_AGO).as_millis() as u64;
                 let then = EventId(now_ms().saturating_sub(age_ms).saturating_mul(1000));
-                Some((broker.head(&user).await?.map(|head| head.min(then)), None))
+                let head = broker.head(&user).await?;
+                let ago = head.map(|head| head.min(then));
+                match registration.first_for_user {
+                    // A page that waited to join its tabs before streaming asks this way
+                    // too: as the user's first connection, it also gets what waited for
+                    // them while they were offline.
+                    true => {
+                        let cursor = broker.delivered_through(&user).await?;
+                        Some((cursor.map_or(start, of_this_broker).min(ago), Some(head)))
+                    }
+                    false => Some((ago, None)),
+                }
             }
             Resume::Now if registration.first_for_user => {
                 let head = broker.head(&user).await?;
