@@ -75,6 +75,24 @@ test("archiving removes an item, Escape closes the panel and gives focus back to
   await expect(page.locator(".sse-inbox__item")).toHaveCount(1);
 });
 
+test("back after a while: one summary toast instead of a burst, the rest in the inbox", async ({ page, context, server }) => {
+  await signIn(context, server, "returning");
+  for (let i = 1; i <= 6; i++) await server.notify("returning", `Missed ${i}`);
+  // The first stream replays what waited for the user: six toasts' worth, summed up.
+  await openLive(page, server);
+  const summary = page.locator(".sse-toast", { hasText: "6 new notifications" });
+  await expect(summary).toBeVisible();
+  await expect(page.locator(".sse-toast", { hasText: /Missed \d/ })).toHaveCount(0);
+  await summary.getByRole("button", { name: "Show" }).click();
+  await expect(page.locator(".sse-inbox__panel")).toBeVisible();
+  await expect(page.locator(".sse-inbox__bell")).toBeFocused();
+  await expect(page.locator(".sse-inbox__item")).toHaveCount(6);
+  await expect(page.locator(".sse-toast", { hasText: "6 new notifications" })).toHaveCount(0);
+  // What comes live is toasted as usual.
+  await server.notify("returning", "Live one");
+  await expect(page.locator(".sse-toast", { hasText: "Live one" })).toBeVisible();
+});
+
 test("one user never sees another's items", async ({ browser, page, context, server }) => {
   await signIn(context, server, "alice-inbox");
   await server.notify("alice-inbox", "For alice only");
@@ -100,12 +118,15 @@ for (const width of [1280, 390]) {
       await server.notify("looks", "Your export is ready", { actionUrl: "/downloads/42", type: "success" });
       await server.notify("looks", "Payment received", { type: "success" });
       await server.notify("looks", "Storage almost full", { type: "warning" });
+      await server.notify("looks", "Weekly report", { type: "info" });
+      // Replayed when the page opens: more than three, so one summary toast.
       // Toasts at the bottom, as an app with a bell in its top bar would have them.
       await openLive(page, server, "?auto=false&position=bottom-right");
       await page.locator(".sse-inbox__bell").click();
       await page.locator(".sse-inbox__item", { hasText: "Payment received" }).locator(".sse-inbox__open").click();
       const panel = page.locator(".sse-inbox__panel");
       await expect(panel).toBeVisible();
+      await expect(page.locator(".sse-toast", { hasText: "4 new notifications" })).toBeVisible();
       const box = (await panel.boundingBox())!;
       expect(box.x).toBeGreaterThanOrEqual(0);
       expect(box.x + box.width).toBeLessThanOrEqual(width);

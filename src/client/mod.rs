@@ -16,7 +16,7 @@ pub use inbox::{
 pub use notifications::{ConnectionStatus, Position, SSENotifications, SseNotifications, Theme, STYLES};
 pub use toaster::{
     expect_toaster, provide_toaster, use_toaster, NewToast, Toast, ToastAction, ToastDuration, ToastId,
-    ToastKind, ToastLabels, ToastStore, Toaster,
+    ToastKind, ToastLabels, ToastStore, Toaster, MISSED_TOASTS,
 };
 pub use use_sse::{
     use_sse, use_sse_with_options, ConnectionReadyState, SseMessage, Transport, TransportMode, UseSseError,

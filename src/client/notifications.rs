@@ -40,6 +40,7 @@
 use leptos::prelude::*;
 
 use super::{
+    inbox::Inbox,
     toaster::{use_toaster, Toast, ToastDuration, ToastId, ToastKind, ToastLabels, ToastStore},
     use_sse::{
         use_sse_with_options, ConnectionReadyState, SseMessage, Transport, TransportMode, UseSseError,
@@ -225,6 +226,7 @@ pub fn SseNotifications(
         *s = std::mem::take(s).with_labels(labels.unwrap_or_default());
         s.set_max_visible(max_notifications);
     });
+    let missed = MissedBurst::new();
     let stream_url = url.clone();
     let mut options = UseSseOptions::default()
         .url(url)
@@ -236,10 +238,10 @@ pub fn SseNotifications(
         .share_across_tabs(share_across_tabs)
         .transport(transport)
         .on_message(move |msg: &SseMessage| {
-            store.update(|s| s.apply(msg));
             if let Some(inbox) = inbox {
                 inbox.apply(msg);
             }
+            missed.take(msg, store, inbox);
             if let Some(cb) = on_message {
                 cb.run(msg.clone());
             }
@@ -539,6 +541,90 @@ fn page_hidden() -> Signal<bool> {
         on_cleanup(move || handle.remove());
     }
     hidden.into()
+}
+
+/// How long a burst of missed events may pause before it counts as over.
+#[cfg_attr(feature = "ssr", allow(dead_code))]
+const MISSED_SETTLE_MS: u64 = 150;
+
+/// Events missed while away ([`SseMessage::replayed`]) held together until their burst
+/// is over (a live event, or [`MISSED_SETTLE_MS`] without another), then toasted through
+/// [`ToastStore::apply_missed`]: a long burst becomes one summary toast whose button opens
+/// the inbox. Only while an inbox is on; without one every event is toasted as it comes.
+/// Nothing is held under SSR (no stream there), and no local storage is made that another
+/// thread would tear down.
+#[derive(Clone, Copy)]
+struct MissedBurst {
+    #[cfg(not(feature = "ssr"))]
+    pending: StoredValue<(Vec<SseMessage>, Option<TimeoutHandle>), LocalStorage>,
+}
+
+impl MissedBurst {
+    fn new() -> Self {
+        #[cfg(not(feature = "ssr"))]
+        {
+            let burst = Self {
+                pending: StoredValue::new_local(Default::default()),
+            };
+            on_cleanup(move || {
+                let _ = burst
+                    .pending
+                    .try_update_value(|(_, timer)| timer.take().map(|t| t.clear()));
+            });
+            burst
+        }
+        #[cfg(feature = "ssr")]
+        Self {}
+    }
+
+    /// `message` from the stream: held if it belongs to a burst, else toasted at once,
+    /// after whatever burst came before it.
+    fn take(self, message: &SseMessage, store: RwSignal<ToastStore>, inbox: Option<Inbox>) {
+        #[cfg(not(feature = "ssr"))]
+        {
+            let held = message.replayed && inbox.is_some_and(|i| i.enabled().get_untracked());
+            if held {
+                self.pending.update_value(|(messages, timer)| {
+                    messages.push(message.clone());
+                    if let Some(timer) = timer.take() {
+                        timer.clear();
+                    }
+                });
+                let timer = set_timeout_with_handle(
+                    move || self.flush(store, inbox),
+                    std::time::Duration::from_millis(MISSED_SETTLE_MS),
+                )
+                .ok();
+                self.pending.update_value(|(_, t)| *t = timer);
+                return;
+            }
+            self.flush(store, inbox);
+        }
+        let _ = inbox;
+        store.update(|s| s.apply(message));
+    }
+
+    #[cfg(not(feature = "ssr"))]
+    fn flush(self, store: RwSignal<ToastStore>, inbox: Option<Inbox>) {
+        let Some(messages) = self.pending.try_update_value(|(messages, timer)| {
+            if let Some(timer) = timer.take() {
+                timer.clear();
+            }
+            std::mem::take(messages)
+        }) else {
+            return;
+        };
+        if messages.is_empty() {
+            return;
+        }
+        let show = inbox.map(|inbox| super::toaster::ToastAction {
+            label: store.with_untracked(|s| s.labels.show.clone()),
+            run: std::sync::Arc::new(move || inbox.open_panel()),
+        });
+        store.update(|s| {
+            s.apply_missed(&messages, show);
+        });
+    }
 }
 
 /// Tells the other tabs of the same stream and identity which toasts were dismissed here,

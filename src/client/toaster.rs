@@ -209,6 +209,11 @@ pub struct ToastLabels {
     pub maintenance: String,
     pub warning: String,
     pub notice: String,
+    /// The toast that sums up what was missed while away; `{n}` is replaced by how many.
+    pub missed: String,
+    pub missed_detail: String,
+    /// Its button, which opens the notification center.
+    pub show: String,
 }
 
 impl Default for ToastLabels {
@@ -232,9 +237,19 @@ impl Default for ToastLabels {
             maintenance: "Maintenance".into(),
             warning: "Warning".into(),
             notice: "System notice".into(),
+            missed: "{n} new notifications".into(),
+            missed_detail: "They are waiting in your notifications.".into(),
+            show: "Show".into(),
         }
     }
 }
+
+/// Missed events that make at most this many toasts are shown one by one; a longer burst
+/// becomes one summary toast (see [`ToastStore::apply_missed`]).
+pub const MISSED_TOASTS: usize = 3;
+
+/// The `source` of the summary toast, so a later burst replaces it rather than adding one.
+const MISSED_SOURCE: &str = "missed";
 
 /// The toasts on screen, those waiting for room, and the system-alert banners.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -401,6 +416,55 @@ impl ToastStore {
             }
             Event::Heartbeat(_) | Event::Custom { .. } => {}
         }
+    }
+
+    /// Events missed while away (see [`SseMessage::replayed`]), as one burst. When they
+    /// would make more than [`MISSED_TOASTS`] new toasts, one summary toast ("12 new
+    /// notifications", with `show` as its button) stands for those, as the inbox holds
+    /// them; upload progress and system-alert banners apply as usual. Returns the
+    /// summary's id, if there is one.
+    pub fn apply_missed(&mut self, messages: &[SseMessage], show: Option<ToastAction>) -> Option<ToastId> {
+        // A reel whose progress is in the burst (or on screen) is updated in place, never
+        // summed up, or its progress toast would stay sticky.
+        let reels_in_progress: Vec<String> = messages
+            .iter()
+            .filter_map(|m| match m.parse() {
+                Ok(Event::ReelUploadProgress(p)) => Some(p.reel_id),
+                _ => None,
+            })
+            .collect();
+        let summed: Vec<bool> = messages
+            .iter()
+            .map(|m| match m.parse() {
+                Ok(Event::Notification(_) | Event::UserUpdate(_)) => true,
+                Ok(Event::ReelReady(r)) => {
+                    let source = format!("reel:{}", r.reel_id);
+                    !reels_in_progress.contains(&r.reel_id)
+                        && self.find_mut(|t| t.source.as_deref() == Some(&source)).is_none()
+                }
+                _ => false,
+            })
+            .collect();
+        let count = summed.iter().filter(|s| **s).count();
+        if count <= MISSED_TOASTS {
+            messages.iter().for_each(|m| self.apply(m));
+            return None;
+        }
+        messages
+            .iter()
+            .zip(&summed)
+            .filter(|(_, summed)| !**summed)
+            .for_each(|(m, _)| self.apply(m));
+        let mut new = NewToast::new(
+            ToastKind::Info,
+            self.labels.missed.replace("{n}", &count.to_string()),
+        )
+        .message(self.labels.missed_detail.clone());
+        new.action = show;
+        self.dismiss_source(MISSED_SOURCE);
+        let id = self.next_id();
+        self.push(self.toast(id, new, Some(MISSED_SOURCE.into())));
+        Some(id)
     }
 
     fn upload_progress(&mut self, p: ReelUploadProgress) {
@@ -573,6 +637,7 @@ mod tests {
             id: id.into(),
             event: event.into(),
             data: data.into(),
+            replayed: false,
         }
     }
 
@@ -675,6 +740,54 @@ mod tests {
         store.dismiss_source("event:7");
         store.dismiss_source("reel:r");
         assert!(store.visible.is_empty());
+    }
+
+    #[test]
+    fn a_long_burst_of_missed_events_becomes_one_summary_toast() {
+        let notes: Vec<SseMessage> = (1..=6)
+            .map(|i| {
+                msg(
+                    &i.to_string(),
+                    "notification",
+                    &format!(r#"{{"title":"n{i}","message":"m"}}"#),
+                )
+            })
+            .collect();
+        // A few are shown as they are.
+        let mut store = ToastStore::new(5);
+        assert_eq!(store.apply_missed(&notes[..MISSED_TOASTS], None), None);
+        assert_eq!(store.visible.len(), MISSED_TOASTS);
+
+        // More: one summary, while banners and progress still apply.
+        let mut store = ToastStore::new(5);
+        let mut burst = notes.clone();
+        burst.push(msg(
+            "7",
+            "system_alert",
+            r#"{"type":"maintenance","message":"m"}"#,
+        ));
+        burst.push(msg(
+            "8",
+            "reel_upload_progress",
+            r#"{"reelId":"r1","progress":40,"status":"uploading"}"#,
+        ));
+        burst.push(msg("9", "reel_ready", r#"{"reelId":"r1","playbackUrl":"/r1"}"#));
+        let id = store.apply_missed(&burst, None).expect("summed up");
+        let titles: Vec<&str> = store.visible.iter().map(|t| t.title.as_str()).collect();
+        assert_eq!(titles, ["Reel ready", "6 new notifications"]);
+        assert_eq!(
+            store.visible[0].progress,
+            Some(100),
+            "the reel's toast updated in place"
+        );
+        assert_eq!(store.banners.len(), 1);
+        assert!(store.waiting.is_empty());
+
+        // A second burst replaces the summary rather than stacking another.
+        let again = store.apply_missed(&notes, None).expect("summed up");
+        assert_ne!(again, id);
+        assert_eq!(store.get(id), None);
+        assert_eq!(store.visible.len(), 2);
     }
 
     #[test]

@@ -26,25 +26,32 @@ pub fn NotificationBell(
         leptos::logging::warn!("sse-notify: NotificationBell needs provide_inbox() above it");
         return ().into_any();
     };
-    let open = RwSignal::new(false);
+    let open = inbox.panel_open();
     let unread = inbox.unread();
     let bell_ref = NodeRef::<leptos::html::Button>::new();
-    let toggle = move |_| {
-        let opening = !open.get_untracked();
-        if opening {
-            let state = inbox.state();
-            if state.with_untracked(|s| s.stale || (!s.loaded && s.error.is_some())) {
-                inbox.refresh();
-            }
-        }
-        open.set(opening);
+    let toggle = move |_| match open.get_untracked() {
+        true => inbox.close_panel(),
+        false => inbox.open_panel(),
     };
     let close = move || {
-        open.set(false);
+        inbox.close_panel();
         if let Some(bell) = bell_ref.get_untracked() {
             let _ = bell.focus();
         }
     };
+    // Opened from elsewhere (the toast that sums up what was missed): focus comes to the
+    // bell, so the keyboard is one Tab from the list and Escape closes it.
+    Effect::new(move |_| {
+        if open.get() {
+            let inside = document()
+                .active_element()
+                .and_then(|el| el.closest(".sse-inbox").ok().flatten())
+                .is_some();
+            if let (false, Some(bell)) = (inside, bell_ref.get_untracked()) {
+                let _ = bell.focus();
+            }
+        }
+    });
     // An item added while the list is open shows at once.
     Effect::new(move |_| {
         if open.get() && inbox.state().with(|s| s.stale && !s.loading) {

@@ -68,6 +68,8 @@ impl Default for InboxOptions {
 #[derive(Clone, Copy)]
 pub struct Inbox {
     state: RwSignal<InboxState>,
+    /// Whether the bell's panel is open: here, so a toast can open it too.
+    panel_open: RwSignal<bool>,
     /// What the server rendered: whether the inbox is on, and the first page.
     first: Resource<FirstPage>,
     options: StoredValue<InboxOptions>,
@@ -83,6 +85,7 @@ pub fn provide_inbox(options: InboxOptions) -> Inbox {
     );
     let inbox = Inbox {
         state: RwSignal::new(InboxState::default()),
+        panel_open: RwSignal::new(false),
         first,
         options: StoredValue::new(options),
     };
@@ -161,6 +164,27 @@ impl Inbox {
                     .unwrap_or_default()
             }
         })
+    }
+
+    /// Whether [`NotificationBell`]'s panel is open.
+    pub fn panel_open(&self) -> Signal<bool> {
+        self.panel_open.into()
+    }
+
+    /// Opens the bell's panel (its list loaded again if it is out of date), e.g. from the
+    /// toast that sums up what was missed.
+    pub fn open_panel(&self) {
+        if self
+            .state
+            .with_untracked(|s| s.stale || (!s.loaded && s.error.is_some()))
+        {
+            self.refresh();
+        }
+        self.panel_open.set(true);
+    }
+
+    pub fn close_panel(&self) {
+        self.panel_open.set(false);
     }
 
     /// A message of the stream: an `inbox` event updates the state.

@@ -289,6 +289,7 @@ fn open_sse(hook: &Rc<Hook>, url: &str, credentials: bool) {
                 id: message.last_event_id(),
                 event: message.type_(),
                 data: message.data().as_string().unwrap_or_default(),
+                replayed: false,
             }))
         });
         listeners.push((name, Listener::new(on_message)));

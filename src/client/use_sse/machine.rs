@@ -866,13 +866,20 @@ impl Machine {
                 continue;
             }
             let id = self.socket_last_id.clone().unwrap_or_default();
-            self.received(SseMessage { id, event, data });
+            self.received(SseMessage {
+                id,
+                event,
+                data,
+                replayed: false,
+            });
         }
     }
 
     /// A message from this tab's own stream (either transport).
-    fn received(&mut self, msg: SseMessage) {
+    fn received(&mut self, mut msg: SseMessage) {
         self.arm_stall_timer();
+        // The prelude holds what was missed; `ready` ends it.
+        msg.replayed = !self.ready;
         match msg.event.as_str() {
             names::READY => return self.ready_received(msg),
             names::HEARTBEAT => {

@@ -154,6 +154,11 @@ pub struct SseMessage {
     pub event: String,
     /// The `data` JSON as text.
     pub data: String,
+    /// Missed while away: sent before the stream's `ready` (a replay after
+    /// `Last-Event-ID`, or what waited while the user was offline), not live. The toaster
+    /// sums up a burst of these in one toast when an inbox holds them.
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 impl SseMessage {

@@ -108,6 +108,7 @@ fn msg(id: &str, event: &str, data: &str) -> SseMessage {
         id: id.into(),
         event: event.into(),
         data: data.into(),
+        replayed: false,
     }
 }
 
@@ -118,6 +119,12 @@ fn ready(id: &str, tag: &str, heartbeat_ms: u64) -> SseMessage {
 
 fn note(id: &str) -> SseMessage {
     msg(id, names::NOTIFICATION, r#"{"title":"t"}"#)
+}
+
+/// `message` as it comes before the stream's `ready`: missed while away.
+fn missed(mut message: SseMessage) -> SseMessage {
+    message.replayed = true;
+    message
 }
 
 /// The URL of the stream the actions open, either transport.
@@ -681,7 +688,7 @@ fn a_leader_relays_only_once_ready_confirms_the_identity() {
     assert_eq!(
         posted(&actions),
         [
-            TabMessage::Event(note("1")),
+            TabMessage::Event(missed(note("1"))),
             TabMessage::Position { id: "1".into() }
         ]
     );
@@ -689,6 +696,37 @@ fn a_leader_relays_only_once_ready_confirms_the_identity() {
     let hello = posted(&rig.step(Input::Heard(TabMessage::Hello)));
     assert!(matches!(&hello[0], TabMessage::State { state, .. } if state == "open"));
     assert_eq!(hello[1], TabMessage::Position { id: "1".into() });
+}
+
+/// The messages delivered to the owner.
+fn delivered_messages(actions: &[Action]) -> Vec<SseMessage> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn what_comes_before_ready_is_marked_missed_for_this_tab_and_the_others() {
+    let (mut rig, generation) = joined(UseSseOptions::default(), "A");
+    rig.step(Input::BecameLeader { generation });
+    rig.step(Input::StreamOpened);
+    let replay = rig.step(Input::Message(note("1")));
+    assert_eq!(delivered_messages(&replay), [missed(note("1"))]);
+    let actions = rig.step(Input::Message(ready("1", "A", 30_000)));
+    assert_eq!(posted(&actions)[0], TabMessage::Event(missed(note("1"))));
+    let live = rig.step(Input::Message(note("2")));
+    assert_eq!(delivered_messages(&live), [note("2")]);
+    assert_eq!(posted(&live), [TabMessage::Event(note("2"))]);
+    // The next stream's prelude is a replay again.
+    rig.step(Input::StreamFailed);
+    rig.advance(rig.remaining(Timer::Reconnect).unwrap());
+    rig.step(Input::StreamOpened);
+    let replay = rig.step(Input::Message(note("3")));
+    assert_eq!(delivered_messages(&replay), [missed(note("3"))]);
 }
 
 #[test]
