@@ -381,6 +381,26 @@ async fn one_address_cannot_hold_every_request_connection() {
     assert!(head.starts_with("http/1.1 200"), "{head}");
 }
 
+/// A trusted proxy (`SSE_TRUSTED_PROXIES`) carries every client's requests: it is spared
+/// the per-address budget of request connections that would refuse its 257th.
+#[tokio::test]
+async fn a_trusted_proxy_is_not_held_to_one_addresss_budget() {
+    let trusted = sse_notify::server::TrustedProxies::parse("127.0.0.1").unwrap();
+    let server = start_server(test_config().trusted_proxies(trusted)).await;
+    let mut held = Vec::new();
+    for _ in 0..257 {
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let (head, _) = raw_exchange(
+            &mut socket,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            Duration::from_millis(20),
+        )
+        .await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        held.push(socket);
+    }
+}
+
 /// An HTTP/2 connection (prior knowledge) that answers every ping but sends no request is
 /// closed once idle, as an HTTP/1 keep-alive connection is: pings alone hold nothing.
 #[tokio::test]

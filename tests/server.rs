@@ -12,7 +12,7 @@ use sse_notify::{
         Notification, NotificationKind, ReelReady, ReelUploadProgress, SystemAlert, SystemAlertKind,
         UploadStatus, UserUpdate, UserUpdateKind,
     },
-    server::SseConfig,
+    server::{SseConfig, TrustedProxies},
 };
 
 /// Every typed `send_*` reaches its user with the wire fields of the design, and never another user.
@@ -933,6 +933,48 @@ async fn connection_rate_limit_per_ip_answers_429_with_retry_after() {
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("this address"), "{body}");
+}
+
+/// `SSE_TRUSTED_PROXIES`: behind a trusted proxy the per-address limit counts the client
+/// it forwards for, each on its own; from any other peer the header changes nothing.
+#[tokio::test]
+async fn behind_a_trusted_proxy_limits_count_the_forwarded_address() {
+    async fn open(server: &TestServer, user: &str, client: &str) -> reqwest::Response {
+        server
+            .http
+            .get(server.url("/api/sse"))
+            .bearer_auth(server.token(user))
+            .header("x-forwarded-for", client)
+            .send()
+            .await
+            .unwrap()
+    }
+    let trusted = TrustedProxies::parse("127.0.0.1/32, ::1").unwrap();
+    let proxied = start_server(test_config().connect_rate_per_ip(2).trusted_proxies(trusted)).await;
+    let mut held = Vec::new();
+    for user in ["p-a", "p-b"] {
+        let response = open(&proxied, user, "203.0.113.1").await;
+        assert_eq!(response.status(), 200);
+        held.push(response);
+    }
+    assert_eq!(open(&proxied, "p-c", "203.0.113.1").await.status(), 429);
+    assert_eq!(
+        open(&proxied, "p-c", "6.6.6.6, 203.0.113.2").await.status(),
+        200,
+        "another client behind the proxy, whatever it claimed itself"
+    );
+
+    let direct = start_server(test_config().connect_rate_per_ip(2)).await;
+    for (user, client) in [("d-a", "203.0.113.1"), ("d-b", "203.0.113.2")] {
+        let response = open(&direct, user, client).await;
+        assert_eq!(response.status(), 200);
+        held.push(response);
+    }
+    assert_eq!(
+        open(&direct, "d-c", "203.0.113.3").await.status(),
+        429,
+        "a header from a peer that is not trusted is ignored"
+    );
 }
 
 /// `SSE_MAX_BATCH`: a batch of the maximum is taken, one more is refused whole with 413.

@@ -21,7 +21,10 @@ use default_struct_builder::DefaultBuilder;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::{events::names, server::broker::Retention};
+use crate::{
+    events::names,
+    server::{address::TrustedProxies, broker::Retention},
+};
 
 /// A configuration value that could not be used. The server refuses to start with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +106,9 @@ pub struct SseConfig {
     pub accept_tokens_without_aud: bool,
     /// Origins allowed by CORS; empty means same origin only (`SSE_ALLOWED_ORIGINS`, comma-separated).
     pub allowed_origins: Vec<String>,
+    /// The proxies in front of the server, whose `X-Forwarded-For` per-address limits
+    /// count by. Defaults to none (`SSE_TRUSTED_PROXIES`, comma-separated CIDR blocks).
+    pub trusted_proxies: TrustedProxies,
     /// Shared Redis for several instances; `None` runs on the in-process broker (`REDIS_URL`).
     /// On a Redis Cluster, its seed nodes separated by commas. Secret: the URL may hold the
     /// password.
@@ -163,6 +169,7 @@ impl Default for SseConfig {
             publish_key: None,
             accept_tokens_without_aud: false,
             allowed_origins: Vec::new(),
+            trusted_proxies: TrustedProxies::default(),
             redis_url: None,
             redis_ca_cert: None,
             redis_cluster: false,
@@ -226,6 +233,7 @@ struct SseVars {
     publish_key: Option<SecretString>,
     accept_tokens_without_aud: Option<String>,
     allowed_origins: Option<String>,
+    trusted_proxies: Option<String>,
     redis_ca_cert: Option<std::path::PathBuf>,
     redis_cluster: Option<String>,
     redis_wait_replicas: Option<usize>,
@@ -371,6 +379,10 @@ impl SseConfig {
         )?;
         if let Some(origins) = sse.allowed_origins {
             config.allowed_origins = parse_origins(&origins)?;
+        }
+        if let Some(proxies) = sse.trusted_proxies {
+            config.trusted_proxies =
+                TrustedProxies::parse(&proxies).map_err(|e| ConfigError::new("SSE_TRUSTED_PROXIES", e))?;
         }
         config.redis_ca_cert = sse.redis_ca_cert;
         config.redis_cluster = flag("SSE_REDIS_CLUSTER", sse.redis_cluster.as_deref())?;
@@ -646,6 +658,7 @@ mod tests {
             ("SSE_MAX_CLIENTS_PER_USER", " 2 "),
             ("SSE_ALLOWED_ORIGINS", "https://a.example, http://localhost:8080/"),
             ("SSE_CONNECT_RATE_PER_IP", "0"),
+            ("SSE_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7"),
             ("SSE_QUEUE_CAPACITY", ""),
             ("REDIS_URL", "redis://127.0.0.1:6379"),
             ("UNRELATED", "x"),
@@ -659,6 +672,8 @@ mod tests {
             vec!["https://a.example", "http://localhost:8080"]
         );
         assert_eq!(c.connect_rate_per_ip, 0);
+        assert!(c.trusted_proxies.contains("10.9.9.9".parse().unwrap()));
+        assert!(!c.trusted_proxies.contains("192.168.1.8".parse().unwrap()));
         assert_eq!(
             c.redis_url
                 .as_ref()
@@ -684,6 +699,8 @@ mod tests {
             ("SSE_CONNECT_RATE_PER_IP", "99999999999"),
             ("SSE_JWT_SECRET", "short"),
             ("SSE_ALLOWED_ORIGINS", "example.com"),
+            ("SSE_TRUSTED_PROXIES", "10.0.0.0/40"),
+            ("SSE_TRUSTED_PROXIES", "proxy.internal"),
             ("REDIS_URL", "http://localhost"),
             ("SSE_OFFLINE_RETENTION_MS", "notification"),
             ("SSE_OFFLINE_RETENTION_MS", "Bad Name=5"),

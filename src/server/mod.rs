@@ -52,6 +52,7 @@ pub use self::core::service::{
     OpenError, RateLimited, Resume, SendError, SseService, SseServiceBuilder, StartError,
 };
 pub use crate::api::{BrokerHealth, Stats};
+pub use address::TrustedProxies;
 pub use auth::{Auth, AuthError, Authenticate, Claims, Identity, SESSION_COOKIE};
 pub use broker::{Broker, BrokerError};
 pub use clock::now_ms;

@@ -90,10 +90,16 @@ pub(crate) async fn admit(
         Some(after) => Resume::After(after),
         None => parse_resume_ago(query.resume_ago_ms.as_deref())?.map_or(Resume::Now, Resume::Ago),
     };
+    // Behind a trusted proxy, the client it forwards for.
     let ip = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
+        .map(|ConnectInfo(addr)| {
+            service
+                .config()
+                .trusted_proxies
+                .client_ip(addr.ip(), &parts.headers)
+        });
     let probe = parts.method == Method::HEAD;
     let identity = identify(service, parts).await?;
     if !probe {

@@ -25,6 +25,11 @@ impl PendingBudget {
     /// Reads `accepted` now if its address has a place, parks it if its queue has room,
     /// and closes it otherwise.
     pub(super) fn admit(shared: &Arc<Shared>, accepted: Accepted) {
+        if shared.trusted_proxies.contains(accepted.peer.ip()) {
+            // Still under the head deadline and the socket budget, not the address's.
+            let slot = PendingSlot::uncounted(shared);
+            return spawn_handle(accepted, slot, shared.clone());
+        }
         let key = address_key(accepted.peer.ip());
         let mut addresses = shared.pending.lock();
         let address = addresses.entry(key).or_default();
@@ -96,6 +101,15 @@ impl PendingSlot {
             shared: Arc::downgrade(shared),
             key,
             released: false,
+        }
+    }
+
+    /// A place for a trusted proxy's connection, which no address budget counts.
+    pub(super) fn uncounted(shared: &Arc<Shared>) -> Self {
+        Self {
+            shared: Arc::downgrade(shared),
+            key: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            released: true,
         }
     }
 
@@ -174,6 +188,15 @@ pub(crate) struct AddressSlot {
 }
 
 impl AddressSlot {
+    /// A place no budget counts (a trusted proxy's connection).
+    pub(super) fn uncounted() -> Self {
+        Self {
+            counts: Arc::default(),
+            key: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            released: true,
+        }
+    }
+
     pub(super) fn release(&mut self) {
         if std::mem::replace(&mut self.released, true) {
             return;
