@@ -283,6 +283,58 @@ async fn check_resume_ago(config: SseConfig) {
     assert!(back.nothing_within(Duration::from_millis(200)).await);
 }
 
+/// `POST /api/events` with an `Idempotency-Key`.
+async fn publish_with_key(server: &TestServer, key: &str, body: &str) -> (u16, serde_json::Value) {
+    let response = server
+        .http
+        .post(server.url("/api/events"))
+        .bearer_auth(PUBLISH_KEY)
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// A publish retried with the same `Idempotency-Key` and body gets the first one's ids and
+/// publishes nothing; the same key with another body is a 409 naming the header; a key
+/// that is not one is a 400.
+async fn check_idempotent_publish(config: SseConfig) {
+    let server = start_server(config).await;
+    let mut stream = server.connect("idem", "", None).await;
+    let body = r#"{"user_id":"idem","event":"notification","data":{"title":"once","message":"m"}}"#;
+    let (status, first) = publish_with_key(&server, "order-42-shipped", body).await;
+    assert_eq!(status, 202, "{first}");
+    let (status, again) = publish_with_key(&server, "order-42-shipped", body).await;
+    assert_eq!((status, &again), (202, &first), "the original answer");
+    assert_eq!(text(&stream.next().await), "once");
+    assert!(
+        stream.nothing_within(Duration::from_millis(300)).await,
+        "published twice"
+    );
+
+    let other = body.replace("once", "twice");
+    let (status, refused) = publish_with_key(&server, "order-42-shipped", &other).await;
+    assert_eq!(
+        (status, refused["field"].as_str()),
+        (409, Some("Idempotency-Key")),
+        "{refused}"
+    );
+    let (status, refused) = publish_with_key(&server, "with space", body).await;
+    assert_eq!(
+        (status, refused["field"].as_str()),
+        (400, Some("Idempotency-Key")),
+        "{refused}"
+    );
+    // Another key is another publish.
+    let (status, _) = publish_with_key(&server, "order-43-shipped", body).await;
+    assert_eq!(status, 202);
+    assert_eq!(text(&stream.next().await), "once");
+}
+
 /// A user's second tab writes the same id as the first for the same event: its resume point
 /// is as good as the first's (on a cluster, in both lanes, though it replayed nothing).
 async fn check_second_tab(config: SseConfig) {
@@ -461,6 +513,7 @@ behaviour_suite!(
     check_offline_delivery,
     check_latest_progress_on_resume,
     check_resume_ago,
+    check_idempotent_publish,
     check_second_tab,
     check_cursor_from_the_future,
     check_filtered_stream_keeps_offline_delivery,
@@ -810,6 +863,58 @@ async fn offline_delivery_continues_on_another_instance() {
     assert!(
         on_b.nothing_within(Duration::from_millis(300)).await,
         "what A already delivered came again"
+    );
+}
+
+/// A publish whose answer is lost (the connection cut once the request is sent), retried
+/// with the same `Idempotency-Key` on the other instance, is delivered once: the retry gets
+/// the first publish's ids (or "in progress" with `Retry-After` while it is not done yet).
+#[tokio::test]
+async fn a_retry_on_another_instance_after_a_lost_answer_publishes_once() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(redis.url());
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let mut stream = b.connect("retry", "", None).await;
+    let body = r#"{"user_id":"retry","event":"notification","data":{"title":"paid","message":"m"}}"#;
+    let request = format!(
+        "POST /api/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PUBLISH_KEY}\r\n\
+         Idempotency-Key: invoice-7\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut lost = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut lost, request.as_bytes())
+        .await
+        .unwrap();
+    drop(lost);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ids = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first publish never finished"
+        );
+        let (status, answer) = publish_with_key(&b, "invoice-7", body).await;
+        match status {
+            202 => break answer["ids"].clone(),
+            409 if answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("in progress")) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            _ => panic!("{status} {answer}"),
+        }
+    };
+    let event = stream.next().await;
+    assert_eq!(text(&event), "paid");
+    assert_eq!(
+        ids,
+        serde_json::json!([event.id]),
+        "the retry answered with the first id"
+    );
+    assert!(
+        stream.nothing_within(Duration::from_millis(500)).await,
+        "delivered twice"
     );
 }
 

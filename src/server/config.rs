@@ -57,6 +57,9 @@ pub struct SseConfig {
     pub cleanup_interval: Duration,
     /// How long events stay replayable by `Last-Event-ID`. Defaults to 5 min (`SSE_EVENT_RETENTION_MS`).
     pub event_retention: Duration,
+    /// How long an `Idempotency-Key` of `POST /api/events` is remembered. Defaults to 24 h
+    /// (`SSE_IDEMPOTENCY_WINDOW_MS`).
+    pub idempotency_window: Duration,
     /// Event types delivered to users who were offline when they were sent, and how long
     /// they wait; 0 turns one off. Defaults to `notification` and `reel_ready` 24 h,
     /// `system_alert` 1 h, `reel_upload_progress` 5 min (`SSE_OFFLINE_RETENTION_MS`, as
@@ -148,6 +151,7 @@ impl Default for SseConfig {
             max_clients_per_user: 5,
             cleanup_interval: Duration::from_secs(60),
             event_retention: Duration::from_secs(300),
+            idempotency_window: Duration::from_secs(86_400),
             offline_retention: vec![
                 (names::NOTIFICATION.into(), Duration::from_secs(24 * 3600)),
                 (names::REEL_READY.into(), Duration::from_secs(24 * 3600)),
@@ -217,6 +221,7 @@ struct SseVars {
     max_clients_per_user: Option<usize>,
     cleanup_interval_ms: Option<u64>,
     event_retention_ms: Option<u64>,
+    idempotency_window_ms: Option<u64>,
     offline_retention_ms: Option<String>,
     queue_capacity: Option<usize>,
     history_capacity: Option<usize>,
@@ -321,6 +326,11 @@ impl SseConfig {
             "SSE_CLEANUP_INTERVAL_MS",
             sse.cleanup_interval_ms,
             config.cleanup_interval,
+        )?;
+        config.idempotency_window = positive_ms(
+            "SSE_IDEMPOTENCY_WINDOW_MS",
+            sse.idempotency_window_ms,
+            config.idempotency_window,
         )?;
         config.event_retention = positive_ms(
             "SSE_EVENT_RETENTION_MS",
@@ -696,6 +706,7 @@ mod tests {
             ("SSE_MAX_CLIENTS_PER_USER", "many"),
             ("SSE_MAX_CLIENTS_PER_USER", "0"),
             ("SSE_EVENT_RETENTION_MS", "1.5"),
+            ("SSE_IDEMPOTENCY_WINDOW_MS", "0"),
             ("SSE_CONNECT_RATE_PER_IP", "99999999999"),
             ("SSE_JWT_SECRET", "short"),
             ("SSE_ALLOWED_ORIGINS", "example.com"),

@@ -3,6 +3,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -17,10 +18,68 @@ use crate::server::clock::now_ms;
 /// its lock, so the sink sees them in id order even when many tasks publish at once.
 pub struct MemoryBroker {
     state: Mutex<State>,
+    records: Mutex<Records>,
     sink: EventSink,
     retention: Retention,
     capacity: usize,
     max_bytes: usize,
+}
+
+/// Values of [`Broker::put_if_absent`] with their expiry (ms), at most
+/// [`MAX_RECORD_BYTES`] in all.
+#[derive(Default)]
+struct Records {
+    values: HashMap<String, (String, u64)>,
+    bytes: usize,
+}
+
+/// What the records may hold; past it (after forgetting expired ones) a new one is refused.
+const MAX_RECORD_BYTES: usize = 64 << 20;
+
+impl Records {
+    fn cost(key: &str, value: &str) -> usize {
+        key.len() + value.len() + 64
+    }
+
+    fn live(&self, key: &str, now: u64) -> Option<&String> {
+        self.values
+            .get(key)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(v, _)| v)
+    }
+
+    fn forget_expired(&mut self, now: u64) {
+        let mut freed = 0;
+        self.values.retain(|key, (value, expires)| {
+            let keep = *expires > now;
+            if !keep {
+                freed += Self::cost(key, value);
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+
+    fn set(&mut self, key: &str, value: &str, ttl: Duration, now: u64) -> Result<(), BrokerError> {
+        self.remove(key);
+        let cost = Self::cost(key, value);
+        if self.bytes + cost > MAX_RECORD_BYTES {
+            self.forget_expired(now);
+        }
+        if self.bytes + cost > MAX_RECORD_BYTES {
+            return Err(BrokerError::Unavailable("idempotency records are full".into()));
+        }
+        self.bytes += cost;
+        let expires = now.saturating_add(ttl.as_millis() as u64);
+        self.values.insert(key.to_string(), (value.to_string(), expires));
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((value, _)) = self.values.remove(key) {
+            self.bytes -= Self::cost(key, &value);
+        }
+    }
 }
 
 /// What one kept event costs beyond its frame: the `Arc`, its fields, and its places in
@@ -63,6 +122,7 @@ impl MemoryBroker {
                 bytes: 0,
                 delivered: HashMap::new(),
             }),
+            records: Mutex::default(),
             sink,
             retention,
             capacity: capacity.max(1),
@@ -221,8 +281,36 @@ impl Broker for MemoryBroker {
         *entry = (entry.0.max(id.0), now);
     }
 
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BrokerError> {
+        let now = now_ms();
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = records.live(key, now) {
+            return Ok(Some(held.clone()));
+        }
+        records.set(key, value, ttl, now).map(|()| None)
+    }
+
+    async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        records.set(key, value, ttl, now_ms())
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), BrokerError> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        Ok(())
+    }
+
     async fn cleanup(&self) {
         let now = now_ms();
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_expired(now);
         let mut state = self.lock();
         let State {
             history,

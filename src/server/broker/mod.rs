@@ -207,6 +207,22 @@ pub trait Broker: Send + Sync + 'static {
     /// Ends every stream of `user` on every instance; returns how many were closed.
     async fn disconnect(&self, user: &str) -> Result<usize, BrokerError>;
 
+    /// Stores `value` under `key` for `ttl` unless the key holds a value; returns the value
+    /// it holds then (`None`: stored). Shared by every instance on the broker; what
+    /// `Idempotency-Key` records live in.
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BrokerError>;
+
+    /// Stores `value` under `key` for `ttl`, replacing what it holds.
+    async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), BrokerError>;
+
+    /// Forgets `key`.
+    async fn remove(&self, key: &str) -> Result<(), BrokerError>;
+
     /// Drops history past retention; called every cleanup interval.
     async fn cleanup(&self) {}
 

@@ -300,6 +300,28 @@ pub(super) fn install_tls_provider_for(url: &str) {
     }
 }
 
+/// `SET key value NX GET PX ttl`: stores unless the key holds a value, and answers with
+/// that value (nil when stored). Redis 7.0 takes `NX` with `GET`.
+pub(super) fn put_if_absent_cmd(key: &str, value: &str, ttl: Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("GET")
+        .arg("PX")
+        .arg(ttl.as_millis().max(1) as u64);
+    cmd
+}
+
+pub(super) fn put_cmd(key: &str, value: &str, ttl: Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key)
+        .arg(value)
+        .arg("PX")
+        .arg(ttl.as_millis().max(1) as u64);
+    cmd
+}
+
 fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -1067,6 +1089,36 @@ impl Broker for RedisBroker {
 
     async fn disconnect(&self, user: &str) -> Result<usize, BrokerError> {
         self.disconnect_everywhere(user).await
+    }
+
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BrokerError> {
+        let mut conn = self.conn.clone();
+        put_if_absent_cmd(key, value, ttl)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        put_cmd(key, value, ttl)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
     }
 
     fn health(&self) -> BrokerHealth {

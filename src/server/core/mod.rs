@@ -7,6 +7,7 @@
 
 pub(crate) mod connection;
 pub(crate) mod hub;
+pub mod idempotency;
 pub mod inbox;
 pub(crate) mod mailbox;
 pub(crate) mod replay;

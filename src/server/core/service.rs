@@ -872,6 +872,11 @@ impl SseService {
         UserInbox::new(self, inbox.store.clone(), user_id)
     }
 
+    /// The broker, for the core's other parts (idempotency records).
+    pub(super) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
     /// Whether the notification center is on.
     pub fn has_inbox(&self) -> bool {
         self.inner.inbox.is_some()

@@ -9,7 +9,9 @@
 //!
 //! The body is one object or an array of them. Every item is validated before any is
 //! published, so a batch is taken whole or refused whole with the first bad field named
-//! (`[2].data.title`).
+//! (`[2].data.title`). With an `Idempotency-Key` header, a retry of the same body within
+//! the window answers with the first publish's ids and publishes nothing (see
+//! [`idempotency`](crate::server::core::idempotency)).
 
 use std::time::Duration;
 
@@ -29,7 +31,10 @@ use crate::{
     events::{Event, ValidationError},
     server::{
         auth::{self, bearer_token},
-        core::service::{SendError, SseService},
+        core::{
+            idempotency::{IdempotencyError, MAX_KEY_LEN},
+            service::{SendError, SseService},
+        },
         event::{Envelope, EventId, Target},
     },
 };
@@ -91,16 +96,59 @@ pub async fn publish_handler(
         Some(envelopes) => envelopes,
         None => envelopes_naming_errors(&service, &body)?,
     };
-    let ids = service.publish_envelopes(envelopes).await.map_err(|e| match e {
+    let send_error = |e: SendError| match e {
         SendError::Invalid(e) => ApiError::from(e),
         SendError::Inbox(_) => ApiError::unavailable(e.to_string()).field("inbox"),
         other => ApiError::unavailable(other.to_string()),
+    };
+    let key = idempotency_key(&parts.headers)?.map(str::to_owned);
+    // Run to the end in a task of its own: a client that hangs up mid-publish must not
+    // leave it half done (its idempotency record "in progress" for the whole window).
+    let publishing = tokio::spawn(async move {
+        match key {
+            None => service
+                .publish_envelopes(envelopes)
+                .await
+                .map_err(IdempotencyError::Send),
+            Some(key) => service.publish_once(&key, &body, envelopes).await,
+        }
+    });
+    let outcome = publishing
+        .await
+        .map_err(|_| ApiError::unavailable("the publish was interrupted"))?;
+    let ids = outcome.map_err(|e| match e {
+        IdempotencyError::Send(e) => send_error(e),
+        IdempotencyError::InProgress => ApiError::new(StatusCode::CONFLICT, e.to_string())
+            .field(IDEMPOTENCY_KEY)
+            .retry_after(1),
+        IdempotencyError::OtherBody => {
+            ApiError::new(StatusCode::CONFLICT, e.to_string()).field(IDEMPOTENCY_KEY)
+        }
     })?;
     #[derive(serde::Serialize)]
     struct Published {
         ids: Vec<EventId>,
     }
     Ok((StatusCode::ACCEPTED, Json(Published { ids })).into_response())
+}
+
+/// The header that makes a publish idempotent.
+const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// The `Idempotency-Key`, if sent: 1 to [`MAX_KEY_LEN`] visible ASCII characters, else 400.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(key))
+        }
+        _ => Err(
+            ApiError::bad_request(format!("expected 1 to {MAX_KEY_LEN} visible ASCII characters"))
+                .field(IDEMPOTENCY_KEY),
+        ),
+    }
 }
 
 /// The body's events through a `serde_json::Value` tree, which can name the first bad

@@ -1050,6 +1050,31 @@ impl Broker for ClusterBroker {
         self.disconnect_everywhere(user).await
     }
 
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, BrokerError> {
+        let cmd = super::redis::put_if_absent_cmd(key, value, ttl);
+        self.router.query(key, &cmd).await.map_err(router_error)
+    }
+
+    async fn put(&self, key: &str, value: &str, ttl: Duration) -> Result<(), BrokerError> {
+        let cmd = super::redis::put_cmd(key, value, ttl);
+        self.router.query(key, &cmd).await.map_err(router_error)
+    }
+
+    async fn remove(&self, key: &str) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(key);
+        self.router
+            .query::<i64>(key, &cmd)
+            .await
+            .map(drop)
+            .map_err(router_error)
+    }
+
     fn health(&self) -> BrokerHealth {
         let failed_at = self.publish_failed_at.load(Ordering::Relaxed);
         let failing =
