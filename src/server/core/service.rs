@@ -128,7 +128,7 @@ pub enum Resume {
     After(Cursor),
     /// From this long ago (at most [`MAX_RESUME_AGO`]): a client without an id whose
     /// earlier stream may have carried events that never reached it, e.g. one a proxy
-    /// held back.
+    /// held back. On the user's first connection here, also what waited while offline.
     Ago(Duration),
 }
 
@@ -518,31 +518,29 @@ impl SseService {
             (lanes @ Cursor::Lanes { .. }, Cursor::One(_)) => Cursor::One(lanes.earliest()),
             (cursor, _) => cursor,
         };
+        // A time ago as a cursor: the id the broker's clock gave then; if nothing came
+        // since, the head (a point every broker still knows, so no false gap).
+        let ago = |head: Cursor, age: Duration| {
+            let age_ms = age.min(MAX_RESUME_AGO).as_millis() as u64;
+            let then = EventId(now_ms().saturating_sub(age_ms).saturating_mul(1000));
+            head.map(|head| head.min(then))
+        };
         let replay_plan = match resume {
             Resume::After(after) => Some((of_this_broker(after), None)),
-            Resume::Ago(age) => {
-                // The id the broker's clock gave then; if nothing came since, the head (a
-                // point every broker still knows, so no false gap).
-                let age_ms = age.min(MAX_RESUME_AGO).as_millis() as u64;
-                let then = EventId(now_ms().saturating_sub(age_ms).saturating_mul(1000));
-                let head = broker.head(&user).await?;
-                let ago = head.map(|head| head.min(then));
-                match registration.first_for_user {
-                    // A page that waited to join its tabs before streaming asks this way
-                    // too: as the user's first connection, it also gets what waited for
-                    // them while they were offline.
-                    true => {
-                        let cursor = broker.delivered_through(&user).await?;
-                        Some((cursor.map_or(start, of_this_broker).min(ago), Some(head)))
-                    }
-                    false => Some((ago, None)),
-                }
-            }
-            Resume::Now if registration.first_for_user => {
+            // The user's first connection here also gets what waited for them while they
+            // were offline; so does one asked by time (a page that waited to join its tabs
+            // before streaming), from the earlier of the two.
+            Resume::Now | Resume::Ago(_) if registration.first_for_user => {
                 let head = broker.head(&user).await?;
                 let cursor = broker.delivered_through(&user).await?;
-                Some((cursor.map_or(start, of_this_broker).min(head), Some(head)))
+                let offline = cursor.map_or(start, of_this_broker).min(head);
+                let from = match resume {
+                    Resume::Ago(age) => offline.min(ago(head, age)),
+                    _ => offline,
+                };
+                Some((from, Some(head)))
             }
+            Resume::Ago(age) => Some((ago(broker.head(&user).await?, age), None)),
             Resume::Now => None,
         };
         if registration.first_for_user {
