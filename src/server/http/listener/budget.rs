@@ -2,13 +2,16 @@
 //! still sending their first request, and request connections.
 
 use super::*;
+use crate::server::TrustedProxies;
 
 /// Connections that have not sent a complete request yet, per address (IPv6: per /64): at
 /// most [`MAX_PENDING_PER_ADDRESS`] read at once, up to [`MAX_PARKED_PER_ADDRESS`] more
 /// waiting unread, in order of arrival.
-#[derive(Default)]
 pub(super) struct PendingBudget {
     addresses: Mutex<HashMap<IpAddr, PendingAddress>>,
+    /// Trusted proxies (`SSE_TRUSTED_PROXIES`), which no address budget counts: a proxy
+    /// sends whole heads, and its clients are counted by the forwarded address.
+    exempt: TrustedProxies,
 }
 
 #[derive(Default)]
@@ -18,6 +21,13 @@ pub(super) struct PendingAddress {
 }
 
 impl PendingBudget {
+    pub(super) fn new(exempt: TrustedProxies) -> Self {
+        Self {
+            addresses: Mutex::default(),
+            exempt,
+        }
+    }
+
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PendingAddress>> {
         self.addresses.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -25,7 +35,7 @@ impl PendingBudget {
     /// Reads `accepted` now if its address has a place, parks it if its queue has room,
     /// and closes it otherwise.
     pub(super) fn admit(shared: &Arc<Shared>, accepted: Accepted) {
-        if shared.trusted_proxies.contains(accepted.peer.ip()) {
+        if shared.pending.exempt.contains(accepted.peer.ip()) {
             // Still under the head deadline and the socket budget, not the address's.
             let slot = PendingSlot::uncounted(shared);
             return spawn_handle(accepted, slot, shared.clone());
@@ -149,22 +159,28 @@ impl Drop for SocketSlot {
     }
 }
 
-/// Connections per address (IPv6: per /64), at most `limit` each.
+/// Connections per address (IPv6: per /64), at most `limit` each; trusted proxies are not
+/// counted.
 pub(super) struct AddressBudget {
     limit: usize,
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    exempt: TrustedProxies,
 }
 
 impl AddressBudget {
-    pub(super) fn new(limit: usize) -> Self {
+    pub(super) fn new(limit: usize, exempt: TrustedProxies) -> Self {
         Self {
             limit,
             counts: Arc::default(),
+            exempt,
         }
     }
 
     /// A place for one more connection from `ip`; `None` when it holds `limit` already.
     pub(super) fn take(&self, ip: IpAddr) -> Option<AddressSlot> {
+        if self.exempt.contains(ip) {
+            return Some(AddressSlot::uncounted());
+        }
         let key = address_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let count = counts.entry(key).or_default();
@@ -189,7 +205,7 @@ pub(crate) struct AddressSlot {
 
 impl AddressSlot {
     /// A place no budget counts (a trusted proxy's connection).
-    pub(super) fn uncounted() -> Self {
+    fn uncounted() -> Self {
         Self {
             counts: Arc::default(),
             key: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),

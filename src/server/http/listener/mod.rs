@@ -180,14 +180,14 @@ impl Serve {
             service,
         } = self;
         let (shutdown, watching) = watch::channel(false);
+        let trusted_proxies = service.config().trusted_proxies.clone();
         let shared = Arc::new(Shared {
             app,
             stream_prefix: format!("GET {}", service.stream_path()).into_bytes().into(),
             sockets: AtomicUsize::new(0),
             max_sockets: config::file_limit().saturating_sub(FD_HEADROOM).max(64),
-            pending: PendingBudget::default(),
-            requests: AddressBudget::new(MAX_REQUEST_CONNECTIONS_PER_ADDRESS),
-            trusted_proxies: service.config().trusted_proxies.clone(),
+            pending: PendingBudget::new(trusted_proxies.clone()),
+            requests: AddressBudget::new(MAX_REQUEST_CONNECTIONS_PER_ADDRESS, trusted_proxies),
             shutdown: watching,
         });
         // Accepting stops when this future completes or is dropped.
@@ -247,9 +247,6 @@ struct Shared {
     pending: PendingBudget,
     /// Connections per address that hyper serves.
     requests: AddressBudget,
-    /// Peers spared the per-address budgets: proxies send whole heads, and their clients
-    /// are counted by the forwarded address (`SSE_TRUSTED_PROXIES`).
-    trusted_proxies: crate::server::TrustedProxies,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -361,11 +358,7 @@ async fn handle(
         // Boxed: hyper's connection state is kilobytes, and inline it would size the task
         // of every lean stream too (a task is as big as the largest path it may take).
         pending.release();
-        let slot = match shared.trusted_proxies.contains(peer.ip()) {
-            true => Some(AddressSlot::uncounted()),
-            false => shared.requests.take(peer.ip()),
-        };
-        let Some(slot) = slot else {
+        let Some(slot) = shared.requests.take(peer.ip()) else {
             m::connection_refused("connections_per_address");
             let _ = write_plain(&mut stream, 503).await;
             return;
