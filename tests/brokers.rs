@@ -283,22 +283,6 @@ async fn check_resume_ago(config: SseConfig) {
     assert!(back.nothing_within(Duration::from_millis(200)).await);
 }
 
-/// `POST /api/events` with an `Idempotency-Key`.
-async fn publish_with_key(server: &TestServer, key: &str, body: &str) -> (u16, serde_json::Value) {
-    let response = server
-        .http
-        .post(server.url("/api/events"))
-        .bearer_auth(PUBLISH_KEY)
-        .header("idempotency-key", key)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or_default())
-}
-
 /// A publish retried with the same `Idempotency-Key` and body gets the first one's ids and
 /// publishes nothing; the same key with another body is a 409 naming the header; a key
 /// that is not one is a 400.
@@ -306,9 +290,9 @@ async fn check_idempotent_publish(config: SseConfig) {
     let server = start_server(config).await;
     let mut stream = server.connect("idem", "", None).await;
     let body = r#"{"user_id":"idem","event":"notification","data":{"title":"once","message":"m"}}"#;
-    let (status, first) = publish_with_key(&server, "order-42-shipped", body).await;
+    let (status, first) = server.publish_once("order-42-shipped", body).await;
     assert_eq!(status, 202, "{first}");
-    let (status, again) = publish_with_key(&server, "order-42-shipped", body).await;
+    let (status, again) = server.publish_once("order-42-shipped", body).await;
     assert_eq!((status, &again), (202, &first), "the original answer");
     assert_eq!(text(&stream.next().await), "once");
     assert!(
@@ -317,20 +301,20 @@ async fn check_idempotent_publish(config: SseConfig) {
     );
 
     let other = body.replace("once", "twice");
-    let (status, refused) = publish_with_key(&server, "order-42-shipped", &other).await;
+    let (status, refused) = server.publish_once("order-42-shipped", &other).await;
     assert_eq!(
         (status, refused["field"].as_str()),
         (409, Some("Idempotency-Key")),
         "{refused}"
     );
-    let (status, refused) = publish_with_key(&server, "with space", body).await;
+    let (status, refused) = server.publish_once("with space", body).await;
     assert_eq!(
         (status, refused["field"].as_str()),
         (400, Some("Idempotency-Key")),
         "{refused}"
     );
     // Another key is another publish.
-    let (status, _) = publish_with_key(&server, "order-43-shipped", body).await;
+    let (status, _) = server.publish_once("order-43-shipped", body).await;
     assert_eq!(status, 202);
     assert_eq!(text(&stream.next().await), "once");
 }
@@ -893,7 +877,7 @@ async fn a_retry_on_another_instance_after_a_lost_answer_publishes_once() {
             std::time::Instant::now() < deadline,
             "the first publish never finished"
         );
-        let (status, answer) = publish_with_key(&b, "invoice-7", body).await;
+        let (status, answer) = b.publish_once("invoice-7", body).await;
         match status {
             202 => break answer["ids"].clone(),
             409 if answer["error"]

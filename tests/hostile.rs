@@ -37,13 +37,7 @@ async fn idle_and_half_sent_sockets_are_closed() {
         .write_all(b"GET /api/sse HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    let mut keep_alive = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (head, _) = raw_exchange(
-        &mut keep_alive,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-        Duration::from_millis(200),
-    )
-    .await;
+    let (head, mut keep_alive) = healthz_on_a_new_connection(&server, Duration::from_millis(200)).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(!head.contains("connection: close"), "{head}");
     let started = tokio::time::Instant::now();
@@ -349,35 +343,17 @@ async fn one_address_cannot_hold_every_request_connection() {
     let server = start_server(test_config()).await;
     let mut held = Vec::new();
     for _ in 0..256 {
-        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let (head, _) = raw_exchange(
-            &mut socket,
-            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-            Duration::from_millis(20),
-        )
-        .await;
+        let (head, socket) = healthz_on_a_new_connection(&server, Duration::from_millis(20)).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         held.push(socket);
     }
-    let mut over = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (head, _) = raw_exchange(
-        &mut over,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-        Duration::from_millis(200),
-    )
-    .await;
+    let (head, _over) = healthz_on_a_new_connection(&server, Duration::from_millis(200)).await;
     assert!(head.starts_with("http/1.1 503"), "{head}");
     assert!(head.contains("retry-after: 1"), "{head}");
     let _stream = server.connect("same-address", "", None).await;
     drop(held.pop());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut again = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (head, _) = raw_exchange(
-        &mut again,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-        Duration::from_millis(200),
-    )
-    .await;
+    let (head, _again) = healthz_on_a_new_connection(&server, Duration::from_millis(200)).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
 }
 
@@ -389,16 +365,18 @@ async fn a_trusted_proxy_is_not_held_to_one_addresss_budget() {
     let server = start_server(test_config().trusted_proxies(trusted)).await;
     let mut held = Vec::new();
     for _ in 0..257 {
-        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-        let (head, _) = raw_exchange(
-            &mut socket,
-            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-            Duration::from_millis(20),
-        )
-        .await;
+        let (head, socket) = healthz_on_a_new_connection(&server, Duration::from_millis(20)).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         held.push(socket);
     }
+}
+
+/// `GET /healthz` on a connection of its own, kept open (keep-alive); the answer's head
+/// as read within `wait`.
+async fn healthz_on_a_new_connection(server: &TestServer, wait: Duration) -> (String, tokio::net::TcpStream) {
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (head, _) = raw_exchange(&mut socket, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", wait).await;
+    (head, socket)
 }
 
 /// An HTTP/2 connection (prior knowledge) that answers every ping but sends no request is

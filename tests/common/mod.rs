@@ -162,6 +162,21 @@ impl TestServer {
     }
 
     pub async fn publish_raw(&self, body: String, key: Option<&str>) -> (u16, serde_json::Value) {
+        self.post_events(body, key, None).await
+    }
+
+    /// `POST /api/events` with the publish key and `Idempotency-Key: idempotency_key`.
+    pub async fn publish_once(&self, idempotency_key: &str, body: &str) -> (u16, serde_json::Value) {
+        self.post_events(body.to_string(), Some(PUBLISH_KEY), Some(idempotency_key))
+            .await
+    }
+
+    async fn post_events(
+        &self,
+        body: String,
+        key: Option<&str>,
+        idempotency_key: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let mut request = self
             .http
             .post(self.url("/api/events"))
@@ -169,6 +184,9 @@ impl TestServer {
             .body(body);
         if let Some(key) = key {
             request = request.bearer_auth(key);
+        }
+        if let Some(idempotency_key) = idempotency_key {
+            request = request.header("idempotency-key", idempotency_key);
         }
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
