@@ -584,18 +584,17 @@ impl MissedBurst {
         {
             let held = message.replayed && inbox.is_some_and(|i| i.enabled().get_untracked());
             if held {
-                self.pending.update_value(|(messages, timer)| {
-                    messages.push(message.clone());
-                    if let Some(timer) = timer.take() {
-                        timer.clear();
-                    }
-                });
-                let timer = set_timeout_with_handle(
+                let settled = set_timeout_with_handle(
                     move || self.flush(store, inbox),
                     std::time::Duration::from_millis(MISSED_SETTLE_MS),
                 )
                 .ok();
-                self.pending.update_value(|(_, t)| *t = timer);
+                self.pending.update_value(|(messages, timer)| {
+                    messages.push(message.clone());
+                    if let Some(earlier) = std::mem::replace(timer, settled) {
+                        earlier.clear();
+                    }
+                });
                 return;
             }
             self.flush(store, inbox);

@@ -353,9 +353,15 @@ impl ToastStore {
 
     /// Turns an event into a toast (or an update of one). Other events are ignored.
     pub fn apply(&mut self, message: &SseMessage) {
-        let Ok(event) = message.parse() else { return };
+        if let Ok(event) = message.parse() {
+            self.apply_event(&message.id, event);
+        }
+    }
+
+    /// [`apply`](Self::apply) for an event already parsed; `id` is its event id.
+    fn apply_event(&mut self, id: &str, event: Event) {
         let labels = self.labels.clone();
-        let source = format!("event:{}", message.id);
+        let source = format!("event:{id}");
         match event {
             Event::Notification(n) => {
                 let kind = match n.kind {
@@ -424,37 +430,41 @@ impl ToastStore {
     /// them; upload progress and system-alert banners apply as usual. Returns the
     /// summary's id, if there is one.
     pub fn apply_missed(&mut self, messages: &[SseMessage], show: Option<ToastAction>) -> Option<ToastId> {
+        let events: Vec<(&str, Event)> = messages
+            .iter()
+            .filter_map(|m| Some((m.id.as_str(), m.parse().ok()?)))
+            .collect();
         // A reel whose progress is in the burst (or on screen) is updated in place, never
         // summed up, or its progress toast would stay sticky.
-        let reels_in_progress: Vec<String> = messages
+        let reels_in_progress: Vec<&str> = events
             .iter()
-            .filter_map(|m| match m.parse() {
-                Ok(Event::ReelUploadProgress(p)) => Some(p.reel_id),
+            .filter_map(|(_, e)| match e {
+                Event::ReelUploadProgress(p) => Some(p.reel_id.as_str()),
                 _ => None,
             })
             .collect();
-        let summed: Vec<bool> = messages
+        let summed: Vec<bool> = events
             .iter()
-            .map(|m| match m.parse() {
-                Ok(Event::Notification(_) | Event::UserUpdate(_)) => true,
-                Ok(Event::ReelReady(r)) => {
+            .map(|(_, e)| match e {
+                Event::Notification(_) | Event::UserUpdate(_) => true,
+                Event::ReelReady(r) => {
                     let source = format!("reel:{}", r.reel_id);
-                    !reels_in_progress.contains(&r.reel_id)
+                    !reels_in_progress.contains(&r.reel_id.as_str())
                         && self.find_mut(|t| t.source.as_deref() == Some(&source)).is_none()
                 }
                 _ => false,
             })
             .collect();
         let count = summed.iter().filter(|s| **s).count();
-        if count <= MISSED_TOASTS {
-            messages.iter().for_each(|m| self.apply(m));
+        let summing = count > MISSED_TOASTS;
+        for ((id, event), summed) in events.into_iter().zip(summed) {
+            if !(summing && summed) {
+                self.apply_event(id, event);
+            }
+        }
+        if !summing {
             return None;
         }
-        messages
-            .iter()
-            .zip(&summed)
-            .filter(|(_, summed)| !**summed)
-            .for_each(|(m, _)| self.apply(m));
         let mut new = NewToast::new(
             ToastKind::Info,
             self.labels.missed.replace("{n}", &count.to_string()),
