@@ -113,6 +113,14 @@ pub struct InboxPage {
     pub next: Option<String>,
 }
 
+/// A user's unread and total (not archived) counts: the answer of the `POST` routes that
+/// change an inbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxCounts {
+    pub unread: u64,
+    pub total: u64,
+}
+
 /// The body of the `POST` routes that change an inbox: some ids, or all of them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct InboxSelection {

@@ -273,7 +273,7 @@ impl Inbox {
                     Ok(Answer::Page(page)) => {
                         state.update(|s| if more { s.more(page) } else { s.first_page(page) })
                     }
-                    Ok(Answer::Counts { unread, total }) => state.update(|s| s.counts(unread, total)),
+                    Ok(Answer::Counts(counts)) => state.update(|s| s.counts(counts.unread, counts.total)),
                     Err(e) => state.update(|s| {
                         s.loading = false;
                         s.error = Some(e);
@@ -287,7 +287,7 @@ impl Inbox {
 #[cfg(not(feature = "ssr"))]
 enum Answer {
     Page(InboxPage),
-    Counts { unread: u64, total: u64 },
+    Counts(api::InboxCounts),
 }
 
 #[cfg(not(feature = "ssr"))]
@@ -321,16 +321,11 @@ async fn request(
         return Err(error);
     }
     if body.is_some() {
-        #[derive(serde::Deserialize)]
-        struct Counts {
-            unread: u64,
-            total: u64,
-        }
-        let counts: Counts = response.json().await.map_err(|e| e.to_string())?;
-        Ok(Answer::Counts {
-            unread: counts.unread,
-            total: counts.total,
-        })
+        response
+            .json()
+            .await
+            .map(Answer::Counts)
+            .map_err(|e| e.to_string())
     } else {
         response.json().await.map(Answer::Page).map_err(|e| e.to_string())
     }

@@ -152,7 +152,7 @@ async fn change(service: SseService, request: Request, op: InboxOp) -> Result<Re
     let inbox = user_inbox(&service, parts).await?;
     let selection = read_selection(body).await?;
     let counts = inbox.change(op, selection).await?;
-    Ok(Json(serde_json::json!({ "unread": counts.unread, "total": counts.total })).into_response())
+    Ok(Json(counts).into_response())
 }
 
 /// `POST /api/inbox/read`.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 pub use sql::SqlInbox;
 
+pub use crate::api::InboxCounts;
 use crate::api::InboxPage;
 
 /// Why the inbox could not do something.
@@ -138,13 +139,6 @@ pub enum Selection {
     Ids(Vec<u64>),
     /// Every item of the user.
     All,
-}
-
-/// A user's unread and total (not archived) counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct InboxCounts {
-    pub unread: u64,
-    pub total: u64,
 }
 
 /// What the core needs of a store. Every method is one user's (or, for
