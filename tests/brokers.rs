@@ -317,6 +317,41 @@ async fn check_idempotent_publish(config: SseConfig) {
     let (status, _) = server.publish_once("order-43-shipped", body).await;
     assert_eq!(status, 202);
     assert_eq!(text(&stream.next().await), "once");
+
+    // The Rust API: a job that runs twice sends once; its keys share the HTTP API's records.
+    let sse = server.service.with_idempotency_key("job-7");
+    let first = sse.send_notification("idem", note("from a job")).await.unwrap();
+    let again = sse.send_notification("idem", note("from a job")).await.unwrap();
+    assert_eq!(again, first, "the original id");
+    assert_eq!(text(&stream.next().await), "from a job");
+    assert!(
+        stream.nothing_within(Duration::from_millis(300)).await,
+        "sent twice"
+    );
+    assert!(matches!(
+        sse.send_notification("idem", note("another")).await,
+        Err(SendError::KeyReused)
+    ));
+    assert!(matches!(
+        sse.send_notification("other-user", note("from a job")).await,
+        Err(SendError::KeyReused)
+    ));
+    let reused_http_key = server.service.with_idempotency_key("order-42-shipped");
+    assert!(matches!(
+        reused_http_key.send_notification("idem", note("once")).await,
+        Err(SendError::KeyReused)
+    ));
+    assert!(matches!(
+        server.service.with_idempotency_key("").send_notification("idem", note("x")).await,
+        Err(SendError::Invalid(e)) if e.field == "idempotencyKey"
+    ));
+    // The service it came from still sends every time.
+    server
+        .service
+        .send_notification("idem", note("plain"))
+        .await
+        .unwrap();
+    assert_eq!(text(&stream.next().await), "plain");
 }
 
 /// A user's second tab writes the same id as the first for the same event: its resume point

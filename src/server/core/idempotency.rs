@@ -1,4 +1,5 @@
-//! `Idempotency-Key` on `POST /api/events`: a publish retried with the same key and body
+//! `Idempotency-Key` on `POST /api/events` and
+//! [`SseService::with_idempotency_key`]: a publish retried with the same key and body
 //! within [`SseConfig::idempotency_window`](crate::server::SseConfig) gets the first one's
 //! ids and publishes nothing; the same key with another body is refused. The record lives
 //! in the broker (Redis or the cluster: one record for every instance; the process for the
@@ -12,15 +13,13 @@ use crate::server::event::{Envelope, EventId};
 /// The longest key accepted (as Stripe's and the IETF draft's examples fit).
 pub const MAX_KEY_LEN: usize = 255;
 
-/// Why an idempotent publish was not made.
-#[derive(Debug, thiserror::Error)]
-pub enum IdempotencyError {
-    #[error("this Idempotency-Key was used with another body")]
-    OtherBody,
-    #[error("a publish with this Idempotency-Key is still in progress; retry shortly")]
-    InProgress,
-    #[error(transparent)]
-    Send(#[from] SendError),
+/// A key is 1 to [`MAX_KEY_LEN`] visible ASCII characters; the error says so.
+pub(crate) fn check_idempotency_key(key: &str) -> Result<(), String> {
+    if (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(())
+    } else {
+        Err(format!("expected 1 to {MAX_KEY_LEN} visible ASCII characters"))
+    }
 }
 
 /// Hex SHA-256 of `bytes`.
@@ -40,29 +39,28 @@ fn record_key(key: &str) -> String {
 impl SseService {
     /// Publishes `envelopes` once per `key`: the first call publishes and records its ids
     /// (`body` is the request as sent, what a retry must repeat); a retry of the same body
-    /// gets those ids back, another body [`IdempotencyError::OtherBody`]. A publish that
+    /// gets those ids back, another body [`SendError::KeyReused`]. A publish that
     /// fails forgets the key, so a retry publishes.
     pub(crate) async fn publish_once(
         &self,
         key: &str,
         body: &[u8],
         envelopes: Vec<Envelope>,
-    ) -> Result<Vec<EventId>, IdempotencyError> {
+    ) -> Result<Vec<EventId>, SendError> {
         let broker = self.broker();
         let window = self.config().idempotency_window;
         let record = record_key(key);
         let body = fingerprint(body);
         let held = broker
             .put_if_absent(&record, &format!("{body} pending"), window)
-            .await
-            .map_err(SendError::from)?;
+            .await?;
         if let Some(held) = held {
             let (first_body, state) = held.split_once(' ').unwrap_or((held.as_str(), ""));
             if first_body != body {
-                return Err(IdempotencyError::OtherBody);
+                return Err(SendError::KeyReused);
             }
             let Some(ids) = state.strip_prefix("done") else {
-                return Err(IdempotencyError::InProgress);
+                return Err(SendError::KeyInProgress);
             };
             return Ok(ids.split_whitespace().filter_map(|id| id.parse().ok()).collect());
         }
@@ -80,7 +78,7 @@ impl SseService {
                 if let Err(e) = broker.remove(&record).await {
                     tracing::warn!(error = %e, "could not release an idempotency key");
                 }
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -96,5 +94,14 @@ mod tests {
         assert_eq!(record_key(&long).len(), record_key("a").len());
         assert_ne!(record_key("a"), record_key("b"));
         assert_eq!(fingerprint(b"abc").len(), 64);
+    }
+
+    #[test]
+    fn keys_are_bounded_visible_ascii() {
+        assert!(check_idempotency_key("order-42.shipped").is_ok());
+        assert!(check_idempotency_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
+        for bad in ["", "with space", "caf\u{e9}", &"k".repeat(MAX_KEY_LEN + 1)] {
+            assert!(check_idempotency_key(bad).is_err(), "{bad:?}");
+        }
     }
 }

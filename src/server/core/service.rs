@@ -63,6 +63,7 @@ use tokio_stream::{wrappers::IntervalStream, StreamExt};
 use super::{
     connection::{Closer, ConnectionPermit, EventStream, StreamEnded},
     hub::Hub,
+    idempotency::check_idempotency_key,
     inbox::{added_events, with_ids, Inbox, UserInbox},
     mailbox::CloseReason,
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
@@ -103,6 +104,12 @@ pub enum SendError {
     /// publish is not acknowledged: open streams may have shown them; retry later.
     #[error("published, but not kept in the inbox: {0}")]
     Inbox(#[from] InboxError),
+    /// The idempotency key was first used for other events: nothing was published.
+    #[error("this idempotency key was used with another body")]
+    KeyReused,
+    /// A publish with this idempotency key has not finished yet; retry shortly.
+    #[error("a publish with this idempotency key is still in progress; retry shortly")]
+    KeyInProgress,
 }
 
 /// Why the service could not start.
@@ -191,6 +198,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct SseService {
     inner: Arc<Inner>,
+    /// Set by [`with_idempotency_key`](Self::with_idempotency_key): this handle publishes once.
+    idempotency_key: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for SseService {
@@ -316,7 +325,10 @@ impl SseService {
             started_at_ms: now_ms(),
             tasks: Mutex::new(Vec::new()),
         });
-        let service = Self { inner };
+        let service = Self {
+            inner,
+            idempotency_key: None,
+        };
         service.spawn_background_tasks();
         tracing::info!(
             broker = service.inner.broker.kind(),
@@ -804,11 +816,58 @@ impl SseService {
     /// Validates every event first, then publishes them in order as one batch: either all
     /// are published or the error says why none were.
     pub async fn publish(&self, events: Vec<(Target, Event)>) -> Result<Vec<EventId>, SendError> {
-        let envelopes = events
+        let Some(key) = &self.idempotency_key else {
+            let envelopes = self.prepare_all(events)?;
+            return self.publish_envelopes(envelopes).await;
+        };
+        check_idempotency_key(key).map_err(|message| ValidationError::new("idempotencyKey", message))?;
+        // What a retry must repeat: the targets and events, not the time they were sent.
+        let body = events
+            .iter()
+            .map(|(target, event)| {
+                let data = serde_json::to_string(event).unwrap_or_default();
+                format!("{target:?} {} {data}\n", event.name())
+            })
+            .collect::<String>();
+        let envelopes = self.prepare_all(events)?;
+        self.publish_once(key, body.as_bytes(), envelopes).await
+    }
+
+    /// A handle whose sends publish at most once per `key` within
+    /// [`SseConfig::idempotency_window`] (24 h by default), on every instance that shares
+    /// the broker, as `Idempotency-Key` on `POST /api/events`: a retry with the same key and
+    /// the same events returns the first send's ids and publishes nothing; the same key
+    /// with other events is [`SendError::KeyReused`]. Use one key per logical send, e.g.
+    /// derived from the job or webhook that causes it. The key is checked when sending:
+    /// 1 to 255 visible ASCII characters.
+    ///
+    /// ```no_run
+    /// # async fn f(sse: sse_notify::server::SseService) -> Result<(), sse_notify::server::SendError> {
+    /// use sse_notify::events::ReelReady;
+    /// // A job queue may run this twice; the user sees one `reel_ready`.
+    /// sse.with_idempotency_key("reel-7-ready")
+    ///     .send_reel_ready("alice", ReelReady {
+    ///         reel_id: "reel-7".into(),
+    ///         playback_url: "https://cdn.example.com/reel-7.m3u8".into(),
+    ///         thumbnail_url: None,
+    ///         duration: None,
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_idempotency_key(&self, key: impl Into<Arc<str>>) -> SseService {
+        SseService {
+            inner: self.inner.clone(),
+            idempotency_key: Some(key.into()),
+        }
+    }
+
+    fn prepare_all(&self, events: Vec<(Target, Event)>) -> Result<Vec<Envelope>, SendError> {
+        events
             .into_iter()
             .map(|(target, event)| self.prepare(target, event))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.publish_envelopes(envelopes).await
+            .collect::<Result<_, _>>()
+            .map_err(SendError::from)
     }
 
     /// Publishes events already checked by [`prepare`](Self::prepare).
@@ -1009,7 +1068,11 @@ struct HubDelivery(Arc<Hub>);
 
 impl StreamEnded for Inner {
     fn stream_ended(self: Arc<Self>, user: Arc<str>, id: u64, position: Option<Cursor>) {
-        SseService { inner: self }.stream_closed(user, id, position);
+        SseService {
+            inner: self,
+            idempotency_key: None,
+        }
+        .stream_closed(user, id, position);
     }
 }
 

@@ -32,7 +32,7 @@ use crate::{
     server::{
         auth::{self, bearer_token},
         core::{
-            idempotency::{IdempotencyError, MAX_KEY_LEN},
+            idempotency::check_idempotency_key,
             service::{SendError, SseService},
         },
         event::{Envelope, EventId, Target},
@@ -96,20 +96,12 @@ pub async fn publish_handler(
         Some(envelopes) => envelopes,
         None => envelopes_naming_errors(&service, &body)?,
     };
-    let send_error = |e: SendError| match e {
-        SendError::Invalid(e) => ApiError::from(e),
-        SendError::Inbox(_) => ApiError::unavailable(e.to_string()).field("inbox"),
-        other => ApiError::unavailable(other.to_string()),
-    };
     let key = idempotency_key(&parts.headers)?.map(str::to_owned);
     // Run to the end in a task of its own: a client that hangs up mid-publish must not
     // leave it half done (its idempotency record "in progress" for the whole window).
     let publishing = tokio::spawn(async move {
         match key {
-            None => service
-                .publish_envelopes(envelopes)
-                .await
-                .map_err(IdempotencyError::Send),
+            None => service.publish_envelopes(envelopes).await,
             Some(key) => service.publish_once(&key, &body, envelopes).await,
         }
     });
@@ -117,13 +109,13 @@ pub async fn publish_handler(
         .await
         .map_err(|_| ApiError::unavailable("the publish was interrupted"))?;
     let ids = outcome.map_err(|e| match e {
-        IdempotencyError::Send(e) => send_error(e),
-        IdempotencyError::InProgress => ApiError::new(StatusCode::CONFLICT, e.to_string())
+        SendError::Invalid(e) => ApiError::from(e),
+        SendError::Inbox(_) => ApiError::unavailable(e.to_string()).field("inbox"),
+        SendError::KeyInProgress => ApiError::new(StatusCode::CONFLICT, e.to_string())
             .field(IDEMPOTENCY_KEY)
             .retry_after(1),
-        IdempotencyError::OtherBody => {
-            ApiError::new(StatusCode::CONFLICT, e.to_string()).field(IDEMPOTENCY_KEY)
-        }
+        SendError::KeyReused => ApiError::new(StatusCode::CONFLICT, e.to_string()).field(IDEMPOTENCY_KEY),
+        SendError::Broker(_) | SendError::ShuttingDown => ApiError::unavailable(e.to_string()),
     })?;
     #[derive(serde::Serialize)]
     struct Published {
@@ -135,19 +127,15 @@ pub async fn publish_handler(
 /// The header that makes a publish idempotent.
 const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
-/// The `Idempotency-Key`, if sent: 1 to [`MAX_KEY_LEN`] visible ASCII characters, else 400.
+/// The `Idempotency-Key`, if sent: 1 to 255 visible ASCII characters, else 400.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
-    match value.to_str() {
-        Ok(key) if (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => {
-            Ok(Some(key))
-        }
-        _ => Err(
-            ApiError::bad_request(format!("expected 1 to {MAX_KEY_LEN} visible ASCII characters"))
-                .field(IDEMPOTENCY_KEY),
-        ),
+    let key = value.to_str().unwrap_or_default();
+    match check_idempotency_key(key) {
+        Ok(()) => Ok(Some(key)),
+        Err(message) => Err(ApiError::bad_request(message).field(IDEMPOTENCY_KEY)),
     }
 }
 
