@@ -27,6 +27,10 @@ pub const HEALTH_PATH: &str = "/healthz";
 /// changes it.
 pub const INBOX_PATH: &str = "/api/inbox";
 
+/// `{WEBHOOKS_PATH}/<name>`: a Standard Webhooks delivery for the webhook `name`
+/// (`SSE_WEBHOOK_SECRETS`).
+pub const WEBHOOKS_PATH: &str = "/api/webhooks";
+
 /// The response header of `HEAD` on the stream path (204) that carries the caller's
 /// identity tag: what tabs of one browser key their shared channels by, learned before
 /// any stream opens.

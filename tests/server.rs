@@ -1223,3 +1223,156 @@ async fn resuming_by_time_from_before_the_start_is_no_resync() {
     let event = client.next().await;
     assert_eq!(event.event, "notification", "{:?}", event.data);
 }
+
+/// The upload service's callbacks (`POST /api/webhooks/uploads`, Standard Webhooks
+/// signatures) reach the user their payload names; a redelivery publishes once; a wrong,
+/// stale or missing signature is 401 and publishes nothing; an unknown name is 404.
+#[tokio::test]
+async fn signed_webhooks_publish_to_the_user_they_name() {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    const KEY: &[u8] = b"the upload service's webhook key";
+    let secrets = format!("uploads=whsec_{}", STANDARD.encode(KEY));
+    let config = test_config().webhook_secrets(sse_notify::server::WebhookSecrets::parse(&secrets).unwrap());
+    let server = start_server(config).await;
+    let mut alice = server.connect("alice", "", None).await;
+    let mut bob = server.connect("bob", "", None).await;
+
+    let now = || (sse_notify::server::now_ms() / 1000).to_string();
+    let sign = |id: &str, timestamp: &str, body: &str| {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, KEY);
+        let tag = ring::hmac::sign(&key, format!("{id}.{timestamp}.{body}").as_bytes());
+        format!("v1,{}", STANDARD.encode(tag.as_ref()))
+    };
+    let deliver = |name: &str, id: &str, timestamp: String, signature: String, body: &str| {
+        server
+            .http
+            .post(server.url(&format!("/api/webhooks/{name}")))
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp)
+            .header("webhook-signature", signature)
+            .body(body.to_owned())
+            .send()
+    };
+    let answer = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        (status, response.json::<serde_json::Value>().await.unwrap())
+    };
+
+    let progress = r#"{"type":"reel.upload_progress","data":{"userId":"alice","reelId":"reel-7","progress":40,"status":"uploading"}}"#;
+    let ts = now();
+    let (status, first) = answer(
+        deliver(
+            "uploads",
+            "msg_1",
+            ts.clone(),
+            sign("msg_1", &ts, progress),
+            progress,
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202, "{first}");
+    let event = alice.next().await;
+    assert_eq!(event.event, "reel_upload_progress");
+    assert_eq!(
+        (data(&event)["reelId"].as_str(), data(&event)["progress"].as_u64()),
+        (Some("reel-7"), Some(40))
+    );
+    // The sender retries (its answer was lost): the same ids, nothing published again.
+    let (status, again) = answer(
+        deliver(
+            "uploads",
+            "msg_1",
+            ts.clone(),
+            sign("msg_1", &ts, progress),
+            progress,
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!((status, &again), (202, &first));
+
+    let refused = [
+        // Signed with another key.
+        (
+            ts.clone(),
+            format!("v1,{}", STANDARD.encode([7u8; 32])),
+            "webhook-signature",
+        ),
+        // A valid signature of another body.
+        (ts.clone(), sign("msg_2", &ts, "{}"), "webhook-signature"),
+        // Signed, but ten minutes old.
+        (
+            ((sse_notify::server::now_ms() / 1000) - 600).to_string(),
+            String::new(),
+            "webhook-timestamp",
+        ),
+    ];
+    let ready = r#"{"type":"reel.ready","data":{"userId":"alice","reelId":"reel-7","playbackUrl":"https://cdn.example.com/reel-7.m3u8"}}"#;
+    for (timestamp, signature, field) in refused {
+        let signature = if signature.is_empty() {
+            sign("msg_2", &timestamp, ready)
+        } else {
+            signature
+        };
+        let (status, body) = answer(
+            deliver("uploads", "msg_2", timestamp, signature, ready)
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((status, body["field"].as_str()), (401, Some(field)), "{body}");
+    }
+    let unsigned = server
+        .http
+        .post(server.url("/api/webhooks/uploads"))
+        .body(ready)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer(unsigned).await.0, 401);
+    let (status, body) = answer(
+        deliver("billing", "msg_2", ts.clone(), sign("msg_2", &ts, ready), ready)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["field"].as_str()), (404, Some("name")), "{body}");
+    assert!(
+        alice.nothing_within(Duration::from_millis(300)).await,
+        "a refused delivery published"
+    );
+
+    // Signed, but a payload it cannot map: 400 naming the field, nothing published.
+    let wrong = r#"{"type":"reel.ready","data":{"reelId":"reel-7"}}"#;
+    let (status, body) = answer(
+        deliver("uploads", "msg_3", ts.clone(), sign("msg_3", &ts, wrong), wrong)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("data.userId")),
+        "{body}"
+    );
+
+    let (status, _) = answer(
+        deliver("uploads", "msg_4", ts.clone(), sign("msg_4", &ts, ready), ready)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let event = alice.next().await;
+    assert_eq!(
+        (event.event.as_str(), data(&event)["playbackUrl"].as_str()),
+        ("reel_ready", Some("https://cdn.example.com/reel-7.m3u8"))
+    );
+    assert!(
+        bob.nothing_within(Duration::from_millis(200)).await,
+        "another user saw alice's webhook"
+    );
+}

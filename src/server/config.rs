@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::{
     events::names,
-    server::{address::TrustedProxies, broker::Retention},
+    server::{address::TrustedProxies, broker::Retention, webhook::WebhookSecrets},
 };
 
 /// A configuration value that could not be used. The server refuses to start with it.
@@ -112,6 +112,10 @@ pub struct SseConfig {
     /// The proxies in front of the server, whose `X-Forwarded-For` per-address limits
     /// count by. Defaults to none (`SSE_TRUSTED_PROXIES`, comma-separated CIDR blocks).
     pub trusted_proxies: TrustedProxies,
+    /// The secret of each webhook `POST /api/webhooks/<name>` accepts, signed as Standard
+    /// Webhooks sign. Defaults to none: the route answers 404 (`SSE_WEBHOOK_SECRETS`,
+    /// comma-separated `name=whsec_<base64>`).
+    pub webhook_secrets: WebhookSecrets,
     /// Shared Redis for several instances; `None` runs on the in-process broker (`REDIS_URL`).
     /// On a Redis Cluster, its seed nodes separated by commas. Secret: the URL may hold the
     /// password.
@@ -174,6 +178,7 @@ impl Default for SseConfig {
             accept_tokens_without_aud: false,
             allowed_origins: Vec::new(),
             trusted_proxies: TrustedProxies::default(),
+            webhook_secrets: WebhookSecrets::default(),
             redis_url: None,
             redis_ca_cert: None,
             redis_cluster: false,
@@ -239,6 +244,7 @@ struct SseVars {
     accept_tokens_without_aud: Option<String>,
     allowed_origins: Option<String>,
     trusted_proxies: Option<String>,
+    webhook_secrets: Option<SecretString>,
     redis_ca_cert: Option<std::path::PathBuf>,
     redis_cluster: Option<String>,
     redis_wait_replicas: Option<usize>,
@@ -393,6 +399,11 @@ impl SseConfig {
         if let Some(proxies) = sse.trusted_proxies {
             config.trusted_proxies =
                 TrustedProxies::parse(&proxies).map_err(|e| ConfigError::new("SSE_TRUSTED_PROXIES", e))?;
+        }
+        if let Some(secrets) = sse.webhook_secrets {
+            use secrecy::ExposeSecret;
+            config.webhook_secrets = WebhookSecrets::parse(secrets.expose_secret())
+                .map_err(|e| ConfigError::new("SSE_WEBHOOK_SECRETS", e))?;
         }
         config.redis_ca_cert = sse.redis_ca_cert;
         config.redis_cluster = flag("SSE_REDIS_CLUSTER", sse.redis_cluster.as_deref())?;

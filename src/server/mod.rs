@@ -44,6 +44,7 @@ pub mod event;
 pub mod http;
 pub mod inbox;
 pub mod metrics;
+pub mod webhook;
 
 pub use self::core::connection::{ConnectionPermit, EventStream};
 /// The modules' former paths, kept for code that names them.
@@ -65,3 +66,4 @@ pub use http::routes::Routes;
 pub use http::routes::{session_cookie, session_cookie_removal, SESSION_TTL};
 pub use http::ApiError;
 pub use http::{publish, stream, websocket};
+pub use webhook::WebhookSecrets;

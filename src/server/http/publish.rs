@@ -67,7 +67,7 @@ pub(crate) fn check_publish_key(service: &SseService, headers: &HeaderMap) -> Re
 
 /// Reads a body of at most `limit` bytes within [`BODY_TIMEOUT`]: 413 past the limit, 408
 /// when it trickles in too slowly.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit)).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -108,20 +108,30 @@ pub async fn publish_handler(
     let outcome = publishing
         .await
         .map_err(|_| ApiError::unavailable("the publish was interrupted"))?;
-    let ids = outcome.map_err(|e| match e {
+    let ids = outcome.map_err(|e| send_error(e, IDEMPOTENCY_KEY))?;
+    Ok(accepted(ids))
+}
+
+/// A failed publish as its HTTP answer; `key_field` names where the idempotency key came from.
+pub(super) fn send_error(e: SendError, key_field: &str) -> ApiError {
+    match e {
         SendError::Invalid(e) => ApiError::from(e),
         SendError::Inbox(_) => ApiError::unavailable(e.to_string()).field("inbox"),
         SendError::KeyInProgress => ApiError::new(StatusCode::CONFLICT, e.to_string())
-            .field(IDEMPOTENCY_KEY)
+            .field(key_field)
             .retry_after(1),
-        SendError::KeyReused => ApiError::new(StatusCode::CONFLICT, e.to_string()).field(IDEMPOTENCY_KEY),
+        SendError::KeyReused => ApiError::new(StatusCode::CONFLICT, e.to_string()).field(key_field),
         SendError::Broker(_) | SendError::ShuttingDown => ApiError::unavailable(e.to_string()),
-    })?;
+    }
+}
+
+/// 202 `{"ids": [...]}`: what a publish answers.
+pub(super) fn accepted(ids: Vec<EventId>) -> Response {
     #[derive(serde::Serialize)]
     struct Published {
         ids: Vec<EventId>,
     }
-    Ok((StatusCode::ACCEPTED, Json(Published { ids })).into_response())
+    (StatusCode::ACCEPTED, Json(Published { ids })).into_response()
 }
 
 /// The header that makes a publish idempotent.

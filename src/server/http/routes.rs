@@ -21,6 +21,7 @@ use super::{
     inbox,
     publish::{check_publish_key, disconnect_handler, publish_handler},
     stream::sse_handler,
+    webhook::webhook_handler,
     websocket::ws_handler,
     ApiError,
 };
@@ -32,7 +33,7 @@ use crate::{
 /// The routes of the notification server, to merge into an app of any state type.
 ///
 /// By default: `GET /api/sse` (the stream), `POST /api/events` (publish), `POST
-/// /api/disconnect`, `GET /api/stats` and `/api/stats/stream`, `GET /metrics`, `GET /healthz`.
+/// /api/webhooks/<name>` (signed callbacks), `POST /api/disconnect`, `GET /api/stats` and `/api/stats/stream`, `GET /metrics`, `GET /healthz`.
 /// Stats and metrics need the publish key unless [`public_stats`](Self::public_stats) is
 /// set. Turn any of them off, and put them all under a prefix; the
 /// [`SseListener`](super::listener::SseListener)'s lean stream path follows the prefix.
@@ -62,6 +63,7 @@ pub struct Routes {
     metrics: bool,
     health: bool,
     inbox: bool,
+    webhooks: bool,
     #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     session: bool,
 }
@@ -80,6 +82,7 @@ impl Routes {
             metrics: true,
             health: true,
             inbox: true,
+            webhooks: true,
             session: false,
         }
     }
@@ -140,6 +143,13 @@ impl Routes {
         self
     }
 
+    /// `POST /api/webhooks/<name>`, Standard Webhooks deliveries turned into events (404
+    /// for a name without a secret in `SSE_WEBHOOK_SECRETS`). Defaults to on.
+    pub fn webhooks(mut self, on: bool) -> Self {
+        self.webhooks = on;
+        self
+    }
+
     /// `POST /api/session`: sign in as any user (the demo's; never in production).
     /// Defaults to off.
     #[cfg(feature = "demo")]
@@ -194,6 +204,12 @@ impl Routes {
                 .route(&change("unread"), post(inbox::unread_handler))
                 .route(&change("archive"), post(inbox::archive_handler))
                 .route(&change("unarchive"), post(inbox::unarchive_handler));
+        }
+        if self.webhooks {
+            routes = routes.route(
+                &at(&format!("{}/{{name}}", api::WEBHOOKS_PATH)),
+                post(webhook_handler),
+            );
         }
         #[cfg(feature = "demo")]
         if self.session {
