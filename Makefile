@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/end2end/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 E2E_PROFILE ?= release
 LEPTOS_BUILD_FLAGS := $(if $(filter release,$(E2E_PROFILE)),--release,)
 
-.PHONY: setup run run-host test lint test-rust build test-e2e bench soak fmt
+.PHONY: setup run run-host test lint test-rust build test-e2e bench soak fmt image
 
 setup:
 	@scripts/setup.sh
@@ -59,6 +59,19 @@ test-e2e: build
 
 fmt:
 	cargo fmt --all
+
+## The container image of deploy/container/Containerfile (not in `make test`: the static
+## musl build takes minutes): FROM scratch, the binary and the site, nothing pulled.
+## LEPTOS_OUTPUT_NAME is what cargo-leptos compiles in: the page names its WASM by it.
+CONTAINER ?= $(shell command -v podman || command -v docker)
+image:
+	@scripts/setup.sh image
+	cargo leptos build --release --project sse-notify
+	LEPTOS_OUTPUT_NAME=sse-notify CC_x86_64_unknown_linux_musl=musl-gcc \
+		cargo build --release --target x86_64-unknown-linux-musl \
+		--features ssr,demo,jemalloc --bin sse-notify
+	$(CONTAINER) build -f deploy/container/Containerfile -t localhost/sse-notify .
+	CONTAINER=$(CONTAINER) scripts/image-smoke.sh
 
 ## Load harness (bench/, release build): prints a table, JSON in target/bench.json, with
 ## sse-notify over WebSocket, nginx + nchan and the floor server (../shared/peers) measured

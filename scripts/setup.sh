@@ -19,12 +19,16 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-# 1. Browser for Playwright, Redis and PostgreSQL for their tests, from Debian.
+# 1. Browser for Playwright, Redis, PostgreSQL and nginx for their tests, from Debian.
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # PostgreSQL for the inbox's tests (testkit starts its own servers on free ports).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+# nginx runs deploy/nginx/sse-notify.conf in front of two instances in the browser tests;
+# systemd-analyze checks deploy/systemd/.
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # 2. The WebAssembly target.
@@ -63,4 +67,14 @@ if [ "${1:-}" = bench ]; then
   else
     say "../shared/peers is missing: make bench runs without the peers"
   fi
+fi
+
+# 7. Only for `make image` (`setup.sh image`): the static musl target, its C compiler (ring,
+#    SQLite and jemalloc have C parts) and a container builder.
+if [ "${1:-}" = image ]; then
+  rustup target list --installed | grep -qx x86_64-unknown-linux-musl || rustup target add x86_64-unknown-linux-musl
+  image_missing=()
+  command -v musl-gcc >/dev/null 2>&1 || image_missing+=(musl-tools)
+  command -v podman >/dev/null 2>&1 || command -v docker >/dev/null 2>&1 || image_missing+=(podman)
+  [ ${#image_missing[@]} -eq 0 ] || apt_install "${image_missing[@]}"
 fi

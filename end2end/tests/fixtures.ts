@@ -34,7 +34,7 @@ function bindable(port: number): Promise<boolean> {
  * never hands one of these to the browser's outgoing connections between the moment it is
  * picked and the moment the server binds it.
  */
-async function freePort(): Promise<number> {
+export async function freePort(): Promise<number> {
   for (;;) {
     const port = 20_000 + Math.floor(Math.random() * 12_000);
     if (await bindable(port)) return port;
@@ -53,13 +53,15 @@ export class Server {
 
   static async start(env: Record<string, string> = {}): Promise<Server> {
     const bin = binary("sse-notify", process.env.SSE_NOTIFY_BIN);
-    return Server.startOnFreePort({ SSE_DEMO: "1", ...env }, bin, "site");
+    // SSE_NOTIFY_SITE_ROOT: the site files of another build (the container image's).
+    const site = process.env.SSE_NOTIFY_SITE_ROOT ?? path.join(ROOT, "target", "site");
+    return Server.startOnFreePort({ SSE_DEMO: "1", ...env }, bin, site);
   }
 
   /** The example host app (examples/host), with sse-notify under /notify. */
   static async startHost(env: Record<string, string> = {}): Promise<Server> {
     const bin = binary("sse-notify-host-example", process.env.HOST_BIN);
-    return Server.startOnFreePort(env, bin, "site-host");
+    return Server.startOnFreePort(env, bin, path.join(ROOT, "target", "site-host"));
   }
 
   /** Starts on a free port, and on another if something took that one meanwhile. */
@@ -95,7 +97,7 @@ export class Server {
       env: {
         ...process.env,
         LEPTOS_SITE_ADDR: `127.0.0.1:${this.port}`,
-        LEPTOS_SITE_ROOT: path.join(ROOT, "target", this.siteRoot),
+        LEPTOS_SITE_ROOT: this.siteRoot,
         SSE_PUBLISH_KEY: PUBLISH_KEY,
         SSE_JWT_SECRET: "e2e-secret-0123456789abcdef",
         SSE_HEARTBEAT_INTERVAL_MS: "2000",
