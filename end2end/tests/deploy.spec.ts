@@ -2,8 +2,14 @@
 // instances on one Redis. Toasts published on either instance arrive through it, over SSE
 // and over the WebSocket fallback, and a stream whose instance stops goes on through the
 // other without loss.
-import { test, expect, watchConsole } from "./fixtures";
+import { test, expect, watchConsole, Server, PUBLISH_KEY } from "./fixtures";
 import { Deployment } from "./deployment";
+
+/** The streams an instance holds now (its own count, not the cluster's). */
+async function streamsOn(instance: Server): Promise<number> {
+  const res = await fetch(instance.url("/api/stats"), { headers: { authorization: `Bearer ${PUBLISH_KEY}` } });
+  return (await res.json()).clients;
+}
 
 test("through the shipped nginx site, toasts from either instance reach SSE and WebSocket pages", async ({
   page,
@@ -51,18 +57,22 @@ test("through the shipped nginx site, toasts from either instance reach SSE and 
       }
     }
 
-    // Instance A stops: streams on it reconnect through nginx to B with their last id, and
-    // what is published meanwhile arrives once.
-    await a.stop();
-    await b.notify("proxied", "While A is down");
+    // The instance holding a stream stops: its streams reconnect through nginx to the other
+    // with their last id, and what is published meanwhile arrives once.
+    const held = await Promise.all([a, b].map(streamsOn));
+    expect(held[0] + held[1]).toBe(2);
+    const [stopped, survivor] = held[0] > 0 ? [a, b] : [b, a];
+    await stopped.stop();
+    await survivor.notify("proxied", "While one is down");
     for (const p of [page, wsPage]) {
-      await expect(p.locator(".sse-toast", { hasText: "While A is down" })).toHaveCount(1, { timeout: 15_000 });
+      await expect(p.locator(".sse-toast", { hasText: "While one is down" })).toHaveCount(1, { timeout: 15_000 });
       await expect(p.locator('.status[data-status="open"]')).toBeVisible();
       // Resumed by last id: nothing from before came twice.
       for (const title of ["Published on A", "Published on B"]) {
         await expect(p.locator(".sse-toast", { hasText: title })).toHaveCount(1);
       }
     }
+    await expect.poll(() => streamsOn(survivor)).toBe(2);
     expect(wsProblems.filter((p) => !/\/api\/(ws|sse)|ERR_|WebSocket/.test(p))).toEqual([]);
     // The streams cut by the stop are logged by the browser as failed requests: expected here.
     consoleProblems.splice(0, consoleProblems.length, ...consoleProblems.filter((p) => !/\/api\/(ws|sse)|ERR_|WebSocket/.test(p)));

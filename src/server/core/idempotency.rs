@@ -13,6 +13,9 @@ use crate::server::event::{Envelope, EventId};
 /// The longest key accepted (as Stripe's and the IETF draft's examples fit).
 pub const MAX_KEY_LEN: usize = 255;
 
+/// How long a key stays "in progress" at most: far longer than a publish takes.
+const PENDING_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A key is 1 to [`MAX_KEY_LEN`] visible ASCII characters; the error says so.
 pub(crate) fn check_idempotency_key(key: &str) -> Result<(), String> {
     if (1..=MAX_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) {
@@ -51,8 +54,10 @@ impl SseService {
         let window = self.config().idempotency_window;
         let record = record_key(key);
         let body = fingerprint(body);
+        // "In progress" only for as long as a publish can take: a process that dies, or a
+        // record that cannot be completed, frees the key within a minute, not the window.
         let held = broker
-            .put_if_absent(&record, &format!("{body} pending"), window)
+            .put_if_absent(&record, &format!("{body} pending"), window.min(PENDING_FOR))
             .await?;
         if let Some(held) = held {
             let (first_body, state) = held.split_once(' ').unwrap_or((held.as_str(), ""));
@@ -69,7 +74,8 @@ impl SseService {
                 let list: Vec<String> = ids.iter().map(ToString::to_string).collect();
                 let done = format!("{body} done {}", list.join(" "));
                 if let Err(e) = broker.put(&record, &done, window).await {
-                    // Published: a retry within the window now meets "in progress".
+                    // Published: a retry meets "in progress" until the pending record
+                    // expires, then publishes again (twice rather than never).
                     tracing::warn!(error = %e, "published, but the idempotency record was not completed");
                 }
                 Ok(ids)
