@@ -114,15 +114,7 @@ impl WebhookSecrets {
         if !self.has(name) {
             return Err(WebhookError::UnknownName);
         }
-        let timestamp: u64 = delivery
-            .timestamp
-            .parse()
-            .map_err(|_| WebhookError::Timestamp("expected seconds since the Unix epoch"))?;
-        if timestamp.abs_diff(now_secs) > TOLERANCE_SECS {
-            return Err(WebhookError::Timestamp(
-                "more than 5 minutes from the server's clock",
-            ));
-        }
+        check_timestamp(delivery.timestamp, now_secs)?;
         let mut signed =
             Vec::with_capacity(delivery.id.len() + delivery.timestamp.len() + delivery.body.len() + 2);
         signed.extend_from_slice(delivery.id.as_bytes());
@@ -154,6 +146,21 @@ impl WebhookSecrets {
             Err(WebhookError::Signature)
         }
     }
+}
+
+/// A `webhook-timestamp` is seconds since the Unix epoch within [`TOLERANCE_SECS`] of
+/// `now_secs`: checked alone before the body is read, and again as part of
+/// [`WebhookSecrets::verify`].
+pub fn check_timestamp(timestamp: &str, now_secs: u64) -> Result<(), WebhookError> {
+    let timestamp: u64 = timestamp
+        .parse()
+        .map_err(|_| WebhookError::Timestamp("expected seconds since the Unix epoch"))?;
+    if timestamp.abs_diff(now_secs) > TOLERANCE_SECS {
+        return Err(WebhookError::Timestamp(
+            "more than 5 minutes from the server's clock",
+        ));
+    }
+    Ok(())
 }
 
 /// What a delivery is signed with, as the headers and the body came.

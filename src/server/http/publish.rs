@@ -13,7 +13,7 @@
 //! the window answers with the first publish's ids and publishes nothing (see
 //! [`idempotency`](crate::server::core::idempotency)).
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use axum::{
     body::{Body, Bytes},
@@ -97,23 +97,32 @@ pub async fn publish_handler(
         None => envelopes_naming_errors(&service, &body)?,
     };
     let key = idempotency_key(&parts.headers)?.map(str::to_owned);
-    // Run to the end in a task of its own: a client that hangs up mid-publish must not
-    // leave it half done (its idempotency record "in progress" for the whole window).
-    let publishing = tokio::spawn(async move {
+    let publishing = async move {
         match key {
             None => service.publish_envelopes(envelopes).await,
             Some(key) => service.publish_once(&key, &body, envelopes).await,
         }
-    });
-    let outcome = publishing
+    };
+    publish_to_the_end(publishing, IDEMPOTENCY_KEY).await
+}
+
+/// Runs a publish to the end in a task of its own, whatever the client does: one that
+/// hangs up mid-publish must not leave it half done (its idempotency record "in
+/// progress"). Answers 202 `{"ids": [...]}`, or the failure, naming `key_field` (where the
+/// idempotency key came from) when the key is the problem.
+pub(super) async fn publish_to_the_end(
+    publishing: impl Future<Output = Result<Vec<EventId>, SendError>> + Send + 'static,
+    key_field: &'static str,
+) -> Result<Response, ApiError> {
+    let ids = tokio::spawn(publishing)
         .await
-        .map_err(|_| ApiError::unavailable("the publish was interrupted"))?;
-    let ids = outcome.map_err(|e| send_error(e, IDEMPOTENCY_KEY))?;
+        .map_err(|_| ApiError::unavailable("the publish was interrupted"))?
+        .map_err(|e| send_error(e, key_field))?;
     Ok(accepted(ids))
 }
 
 /// A failed publish as its HTTP answer; `key_field` names where the idempotency key came from.
-pub(super) fn send_error(e: SendError, key_field: &str) -> ApiError {
+fn send_error(e: SendError, key_field: &str) -> ApiError {
     match e {
         SendError::Invalid(e) => ApiError::from(e),
         SendError::Inbox(_) => ApiError::unavailable(e.to_string()).field("inbox"),
@@ -126,7 +135,7 @@ pub(super) fn send_error(e: SendError, key_field: &str) -> ApiError {
 }
 
 /// 202 `{"ids": [...]}`: what a publish answers.
-pub(super) fn accepted(ids: Vec<EventId>) -> Response {
+fn accepted(ids: Vec<EventId>) -> Response {
     #[derive(serde::Serialize)]
     struct Published {
         ids: Vec<EventId>,

@@ -21,7 +21,7 @@ use axum::{
 use serde_json::Value;
 
 use super::{
-    publish::{accepted, read_body, send_error},
+    publish::{publish_to_the_end, read_body},
     ApiError,
 };
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
         clock::now_ms,
         core::{idempotency::check_idempotency_key, service::SseService},
         event::Target,
-        webhook::{Delivery, WebhookError, TOLERANCE_SECS},
+        webhook::{check_timestamp, Delivery, WebhookError},
     },
 };
 
@@ -75,14 +75,7 @@ pub async fn webhook_handler(
     let signature = header(&parts.headers, "webhook-signature")?;
     let now_secs = now_ms() / 1000;
     // A stale or bogus timestamp is refused before a byte of the body is read.
-    if !timestamp
-        .parse::<u64>()
-        .is_ok_and(|t| t.abs_diff(now_secs) <= TOLERANCE_SECS)
-    {
-        return Err(unauthorized(WebhookError::Timestamp(
-            "expected seconds since the Unix epoch, within 5 minutes of the server's clock",
-        )));
-    }
+    check_timestamp(timestamp, now_secs).map_err(unauthorized)?;
     let body = read_body(body, MAX_BODY_BYTES.min(service.config().max_body_bytes)).await?;
     let delivery = Delivery {
         id,
@@ -94,15 +87,8 @@ pub async fn webhook_handler(
 
     let (user, event) = parse_payload(&body)?;
     let once = service.with_idempotency_key(format!("webhook:{name}:{id}"));
-    // To the end in a task of its own, as `POST /api/events`: a sender that hangs up must
-    // not leave its idempotency record "in progress".
-    let publishing =
-        tokio::spawn(async move { once.publish(vec![(Target::User(user.into()), event)]).await });
-    let ids = publishing
-        .await
-        .map_err(|_| ApiError::unavailable("the publish was interrupted"))?
-        .map_err(|e| send_error(e, "webhook-id"))?;
-    Ok(accepted(ids))
+    let publishing = async move { once.publish(vec![(Target::User(user.into()), event)]).await };
+    publish_to_the_end(publishing, "webhook-id").await
 }
 
 /// A required header as text; 401 naming it when missing.
