@@ -71,13 +71,18 @@ pub struct Claims {
     pub aud: Option<String>,
 }
 
-/// Why a request was refused. Shown to the client as a 401.
+/// Why a request was refused: `Missing` and `Invalid` are a 401 (the browser's hook stops:
+/// signed out), `Unavailable` a 503 with `Retry-After` (the hook retries).
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("no session: send cookie `sse_session`, `Authorization: Bearer <jwt>` or `?token=<jwt>`")]
     Missing,
     #[error("invalid session token: {0}")]
     Invalid(String),
+    /// Who the request is from cannot be told right now (the host's session store did
+    /// not answer, or its session layer does not wrap these routes): not a sign-out.
+    #[error("the session cannot be checked now: {0}")]
+    Unavailable(String),
 }
 
 /// Who a request comes from, as an [`Authenticate`] hook found out.

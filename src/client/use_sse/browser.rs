@@ -379,6 +379,7 @@ async fn probe_session(url: &str, credentials: bool) -> SessionProbe {
     }
     match request.send().await {
         Ok(response) if response.status() == 401 => SessionProbe::Refused,
+        Ok(response) if response.status() == 503 => SessionProbe::Unavailable,
         Ok(response) => SessionProbe::Accepted(
             response
                 .headers()

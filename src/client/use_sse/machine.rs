@@ -107,6 +107,9 @@ pub(super) enum SessionProbe {
     Accepted(Option<String>),
     /// A clear 401.
     Refused,
+    /// 503: the server cannot check the session now (its session store is down): not a
+    /// sign-out, and nothing to do with SSE getting through.
+    Unavailable,
     /// No answer (offline, server down): nothing is known.
     Unanswered,
 }
@@ -373,6 +376,9 @@ impl Machine {
             Input::Start => self.begin(),
             Input::UserChanged { signed_in } => {
                 self.close();
+                // A sign-out is ordinary: the refusal or the end of session it caused is
+                // no error to show any more.
+                self.set_state(ConnectionReadyState::Closed, Some(None));
                 self.last_id = None;
                 self.started_at = None;
                 self.seen.clear();
@@ -1095,7 +1101,7 @@ impl Machine {
             return self.session_refused(true);
         }
         // The server answers, yet SSE does not open: after a few tries, WebSocket. (No
-        // answer at all says nothing about SSE: offline, or the server is down.)
+        // answer at all, or a session that cannot be checked now, says nothing about SSE.)
         let answered = matches!(outcome, SessionProbe::Accepted(_));
         if answered && self.transport == Transport::Sse && self.options.transport == TransportMode::Auto {
             self.sse_failures += 1;

@@ -2,7 +2,13 @@
 //! rule, the query (`events=`, the resume point), the session and the connection rates,
 //! checked in that order before any stream opens.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use axum::{
     extract::{ConnectInfo, Query},
@@ -14,7 +20,8 @@ use super::{origin, ApiError};
 use crate::{
     events::validate_event_name,
     server::{
-        auth::Identity,
+        auth::{AuthError, Identity},
+        clock,
         core::service::{OpenError, Resume, SseService, MAX_RESUME_AGO},
         event::Cursor,
         metrics as m,
@@ -129,12 +136,30 @@ pub(super) fn check_cookie_origin(service: &SseService, parts: &Parts) -> Result
     Ok(())
 }
 
-/// Who the request is from, by the service's `Authenticate` hook; 401 naming `token`.
+/// Who the request is from, by the service's `Authenticate` hook: 401 naming `token`, or
+/// 503 when the hook cannot tell now (the client retries, it is not signed out).
 pub(super) async fn identify(service: &SseService, parts: Parts) -> Result<Identity, ApiError> {
-    service.authenticate(parts).await.map_err(|e| {
-        m::connection_refused("unauthorized");
-        ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
+    service.authenticate(parts).await.map_err(|e| match e {
+        AuthError::Unavailable(_) => {
+            m::connection_refused("auth_unavailable");
+            warn_auth_unavailable(&e);
+            ApiError::unavailable(e.to_string())
+        }
+        _ => {
+            m::connection_refused("unauthorized");
+            ApiError::new(StatusCode::UNAUTHORIZED, e.to_string()).field("token")
+        }
     })
+}
+
+/// Logs that the `Authenticate` hook cannot tell who requests are from, at most once a
+/// second: during a session-store outage every client's retry would log it.
+fn warn_auth_unavailable(e: &AuthError) {
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    let second = clock::now_ms() / 1000;
+    if LAST_SECOND.swap(second, Ordering::Relaxed) != second {
+        tracing::warn!(error = %e, "streams refused with 503: the identity cannot be checked");
+    }
 }
 
 impl From<OpenError> for ApiError {

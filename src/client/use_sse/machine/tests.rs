@@ -401,6 +401,32 @@ fn three_failures_to_open_while_the_server_answers_move_to_websocket() {
 }
 
 #[test]
+fn a_session_that_cannot_be_checked_now_is_retried_over_sse_not_a_sign_out() {
+    // The host's session store is down: the probe answers 503. Not signed out (the hook
+    // keeps trying), and not a network that stops SSE (no move to WebSocket).
+    let mut rig = Rig::started_alone(UseSseOptions::default());
+    for _ in 0..5 {
+        let actions = failed_before_open(&mut rig, SessionProbe::Unavailable);
+        assert!(errors(&actions).iter().all(|e| *e != UseSseError::Unauthorized));
+        assert!(websocket_url(&actions).is_none());
+        let reopened = rig.advance(rig.remaining(Timer::Reconnect).expect("retried"));
+        assert!(stream_url(&reopened).unwrap().starts_with("/api/sse"));
+    }
+    rig.step(Input::StreamOpened);
+    assert_eq!(rig.view().ready_state, ConnectionReadyState::Open);
+}
+
+#[test]
+fn signing_out_clears_the_refusal_it_caused() {
+    let mut rig = Rig::started_alone(UseSseOptions::default());
+    failed_before_open(&mut rig, SessionProbe::Refused);
+    assert_eq!(rig.view().error, Some(UseSseError::Unauthorized));
+    rig.step(Input::UserChanged { signed_in: false });
+    assert_eq!(rig.view().ready_state, ConnectionReadyState::Closed);
+    assert_eq!(rig.view().error, None, "an ordinary sign-out is no error");
+}
+
+#[test]
 fn a_refused_session_stops_or_fetches_a_fresh_token() {
     let mut rig = Rig::started_alone(UseSseOptions::default());
     let actions = failed_before_open(&mut rig, SessionProbe::Refused);
