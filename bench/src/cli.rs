@@ -74,6 +74,10 @@ pub struct Args {
     /// Seconds S3 publishes for.
     #[arg(long, default_value_t = 30.0)]
     pub s3_secs: f64,
+    /// Requests each instance gets at once in S3, S6 and S7's S3 (a backend with several
+    /// workers); the storms always publish one at a time.
+    #[arg(long, default_value_t = 1)]
+    pub publish_in_flight: usize,
     /// Targeted events per second during the S4 storm.
     #[arg(long, default_value_t = 1_000)]
     pub s4_rate: u64,

@@ -273,6 +273,7 @@ async fn storm(
         5.0,
         users,
         1_000,
+        1,
     ));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let storm_at = now_us();
@@ -461,7 +462,7 @@ async fn cluster_scale(args: &Args, report: &mut Report) {
 async fn targeted(args: &Args, report: &mut Report) {
     let (users, rate, secs) = (args.s3_users, args.s3_rate, args.s3_secs);
     let cluster = Cluster::start(&args.server_bin, 2, true).await;
-    let pool = targeted_on("s3", &cluster, users, rate, secs, 2, report).await;
+    let pool = targeted_on("s3", &cluster, TargetedLoad::s3(args), 2, report).await;
     let (lost, refused, p99) = (
         report.get("s3_lost"),
         report.get("s3_events_refused"),
@@ -569,7 +570,11 @@ async fn on_redis_cluster(args: &Args, report: &mut Report) {
         args.instances,
     );
     let cluster = Cluster::start_on_redis_cluster(&args.server_bin, instances).await;
-    let mut pool = targeted_on("s6", &cluster, users, rate, secs, 3, report).await;
+    let load = TargetedLoad {
+        users,
+        ..TargetedLoad::s3(args)
+    };
+    let mut pool = targeted_on("s6", &cluster, load, 3, report).await;
     broadcast("s6_broadcast", 1, 0.0, &cluster, Dialect::Sse, &mut pool, report).await;
     let (lost, refused, p99) = (
         report.get("s6_lost"),
@@ -592,17 +597,43 @@ async fn on_redis_cluster(args: &Args, report: &mut Report) {
     cluster.stop().await;
 }
 
-/// Targeted events at `rate` per second for `secs` to `users` (one connection each) held by
-/// `cluster`, published round-robin through every instance; figures under `name`.
+/// A targeted load: `rate` events per second for `secs` to `users` (one connection each),
+/// with up to `in_flight` publish requests at once on each instance.
+#[derive(Clone, Copy)]
+pub(crate) struct TargetedLoad {
+    pub(crate) users: usize,
+    pub(crate) rate: u64,
+    pub(crate) secs: f64,
+    pub(crate) in_flight: usize,
+}
+
+impl TargetedLoad {
+    /// S3's: `--s3-users`, `--s3-rate`, `--s3-secs`, `--publish-in-flight`.
+    pub(crate) fn s3(args: &Args) -> Self {
+        Self {
+            users: args.s3_users,
+            rate: args.s3_rate,
+            secs: args.s3_secs,
+            in_flight: args.publish_in_flight,
+        }
+    }
+}
+
+/// `load` on the users held by `cluster`, published round-robin through every instance;
+/// figures under `name`.
 pub(crate) async fn targeted_on(
     name: &str,
     cluster: &Cluster,
-    users: usize,
-    rate: u64,
-    secs: f64,
+    load: TargetedLoad,
     phase: u8,
     report: &mut Report,
 ) -> Pool {
+    let TargetedLoad {
+        users,
+        rate,
+        secs,
+        in_flight,
+    } = load;
     let mut pool = Pool::open(&Pool::plan(&cluster.addrs(), users, 17_000, phase, Dialect::Sse)).await;
     report.correct &= pool.held == users;
     let (_, cpu_before) = cluster.figures();
@@ -618,6 +649,7 @@ pub(crate) async fn targeted_on(
         secs,
         pool.held as u32,
         1_000_000,
+        in_flight,
     )
     .await;
     let redis_after = cluster.redis_cpu();

@@ -11,7 +11,7 @@ use sse_notify_testkit::{PostgresServer, RedisServer, TempDir};
 
 use crate::{
     cli::{Args, SECRET},
-    harness::targeted_on,
+    harness::{targeted_on, TargetedLoad},
     processes::Cluster,
     publish::Publisher,
     report::{percentile_ms, Report},
@@ -74,7 +74,6 @@ pub(crate) async fn inbox_under_load(args: &Args, report: &mut Report) {
     }
     // What keeping events costs publishing: S3 (two instances on Redis) with the inbox
     // off, then on one PostgreSQL, in the same run.
-    let (users, rate, secs) = (args.s3_users, args.s3_rate, args.s3_secs);
     for variant in ["off", "on"] {
         eprintln!("S7: S3 with the inbox {variant}");
         let url = (variant == "on").then(|| postgres.database("s3"));
@@ -84,9 +83,7 @@ pub(crate) async fn inbox_under_load(args: &Args, report: &mut Report) {
         let pool = targeted_on(
             &format!("s7_s3_{variant}"),
             &cluster,
-            users,
-            rate,
-            secs,
+            TargetedLoad::s3(args),
             2,
             report,
         )

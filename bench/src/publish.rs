@@ -151,7 +151,10 @@ pub(crate) struct Published {
 
 /// Sends targeted `notification`s at `rate` per second for `secs`, round-robin over
 /// `users` and over the servers, in 10 ms batches (one request per batch to sse-notify,
-/// one per event to nchan, which takes no batches).
+/// one per event to nchan, which takes no batches). Each server gets up to `in_flight`
+/// requests at once, each on a keep-alive connection of its own, as a backend with a few
+/// workers would send them; with 1, a slow answer holds back the next batch (which then
+/// grows: events are stamped when their batch is made).
 pub(crate) async fn publish_targeted(
     dialect: Dialect,
     servers: Vec<SocketAddr>,
@@ -159,18 +162,43 @@ pub(crate) async fn publish_targeted(
     secs: f64,
     users: u32,
     first_seq: u32,
+    in_flight: usize,
 ) -> Published {
     let mut tasks = Vec::new();
     let lanes = servers.len() as u32;
     for (lane, server) in servers.into_iter().enumerate() {
         let lane = lane as u32;
         tasks.push(tokio::spawn(async move {
-            let mut out = Published::default();
-            let Ok(mut publisher) = Publisher::connect(server).await else {
-                eprintln!("publisher: cannot connect to {server}");
-                out.failed = true;
-                return out;
-            };
+            // The pacer makes requests; `in_flight` senders take them as they are free.
+            let (requests_tx, requests_rx) = tokio::sync::mpsc::channel::<Vec<PublishRequest>>(1);
+            let requests_rx = std::sync::Arc::new(tokio::sync::Mutex::new(requests_rx));
+            let mut senders = Vec::new();
+            for _ in 0..in_flight.max(1) {
+                let requests_rx = requests_rx.clone();
+                senders.push(tokio::spawn(async move {
+                    let mut out = Published::default();
+                    let Ok(mut publisher) = Publisher::connect(server).await else {
+                        eprintln!("publisher: cannot connect to {server}");
+                        out.failed = true;
+                        return out;
+                    };
+                    loop {
+                        let next = requests_rx.lock().await.recv().await;
+                        let Some(requests) = next else { return out };
+                        for (path, body, events) in requests {
+                            match publisher.post_to(&path, &body).await {
+                                Ok(200..=299) => out.accepted.extend(events),
+                                Ok(_) => out.refused += events.len(),
+                                Err(e) => {
+                                    eprintln!("publisher: lost its connection to {server}: {e}");
+                                    out.failed = true;
+                                    return out;
+                                }
+                            }
+                        }
+                    }
+                }));
+            }
             let mut pacer = Pacer::new(rate as f64 / f64::from(lanes), 1_000);
             while pacer.elapsed().as_secs_f64() < secs {
                 let owed = pacer.owed().await;
@@ -199,17 +227,17 @@ pub(crate) async fn publish_targeted(
                     let body = targeted_batch(&batch, sent_us, "bench");
                     vec![(api::PUBLISH_PATH.into(), body, batch)]
                 };
-                for (path, body, events) in requests {
-                    match publisher.post_to(&path, &body).await {
-                        Ok(200..=299) => out.accepted.extend(events),
-                        Ok(_) => out.refused += events.len(),
-                        Err(e) => {
-                            eprintln!("publisher: lost its connection to {server}: {e}");
-                            out.failed = true;
-                            return out;
-                        }
-                    }
+                if requests_tx.send(requests).await.is_err() {
+                    break; // every sender lost its connection
                 }
+            }
+            drop(requests_tx);
+            let mut out = Published::default();
+            for sender in senders {
+                let lane = sender.await.expect("publisher task");
+                out.accepted.extend(lane.accepted);
+                out.refused += lane.refused;
+                out.failed |= lane.failed;
             }
             out
         }));
