@@ -19,6 +19,7 @@ async fn routes_nest_under_a_prefix_and_the_lean_path_follows() {
     let service = SseService::start(test_config()).await.unwrap();
     let server = serve(service, |sse| Routes::new(sse).prefix("/notify/").build()).await;
     assert_eq!(server.service.stream_path().as_ref(), "/notify/api/sse");
+    assert_eq!(server.service.routes_prefix(), "/notify");
 
     let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let request = format!(
@@ -118,6 +119,40 @@ async fn identity_comes_from_the_host_hook() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
+}
+
+/// A hook that cannot tell who a request is from right now (the host's session store is
+/// down) answers 503 with `Retry-After` and a JSON error, on the stream and on the `HEAD`
+/// probe: the browser retries instead of taking it for a sign-out (401).
+#[tokio::test]
+async fn a_session_store_outage_is_a_503_not_a_sign_out() {
+    async fn store_down(parts: Parts) -> Result<Identity, AuthError> {
+        match parts.headers.get("x-session-user").and_then(|v| v.to_str().ok()) {
+            Some(user) => Ok(Identity::new(user)),
+            None => Err(AuthError::Unavailable("the session store did not answer".into())),
+        }
+    }
+    let service = SseService::builder(test_config())
+        .authenticate(store_down)
+        .start()
+        .await
+        .unwrap();
+    let server = serve(service, |sse| Routes::new(sse).build()).await;
+    for request in [
+        server.http.get(server.url("/api/sse")),
+        server.http.head(server.url("/api/sse")),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["retry-after"], "1");
+    }
+    let response = server.http.get(server.url("/api/sse")).send().await.unwrap();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("did not answer"),
+        "{body}"
+    );
+    assert_eq!(server.service.client_count(), 0);
 }
 
 /// `POST /api/disconnect` ends every stream of the user with `session_ended`

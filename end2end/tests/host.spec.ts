@@ -28,7 +28,15 @@ async function clients(): Promise<number> {
 }
 
 test("log in through the host's form and receive a toast from its server function", async ({ page }) => {
+  // The page names no URL: the server's render hands it the prefix the routes are under.
+  const streams: string[] = [];
+  page.on("request", (r) => {
+    const path = new URL(r.url()).pathname;
+    if (r.method() === "GET" && path.endsWith("/api/sse")) streams.push(path);
+  });
   await logIn(page, "hostuser");
+  expect(streams.length).toBeGreaterThan(0);
+  expect(streams.every((p) => p === "/notify/api/sse")).toBe(true);
   await page.getByTestId("notify-me").click();
   const toast = page.locator(".sse-toast", { hasText: "Hello from the host" });
   await expect(toast).toBeVisible();
@@ -36,6 +44,34 @@ test("log in through the host's form and receive a toast from its server functio
   // The host's own health route, and sse-notify's under the prefix.
   expect(await (await fetch(host.url("/healthz"))).text()).toBe("ok");
   expect((await (await fetch(host.url("/notify/healthz"))).json()).status).toBe("ok");
+});
+
+test("the host's own element rules do not reach into the toasts or the bell", async ({ page }) => {
+  await host.stop();
+  host = await Server.startHost({ SSE_INBOX_URL: "sqlite:temp" });
+  await logIn(page, "styled");
+  // The host's rules apply to its own elements...
+  const own = page.getByTestId("notify-me");
+  expect(await own.evaluate((e) => getComputedStyle(e).textTransform)).toBe("uppercase");
+  await own.click();
+  // ...and stop at the toast's and the bell's edge.
+  const toast = page.locator(".sse-toast", { hasText: "Hello from the host" });
+  await expect(toast).toBeVisible();
+  const style = (selector: string) =>
+    page.locator(selector).first().evaluate((e) => {
+      const s = getComputedStyle(e);
+      return { transform: s.textTransform, spacing: s.letterSpacing, lineHeight: s.lineHeight, fontSize: s.fontSize };
+    });
+  for (const selector of [".sse-toast__close", ".sse-inbox__bell"]) {
+    const s = await style(selector);
+    expect(s.transform, selector).toBe("none");
+    expect(s.spacing, selector).toBe("normal");
+  }
+  // The host's button padding would squeeze the bell's icon (its button is border-box).
+  expect((await page.locator(".sse-inbox__bell svg").boundingBox())?.width).toBeCloseTo(22, 0);
+  const message = await style(".sse-toast__message");
+  // The toasts' own 1.4, not the host's 2.2.
+  expect(parseFloat(message.lineHeight) / parseFloat(message.fontSize)).toBeCloseTo(1.4, 1);
 });
 
 test("another user of the host receives nothing of the first user's", async ({ page, browser }) => {

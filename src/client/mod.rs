@@ -6,6 +6,7 @@
 
 mod inbox;
 mod notifications;
+mod served;
 mod toaster;
 mod use_sse;
 

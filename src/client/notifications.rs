@@ -123,11 +123,32 @@ impl Theme {
     }
 }
 
-/// Connection state, for a status indicator beside the toasts.
+/// Connection state, for a status indicator beside the toasts: create an
+/// `RwSignal<ConnectionStatus>` and hand it to `<SseNotifications status/>`, which keeps it
+/// current (a component returns a view, not signals; [`use_sse`](super::use_sse) returns its
+/// own).
+///
+/// ```
+/// use leptos::prelude::*;
+/// use sse_notify::client::{ConnectionStatus, SseNotifications};
+///
+/// #[component]
+/// fn Page() -> impl IntoView {
+///     let status = RwSignal::new(ConnectionStatus::default());
+///     view! {
+///         <SseNotifications status />
+///         <p>{move || status.with(|s| s.state.as_str())}</p>
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionStatus {
+    /// Connecting, open, closing or closed (`as_str()` gives `"open"`, ...). Closed after a
+    /// sign-out, a refusal, a replacement or giving up; `error` says which.
     pub state: ConnectionReadyState,
-    /// The latest problem, if any.
+    /// The latest problem, if any ([`UseSseError`]: `Unauthorized`, `Replaced`, `GaveUp`,
+    /// `Stalled`, ...). Cleared when a stream opens and after an ordinary sign-out
+    /// (`user_id` becoming `None`).
     pub error: Option<UseSseError>,
     /// This tab holds the stream (other tabs share it).
     pub leader: bool,
@@ -159,10 +180,11 @@ pub fn SseNotifications(
     /// Fetch the first token from `token_url` too; see [`UseSseOptions::token_first`].
     #[prop(optional)]
     token_first: bool,
-    /// The stream URL, e.g. `/notify/api/sse` when the routes sit under a prefix.
-    /// Defaults to `/api/sse`.
-    #[prop(into, default = api::STREAM_PATH.to_string())]
-    url: String,
+    /// The stream URL. Defaults to `/api/sse` under the prefix the server mounted the
+    /// routes at (`Routes::prefix`), which the server's render hands to the page; name it
+    /// only for a page no server rendered, or a stream on another origin.
+    #[prop(optional, into)]
+    url: Option<String>,
     /// Toasts on screen at once; the rest wait. Defaults to 5.
     #[prop(default = 5)]
     max_notifications: usize,
@@ -227,6 +249,7 @@ pub fn SseNotifications(
         s.set_max_visible(max_notifications);
     });
     let missed = MissedBurst::new();
+    let url = url.unwrap_or_else(|| format!("{}{}", super::served::served_prefix(), api::STREAM_PATH));
     let stream_url = url.clone();
     let mut options = UseSseOptions::default()
         .url(url)
@@ -888,10 +911,16 @@ mod tests {
 
     #[test]
     fn the_stylesheet_has_no_global_rules() {
-        // Every selector is under `.sse-notify` or a `.sse-` class, so nothing leaks into
-        // the host page.
+        // Every selector of the toasts' and the bell's stylesheets is under `.sse-notify`,
+        // `.sse-inbox` or a `.sse-` class, so nothing leaks into the host page.
+        for sheet in [STYLES, crate::client::INBOX_STYLES] {
+            assert_namespaced(sheet);
+        }
+    }
+
+    fn assert_namespaced(sheet: &str) {
         let mut css = String::new();
-        let mut rest = STYLES;
+        let mut rest = sheet;
         while let Some((before, after)) = rest.split_once("/*") {
             css.push_str(before);
             rest = after.split_once("*/").map_or("", |(_, after)| after);
@@ -906,7 +935,17 @@ mod tests {
                     let is_at_rule = s.starts_with('@');
                     let is_keyframe_step = depth > 0 && (s.ends_with('%') || s == "from" || s == "to");
                     if !is_at_rule && !is_keyframe_step {
-                        for part in s.split(',') {
+                        // The selector list's own commas, not those inside `:where(...)`.
+                        let mut parens = 0;
+                        let parts = s.split(|c| {
+                            match c {
+                                '(' => parens += 1,
+                                ')' => parens -= 1,
+                                _ => {}
+                            }
+                            c == ',' && parens == 0
+                        });
+                        for part in parts {
                             let part = part.trim();
                             assert!(
                                 part.starts_with(".sse-"),

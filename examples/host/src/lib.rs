@@ -11,8 +11,69 @@ use sse_notify::client::{
     provide_inbox, ConnectionStatus, InboxOptions, NotificationBell, Position, SseNotifications,
 };
 
-/// Where sse-notify's routes are mounted (the server nests them under it).
-pub const NOTIFY_PREFIX: &str = "/notify";
+/// The signed-in user, from the host's own session.
+#[server]
+pub async fn current_user() -> Result<Option<String>, ServerFnError> {
+    let session: tower_sessions::Session = leptos_axum::extract().await?;
+    Ok(session.get::<String>("user").await?)
+}
+
+/// Notifies the signed-in user, as any handler, webhook or job of the host would.
+#[server]
+pub async fn notify_me(title: String) -> Result<String, ServerFnError> {
+    use sse_notify::{
+        events::{Notification, NotificationKind},
+        server::SseService,
+    };
+    let user = current_user()
+        .await?
+        .ok_or_else(|| ServerFnError::new("not signed in"))?;
+    let note = Notification {
+        title,
+        message: format!("Sent to {user} from a server function."),
+        kind: NotificationKind::Success,
+        action_url: None,
+    };
+    let id = expect_context::<SseService>()
+        .send_notification(&user, note)
+        .await?;
+    Ok(id.to_string())
+}
+
+#[component]
+fn Home() -> impl IntoView {
+    let user = Resource::new(|| (), |_| current_user());
+    let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
+    let status = RwSignal::new(ConnectionStatus::default());
+    let notify = ServerAction::<NotifyMe>::new();
+    // The notification center (with SSE_INBOX_URL set), above the toasts and the bell.
+    provide_inbox(InboxOptions::default().user_id(user_id));
+    view! {
+        // The server rendering this page tells it where the routes are (under /notify here).
+        <SseNotifications user_id status position=Position::BottomRight />
+        <Transition fallback=|| "…">
+            {move || match user_id.get() {
+                // Either, not into_any: an AnyView links a second copy of the view's hydration code.
+                None => Either::Left(view! { <p>"You are not signed in. " <a href="/login">"Sign in"</a></p> }),
+                Some(name) => Either::Right(view! {
+                    <header>
+                        <h1>"Hello, " <span data-testid="user">{name}</span></h1>
+                        <NotificationBell />
+                        <form method="post" action="/logout">
+                            <button type="submit" data-testid="logout">"Log out"</button>
+                        </form>
+                    </header>
+                    <p data-testid="stream" data-status=move || status.with(|s| s.state.as_str())>
+                        {move || format!("Notifications: {}", status.with(|s| s.state.as_str()))}
+                    </p>
+                    <button data-testid="notify-me" on:click=move |_| {
+                        notify.dispatch(NotifyMe { title: "Hello from the host".into() });
+                    }>"Send me a notification"</button>
+                }),
+            }}
+        </Transition>
+    }
+}
 
 /// The HTML document around the app.
 pub fn shell(options: LeptosOptions) -> impl IntoView {
@@ -49,74 +110,6 @@ pub fn App() -> impl IntoView {
                 </Routes>
             </main>
         </Router>
-    }
-}
-
-/// The signed-in user, from the host's own session.
-#[server]
-pub async fn current_user() -> Result<Option<String>, ServerFnError> {
-    let session: tower_sessions::Session = leptos_axum::extract().await?;
-    Ok(session.get::<String>("user").await?)
-}
-
-/// Notifies the signed-in user, as any handler, webhook or job of the host would.
-#[server]
-pub async fn notify_me(title: String) -> Result<String, ServerFnError> {
-    use sse_notify::{
-        events::{Notification, NotificationKind},
-        server::SseService,
-    };
-    let user = current_user()
-        .await?
-        .ok_or_else(|| ServerFnError::new("not signed in"))?;
-    let note = Notification {
-        title,
-        message: format!("Sent to {user} from a server function."),
-        kind: NotificationKind::Success,
-        action_url: None,
-    };
-    let id = expect_context::<SseService>()
-        .send_notification(&user, note)
-        .await?;
-    Ok(id.to_string())
-}
-
-#[component]
-fn Home() -> impl IntoView {
-    let user = Resource::new(|| (), |_| current_user());
-    let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
-    let status = RwSignal::new(ConnectionStatus::default());
-    let notify = ServerAction::<NotifyMe>::new();
-    // The notification center (with SSE_INBOX_URL set): its routes are under the prefix too.
-    provide_inbox(
-        InboxOptions::default()
-            .url(format!("{NOTIFY_PREFIX}/api/inbox"))
-            .user_id(user_id),
-    );
-    view! {
-        // sse-notify's routes live under /notify here: tell the component where the stream is.
-        <SseNotifications url=format!("{NOTIFY_PREFIX}/api/sse") user_id status position=Position::BottomRight />
-        <Transition fallback=|| "…">
-            {move || match user_id.get() {
-                // Either, not into_any: an AnyView links a second copy of the view's hydration code.
-                None => Either::Left(view! { <p>"You are not signed in. " <a href="/login">"Sign in"</a></p> }),
-                Some(name) => Either::Right(view! {
-                    <header>
-                        <h1>"Hello, " <span data-testid="user">{name}</span></h1>
-                        <NotificationBell />
-                        <form method="post" action="/logout">
-                            <button type="submit" data-testid="logout">"Log out"</button>
-                        </form>
-                    </header>
-                    <p data-testid="stream" data-status=move || status.with(|s| s.state.as_str())>
-                        {move || format!("Notifications: {}", status.with(|s| s.state.as_str()))}
-                    </p>
-                    <button data-testid="notify-me" on:click=move |_| {
-                        notify.dispatch(NotifyMe { title: "Hello from the host".into() });
-                    }>"Send me a notification"</button>
-                }),
-            }}
-        </Transition>
     }
 }
 

@@ -39,9 +39,11 @@ use crate::{
 /// Options of [`provide_inbox`].
 #[derive(Clone, DefaultBuilder)]
 pub struct InboxOptions {
-    /// The inbox route, e.g. `/notify/api/inbox` under a prefix. Defaults to `/api/inbox`.
-    #[builder(into)]
-    pub url: String,
+    /// The inbox route. Defaults to `/api/inbox` under the prefix the server mounted the
+    /// routes at (`Routes::prefix`), as the server's render hands it to the page; set it
+    /// (with [`url`](Self::url)) only for a page no server rendered.
+    #[builder(skip)]
+    pub url: Option<String>,
     /// The signed-in user: the inbox is loaded again when it changes. Defaults to `None`.
     #[builder(into)]
     pub user_id: Option<Signal<Option<String>>>,
@@ -55,10 +57,20 @@ pub struct InboxOptions {
 impl Default for InboxOptions {
     fn default() -> Self {
         Self {
-            url: api::INBOX_PATH.into(),
+            url: None,
             user_id: None,
             token: None,
             page_size: 20,
+        }
+    }
+}
+
+impl InboxOptions {
+    /// The inbox route, e.g. `https://notify.example/api/inbox`.
+    pub fn url(self, url: impl Into<String>) -> Self {
+        Self {
+            url: Some(url.into()),
+            ..self
         }
     }
 }
@@ -77,8 +89,11 @@ pub struct Inbox {
 
 /// Creates the inbox, with its first page rendered on the server, and puts it in the
 /// context for [`NotificationBell`], [`use_inbox`] and [`SseNotifications`](super::SseNotifications).
-pub fn provide_inbox(options: InboxOptions) -> Inbox {
+pub fn provide_inbox(mut options: InboxOptions) -> Inbox {
     let page_size = options.page_size;
+    options.url = options
+        .url
+        .or_else(|| Some(format!("{}{}", super::served::served_prefix(), api::INBOX_PATH)));
     let first = Resource::new_blocking(
         || (),
         move |_| async move { inbox_first_page(page_size).await.unwrap_or_default() },
@@ -238,9 +253,14 @@ impl Inbox {
             LocalChange::Unread => "unread",
             LocalChange::Archive => "archive",
         };
-        let url = format!("{}/{op}", self.options.with_value(|o| o.url.clone()));
+        let url = format!("{}/{op}", self.url());
         let body = api::InboxSelection { ids, all };
         self.send(url, Some(body), false);
+    }
+
+    /// The inbox route ([`provide_inbox`] settled it).
+    fn url(&self) -> String {
+        self.options.with_value(|o| o.url.clone().unwrap_or_default())
     }
 
     /// Copies the server-rendered page into the state before the first local change.
@@ -253,7 +273,7 @@ impl Inbox {
     }
 
     fn fetch_page(&self, before: Option<String>) {
-        let (url, size) = self.options.with_value(|o| (o.url.clone(), o.page_size));
+        let (url, size) = (self.url(), self.options.with_value(|o| o.page_size));
         let mut url = format!("{url}?limit={size}");
         if let Some(before) = &before {
             url.push_str(&format!("&before={before}"));

@@ -435,6 +435,15 @@ impl SseService {
             .clone()
     }
 
+    /// The prefix the routes were built with (`Routes::prefix`), `""` for none: the
+    /// components read it while the page renders, so the page never repeats it.
+    pub fn routes_prefix(&self) -> String {
+        let path = self.stream_path();
+        path.strip_suffix(api::STREAM_PATH)
+            .unwrap_or_default()
+            .to_string()
+    }
+
     pub(crate) fn set_stream_path(&self, path: &str) {
         *self.inner.stream_path.write().unwrap_or_else(|e| e.into_inner()) = path.into();
     }
