@@ -149,6 +149,20 @@ pub(crate) struct Published {
     pub(crate) failed: bool,
 }
 
+impl Published {
+    /// What the publishing tasks got back, added up.
+    async fn gather(tasks: Vec<tokio::task::JoinHandle<Published>>) -> Self {
+        let mut all = Self::default();
+        for task in tasks {
+            let part = task.await.expect("publisher task");
+            all.accepted.extend(part.accepted);
+            all.refused += part.refused;
+            all.failed |= part.failed;
+        }
+        all
+    }
+}
+
 /// Sends targeted `notification`s at `rate` per second for `secs`, round-robin over
 /// `users` and over the servers, in 10 ms batches (one request per batch to sse-notify,
 /// one per event to nchan, which takes no batches). Each server gets up to `in_flight`
@@ -232,22 +246,8 @@ pub(crate) async fn publish_targeted(
                 }
             }
             drop(requests_tx);
-            let mut out = Published::default();
-            for sender in senders {
-                let lane = sender.await.expect("publisher task");
-                out.accepted.extend(lane.accepted);
-                out.refused += lane.refused;
-                out.failed |= lane.failed;
-            }
-            out
+            Published::gather(senders).await
         }));
     }
-    let mut all = Published::default();
-    for task in tasks {
-        let lane = task.await.expect("publisher task");
-        all.accepted.extend(lane.accepted);
-        all.refused += lane.refused;
-        all.failed |= lane.failed;
-    }
-    all
+    Published::gather(tasks).await
 }
