@@ -183,8 +183,15 @@ pub(crate) async fn publish_targeted(
     for (lane, server) in servers.into_iter().enumerate() {
         let lane = lane as u32;
         tasks.push(tokio::spawn(async move {
-            // The pacer makes requests; `in_flight` senders take them as they are free.
-            let (requests_tx, requests_rx) = tokio::sync::mpsc::channel::<Vec<PublishRequest>>(1);
+            // The pacer makes a request only once one of `in_flight` places is free, so events
+            // are stamped when they can be sent (with 1, after the previous answer, as a
+            // serial publisher does); the sender holding the request frees its place when
+            // the answer is in.
+            let places = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight.max(1)));
+            let (requests_tx, requests_rx) = tokio::sync::mpsc::channel::<(
+                Vec<PublishRequest>,
+                tokio::sync::OwnedSemaphorePermit,
+            )>(in_flight.max(1));
             let requests_rx = std::sync::Arc::new(tokio::sync::Mutex::new(requests_rx));
             let mut senders = Vec::new();
             for _ in 0..in_flight.max(1) {
@@ -198,7 +205,9 @@ pub(crate) async fn publish_targeted(
                     };
                     loop {
                         let next = requests_rx.lock().await.recv().await;
-                        let Some(requests) = next else { return out };
+                        let Some((requests, _place)) = next else {
+                            return out;
+                        };
                         for (path, body, events) in requests {
                             match publisher.post_to(&path, &body).await {
                                 Ok(200..=299) => out.accepted.extend(events),
@@ -215,6 +224,7 @@ pub(crate) async fn publish_targeted(
             }
             let mut pacer = Pacer::new(rate as f64 / f64::from(lanes), 1_000);
             while pacer.elapsed().as_secs_f64() < secs {
+                let place = places.clone().acquire_owned().await.expect("never closed");
                 let owed = pacer.owed().await;
                 if owed.is_empty() {
                     continue;
@@ -241,7 +251,7 @@ pub(crate) async fn publish_targeted(
                     let body = targeted_batch(&batch, sent_us, "bench");
                     vec![(api::PUBLISH_PATH.into(), body, batch)]
                 };
-                if requests_tx.send(requests).await.is_err() {
+                if requests_tx.send((requests, place)).await.is_err() {
                     break; // every sender lost its connection
                 }
             }
