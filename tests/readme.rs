@@ -7,8 +7,8 @@
 use std::path::Path;
 
 /// A line as code: indentation, a doc comment's `///` / `//!` and blank lines do not count,
-/// and neither do rustdoc's hidden `# ` lines in the source.
-fn code_lines(text: &str) -> Vec<String> {
+/// and in Rust neither do rustdoc's hidden `# ` lines (in TOML they are comments, and count).
+fn code_lines(text: &str, rust: bool) -> Vec<String> {
     text.lines()
         .map(|l| {
             let l = l.trim();
@@ -18,7 +18,7 @@ fn code_lines(text: &str) -> Vec<String> {
                 .trim()
                 .to_string()
         })
-        .filter(|l| !l.is_empty() && l != "#" && !l.starts_with("# "))
+        .filter(|l| !l.is_empty() && !(rust && (l == "#" || l.starts_with("# "))))
         .collect()
 }
 
@@ -42,13 +42,14 @@ fn readme_examples_are_whole_runs_of_the_host_apps_code() {
             "a code block must follow the marker of {path}"
         );
         let block: Vec<&str> = lines.by_ref().take_while(|l| !l.starts_with("```")).collect();
-        let block = code_lines(&block.join("\n"));
+        let rust = path.ends_with(".rs");
+        let block = code_lines(&block.join("\n"), rust);
         assert!(
             !block.iter().any(|l| l == "// ..." || l == "..."),
             "README's block from {path} leaves lines out: show a whole run of the file"
         );
         let source = std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let source = code_lines(&source);
+        let source = code_lines(&source, rust);
         assert!(
             !block.is_empty() && source.windows(block.len()).any(|run| run == block.as_slice()),
             "README's block from {path} is not a whole run of that file's lines; first line: {:?}",

@@ -112,6 +112,11 @@ test("the host's notification bell: live count under the prefix, server-rendered
   await expect(page.locator("[data-hydrated=true]")).toBeVisible();
   await expect(page.locator(".sse-inbox__badge")).toHaveText("1");
   await page.locator(".sse-inbox__bell").click();
+  // The read goes to the inbox under the prefix the page learned from the server's render
+  // (the badge alone would drop locally even if the request failed).
+  const marked = page.waitForResponse((r) => new URL(r.url()).pathname === "/notify/api/inbox/read");
   await page.locator(".sse-inbox__item", { hasText: "Hello from the host" }).locator(".sse-inbox__open").click();
+  expect((await marked).ok()).toBe(true);
   await expect(page.locator(".sse-inbox__badge")).toHaveCount(0);
+  await expect(page.locator(".sse-inbox__error")).toHaveCount(0);
 });

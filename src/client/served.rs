@@ -21,7 +21,17 @@ pub(crate) fn served_prefix() -> String {
         {
             use_context::<crate::server::SseService>()
                 .map(|service| service.routes_prefix())
-                .unwrap_or_default()
+                .unwrap_or_else(|| {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        tracing::warn!(
+                            "no SseService in the Leptos context while rendering: the toasts and \
+                             the inbox assume routes at /api/...; provide it \
+                             (leptos_routes_with_context) or name `url`"
+                        )
+                    });
+                    String::new()
+                })
         }
         #[cfg(not(feature = "ssr"))]
         SEEN.with_borrow(Clone::clone).unwrap_or_default()
