@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/end2end/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 E2E_PROFILE ?= release
 LEPTOS_BUILD_FLAGS := $(if $(filter release,$(E2E_PROFILE)),--release,)
 
-.PHONY: setup run run-host test lint test-rust build test-e2e bench soak fmt image
+.PHONY: setup run run-host test lint test-rust build test-e2e bench soak fmt image openapi
 
 setup:
 	@scripts/setup.sh
@@ -59,6 +59,10 @@ test-e2e: build
 
 fmt:
 	cargo fmt --all
+
+## Rewrites docs/openapi.json from the code (tests/openapi.rs fails while they differ).
+openapi:
+	SSE_UPDATE_OPENAPI=1 cargo test --features ssr,demo --test openapi the_checked_in_document
 
 ## The container image of deploy/container/Containerfile (not in `make test`: the static
 ## musl build takes minutes): FROM scratch, the binary and the site, nothing pulled.

@@ -38,12 +38,13 @@ pub const IDENTITY_TAG_HEADER: &str = "x-sse-identity-tag";
 
 /// The data of the `ready` event that ends every stream's prelude.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Ready {
     /// How often heartbeats come, so the client knows how soon to expect one.
     pub heartbeat_ms: u64,
     /// The opaque tag of the identity the server confirmed for this stream (see
-    /// [`IDENTITY_TAG_HEADER`]): a keyed hash of the user id, never the id itself. Empty
+    /// `IDENTITY_TAG_HEADER`): a keyed hash of the user id, never the id itself. Empty
     /// from a server that sends none.
     #[serde(default)]
     pub tag: String,
@@ -53,6 +54,7 @@ pub struct Ready {
 
 /// How the broker is doing, for `/healthz`, `/api/stats` and `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerHealth {
     Healthy,
@@ -70,9 +72,10 @@ impl BrokerHealth {
     }
 }
 
-/// Figures of one server instance, served at [`STATS_PATH`] and streamed at
-/// [`STATS_STREAM_PATH`].
+/// Figures of one server instance, served at `/api/stats` and streamed at
+/// `/api/stats/stream`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Stats {
     pub clients: usize,
@@ -88,8 +91,9 @@ pub struct Stats {
     pub uptime_ms: u64,
 }
 
-/// One kept event in a user's inbox, as `GET` [`INBOX_PATH`] lists it.
+/// One kept event in a user's inbox, as `GET /api/inbox` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct InboxItem {
     /// The event's id (the same as on the stream).
     pub id: String,
@@ -107,6 +111,7 @@ pub struct InboxItem {
 
 /// A page of the inbox, and the counts of the whole of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct InboxPage {
     pub items: Vec<InboxItem>,
     /// Unread items, archived ones not counted.
@@ -120,6 +125,7 @@ pub struct InboxPage {
 /// A user's unread and total (not archived) counts: the answer of the `POST` routes that
 /// change an inbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct InboxCounts {
     pub unread: u64,
     pub total: u64,
@@ -127,6 +133,7 @@ pub struct InboxCounts {
 
 /// The body of the `POST` routes that change an inbox: some ids, or all of them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct InboxSelection {
     /// Event ids; unknown ones and other users' are ignored.
     #[serde(default)]
@@ -138,6 +145,7 @@ pub struct InboxSelection {
 
 /// The data of the `inbox` control event: what changed, from any tab, device or instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct InboxChange {
     /// `added`, `read`, `unread`, `archived` or `unarchived`.
     pub op: String,

@@ -187,8 +187,9 @@ pub fn validate_url(field: &str, url: &str) -> Result<(), ValidationError> {
     }
 }
 
-/// Kind of a [`Notification`]; decides its colour and how loudly it is announced.
+/// Kind of a `Notification`; decides its colour and how loudly it is announced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum NotificationKind {
     #[default]
@@ -200,6 +201,7 @@ pub enum NotificationKind {
 
 /// `notification`: a message for one user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Notification {
     pub title: String,
@@ -212,6 +214,7 @@ pub struct Notification {
 
 /// Stage of a reel upload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UploadStatus {
     Uploading,
@@ -222,6 +225,7 @@ pub enum UploadStatus {
 
 /// `reel_upload_progress`: how far one upload has come. Latest wins per `reel_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReelUploadProgress {
     pub reel_id: String,
@@ -234,6 +238,7 @@ pub struct ReelUploadProgress {
 
 /// `reel_ready`: an upload finished and can be played.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReelReady {
     pub reel_id: String,
@@ -245,8 +250,9 @@ pub struct ReelReady {
     pub duration: Option<f64>,
 }
 
-/// What part of a user changed in a [`UserUpdate`].
+/// What part of a user changed in a `UserUpdate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UserUpdateKind {
     Profile,
@@ -256,6 +262,7 @@ pub enum UserUpdateKind {
 
 /// `user_update`: the user's profile, settings or subscription changed elsewhere.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UserUpdate {
     #[serde(rename = "type")]
@@ -264,8 +271,9 @@ pub struct UserUpdate {
     pub data: Value,
 }
 
-/// Kind of a [`SystemAlert`].
+/// Kind of a `SystemAlert`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SystemAlertKind {
     #[default]
@@ -276,6 +284,7 @@ pub enum SystemAlertKind {
 
 /// `system_alert`: a message for every connected user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SystemAlert {
     pub message: String,
@@ -288,6 +297,7 @@ pub struct SystemAlert {
 
 /// `heartbeat`: the connection is alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
 pub struct Heartbeat {
     /// Milliseconds since the Unix epoch on the server.
     pub timestamp: u64,

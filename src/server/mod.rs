@@ -65,5 +65,5 @@ pub use http::routes::Routes;
 #[cfg(feature = "demo")]
 pub use http::routes::{session_cookie, session_cookie_removal, SESSION_TTL};
 pub use http::ApiError;
-pub use http::{publish, stream, websocket};
+pub use http::{openapi, publish, stream, websocket};
 pub use webhook::WebhookSecrets;

@@ -10,6 +10,7 @@ mod error;
 pub mod inbox;
 #[cfg(unix)]
 pub(crate) mod listener;
+pub mod openapi;
 mod origin;
 pub mod publish;
 pub(crate) mod routes;

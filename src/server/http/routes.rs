@@ -18,7 +18,7 @@ use tokio_stream::wrappers::IntervalStream;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::{
-    inbox,
+    inbox, openapi,
     publish::{check_publish_key, disconnect_handler, publish_handler},
     stream::sse_handler,
     webhook::webhook_handler,
@@ -33,7 +33,9 @@ use crate::{
 /// The routes of the notification server, to merge into an app of any state type.
 ///
 /// By default: `GET /api/sse` (the stream), `POST /api/events` (publish), `POST
-/// /api/webhooks/<name>` (signed callbacks), `POST /api/disconnect`, `GET /api/stats` and `/api/stats/stream`, `GET /metrics`, `GET /healthz`.
+/// /api/webhooks/<name>` (signed callbacks), `POST /api/disconnect`, `GET /api/stats` and
+/// `/api/stats/stream`, `GET /metrics`, `GET /healthz`, the inbox routes and `GET
+/// /api/openapi.json`.
 /// Stats and metrics need the publish key unless [`public_stats`](Self::public_stats) is
 /// set. Turn any of them off, and put them all under a prefix; the
 /// [`SseListener`](super::listener::SseListener)'s lean stream path follows the prefix.
@@ -64,6 +66,7 @@ pub struct Routes {
     health: bool,
     inbox: bool,
     webhooks: bool,
+    openapi: bool,
     #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     session: bool,
 }
@@ -83,6 +86,7 @@ impl Routes {
             health: true,
             inbox: true,
             webhooks: true,
+            openapi: true,
             session: false,
         }
     }
@@ -150,6 +154,13 @@ impl Routes {
         self
     }
 
+    /// `GET /api/openapi.json`, the OpenAPI 3.1 document of these routes (with the prefix
+    /// as its server URL). Defaults to on.
+    pub fn openapi(mut self, on: bool) -> Self {
+        self.openapi = on;
+        self
+    }
+
     /// `POST /api/session`: sign in as any user (the demo's; never in production).
     /// Defaults to off.
     #[cfg(feature = "demo")]
@@ -210,6 +221,18 @@ impl Routes {
                 &at(&format!("{}/{{name}}", api::WEBHOOKS_PATH)),
                 post(webhook_handler),
             );
+        }
+        if self.openapi {
+            // Serialized once, here: the document only changes with the code, and a request
+            // for it costs a clone of a reference-counted buffer.
+            let document = bytes::Bytes::from(
+                serde_json::to_vec(&openapi::openapi(&self.prefix)).expect("the document serializes"),
+            );
+            let serve = move || {
+                let body = document.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], body) }
+            };
+            routes = routes.route(&at(openapi::OPENAPI_PATH), get(serve));
         }
         #[cfg(feature = "demo")]
         if self.session {
