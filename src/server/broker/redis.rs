@@ -296,6 +296,10 @@ pub(super) fn install_tls_provider_for(url: &str) {
             .any(|s| scheme.eq_ignore_ascii_case(s))
     });
     if tls && rustls::crypto::CryptoProvider::get_default().is_none() {
+        // rustls 0.23.48 deprecates ring's provider for lacking post-quantum key exchange
+        // (aws-lc-rs has it, at the price of a C and CMake build); a host that wants it
+        // installs aws-lc-rs's provider before starting the service, and this steps aside.
+        #[allow(deprecated)]
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
