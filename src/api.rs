@@ -18,6 +18,8 @@ pub const SESSION_PATH: &str = "/api/session";
 pub const STATS_PATH: &str = "/api/stats";
 /// The same figures as a `stats` event every second.
 pub const STATS_STREAM_PATH: &str = "/api/stats/stream";
+/// `?user_id=`: a user's streams on every instance (publish key).
+pub const PRESENCE_PATH: &str = "/api/presence";
 /// Prometheus metrics.
 pub const METRICS_PATH: &str = "/metrics";
 /// Liveness and broker health.

@@ -492,6 +492,42 @@ async fn check_an_empty_broker_still_announces_an_id(config: SseConfig) {
     let mut back = server.connect("early", "", Some(&ready.id)).await;
     assert_eq!(text(&back.next().await), "first", "a resync or nothing instead");
 }
+/// A user's streams are counted where they are and stop counting when they close;
+/// `is_online` and `GET /api/presence` follow, and `/api/stats` names this instance among
+/// the cluster's with its current figures.
+async fn check_presence(config: SseConfig) {
+    let server = start_server(config).await;
+    let sse = &server.service;
+    let own = sse.instance_id().to_string();
+    assert!(!sse.is_online("here").await.unwrap());
+    let first = server.connect("here", "", None).await;
+    let second = server.connect("here", "", None).await;
+    server.wait_for_clients("here", 2).await;
+    assert!(sse.is_online("here").await.unwrap());
+    let (status, presence) = server.get_json("/api/presence?user_id=here").await;
+    assert_eq!(status, 200, "{presence}");
+    assert_eq!(
+        presence,
+        json!({"userId": "here", "online": true, "connections": 2,
+               "instances": [{"instance": own, "connections": 2}]})
+    );
+    let (_, stats) = server.get_json("/api/stats").await;
+    assert_eq!(stats["instance"], own);
+    assert_eq!(stats["clients"], 2);
+    let listed = stats["cluster"]["instances"].as_array().unwrap();
+    let this = listed
+        .iter()
+        .find(|i| i["instance"] == own)
+        .expect("this instance listed");
+    assert_eq!(this["stats"]["clients"], 2);
+
+    drop((first, second));
+    server.wait_for_clients("here", 0).await;
+    let presence = sse.presence("here").await.unwrap();
+    assert!(!presence.online);
+    assert_eq!(presence.connections, 0);
+    assert!(presence.instances.is_empty());
+}
 
 macro_rules! behaviour_suite {
     ($($check:ident),*) => {
@@ -537,7 +573,8 @@ behaviour_suite!(
     check_cursor_from_the_future,
     check_filtered_stream_keeps_offline_delivery,
     check_long_backlog_in_pages,
-    check_an_empty_broker_still_announces_an_id
+    check_an_empty_broker_still_announces_an_id,
+    check_presence
 );
 
 // ---- Redis only. ----
@@ -587,6 +624,135 @@ async fn two_instances_act_as_one() {
         other_on_a.nothing_within(Duration::from_millis(100)).await,
         "v saw u's events"
     );
+}
+
+/// Polls `probe` until it holds, failing after `within` with `what`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !probe().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Presence spans instances: a user with streams on A and B is online with both counted
+/// on either, `/api/stats` sums both instances, each instance's part in Redis carries a
+/// TTL, a stream that closes stops counting within a tick, and an instance that shuts down
+/// leaves at once.
+#[tokio::test]
+async fn presence_and_counts_span_instances() {
+    let redis = RedisServer::start();
+    let config = || test_config().redis_url(redis.url());
+    let a = start_server(config()).await;
+    let b = start_server(config()).await;
+    let (id_a, id_b) = (
+        a.service.instance_id().to_string(),
+        b.service.instance_id().to_string(),
+    );
+    assert_ne!(id_a, id_b);
+    let on_a = [a.connect("p", "", None).await, a.connect("p", "", None).await];
+    let on_b = b.connect("p", "", None).await;
+    let _other = b.connect("q", "", None).await;
+    a.wait_for_clients("p", 2).await;
+    b.wait_for_clients("p", 1).await;
+
+    async fn counted(server: &TestServer, expected: u64) -> bool {
+        let (status, presence) = server.get_json("/api/presence?user_id=p").await;
+        assert_eq!(status, 200, "{presence}");
+        presence["connections"] == expected
+    }
+    eventually(WAIT, "B sees A's streams", || counted(&b, 3)).await;
+    eventually(WAIT, "A sees B's stream", || counted(&a, 3)).await;
+    let mut expected = vec![(id_a.clone(), 2), (id_b.clone(), 1)];
+    expected.sort();
+    let presence = a.service.presence("p").await.unwrap();
+    let got: Vec<(String, u64)> = presence
+        .instances
+        .iter()
+        .map(|i| (i.instance.clone(), i.connections))
+        .collect();
+    assert_eq!(got, expected);
+
+    eventually(WAIT, "stats list both instances", || async {
+        a.service.cluster_stats().clients == 4
+    })
+    .await;
+    let (_, stats) = b.get_json("/api/stats").await;
+    assert_eq!(stats["clients"], 2, "B's own figures");
+    assert_eq!(stats["cluster"]["clients"], 4, "{stats}");
+    let listed: Vec<&str> = stats["cluster"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&id_a.as_str()) && listed.contains(&id_b.as_str()));
+    for key in [
+        format!("sse:{{presence}}:u:{id_a}"),
+        format!("sse:{{presence}}:i:{id_a}"),
+    ] {
+        let ttl: i64 = redis_query(&redis, redis::cmd("PTTL").arg(&key)).await;
+        assert!(ttl > 0 && ttl <= 10_000, "{key} has PTTL {ttl}");
+    }
+
+    drop(on_b);
+    eventually(WAIT, "B's closed stream stops counting on A", || counted(&a, 2)).await;
+    drop(on_a);
+    eventually(WAIT, "p goes offline everywhere", || async {
+        !b.service.is_online("p").await.unwrap()
+    })
+    .await;
+
+    b.service.shutdown().await;
+    eventually(WAIT, "B leaves A's figures", || async {
+        a.service.cluster_stats().instances.len() == 1
+    })
+    .await;
+    let live: Vec<String> = redis_query(
+        &redis,
+        redis::cmd("ZRANGE")
+            .arg("sse:{presence}:instances")
+            .arg(0)
+            .arg(-1),
+    )
+    .await;
+    assert_eq!(live, [id_a]);
+}
+
+/// An instance that dies without a word (`SIGKILL`) stops counting within the presence
+/// TTL: nothing has to clean up after it.
+#[tokio::test]
+async fn a_crashed_instance_drops_out_of_presence() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let mut crashing = ServerProcess::start(&[("REDIS_URL", &url)]).await;
+    let survivor = start_server(test_config().redis_url(url.clone())).await;
+    let _held = crashing.connect("gone").await;
+    eventually(WAIT, "the survivor sees the stream", || async {
+        survivor.service.is_online("gone").await.unwrap()
+    })
+    .await;
+    crashing.crash();
+    let crashed_at = tokio::time::Instant::now();
+    eventually(
+        Duration::from_secs(15),
+        "the crashed instance drops out",
+        || async { !survivor.service.is_online("gone").await.unwrap() },
+    )
+    .await;
+    assert!(
+        crashed_at.elapsed() >= Duration::from_secs(5),
+        "it left before its TTL could have run out: something else removed it"
+    );
+    eventually(WAIT, "its figures go too", || async {
+        survivor.service.cluster_stats().instances.len() == 1
+    })
+    .await;
 }
 
 /// A client of instance A reconnects to instance B with `Last-Event-ID` and gets every

@@ -194,6 +194,24 @@ async fn every_answer_matches_the_document() {
         .await
         .unwrap();
     contract.check("GET", "/api/stats/stream", stats_stream).await;
+    let presence = |query: &str, key: Option<&str>| {
+        let mut request = http.get(url(&format!("/api/presence{query}")));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    for (query, key, status) in [
+        ("?user_id=alice", Some(PUBLISH_KEY), 200),
+        ("", Some(PUBLISH_KEY), 400),
+        ("?user_id=a%0Ab", Some(PUBLISH_KEY), 400),
+        ("?user_id=alice", None, 401),
+        ("?user_id=alice", Some("wrong"), 403),
+    ] {
+        let response = presence(query, key).await.unwrap();
+        assert_eq!(response.status(), status, "presence{query}");
+        contract.check("GET", "/api/presence", response).await;
+    }
 
     // Publish: one, a batch, bad bodies, keys, an idempotency conflict, too big.
     let publish = |body: String| http.post(url("/api/events")).bearer_auth(PUBLISH_KEY).body(body);

@@ -12,6 +12,7 @@
 
 mod cluster;
 mod memory;
+mod presence;
 mod redis;
 
 pub use self::redis::{RedisBroker, RedisOptions};
@@ -150,6 +151,30 @@ pub enum BrokerError {
     Unsupported(String),
 }
 
+/// One instance's write of its presence (see [`Broker::write_presence`]).
+#[derive(Debug)]
+pub struct PresenceWrite<'a> {
+    pub instance: &'a str,
+    /// This instance's [`Stats`](crate::api::Stats) as JSON.
+    pub figures: &'a str,
+    /// Users and their connection counts here; `0` removes a user.
+    pub counts: &'a [(Arc<str>, usize)],
+    /// `counts` holds every user connected here (what was written before is replaced).
+    pub full: bool,
+    /// How long the write stands if the instance writes nothing more.
+    pub ttl: Duration,
+}
+
+/// One live instance as the presence has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstancePresence {
+    pub instance: String,
+    /// Its [`Stats`](crate::api::Stats) as JSON, as it last wrote them.
+    pub figures: String,
+    /// The asked-for user's connections there.
+    pub connections: u64,
+}
+
 /// Assigns ids, keeps history for replay, and fans events out to its [`EventSink`].
 ///
 /// Implementations must hand events to the sink in id order (per lane where
@@ -222,6 +247,27 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Forgets `key`.
     async fn remove(&self, key: &str) -> Result<(), BrokerError>;
+
+    /// Writes this instance's part of the presence every instance reads (see
+    /// [`read_presence`](Self::read_presence)); `Ok(false)` when the users' counts it last
+    /// wrote were gone (expired while the broker was away), so the next write must hold
+    /// them all. A broker with no other instances (in-process) keeps nothing.
+    async fn write_presence(&self, _write: &PresenceWrite<'_>) -> Result<bool, BrokerError> {
+        Ok(true)
+    }
+
+    /// Every live instance's figures and, with `user`, that user's connections there.
+    /// `None` from a broker with no other instances: this process is all there is.
+    async fn read_presence(
+        &self,
+        _user: Option<&str>,
+        _ttl: Duration,
+    ) -> Result<Option<Vec<InstancePresence>>, BrokerError> {
+        Ok(None)
+    }
+
+    /// Takes this instance out of the presence at once (it is stopping).
+    async fn leave_presence(&self, _instance: &str) {}
 
     /// Drops history past retention; called every cleanup interval.
     async fn cleanup(&self) {}

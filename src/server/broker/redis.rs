@@ -57,8 +57,10 @@ use redis::{aio::ConnectionManager, aio::ConnectionManagerConfig, aio::PubSubSin
 use tokio::sync::Mutex;
 
 use super::{
-    empty_head, Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent,
-    Replay, Retention, Target,
+    empty_head,
+    presence::{self, PresenceScripts},
+    Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, InstancePresence, PresenceWrite,
+    PublishedEvent, Replay, Retention, Target,
 };
 use crate::{
     backoff::backoff_delay,
@@ -233,6 +235,7 @@ pub struct RedisBroker {
     max_stream_len: usize,
     publish_script: Script,
     set_delivered_script: Script,
+    presence_scripts: PresenceScripts,
     subscriber: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// With `wait_replicas`: publishes wait for replicas to confirm them.
     replica_wait: Option<ReplicaWait>,
@@ -399,6 +402,7 @@ impl RedisBroker {
             max_stream_len: max_stream_len.max(1),
             publish_script: Script::new(PUBLISH_SCRIPT),
             set_delivered_script: Script::new(SET_DELIVERED_SCRIPT),
+            presence_scripts: PresenceScripts::default(),
             subscriber: std::sync::Mutex::new(None),
             replica_wait,
         });
@@ -1130,6 +1134,44 @@ impl Broker for RedisBroker {
             BrokerHealth::Healthy
         } else {
             BrokerHealth::Degraded
+        }
+    }
+
+    async fn write_presence(&self, write: &PresenceWrite<'_>) -> Result<bool, BrokerError> {
+        let call = presence::write_call(write, now_ms());
+        let mut conn = self.conn.clone();
+        let existed: i64 = call
+            .invocation(&self.presence_scripts.write)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(existed == 1 || write.full)
+    }
+
+    async fn read_presence(
+        &self,
+        user: Option<&str>,
+        ttl: Duration,
+    ) -> Result<Option<Vec<InstancePresence>>, BrokerError> {
+        let call = presence::read_call(user, ttl, now_ms());
+        let mut conn = self.conn.clone();
+        let reply: Vec<redis::Value> = call
+            .invocation(&self.presence_scripts.read)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(Some(presence::parse_read(reply)))
+    }
+
+    async fn leave_presence(&self, instance: &str) {
+        let call = presence::leave_call(instance);
+        let mut conn = self.conn.clone();
+        let left: Result<i64, _> = call
+            .invocation(&self.presence_scripts.leave)
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(e) = left {
+            tracing::warn!("could not leave the presence: {e}");
         }
     }
 

@@ -9,7 +9,7 @@
 //! it is a map update or a non-blocking `try_send`.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
@@ -78,6 +78,10 @@ struct Inner {
     /// from their first registration until their last one is unregistered, so a stream
     /// the hub ended still releases the subscription, exactly once.
     held: HashMap<Arc<str>, usize>,
+    /// Users whose `held` count changed since the presence last took them (only while
+    /// [`Hub::track_presence`] is on: nobody else drains it).
+    presence_changed: HashSet<Arc<str>>,
+    track_presence: bool,
     connections: usize,
     next_id: u64,
     closed: bool,
@@ -144,6 +148,9 @@ impl Hub {
         let held = inner.held.entry(user.clone()).or_default();
         *held += 1;
         let first_for_user = *held == 1;
+        if inner.track_presence {
+            inner.presence_changed.insert(user.clone());
+        }
         let conns = inner.users.entry(user.clone()).or_default();
         while conns.len() >= self.max_per_user {
             let mut oldest = conns.remove(0);
@@ -181,6 +188,12 @@ impl Hub {
     /// the broker may stop listening for them. Call once per registration.
     pub fn unregister(&self, user: &str, id: u64) -> bool {
         let mut inner = self.lock();
+        if inner.track_presence {
+            if let Some((user, _)) = inner.held.get_key_value(user) {
+                let user = user.clone();
+                inner.presence_changed.insert(user);
+            }
+        }
         let last = match inner.held.get_mut(user) {
             Some(held) if *held > 1 => {
                 *held -= 1;
@@ -209,6 +222,36 @@ impl Hub {
         drop(inner);
         m::connections_changed(-1);
         last
+    }
+
+    /// Starts noting which users' connection counts change, for
+    /// [`presence_changes`](Self::presence_changes) to take.
+    pub fn track_presence(&self) {
+        self.lock().track_presence = true;
+    }
+
+    /// Up to `max` users whose count changed since the last call, with their count now
+    /// (`0`: none left here). Counts are registrations held: a stream counts until it
+    /// has ended.
+    pub fn presence_changes(&self, max: usize) -> Vec<(Arc<str>, usize)> {
+        let mut inner = self.lock();
+        let taken: Vec<Arc<str>> = inner.presence_changed.iter().take(max).cloned().collect();
+        taken
+            .into_iter()
+            .map(|user| {
+                inner.presence_changed.remove(&user);
+                let count = inner.held.get(&user).copied().unwrap_or(0);
+                (user, count)
+            })
+            .collect()
+    }
+
+    /// Every user connected here with their count, for a full presence write; the changes
+    /// noted so far are covered by it.
+    pub fn presence_snapshot(&self) -> Vec<(Arc<str>, usize)> {
+        let mut inner = self.lock();
+        inner.presence_changed.clear();
+        inner.held.iter().map(|(user, n)| (user.clone(), *n)).collect()
     }
 
     /// Whether any registration of `user` is held here (open, or closed by the hub but

@@ -10,5 +10,6 @@ pub(crate) mod hub;
 pub mod idempotency;
 pub mod inbox;
 pub(crate) mod mailbox;
+pub mod presence;
 pub(crate) mod replay;
 pub mod service;

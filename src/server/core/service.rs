@@ -66,6 +66,7 @@ use super::{
     idempotency::check_idempotency_key,
     inbox::{added_events, with_ids, Inbox, UserInbox},
     mailbox::CloseReason,
+    presence::{self, ClusterStats, Presence, PresenceBook, StatsReport},
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
 };
 use crate::{
@@ -185,6 +186,8 @@ struct Inner {
     user_limiter: Option<DefaultKeyedRateLimiter<Arc<str>>>,
     /// `true` once [`SseService::shutdown`] began; long-lived responses end on it.
     shutting_down: tokio::sync::watch::Sender<bool>,
+    /// This instance's id and its view of the others (`presence`).
+    presence: PresenceBook,
     published: AtomicU64,
     failed: AtomicU64,
     started_at_ms: u64,
@@ -320,15 +323,13 @@ impl SseService {
             hub,
             broker,
             shutting_down: tokio::sync::watch::Sender::new(false),
+            presence: PresenceBook::new(presence::new_instance_id()),
             published: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             started_at_ms: now_ms(),
             tasks: Mutex::new(Vec::new()),
         });
-        let service = Self {
-            inner,
-            idempotency_key: None,
-        };
+        let service = Self::of(inner);
         service.spawn_background_tasks();
         tracing::info!(
             broker = service.inner.broker.kind(),
@@ -336,6 +337,14 @@ impl SseService {
             "sse service started"
         );
         Ok(service)
+    }
+
+    /// A handle on `inner` that publishes without an idempotency key.
+    fn of(inner: Arc<Inner>) -> Self {
+        Self {
+            inner,
+            idempotency_key: None,
+        }
     }
 
     fn spawn_background_tasks(&self) {
@@ -394,8 +403,43 @@ impl SseService {
                 }
             })
         };
+        // Presence across instances; nothing to do on the in-process broker, which has none.
+        let presence = {
+            let inner = Arc::downgrade(&self.inner);
+            let mut ticks = every(presence::TICK);
+            tokio::spawn(async move {
+                let Some(service) = inner.upgrade().map(SseService::of) else {
+                    return;
+                };
+                if matches!(
+                    service.inner.broker.read_presence(None, presence::TTL).await,
+                    Ok(None)
+                ) {
+                    return;
+                }
+                service.inner.hub.track_presence();
+                drop(service);
+                let mut failing = false;
+                while ticks.next().await.is_some() {
+                    let Some(service) = inner.upgrade().map(SseService::of) else {
+                        break;
+                    };
+                    let inner = &service.inner;
+                    let outcome = inner
+                        .presence
+                        .tick(&inner.hub, inner.broker.as_ref(), &service.stats())
+                        .await;
+                    match &outcome {
+                        Err(e) if !failing => tracing::warn!("presence not written: {e}"),
+                        Ok(()) if failing => tracing::info!("presence written again"),
+                        _ => {}
+                    }
+                    failing = outcome.is_err();
+                }
+            })
+        };
         let mut tasks = self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.extend([heartbeat, cleanup, expiry]);
+        tasks.extend([heartbeat, cleanup, expiry, presence]);
         if let Some(inbox) = &self.inner.inbox {
             tasks.push(tokio::spawn(Inbox::prune_forever(
                 inbox.store.clone(),
@@ -983,6 +1027,46 @@ impl SseService {
         self.inner.hub.client_count_for_user(user_id)
     }
 
+    /// This instance's id in the presence and in `/api/stats`: random, new at each start.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.presence.instance
+    }
+
+    /// `user_id`'s open streams on every instance (through Redis when it is the broker; at
+    /// most [`presence::TICK`] behind for the other instances, current for this one).
+    ///
+    /// ```no_run
+    /// # async fn f(sse: sse_notify::server::SseService) -> Result<(), sse_notify::server::BrokerError> {
+    /// if !sse.is_online("alice").await? {
+    ///     // e.g. send an email instead
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn presence(&self, user_id: &str) -> Result<Presence, BrokerError> {
+        let inner = &self.inner;
+        inner
+            .presence
+            .presence(&inner.hub, inner.broker.as_ref(), user_id)
+            .await
+    }
+
+    /// Whether `user_id` has a stream open on any instance (see [`presence`](Self::presence)).
+    pub async fn is_online(&self, user_id: &str) -> Result<bool, BrokerError> {
+        Ok(self.presence(user_id).await?.online)
+    }
+
+    /// Every live instance's figures and their sums, as the last presence read saw them
+    /// (this instance's current): no broker call.
+    pub fn cluster_stats(&self) -> ClusterStats {
+        self.inner.presence.cluster_stats(self.stats())
+    }
+
+    /// [`stats`](Self::stats) with this instance's id and [`cluster_stats`](Self::cluster_stats),
+    /// as `GET /api/stats` serves them.
+    pub fn stats_report(&self) -> StatsReport {
+        self.inner.presence.report(self.stats())
+    }
+
     /// A session token for `user_id`, valid for `ttl`, as `/api/sse` accepts it.
     pub fn issue_token(
         &self,
@@ -1068,6 +1152,10 @@ impl SseService {
         self.inner.hub.close_all();
         let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         tasks.iter().for_each(JoinHandle::abort);
+        self.inner
+            .broker
+            .leave_presence(&self.inner.presence.instance)
+            .await;
         self.inner.broker.shutdown().await;
     }
 }
@@ -1077,11 +1165,7 @@ struct HubDelivery(Arc<Hub>);
 
 impl StreamEnded for Inner {
     fn stream_ended(self: Arc<Self>, user: Arc<str>, id: u64, position: Option<Cursor>) {
-        SseService {
-            inner: self,
-            idempotency_key: None,
-        }
-        .stream_closed(user, id, position);
+        SseService::of(self).stream_closed(user, id, position);
     }
 }
 

@@ -22,7 +22,10 @@ use crate::{
         Heartbeat, Notification, NotificationKind, ReelReady, ReelUploadProgress, SystemAlert,
         SystemAlertKind, UploadStatus, UserUpdate, UserUpdateKind,
     },
-    server::auth::SESSION_COOKIE,
+    server::{
+        auth::SESSION_COOKIE,
+        core::presence::{ClusterStats, InstanceConnections, InstanceStats, Presence, StatsReport},
+    },
 };
 
 /// The path of the document itself (under the routes' prefix).
@@ -58,11 +61,13 @@ pub fn openapi_json() -> String {
     ),
     paths(
         stream, stream_probe, websocket, publish, disconnect, webhook, inbox_list, inbox_read,
-        inbox_unread, inbox_archive, inbox_unarchive, stats, stats_stream, metrics, health, document,
+        inbox_unread, inbox_archive, inbox_unarchive, stats, stats_stream, presence, metrics, health,
+        document,
     ),
     components(schemas(
         ErrorBody, PublishItem, PublishBody, Published, DisconnectBody, Disconnected, Health,
-        Stats, BrokerHealth, InboxPage, InboxItem, InboxCounts, InboxSelection, InboxChange,
+        Stats, StatsReport, ClusterStats, InstanceStats, Presence, InstanceConnections,
+        BrokerHealth, InboxPage, InboxItem, InboxCounts, InboxSelection, InboxChange,
         Ready, Heartbeat, Notification, NotificationKind, ReelUploadProgress, UploadStatus,
         ReelReady, UserUpdate, UserUpdateKind, SystemAlert, SystemAlertKind,
     )),
@@ -413,10 +418,11 @@ fn inbox_archive() {}
 #[allow(dead_code)]
 fn inbox_unarchive() {}
 
-/// This instance's figures (the publish key unless the server made them public).
+/// This instance's figures, its id, and every live instance's (`cluster`, through Redis; at
+/// most a second old). The publish key unless the server made them public.
 #[utoipa::path(get, path = api::STATS_PATH, tag = "operate",
     responses(
-        (status = 200, description = "The figures", body = Stats),
+        (status = 200, description = "The figures", body = StatsReport),
         (status = 401, description = "No publish key", body = ErrorBody),
         (status = 403, description = "A wrong publish key, or none configured", body = ErrorBody),
     ),
@@ -425,7 +431,7 @@ fn inbox_unarchive() {}
 #[allow(dead_code)]
 fn stats() {}
 
-/// The same figures as a `stats` event (`Stats`) at once and then every second.
+/// The same figures as a `stats` event (`StatsReport`) at once and then every second.
 #[utoipa::path(get, path = api::STATS_STREAM_PATH, tag = "operate",
     responses(
         (status = 200, description = "The stream", content_type = "text/event-stream", body = String),
@@ -437,6 +443,22 @@ fn stats() {}
 )]
 #[allow(dead_code)]
 fn stats_stream() {}
+
+/// A user's open streams on every instance (the others' at most a second old). Always
+/// behind the publish key.
+#[utoipa::path(get, path = api::PRESENCE_PATH, tag = "publish",
+    params(("user_id" = String, Query, description = "The user")),
+    responses(
+        (status = 200, description = "The user's presence", body = Presence),
+        (status = 400, description = "No or a bad `user_id` (named)", body = ErrorBody),
+        (status = 401, description = "No publish key", body = ErrorBody),
+        (status = 403, description = "A wrong publish key, or none configured", body = ErrorBody),
+        (status = 503, description = "The broker could not be read", body = ErrorBody),
+    ),
+    security(("publishKey" = [])),
+)]
+#[allow(dead_code)]
+fn presence() {}
 
 /// Prometheus metrics (the publish key unless public).
 #[utoipa::path(get, path = api::METRICS_PATH, tag = "operate",

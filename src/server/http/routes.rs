@@ -4,8 +4,8 @@
 use std::{convert::Infallible, time::Duration};
 
 use axum::{
-    extract::State,
-    http::{header, HeaderMap, HeaderValue, Method},
+    extract::{Query, State},
+    http::{header, HeaderMap, HeaderValue, Method, Uri},
     response::{
         sse::{Event as SseFrame, KeepAlive, Sse},
         IntoResponse, Response,
@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     api,
-    server::{core::service::SseService, metrics},
+    server::{auth, core::service::SseService, metrics},
 };
 
 /// The routes of the notification server, to merge into an app of any state type.
@@ -116,7 +116,8 @@ impl Routes {
         self
     }
 
-    /// `GET /api/stats` and `GET /api/stats/stream`. Defaults to on.
+    /// `GET /api/stats`, `GET /api/stats/stream` and `GET /api/presence` (always behind the
+    /// publish key). Defaults to on.
     pub fn stats(mut self, on: bool) -> Self {
         self.stats = on;
         self
@@ -194,7 +195,8 @@ impl Routes {
             };
             routes = routes
                 .route(&at(api::STATS_PATH), json)
-                .route(&at(api::STATS_STREAM_PATH), stream);
+                .route(&at(api::STATS_STREAM_PATH), stream)
+                .route(&at(api::PRESENCE_PATH), get(presence));
         }
         if self.metrics {
             let metrics = if self.public_stats {
@@ -265,7 +267,32 @@ impl Routes {
 
 /// `GET /api/stats`.
 async fn stats(State(service): State<SseService>) -> Response {
-    Json(service.stats()).into_response()
+    Json(service.stats_report()).into_response()
+}
+
+/// `GET /api/presence?user_id=`: a user's streams on every instance. Always behind the
+/// publish key, `public_stats` or not: who is online is about one person.
+async fn presence(
+    State(service): State<SseService>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct PresenceQuery {
+        user_id: Option<String>,
+    }
+    check_publish_key(&service, &headers)?;
+    let Query(query) = Query::<PresenceQuery>::try_from_uri(&uri)
+        .map_err(|e| ApiError::bad_request(e.body_text()).field("query"))?;
+    let user_id = query
+        .user_id
+        .ok_or_else(|| ApiError::bad_request("add ?user_id=<the user's id>").field("user_id"))?;
+    auth::validate_user_id(&user_id).map_err(|e| ApiError::bad_request(e).field("user_id"))?;
+    let presence = service
+        .presence(&user_id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(presence).into_response())
 }
 
 async fn protected_stats(
@@ -288,7 +315,7 @@ async fn stats_stream(State(service): State<SseService>) -> Result<Response, Api
         Ok::<_, Infallible>(
             SseFrame::default()
                 .event("stats")
-                .json_data(service.stats())
+                .json_data(service.stats_report())
                 .unwrap_or_default(),
         )
     });

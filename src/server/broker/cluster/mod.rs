@@ -72,12 +72,13 @@ use self::{
 };
 use super::{
     empty_head,
+    presence::{self, PresenceScripts},
     redis::{
         check_version, decode_payload, install_tls_provider_for, lua_append_event, read_merged, stream_kind,
         xrange_page, Entries, Message, STREAM_KINDS,
     },
-    Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, PublishedEvent, Replay,
-    Retention, Target,
+    Broker, BrokerError, BrokerHealth, Cursor, Envelope, EventId, EventSink, InstancePresence, PresenceWrite,
+    PublishedEvent, Replay, Retention, Target,
 };
 use crate::server::{clock::now_ms, metrics as m};
 
@@ -350,6 +351,7 @@ pub struct ClusterBroker {
     max_stream_len: usize,
     publish_script: Script,
     set_delivered_script: Script,
+    presence_scripts: PresenceScripts,
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -403,6 +405,7 @@ impl ClusterBroker {
             max_stream_len: options.max_stream_len.max(1),
             publish_script: Script::new(PUBLISH_SCRIPT),
             set_delivered_script: Script::new(SET_DELIVERED_SCRIPT),
+            presence_scripts: PresenceScripts::default(),
             task: Default::default(),
         });
         broker
@@ -1083,6 +1086,44 @@ impl Broker for ClusterBroker {
             BrokerHealth::Healthy
         } else {
             BrokerHealth::Degraded
+        }
+    }
+
+    async fn write_presence(&self, write: &PresenceWrite<'_>) -> Result<bool, BrokerError> {
+        let call = presence::write_call(write, now_ms());
+        let script = &self.presence_scripts.write;
+        let existed: i64 = self
+            .router
+            .eval_script(presence::INSTANCES_KEY, script, &call.evalsha(script))
+            .await
+            .map_err(router_error)?;
+        Ok(existed == 1 || write.full)
+    }
+
+    async fn read_presence(
+        &self,
+        user: Option<&str>,
+        ttl: Duration,
+    ) -> Result<Option<Vec<InstancePresence>>, BrokerError> {
+        let call = presence::read_call(user, ttl, now_ms());
+        let script = &self.presence_scripts.read;
+        let reply: Vec<redis::Value> = self
+            .router
+            .eval_script(presence::INSTANCES_KEY, script, &call.evalsha(script))
+            .await
+            .map_err(router_error)?;
+        Ok(Some(presence::parse_read(reply)))
+    }
+
+    async fn leave_presence(&self, instance: &str) {
+        let call = presence::leave_call(instance);
+        let script = &self.presence_scripts.leave;
+        let left: Result<i64, _> = self
+            .router
+            .eval_script(presence::INSTANCES_KEY, script, &call.evalsha(script))
+            .await;
+        if let Err(e) = left {
+            tracing::warn!("could not leave the presence: {e}");
         }
     }
 

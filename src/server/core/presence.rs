@@ -1,0 +1,239 @@
+//! Who is online across every instance, and each instance's figures.
+//!
+//! Each instance writes, once a [`TICK`], the users whose connection counts changed since
+//! its last write (a full list at start and after the broker lost them) and its
+//! [`Stats`], under a [`TTL`]; reads sum the live instances' parts. So a connect costs
+//! nothing on the broker by itself, a user's change costs one hash field a second at most,
+//! and an instance that dies drops out within the TTL with nothing to clean up. Counts
+//! are at most a tick behind. On the in-process broker there are no other instances and
+//! nothing is written.
+
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Mutex,
+};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::hub::Hub;
+use crate::{
+    api::Stats,
+    server::broker::{Broker, BrokerError, InstancePresence, PresenceWrite},
+};
+
+/// How often an instance writes its part.
+pub const TICK: Duration = Duration::from_secs(1);
+/// How long an instance's part stands without a write: a crashed instance's connections
+/// stop counting after this.
+pub const TTL: Duration = Duration::from_secs(10);
+/// Most users one write carries (a full list goes in several).
+const MAX_PER_WRITE: usize = 5_000;
+
+/// A user's connections on every instance (`GET /api/presence`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Presence {
+    pub user_id: String,
+    /// At least one stream open anywhere.
+    pub online: bool,
+    /// Streams open, summed over the instances.
+    pub connections: u64,
+    /// The instances holding any, with how many each.
+    pub instances: Vec<InstanceConnections>,
+}
+
+/// One instance's share of a user's connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceConnections {
+    pub instance: String,
+    pub connections: u64,
+}
+
+/// Every live instance's figures and their sums (in `GET /api/stats` as `cluster`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStats {
+    /// Streams open on all instances.
+    pub clients: usize,
+    /// Events delivered by all instances.
+    pub events_delivered: u64,
+    /// Slow clients cut by all instances.
+    pub slow_client_disconnects: u64,
+    /// Each live instance, this one included.
+    pub instances: Vec<InstanceStats>,
+}
+
+/// One instance's figures, as it last wrote them (at most a tick old).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStats {
+    pub instance: String,
+    pub stats: Stats,
+}
+
+/// `GET /api/stats`: this instance's figures, its id, and every instance's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct StatsReport {
+    #[serde(flatten)]
+    pub stats: Stats,
+    /// This instance's id (random, new at each start).
+    pub instance: String,
+    pub cluster: ClusterStats,
+}
+
+impl ClusterStats {
+    /// The sums over `instances`.
+    pub fn of(instances: Vec<InstanceStats>) -> Self {
+        Self {
+            clients: instances.iter().map(|i| i.stats.clients).sum(),
+            events_delivered: instances.iter().map(|i| i.stats.events_delivered).sum(),
+            slow_client_disconnects: instances.iter().map(|i| i.stats.slow_client_disconnects).sum(),
+            instances,
+        }
+    }
+}
+
+/// This instance's side of the presence: its id, whether its next write must be whole,
+/// and the other instances' figures as last read.
+pub(crate) struct PresenceBook {
+    pub instance: String,
+    full_write_due: AtomicBool,
+    /// Every live instance's part as read after this instance's last write; `None` until
+    /// the first read (and always on the in-process broker).
+    seen: Mutex<Option<Vec<InstancePresence>>>,
+}
+
+impl PresenceBook {
+    pub fn new(instance: String) -> Self {
+        Self {
+            instance,
+            full_write_due: AtomicBool::new(true),
+            seen: Mutex::new(None),
+        }
+    }
+
+    /// Writes this instance's part and reads everyone's. On a failure the next write is a
+    /// full one (the changes taken are lost with it).
+    pub async fn tick(&self, hub: &Hub, broker: &dyn Broker, own: &Stats) -> Result<(), BrokerError> {
+        let outcome = self.write_and_read(hub, broker, own).await;
+        if outcome.is_err() {
+            self.full_write_due.store(true, Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    async fn write_and_read(&self, hub: &Hub, broker: &dyn Broker, own: &Stats) -> Result<(), BrokerError> {
+        let figures = serde_json::to_string(own).expect("stats serialize");
+        let full = self.full_write_due.swap(false, Ordering::Relaxed);
+        let counts = if full {
+            hub.presence_snapshot()
+        } else {
+            hub.presence_changes(MAX_PER_WRITE)
+        };
+        let mut chunks = counts.chunks(MAX_PER_WRITE);
+        let first = chunks.next().unwrap_or_default();
+        let mut write = PresenceWrite {
+            instance: &self.instance,
+            figures: &figures,
+            counts: first,
+            full,
+            ttl: TTL,
+        };
+        let kept = broker.write_presence(&write).await?;
+        for chunk in chunks {
+            write.counts = chunk;
+            write.full = false;
+            broker.write_presence(&write).await?;
+        }
+        if !kept {
+            // What it wrote before expired (the broker was away longer than the TTL).
+            self.full_write_due.store(true, Ordering::Relaxed);
+        }
+        let seen = broker.read_presence(None, TTL).await?;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        Ok(())
+    }
+
+    /// This instance's figures with every live instance's.
+    pub fn report(&self, own: Stats) -> StatsReport {
+        StatsReport {
+            cluster: self.cluster_stats(own.clone()),
+            instance: self.instance.clone(),
+            stats: own,
+        }
+    }
+
+    /// Every live instance's figures, this one's current; just this one's before the first
+    /// read or on the in-process broker.
+    pub fn cluster_stats(&self, own: Stats) -> ClusterStats {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut instances: Vec<InstanceStats> = seen
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| i.instance != self.instance)
+            .filter_map(|i| {
+                Some(InstanceStats {
+                    stats: serde_json::from_str(&i.figures).ok()?,
+                    instance: i.instance,
+                })
+            })
+            .collect();
+        instances.push(InstanceStats {
+            instance: self.instance.clone(),
+            stats: own,
+        });
+        instances.sort_by(|a, b| a.instance.cmp(&b.instance));
+        ClusterStats::of(instances)
+    }
+
+    /// `user`'s connections on every instance: the others' as they last wrote them, this
+    /// one's now.
+    pub async fn presence(
+        &self,
+        hub: &Hub,
+        broker: &dyn Broker,
+        user: &str,
+    ) -> Result<Presence, BrokerError> {
+        let here = hub.client_count_for_user(user) as u64;
+        let mut instances: Vec<InstanceConnections> = broker
+            .read_presence(Some(user), TTL)
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| i.instance != self.instance && i.connections > 0)
+            .map(|i| InstanceConnections {
+                instance: i.instance,
+                connections: i.connections,
+            })
+            .collect();
+        if here > 0 {
+            instances.push(InstanceConnections {
+                instance: self.instance.clone(),
+                connections: here,
+            });
+        }
+        instances.sort_by(|a, b| a.instance.cmp(&b.instance));
+        let connections = instances.iter().map(|i| i.connections).sum();
+        Ok(Presence {
+            user_id: user.to_string(),
+            online: connections > 0,
+            connections,
+            instances,
+        })
+    }
+}
+
+/// A fresh instance id: 12 hex digits, random, so two instances never share one (a
+/// restarted instance is a new one; its old part expires).
+pub(crate) fn new_instance_id() -> String {
+    use rand::Rng;
+    format!("{:012x}", rand::thread_rng().gen::<u64>() & 0xffff_ffff_ffff)
+}
