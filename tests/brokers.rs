@@ -724,6 +724,57 @@ async fn presence_and_counts_span_instances() {
     assert_eq!(live, [id_a]);
 }
 
+/// `SSE_MAX_CLIENTS_PER_USER` holds across instances: with a limit of 2, a user holding
+/// two streams on A who opens a third on B loses the oldest, on A, which ends with
+/// `connection_replaced`; the two left still receive events.
+async fn check_limit_across_instances(config: impl Fn() -> SseConfig) {
+    let a = start_server(config().max_clients_per_user(2)).await;
+    let b = start_server(config().max_clients_per_user(2)).await;
+    for (one, other) in [(&a, &b), (&b, &a)] {
+        let other = other.service.instance_id().to_string();
+        eventually(WAIT, "the instances see each other", || async {
+            one.service
+                .cluster_stats()
+                .instances
+                .iter()
+                .any(|i| i.instance == other)
+        })
+        .await;
+    }
+    let mut oldest = a.connect("lim", "", None).await;
+    a.wait_for_clients("lim", 1).await;
+    let mut second = a.connect("lim", "", None).await;
+    a.wait_for_clients("lim", 2).await;
+    eventually(WAIT, "B sees A's two streams", || async {
+        b.service.presence("lim").await.unwrap().connections == 2
+    })
+    .await;
+    let mut newest = b.connect("lim", "", None).await;
+    let seen = oldest.until_end().await;
+    assert_eq!(
+        seen.last().map(|e| e.event.as_str()),
+        Some("connection_replaced"),
+        "{seen:?}"
+    );
+    a.wait_for_clients("lim", 1).await;
+    assert_eq!(b.service.client_count_for_user("lim"), 1);
+    b.service.send_notification("lim", note("after")).await.unwrap();
+    assert_eq!(text(&second.next().await), "after");
+    assert_eq!(text(&newest.next().await), "after");
+}
+
+#[tokio::test]
+async fn the_per_user_limit_holds_across_instances() {
+    let redis = RedisServer::start();
+    check_limit_across_instances(|| test_config().redis_url(redis.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_user_limit_holds_across_instances_on_a_redis_cluster() {
+    let cluster = start_cluster().await;
+    check_limit_across_instances(|| cluster_config(&cluster)).await;
+}
+
 /// An instance that dies without a word (`SIGKILL`) stops counting within the presence
 /// TTL: nothing has to clean up after it.
 #[tokio::test]

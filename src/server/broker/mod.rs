@@ -23,6 +23,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
+pub use super::core::hub::OpenConnection;
 pub use super::event::{Cursor, Envelope, EventId, PublishedEvent, Target};
 pub use crate::api::BrokerHealth;
 
@@ -36,6 +37,9 @@ pub trait Delivery: Send + Sync + 'static {
     /// Whether this process has a stream of `user` now: a broker listens for a user while
     /// it does, whatever order subscribe and unsubscribe calls reach it in.
     fn listens_for(&self, user: &str) -> bool;
+    /// Closes `user`'s connections `ids` if `instance` is this process (see
+    /// [`Broker::replace_elsewhere`]).
+    fn replace(&self, _user: &str, _instance: &str, _ids: &[u64]) {}
 }
 
 /// How far behind the clock a lane with no event stands (see [`empty_head`]).
@@ -152,14 +156,14 @@ pub enum BrokerError {
 }
 
 /// One instance's write of its presence (see [`Broker::write_presence`]).
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct PresenceWrite<'a> {
     pub instance: &'a str,
     /// This instance's [`Stats`](crate::api::Stats) as JSON.
     pub figures: &'a str,
-    /// Users and their connection counts here; `0` removes a user.
-    pub counts: &'a [(Arc<str>, usize)],
-    /// `counts` holds every user connected here (what was written before is replaced).
+    /// Users and their open connections here; none removes a user.
+    pub users: &'a [(Arc<str>, Vec<OpenConnection>)],
+    /// `users` holds every user connected here (what was written before is replaced).
     pub full: bool,
     /// How long the write stands if the instance writes nothing more.
     pub ttl: Duration,
@@ -171,8 +175,8 @@ pub struct InstancePresence {
     pub instance: String,
     /// Its [`Stats`](crate::api::Stats) as JSON, as it last wrote them.
     pub figures: String,
-    /// The asked-for user's connections there.
-    pub connections: u64,
+    /// The asked-for user's open connections there.
+    pub connections: Vec<OpenConnection>,
 }
 
 /// Assigns ids, keeps history for replay, and fans events out to its [`EventSink`].
@@ -268,6 +272,13 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Takes this instance out of the presence at once (it is stopping).
     async fn leave_presence(&self, _instance: &str) {}
+
+    /// Asks `instance` to close `user`'s connections `ids` (the per-user limit across
+    /// instances chose them), through the user's channel like a disconnect. A broker with
+    /// no other instances has nothing to send.
+    async fn replace_elsewhere(&self, _user: &str, _instance: &str, _ids: &[u64]) -> Result<(), BrokerError> {
+        Ok(())
+    }
 
     /// Drops history past retention; called every cleanup interval.
     async fn cleanup(&self) {}

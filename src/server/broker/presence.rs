@@ -10,7 +10,7 @@
 
 use redis::Script;
 
-use super::{InstancePresence, PresenceWrite};
+use super::{InstancePresence, OpenConnection, PresenceWrite};
 
 /// The instances seen lately: member = instance id, score = when (ms).
 pub(super) const INSTANCES_KEY: &str = "sse:{presence}:instances";
@@ -24,14 +24,15 @@ fn users_key(instance: &str) -> String {
 }
 
 /// `KEYS`: instances, figures, users. `ARGV`: instance, now, ttl, figures, full (`1`: the
-/// pairs are all of this instance's users), then `user, count` pairs (`0` removes).
+/// pairs are all of this instance's users), then `user, connections` pairs (connections as
+/// [`encode_connections`] writes them; empty removes the user).
 /// Returns 1 when the users hash existed before this write (a delta on a hash that
 /// expired meanwhile, e.g. while Redis was away, asks the instance for a full write).
 const WRITE_SCRIPT: &str = r"
 local existed = redis.call('EXISTS', KEYS[3])
 if ARGV[5] == '1' then redis.call('DEL', KEYS[3]) end
 for i = 6, #ARGV, 2 do
-  if ARGV[i + 1] == '0' then
+  if ARGV[i + 1] == '' then
     redis.call('HDEL', KEYS[3], ARGV[i])
   else
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
@@ -45,20 +46,20 @@ return existed
 ";
 
 /// `KEYS`: instances. `ARGV`: now, ttl, user (empty: none). Returns `instance, figures,
-/// count` for each live instance.
+/// connections` for each live instance (the user's, as written; empty without a user).
 const READ_SCRIPT: &str = r"
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(ARGV[1]) - tonumber(ARGV[2]), '+inf')
 local out = {}
 for _, instance in ipairs(live) do
   local figures = redis.call('GET', 'sse:{presence}:i:' .. instance)
   if figures then
-    local count = 0
+    local connections = ''
     if ARGV[3] ~= '' then
-      count = tonumber(redis.call('HGET', 'sse:{presence}:u:' .. instance, ARGV[3]) or '0')
+      connections = redis.call('HGET', 'sse:{presence}:u:' .. instance, ARGV[3]) or ''
     end
     table.insert(out, instance)
     table.insert(out, figures)
-    table.insert(out, count)
+    table.insert(out, connections)
   end
 end
 return out
@@ -123,7 +124,7 @@ impl Call {
 }
 
 pub(super) fn write_call(write: &PresenceWrite<'_>, now_ms: u64) -> Call {
-    let mut args = Vec::with_capacity(5 + 2 * write.counts.len());
+    let mut args = Vec::with_capacity(5 + 2 * write.users.len());
     args.extend([
         write.instance.to_string(),
         now_ms.to_string(),
@@ -131,9 +132,9 @@ pub(super) fn write_call(write: &PresenceWrite<'_>, now_ms: u64) -> Call {
         write.figures.to_string(),
         if write.full { "1" } else { "0" }.to_string(),
     ]);
-    for (user, count) in write.counts {
+    for (user, open) in write.users {
         args.push(user.to_string());
-        args.push(count.to_string());
+        args.push(encode_connections(open));
     }
     Call {
         keys: vec![
@@ -172,8 +173,90 @@ pub(super) fn parse_read(reply: Vec<redis::Value>) -> Vec<InstancePresence> {
             Some(InstancePresence {
                 instance: text(&entry[0])?,
                 figures: text(&entry[1])?,
-                connections: redis::from_redis_value_ref::<u64>(&entry[2]).unwrap_or(0),
+                connections: decode_connections(&text(&entry[2]).unwrap_or_default()),
             })
         })
         .collect()
+}
+
+/// A user's open connections on one instance as the users hash holds them:
+/// `<opened ms>:<id>` joined by commas (at most `SSE_MAX_CLIENTS_PER_USER` of them).
+pub(super) fn encode_connections(open: &[OpenConnection]) -> String {
+    let mut out = String::with_capacity(open.len() * 24);
+    for (i, c) in open.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{}:{}", c.opened_ms, c.id));
+    }
+    out
+}
+
+/// The reverse of [`encode_connections`]; what does not parse is left out.
+pub(super) fn decode_connections(text: &str) -> Vec<OpenConnection> {
+    text.split(',')
+        .filter_map(|entry| {
+            let (opened, id) = entry.split_once(':')?;
+            Some(OpenConnection {
+                opened_ms: opened.parse().ok()?,
+                id: id.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// `"!replace <instance> <id>,<id>..."`: asks `instance` to close those connections of
+/// the user whose channel carries it.
+pub(super) fn replace_message(instance: &str, ids: &[u64]) -> String {
+    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+    format!("!replace {instance} {}", ids.join(","))
+}
+
+/// Most ids one replace message may name (more than any per-user limit needs).
+const MAX_REPLACED: usize = 64;
+
+/// Parses the part of a replace message after `"!replace "`; `None` when malformed.
+pub(super) fn parse_replace(rest: &str) -> Option<(String, Vec<u64>)> {
+    let (instance, ids) = rest.split_once(' ')?;
+    let valid_instance =
+        !instance.is_empty() && instance.len() <= 64 && instance.bytes().all(|b| b.is_ascii_alphanumeric());
+    let ids: Vec<u64> = ids.split(',').map(str::parse).collect::<Result<_, _>>().ok()?;
+    (valid_instance && !ids.is_empty() && ids.len() <= MAX_REPLACED).then(|| (instance.to_string(), ids))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_round_trip_and_bad_entries_are_left_out() {
+        let open = [
+            OpenConnection {
+                opened_ms: 1_700_000_000_000,
+                id: 7,
+            },
+            OpenConnection {
+                opened_ms: 1_700_000_000_500,
+                id: 9,
+            },
+        ];
+        assert_eq!(decode_connections(&encode_connections(&open)), open);
+        assert_eq!(encode_connections(&[]), "");
+        assert!(decode_connections("").is_empty());
+        assert_eq!(
+            decode_connections("x:1,5:6,7"),
+            [OpenConnection { opened_ms: 5, id: 6 }]
+        );
+    }
+
+    #[test]
+    fn replace_messages_parse_back_and_bad_ones_are_refused() {
+        let message = replace_message("0123abcd", &[3, 4]);
+        let rest = message.strip_prefix("!replace ").unwrap();
+        assert_eq!(parse_replace(rest), Some(("0123abcd".into(), vec![3, 4])));
+        let too_many = vec!["1"; MAX_REPLACED + 1].join(",");
+        for bad in ["", "abc", "abc ", "a-b 1", "abc 1,x", &format!("abc {too_many}")] {
+            assert_eq!(parse_replace(bad), None, "{bad}");
+        }
+    }
 }

@@ -815,7 +815,16 @@ fn is_json_object(data: &str) -> bool {
 #[derive(Debug)]
 pub(super) enum Message {
     Event(PublishedEvent),
-    Disconnect { user: Arc<str>, nonce: String },
+    Disconnect {
+        user: Arc<str>,
+        nonce: String,
+    },
+    /// Close these connections of `user` if `instance` is this one.
+    Replace {
+        user: Arc<str>,
+        instance: String,
+        ids: Vec<u64>,
+    },
 }
 
 /// Parses a live message from `channel`: `"<id> <name> <data>"`, or `"!disconnect <nonce>"`
@@ -832,6 +841,11 @@ fn decode_message(channel: &str, payload: &str, now_ms: u64) -> Option<Message> 
 
 /// Parses a live message for `target` (see [`decode_message`]).
 pub(super) fn decode_payload(target: Target, payload: &str, now_ms: u64, encode: Encode) -> Option<Message> {
+    if let Some(rest) = payload.strip_prefix("!replace ") {
+        let Target::User(user) = target else { return None };
+        let (instance, ids) = presence::parse_replace(rest)?;
+        return Some(Message::Replace { user, instance, ids });
+    }
     if let Some(nonce) = payload.strip_prefix("!disconnect ") {
         let Target::User(user) = target else { return None };
         let valid =
@@ -885,6 +899,9 @@ async fn run_subscriber(broker: Weak<RedisBroker>, ready: tokio::sync::oneshot::
                     match decode_message(msg.get_channel_name(), payload, now_ms()) {
                         Some(Message::Event(event)) => this.dispatch(event),
                         Some(Message::Disconnect { user, nonce }) => this.on_disconnect(&user, &nonce),
+                        Some(Message::Replace { user, instance, ids }) => {
+                            this.sink.replace(&user, &instance, &ids)
+                        }
                         None => {
                             tracing::warn!(channel = msg.get_channel_name(), "skipped an undecodable message")
                         }
@@ -1175,6 +1192,17 @@ impl Broker for RedisBroker {
         }
     }
 
+    async fn replace_elsewhere(&self, user: &str, instance: &str, ids: &[u64]) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(user_channel(user))
+            .arg(presence::replace_message(instance, ids))
+            .query_async::<usize>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+
     async fn shutdown(&self) {
         if let Some(task) = self.subscriber.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
@@ -1191,7 +1219,7 @@ mod tests {
     fn event(channel: &str, payload: &str) -> Option<PublishedEvent> {
         match decode_message(channel, payload, NOW)? {
             Message::Event(e) => Some(e),
-            Message::Disconnect { .. } => None,
+            Message::Disconnect { .. } | Message::Replace { .. } => None,
         }
     }
 
@@ -1208,6 +1236,13 @@ mod tests {
             decode_message("sse:u:bob", "!disconnect abc123", NOW),
             Some(Message::Disconnect { user, nonce }) if &*user == "bob" && nonce == "abc123"
         ));
+        assert!(matches!(
+            decode_message("sse:u:bob", "!replace 0a1b 3,4", NOW),
+            Some(Message::Replace { user, instance, ids })
+                if &*user == "bob" && instance == "0a1b" && ids == [3, 4]
+        ));
+        // Replacing is per user: never on the broadcast channel.
+        assert!(decode_message(BROADCAST_CHANNEL, "!replace 0a1b 3", NOW).is_none());
     }
 
     /// `count` entries of `name` from id `first` on, published at `at_ms`.

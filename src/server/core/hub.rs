@@ -41,6 +41,18 @@ struct Connection {
     filter: Option<Arc<[String]>>,
     /// When its session ends, seconds since the Unix epoch.
     expires_at: Option<u64>,
+    /// When it opened, ms since the Unix epoch: the per-user limit across instances closes
+    /// the oldest first.
+    opened_ms: u64,
+}
+
+/// One open connection as the presence across instances sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OpenConnection {
+    /// When it opened, ms since the Unix epoch.
+    pub opened_ms: u64,
+    /// Its id in its instance's hub.
+    pub id: u64,
 }
 
 impl Connection {
@@ -87,6 +99,19 @@ struct Inner {
     closed: bool,
     /// `(expires_at, id, user)` of connections whose session ends, soonest first.
     expiries: BTreeSet<(u64, u64, Arc<str>)>,
+}
+
+/// The open connections in `conns`, oldest first.
+fn open_of(conns: Option<&Vec<Connection>>) -> Vec<OpenConnection> {
+    conns.map_or_else(Vec::new, |conns| {
+        conns
+            .iter()
+            .map(|c| OpenConnection {
+                opened_ms: c.opened_ms,
+                id: c.id,
+            })
+            .collect()
+    })
 }
 
 impl Inner {
@@ -162,6 +187,7 @@ impl Hub {
             mailbox: sender,
             filter,
             expires_at,
+            opened_ms: crate::server::clock::now_ms(),
         });
         for old in &replaced {
             inner.forget_expiry(user, old);
@@ -230,28 +256,63 @@ impl Hub {
         self.lock().track_presence = true;
     }
 
-    /// Up to `max` users whose count changed since the last call, with their count now
-    /// (`0`: none left here). Counts are registrations held: a stream counts until it
-    /// has ended.
-    pub fn presence_changes(&self, max: usize) -> Vec<(Arc<str>, usize)> {
+    /// Up to `max` users whose connections changed since the last call, with those open
+    /// now (none: no connection left here).
+    pub fn presence_changes(&self, max: usize) -> Vec<(Arc<str>, Vec<OpenConnection>)> {
         let mut inner = self.lock();
         let taken: Vec<Arc<str>> = inner.presence_changed.iter().take(max).cloned().collect();
         taken
             .into_iter()
             .map(|user| {
                 inner.presence_changed.remove(&user);
-                let count = inner.held.get(&user).copied().unwrap_or(0);
-                (user, count)
+                let open = open_of(inner.users.get(&user));
+                (user, open)
             })
             .collect()
     }
 
-    /// Every user connected here with their count, for a full presence write; the changes
-    /// noted so far are covered by it.
-    pub fn presence_snapshot(&self) -> Vec<(Arc<str>, usize)> {
+    /// Every user connected here with their open connections, for a full presence write;
+    /// the changes noted so far are covered by it.
+    pub fn presence_snapshot(&self) -> Vec<(Arc<str>, Vec<OpenConnection>)> {
         let mut inner = self.lock();
         inner.presence_changed.clear();
-        inner.held.iter().map(|(user, n)| (user.clone(), *n)).collect()
+        inner
+            .users
+            .iter()
+            .map(|(user, conns)| (user.clone(), open_of(Some(conns))))
+            .collect()
+    }
+
+    /// `user`'s open connections here.
+    pub fn open_connections(&self, user: &str) -> Vec<OpenConnection> {
+        open_of(self.lock().users.get(user))
+    }
+
+    /// Closes `user`'s connections among `ids` as [`CloseReason::Replaced`] (the per-user
+    /// limit across instances chose them); returns how many were open.
+    pub fn replace_connections(&self, user: &str, ids: &[u64]) -> usize {
+        let mut inner = self.lock();
+        let Some((user, conns)) = inner.users.remove_entry(user) else {
+            return 0;
+        };
+        let (mut replaced, kept): (Vec<Connection>, Vec<Connection>) =
+            conns.into_iter().partition(|c| ids.contains(&c.id));
+        if !kept.is_empty() {
+            inner.users.insert(user.clone(), kept);
+        }
+        for old in &mut replaced {
+            old.close(CloseReason::Replaced);
+        }
+        for old in &replaced {
+            inner.forget_expiry(&user, old);
+        }
+        inner.connections -= replaced.len();
+        drop(inner);
+        self.counters
+            .replaced
+            .fetch_add(replaced.len() as u64, Ordering::Relaxed);
+        m::connections_changed(-(replaced.len() as isize));
+        replaced.len()
     }
 
     /// Whether any registration of `user` is held here (open, or closed by the hub but
@@ -456,6 +517,36 @@ mod tests {
         ));
         assert_eq!(hub.client_count_for_user("a"), 2);
         assert_eq!(hub.client_count(), 2);
+    }
+
+    #[test]
+    fn presence_sees_open_connections_and_replacing_closes_only_those_named() {
+        let hub = Hub::new(5, 4);
+        hub.track_presence();
+        let mut first = hub.register(&user("a"), None, None).unwrap();
+        let second = hub.register(&user("a"), None, None).unwrap();
+        let _other = hub.register(&user("b"), None, None).unwrap();
+        let mut changed = hub.presence_changes(10);
+        changed.sort();
+        assert_eq!(changed.len(), 2);
+        assert_eq!(changed[0].0.as_ref(), "a");
+        let ids: Vec<u64> = changed[0].1.iter().map(|c| c.id).collect();
+        assert_eq!(ids, [first.id, second.id]);
+        assert!(changed[0].1[0].opened_ms <= changed[0].1[1].opened_ms);
+        assert!(hub.presence_changes(10).is_empty(), "taken once");
+
+        assert_eq!(hub.replace_connections("a", &[first.id, 999]), 1);
+        assert!(matches!(
+            first.mailbox.try_recv(),
+            Some(Received::Closed(CloseReason::Replaced))
+        ));
+        let left: Vec<u64> = hub.open_connections("a").iter().map(|c| c.id).collect();
+        assert_eq!(left, [second.id]);
+        assert_eq!(hub.client_count(), 2);
+        assert_eq!(hub.replace_connections("nobody", &[1]), 0);
+        // Its stream ends and unregisters: a change for the presence.
+        hub.unregister("a", first.id);
+        assert_eq!(hub.presence_changes(10).len(), 1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::hub::Hub;
+use super::hub::{Hub, OpenConnection};
 use crate::{
     api::Stats,
     server::broker::{Broker, BrokerError, InstancePresence, PresenceWrite},
@@ -133,23 +133,23 @@ impl PresenceBook {
     async fn write_and_read(&self, hub: &Hub, broker: &dyn Broker, own: &Stats) -> Result<(), BrokerError> {
         let figures = serde_json::to_string(own).expect("stats serialize");
         let full = self.full_write_due.swap(false, Ordering::Relaxed);
-        let counts = if full {
+        let users = if full {
             hub.presence_snapshot()
         } else {
             hub.presence_changes(MAX_PER_WRITE)
         };
-        let mut chunks = counts.chunks(MAX_PER_WRITE);
+        let mut chunks = users.chunks(MAX_PER_WRITE);
         let first = chunks.next().unwrap_or_default();
         let mut write = PresenceWrite {
             instance: &self.instance,
             figures: &figures,
-            counts: first,
+            users: first,
             full,
             ttl: TTL,
         };
         let kept = broker.write_presence(&write).await?;
         for chunk in chunks {
-            write.counts = chunk;
+            write.users = chunk;
             write.full = false;
             broker.write_presence(&write).await?;
         }
@@ -202,18 +202,16 @@ impl PresenceBook {
         broker: &dyn Broker,
         user: &str,
     ) -> Result<Presence, BrokerError> {
-        let here = hub.client_count_for_user(user) as u64;
-        let mut instances: Vec<InstanceConnections> = broker
-            .read_presence(Some(user), TTL)
+        let mut instances: Vec<InstanceConnections> = self
+            .elsewhere(broker, user)
             .await?
-            .unwrap_or_default()
             .into_iter()
-            .filter(|i| i.instance != self.instance && i.connections > 0)
             .map(|i| InstanceConnections {
                 instance: i.instance,
-                connections: i.connections,
+                connections: i.connections.len() as u64,
             })
             .collect();
+        let here = hub.client_count_for_user(user) as u64;
         if here > 0 {
             instances.push(InstanceConnections {
                 instance: self.instance.clone(),
@@ -228,6 +226,72 @@ impl PresenceBook {
             connections,
             instances,
         })
+    }
+
+    /// Holds `user` to `max` connections on all instances together: past it, the oldest
+    /// are closed wherever they are ([`CloseReason::Replaced`](super::mailbox::CloseReason),
+    /// as the local limit does). Returns how many were asked to close. Skipped (no broker
+    /// call) while no other instance has been seen.
+    pub async fn hold_to_limit(
+        &self,
+        hub: &Hub,
+        broker: &dyn Broker,
+        user: &str,
+        max: usize,
+    ) -> Result<usize, BrokerError> {
+        if !self.others_seen() {
+            return Ok(0);
+        }
+        let elsewhere = self.elsewhere(broker, user).await?;
+        let mut all: Vec<(OpenConnection, &str)> = hub
+            .open_connections(user)
+            .into_iter()
+            .map(|c| (c, self.instance.as_str()))
+            .chain(
+                elsewhere
+                    .iter()
+                    .flat_map(|i| i.connections.iter().map(|c| (*c, i.instance.as_str()))),
+            )
+            .collect();
+        if all.len() <= max {
+            return Ok(0);
+        }
+        // Oldest first, ties by instance then id: every instance that checks picks the same.
+        all.sort_by(|(a, ai), (b, bi)| (a.opened_ms, *ai, a.id).cmp(&(b.opened_ms, *bi, b.id)));
+        let excess = all.len() - max;
+        let mut by_instance: Vec<(&str, Vec<u64>)> = Vec::new();
+        for (conn, instance) in &all[..excess] {
+            match by_instance.iter_mut().find(|(i, _)| i == instance) {
+                Some((_, ids)) => ids.push(conn.id),
+                None => by_instance.push((instance, vec![conn.id])),
+            }
+        }
+        for (instance, ids) in by_instance {
+            if instance == self.instance {
+                hub.replace_connections(user, &ids);
+            } else {
+                broker.replace_elsewhere(user, instance, &ids).await?;
+            }
+        }
+        Ok(excess)
+    }
+
+    /// Whether the last read saw any instance but this one.
+    pub fn others_seen(&self) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.as_ref()
+            .is_some_and(|all| all.iter().any(|i| i.instance != self.instance))
+    }
+
+    /// The other live instances holding connections of `user`, as they last wrote them.
+    async fn elsewhere(&self, broker: &dyn Broker, user: &str) -> Result<Vec<InstancePresence>, BrokerError> {
+        Ok(broker
+            .read_presence(Some(user), TTL)
+            .await?
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| i.instance != self.instance && !i.connections.is_empty())
+            .collect())
     }
 }
 

@@ -257,7 +257,11 @@ impl SseService {
             inbox_store.map(|store| Inbox::new(store, config.inbox_events.clone(), config.inbox_retention));
         m::install();
         let hub = Arc::new(Hub::new(config.max_clients_per_user, config.queue_capacity));
-        let sink: EventSink = Arc::new(HubDelivery(hub.clone()));
+        let instance = presence::new_instance_id();
+        let sink: EventSink = Arc::new(HubDelivery {
+            hub: hub.clone(),
+            instance: instance.clone(),
+        });
         let broker: Arc<dyn Broker> = match &config.redis_url {
             Some(url) if config.redis_cluster => {
                 use secrecy::ExposeSecret;
@@ -323,7 +327,7 @@ impl SseService {
             hub,
             broker,
             shutting_down: tokio::sync::watch::Sender::new(false),
-            presence: PresenceBook::new(presence::new_instance_id()),
+            presence: PresenceBook::new(instance),
             published: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             started_at_ms: now_ms(),
@@ -610,6 +614,26 @@ impl SseService {
         };
         if registration.first_for_user {
             broker.subscribe(&user).await;
+        }
+        if inner.presence.others_seen() {
+            // The per-user limit across instances, off the connect's path: one presence
+            // read, and the oldest connections past the limit closed wherever they are.
+            let (service, user) = (self.clone(), user.clone());
+            tokio::spawn(async move {
+                let inner = &service.inner;
+                let held = inner
+                    .presence
+                    .hold_to_limit(
+                        &inner.hub,
+                        inner.broker.as_ref(),
+                        &user,
+                        inner.config.max_clients_per_user,
+                    )
+                    .await;
+                if let Err(e) = held {
+                    tracing::debug!(%user, "per-user limit across instances not checked: {e}");
+                }
+            });
         }
 
         let mut prelude = BytesMut::new();
@@ -1161,7 +1185,11 @@ impl SseService {
 }
 
 /// The broker hands events and disconnects to the local hub through this.
-struct HubDelivery(Arc<Hub>);
+struct HubDelivery {
+    hub: Arc<Hub>,
+    /// This instance's id, to pick out the replace requests meant for it.
+    instance: String,
+}
 
 impl StreamEnded for Inner {
     fn stream_ended(self: Arc<Self>, user: Arc<str>, id: u64, position: Option<Cursor>) {
@@ -1171,15 +1199,21 @@ impl StreamEnded for Inner {
 
 impl Delivery for HubDelivery {
     fn deliver(&self, event: Arc<PublishedEvent>) {
-        self.0.dispatch(&event);
+        self.hub.dispatch(&event);
     }
 
     fn disconnect(&self, user: &str) -> usize {
-        self.0.close_user(user, CloseReason::Disconnected)
+        self.hub.close_user(user, CloseReason::Disconnected)
     }
 
     fn listens_for(&self, user: &str) -> bool {
-        self.0.holds_user(user)
+        self.hub.holds_user(user)
+    }
+
+    fn replace(&self, user: &str, instance: &str, ids: &[u64]) {
+        if instance == self.instance {
+            self.hub.replace_connections(user, ids);
+        }
     }
 }
 

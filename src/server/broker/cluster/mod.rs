@@ -842,6 +842,9 @@ async fn run_dispatch(broker: Weak<ClusterBroker>, mut events: mpsc::Receiver<Su
                 match decode_payload(target, payload, now, PublishedEvent::encode_in_lane) {
                     Some(Message::Event(event)) => this.dispatch(event),
                     Some(Message::Disconnect { user, nonce }) => this.on_disconnect(&user, &nonce),
+                    Some(Message::Replace { user, instance, ids }) => {
+                        this.sink.replace(&user, &instance, &ids)
+                    }
                     None => tracing::warn!(channel, "skipped an undecodable message"),
                 }
             }
@@ -1125,6 +1128,19 @@ impl Broker for ClusterBroker {
         if let Err(e) = left {
             tracing::warn!("could not leave the presence: {e}");
         }
+    }
+
+    async fn replace_elsewhere(&self, user: &str, instance: &str, ids: &[u64]) -> Result<(), BrokerError> {
+        let channel = lane_key(&Target::User(user.into()), "live").to_string();
+        let cmd = redis::cmd("SPUBLISH")
+            .arg(&channel)
+            .arg(presence::replace_message(instance, ids))
+            .clone();
+        self.router
+            .query::<usize>(&channel, &cmd)
+            .await
+            .map(drop)
+            .map_err(router_error)
     }
 
     async fn shutdown(&self) {
