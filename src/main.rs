@@ -96,7 +96,7 @@ mod standalone {
                     async move { Html(status_page(&service)) }
                 }),
             )
-            .merge(Routes::new(service).build())
+            .merge(Routes::new(service).dashboard(true).build())
     }
 
     fn status_page(service: &SseService) -> String {
@@ -109,6 +109,7 @@ mod standalone {
 <p>A notification server is running here ({broker} broker, {health:?}).</p>
 <p>Browsers stream events from <code>GET {stream}</code> with a session token; other backends publish with
 <code>POST /api/events</code> and the publish key. Stats and metrics need the publish key too.</p>
+<p>Operators: <a href="/dashboard">the dashboard</a> of every instance (sign in with the publish key).</p>
 </body></html>"#,
             broker = service.broker_kind(),
             health = service.broker_health(),

@@ -404,3 +404,134 @@ async fn under_a_prefix_the_document_names_it() {
     assert_eq!(doc["servers"][0]["url"], "/notify");
     assert_eq!(doc["paths"], Contract::new().doc["paths"]);
 }
+
+/// The operators' dashboard: the sign-in form without a cookie; a wrong key is refused; the
+/// right one sets an `HttpOnly`, `SameSite=Strict` cookie that opens the dashboard and the
+/// stats routes (a forged or signed-out one does not); every answer as documented.
+#[tokio::test]
+async fn the_dashboard_signs_operators_in_with_the_publish_key() {
+    let contract = Contract::new();
+    let service = SseService::start(test_config()).await.unwrap();
+    let server = serve(service, |sse| Routes::new(sse).dashboard(true).build()).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = |path: &str| server.url(path);
+
+    contract
+        .check(
+            "GET",
+            "/dashboard",
+            http.get(url("/dashboard")).send().await.unwrap(),
+        )
+        .await;
+    let page = http.get(url("/dashboard")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'nonce-"),
+        "{csp}"
+    );
+    assert!(
+        page.text().await.unwrap().contains(r#"name="key""#),
+        "the sign-in form"
+    );
+
+    let sign_in = |key: &str| {
+        http.post(url("/dashboard/sign-in"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("key={key}"))
+            .send()
+    };
+    let wrong = sign_in("not-the-key").await.unwrap();
+    assert_eq!(wrong.status(), 403);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    contract.check("POST", "/dashboard/sign-in", wrong).await;
+    let too_big = sign_in(&"k".repeat(2000)).await.unwrap();
+    assert_eq!(too_big.status(), 413);
+    contract.check("POST", "/dashboard/sign-in", too_big).await;
+
+    let right = sign_in(PUBLISH_KEY).await.unwrap();
+    assert_eq!(right.status(), 303);
+    assert_eq!(right.headers()["location"], "/dashboard");
+    let set_cookie = right.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie} lacks {attribute}");
+    }
+    contract.check("POST", "/dashboard/sign-in", right).await;
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+
+    let dashboard = http
+        .get(url("/dashboard"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dashboard.status(), 200);
+    let html = dashboard.text().await.unwrap();
+    let id = server.service.instance_id();
+    assert!(
+        html.contains(&format!(r#"data-instance="{id}""#)),
+        "this instance's row"
+    );
+    assert!(html.contains("Refused connections by reason"));
+
+    let stats_with = |cookie: &str| {
+        http.get(url("/api/stats"))
+            .header("cookie", cookie.to_owned())
+            .send()
+    };
+    let stats = stats_with(&cookie).await.unwrap();
+    assert_eq!(stats.status(), 200);
+    let report = contract.check("GET", "/api/stats", stats).await;
+    assert_eq!(report["instance"], id);
+    assert!(report["refused"]["unauthorized"].is_u64(), "{report}");
+    let stream = http
+        .get(url("/api/stats/stream"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    drop(stream);
+    let forged = cookie.replace(|c: char| c.is_ascii_digit(), "9");
+    assert_eq!(
+        stats_with(&forged).await.unwrap().status(),
+        401,
+        "a forged cookie"
+    );
+    // The cookie never stands in for the publish key anywhere else.
+    let publish = http
+        .post(url("/api/events"))
+        .header("cookie", &cookie)
+        .json(&json!({"user_id": "u", "event": "notification", "data": {"title": "t", "message": "m"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(publish.status(), 401);
+
+    let out = http
+        .post(url("/dashboard/sign-out"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 303);
+    assert!(out.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    contract.check("POST", "/dashboard/sign-out", out).await;
+
+    // Without a publish key there is nothing to sign in with.
+    let mut config = test_config();
+    config.publish_key = None;
+    let service = SseService::start(config).await.unwrap();
+    let keyless = serve(service, |sse| Routes::new(sse).dashboard(true).build()).await;
+    let refused = http.get(keyless.url("/dashboard")).send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    contract.check("GET", "/dashboard", refused).await;
+}

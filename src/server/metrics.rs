@@ -4,7 +4,13 @@
 //! tests that start several servers in one process share it; per-service figures are in
 //! `/api/stats`.
 
-use std::sync::OnceLock;
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
+};
 
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -79,8 +85,37 @@ pub fn replayed_more(events: usize) {
     counter!("sse_replayed_events_total").increment(events as u64);
 }
 
+/// Every reason a connection may be refused for, as `sse_connections_refused_total` labels it.
+pub const REFUSAL_REASONS: [&str; 9] = [
+    "unauthorized",
+    "auth_unavailable",
+    "rate_limited",
+    "max_connections",
+    "head_timeout",
+    "socket_limit",
+    "pending_per_address",
+    "connections_per_address",
+    "origin",
+];
+
+/// The refusals by reason, kept beside the Prometheus counter for `/api/stats` (which
+/// cannot read the recorder back).
+static REFUSED: [AtomicU64; REFUSAL_REASONS.len()] = [const { AtomicU64::new(0) }; REFUSAL_REASONS.len()];
+
 pub fn connection_refused(reason: &'static str) {
     counter!("sse_connections_refused_total", "reason" => reason).increment(1);
+    if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
+        REFUSED[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Connections refused by this process so far, by reason (every reason, zeros too).
+pub fn refusals() -> BTreeMap<String, u64> {
+    REFUSAL_REASONS
+        .iter()
+        .zip(&REFUSED)
+        .map(|(reason, n)| (reason.to_string(), n.load(Ordering::Relaxed)))
+        .collect()
 }
 
 pub fn broker_healthy(healthy: bool) {

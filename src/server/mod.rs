@@ -48,7 +48,9 @@ pub mod webhook;
 
 pub use self::core::connection::{ConnectionPermit, EventStream};
 /// The modules' former paths, kept for code that names them.
-pub use self::core::presence::{ClusterStats, InstanceConnections, InstanceStats, Presence, StatsReport};
+pub use self::core::presence::{
+    ClusterStats, InstanceConnections, InstanceFigures, InstanceStats, Presence, StatsReport,
+};
 pub use self::core::service;
 pub use self::core::service::{
     OpenError, RateLimited, Resume, SendError, SseService, SseServiceBuilder, StartError,

@@ -14,7 +14,9 @@ use std::sync::{
 };
 use std::time::Duration;
 
-use serde::Serialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use super::hub::{Hub, OpenConnection};
 use crate::{
@@ -53,6 +55,18 @@ pub struct InstanceConnections {
     pub connections: u64,
 }
 
+/// One instance's figures: its [`Stats`] and the connections it refused, by reason (the
+/// reasons of `sse_connections_refused_total`; counted per process).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceFigures {
+    #[serde(flatten)]
+    pub stats: Stats,
+    #[serde(default)]
+    pub refused: BTreeMap<String, u64>,
+}
+
 /// Every live instance's figures and their sums (in `GET /api/stats` as `cluster`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "ssr", derive(utoipa::ToSchema))]
@@ -60,10 +74,14 @@ pub struct InstanceConnections {
 pub struct ClusterStats {
     /// Streams open on all instances.
     pub clients: usize,
+    /// Events published through all instances.
+    pub events_published: u64,
     /// Events delivered by all instances.
     pub events_delivered: u64,
     /// Slow clients cut by all instances.
     pub slow_client_disconnects: u64,
+    /// Connections refused by all instances, by reason.
+    pub refused: BTreeMap<String, u64>,
     /// Each live instance, this one included.
     pub instances: Vec<InstanceStats>,
 }
@@ -74,7 +92,7 @@ pub struct ClusterStats {
 #[serde(rename_all = "camelCase")]
 pub struct InstanceStats {
     pub instance: String,
-    pub stats: Stats,
+    pub stats: InstanceFigures,
 }
 
 /// `GET /api/stats`: this instance's figures, its id, and every instance's.
@@ -83,7 +101,7 @@ pub struct InstanceStats {
 #[serde(rename_all = "camelCase")]
 pub struct StatsReport {
     #[serde(flatten)]
-    pub stats: Stats,
+    pub stats: InstanceFigures,
     /// This instance's id (random, new at each start).
     pub instance: String,
     pub cluster: ClusterStats,
@@ -92,10 +110,17 @@ pub struct StatsReport {
 impl ClusterStats {
     /// The sums over `instances`.
     pub fn of(instances: Vec<InstanceStats>) -> Self {
+        let mut refused = BTreeMap::new();
+        for (reason, n) in instances.iter().flat_map(|i| &i.stats.refused) {
+            *refused.entry(reason.clone()).or_default() += n;
+        }
+        let sum = |f: fn(&Stats) -> u64| instances.iter().map(|i| f(&i.stats.stats)).sum();
         Self {
-            clients: instances.iter().map(|i| i.stats.clients).sum(),
-            events_delivered: instances.iter().map(|i| i.stats.events_delivered).sum(),
-            slow_client_disconnects: instances.iter().map(|i| i.stats.slow_client_disconnects).sum(),
+            clients: instances.iter().map(|i| i.stats.stats.clients).sum(),
+            events_published: sum(|s| s.events_published),
+            events_delivered: sum(|s| s.events_delivered),
+            slow_client_disconnects: sum(|s| s.slow_client_disconnects),
+            refused,
             instances,
         }
     }
@@ -122,7 +147,12 @@ impl PresenceBook {
 
     /// Writes this instance's part and reads everyone's. On a failure the next write is a
     /// full one (the changes taken are lost with it).
-    pub async fn tick(&self, hub: &Hub, broker: &dyn Broker, own: &Stats) -> Result<(), BrokerError> {
+    pub async fn tick(
+        &self,
+        hub: &Hub,
+        broker: &dyn Broker,
+        own: &InstanceFigures,
+    ) -> Result<(), BrokerError> {
         let outcome = self.write_and_read(hub, broker, own).await;
         if outcome.is_err() {
             self.full_write_due.store(true, Ordering::Relaxed);
@@ -130,7 +160,12 @@ impl PresenceBook {
         outcome
     }
 
-    async fn write_and_read(&self, hub: &Hub, broker: &dyn Broker, own: &Stats) -> Result<(), BrokerError> {
+    async fn write_and_read(
+        &self,
+        hub: &Hub,
+        broker: &dyn Broker,
+        own: &InstanceFigures,
+    ) -> Result<(), BrokerError> {
         let figures = serde_json::to_string(own).expect("stats serialize");
         let full = self.full_write_due.swap(false, Ordering::Relaxed);
         let users = if full {
@@ -163,7 +198,7 @@ impl PresenceBook {
     }
 
     /// This instance's figures with every live instance's.
-    pub fn report(&self, own: Stats) -> StatsReport {
+    pub fn report(&self, own: InstanceFigures) -> StatsReport {
         StatsReport {
             cluster: self.cluster_stats(own.clone()),
             instance: self.instance.clone(),
@@ -173,7 +208,7 @@ impl PresenceBook {
 
     /// Every live instance's figures, this one's current; just this one's before the first
     /// read or on the in-process broker.
-    pub fn cluster_stats(&self, own: Stats) -> ClusterStats {
+    pub fn cluster_stats(&self, own: InstanceFigures) -> ClusterStats {
         let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut instances: Vec<InstanceStats> = seen
             .unwrap_or_default()

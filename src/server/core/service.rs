@@ -66,7 +66,7 @@ use super::{
     idempotency::check_idempotency_key,
     inbox::{added_events, with_ids, Inbox, UserInbox},
     mailbox::CloseReason,
-    presence::{self, ClusterStats, Presence, PresenceBook, StatsReport},
+    presence::{self, ClusterStats, InstanceFigures, Presence, PresenceBook, StatsReport},
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
 };
 use crate::{
@@ -431,7 +431,7 @@ impl SseService {
                     let inner = &service.inner;
                     let outcome = inner
                         .presence
-                        .tick(&inner.hub, inner.broker.as_ref(), &service.stats())
+                        .tick(&inner.hub, inner.broker.as_ref(), &service.figures())
                         .await;
                     match &outcome {
                         Err(e) if !failing => tracing::warn!("presence not written: {e}"),
@@ -1082,13 +1082,21 @@ impl SseService {
     /// Every live instance's figures and their sums, as the last presence read saw them
     /// (this instance's current): no broker call.
     pub fn cluster_stats(&self) -> ClusterStats {
-        self.inner.presence.cluster_stats(self.stats())
+        self.inner.presence.cluster_stats(self.figures())
+    }
+
+    /// [`stats`](Self::stats) and the connections refused, by reason.
+    fn figures(&self) -> InstanceFigures {
+        InstanceFigures {
+            stats: self.stats(),
+            refused: m::refusals(),
+        }
     }
 
     /// [`stats`](Self::stats) with this instance's id and [`cluster_stats`](Self::cluster_stats),
     /// as `GET /api/stats` serves them.
     pub fn stats_report(&self) -> StatsReport {
-        self.inner.presence.report(self.stats())
+        self.inner.presence.report(self.figures())
     }
 
     /// A session token for `user_id`, valid for `ttl`, as `/api/sse` accepts it.

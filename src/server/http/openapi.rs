@@ -24,7 +24,10 @@ use crate::{
     },
     server::{
         auth::SESSION_COOKIE,
-        core::presence::{ClusterStats, InstanceConnections, InstanceStats, Presence, StatsReport},
+        core::presence::{
+            ClusterStats, InstanceConnections, InstanceFigures, InstanceStats, Presence, StatsReport,
+        },
+        http::dashboard::OPS_COOKIE,
     },
 };
 
@@ -61,12 +64,13 @@ pub fn openapi_json() -> String {
     ),
     paths(
         stream, stream_probe, websocket, publish, disconnect, webhook, inbox_list, inbox_read,
-        inbox_unread, inbox_archive, inbox_unarchive, stats, stats_stream, presence, metrics, health,
+        inbox_unread, inbox_archive, inbox_unarchive, stats, stats_stream, presence, metrics, health, dashboard,
+        dashboard_sign_in, dashboard_sign_out,
         document,
     ),
     components(schemas(
         ErrorBody, PublishItem, PublishBody, Published, DisconnectBody, Disconnected, Health,
-        Stats, StatsReport, ClusterStats, InstanceStats, Presence, InstanceConnections,
+        Stats, StatsReport, InstanceFigures, ClusterStats, InstanceStats, Presence, InstanceConnections,
         BrokerHealth, InboxPage, InboxItem, InboxCounts, InboxSelection, InboxChange,
         Ready, Heartbeat, Notification, NotificationKind, ReelUploadProgress, UploadStatus,
         ReelReady, UserUpdate, UserUpdateKind, SystemAlert, SystemAlertKind,
@@ -106,6 +110,13 @@ impl Modify for SecuritySchemes {
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
                 SESSION_COOKIE,
                 "The same token in a cookie; a page on another origin is refused (403 naming `origin`)",
+            ))),
+        );
+        components.add_security_scheme(
+            "operatorCookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                OPS_COOKIE,
+                "Set by signing in to the dashboard with the publish key; opens the stats routes",
             ))),
         );
         components.add_security_scheme(
@@ -426,7 +437,7 @@ fn inbox_unarchive() {}
         (status = 401, description = "No publish key", body = ErrorBody),
         (status = 403, description = "A wrong publish key, or none configured", body = ErrorBody),
     ),
-    security(("publishKey" = [])),
+    security(("publishKey" = []), ("operatorCookie" = [])),
 )]
 #[allow(dead_code)]
 fn stats() {}
@@ -439,7 +450,7 @@ fn stats() {}
         (status = 403, description = "A wrong publish key, or none configured", body = ErrorBody),
         (status = 503, description = "The server holds as many connections as it may", body = ErrorBody),
     ),
-    security(("publishKey" = [])),
+    security(("publishKey" = []), ("operatorCookie" = [])),
 )]
 #[allow(dead_code)]
 fn stats_stream() {}
@@ -459,6 +470,38 @@ fn stats_stream() {}
 )]
 #[allow(dead_code)]
 fn presence() {}
+
+/// The operators' dashboard (when the server turns it on; the standalone server does): the
+/// sign-in form without a valid `sse_ops` cookie, every instance's figures with one.
+#[utoipa::path(get, path = "/dashboard", tag = "operate",
+    responses(
+        (status = 200, description = "The dashboard, or the sign-in form", content_type = "text/html", body = String),
+        (status = 403, description = "No publish key configured", content_type = "text/html", body = String),
+    ),
+)]
+#[allow(dead_code)]
+fn dashboard() {}
+
+/// Signs an operator in with the publish key (a form field `key`): sets the `sse_ops`
+/// cookie (`HttpOnly`, `SameSite=Strict`, 12 h) and goes back to the dashboard.
+#[utoipa::path(post, path = "/dashboard/sign-in", tag = "operate",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "`key=<SSE_PUBLISH_KEY>`"),
+    responses(
+        (status = 303, description = "Signed in; to the dashboard"),
+        (status = 403, description = "A wrong key: the form again", content_type = "text/html", body = String),
+        (status = 408, description = "The body trickled in", body = ErrorBody),
+        (status = 413, description = "A body over 1 KiB", body = ErrorBody),
+    ),
+)]
+#[allow(dead_code)]
+fn dashboard_sign_in() {}
+
+/// Signs the operator out on this browser.
+#[utoipa::path(post, path = "/dashboard/sign-out", tag = "operate",
+    responses((status = 303, description = "Signed out; to the sign-in form")),
+)]
+#[allow(dead_code)]
+fn dashboard_sign_out() {}
 
 /// Prometheus metrics (the publish key unless public).
 #[utoipa::path(get, path = api::METRICS_PATH, tag = "operate",

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::IntervalStream;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::{
+    dashboard::{self, check_operator},
     inbox, openapi,
     publish::{check_publish_key, disconnect_handler, publish_handler},
     stream::sse_handler,
@@ -67,6 +68,7 @@ pub struct Routes {
     inbox: bool,
     webhooks: bool,
     openapi: bool,
+    dashboard: bool,
     #[cfg_attr(not(feature = "demo"), allow(dead_code))]
     session: bool,
 }
@@ -87,6 +89,7 @@ impl Routes {
             inbox: true,
             webhooks: true,
             openapi: true,
+            dashboard: false,
             session: false,
         }
     }
@@ -159,6 +162,15 @@ impl Routes {
     /// as its server URL). Defaults to on.
     pub fn openapi(mut self, on: bool) -> Self {
         self.openapi = on;
+        self
+    }
+
+    /// `GET /dashboard`, the operators' page of every instance's figures, with its sign-in
+    /// (`POST /dashboard/sign-in` with the publish key) and sign-out. Defaults to off (the
+    /// standalone server turns it on); a signed-in operator's cookie also opens the stats
+    /// routes.
+    pub fn dashboard(mut self, on: bool) -> Self {
+        self.dashboard = on;
         self
     }
 
@@ -236,6 +248,13 @@ impl Routes {
             };
             routes = routes.route(&at(openapi::OPENAPI_PATH), get(serve));
         }
+        if self.dashboard {
+            let page = at(dashboard::DASHBOARD_PATH);
+            routes = routes
+                .route(&page, get(dashboard::dashboard_page))
+                .route(&format!("{page}/sign-in"), post(dashboard::sign_in))
+                .route(&format!("{page}/sign-out"), post(dashboard::sign_out));
+        }
         #[cfg(feature = "demo")]
         if self.session {
             routes = routes.route(&at(api::SESSION_PATH), post(session));
@@ -299,7 +318,7 @@ async fn protected_stats(
     State(service): State<SseService>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_publish_key(&service, &headers)?;
+    check_operator(&service, &headers)?;
     Ok(stats(State(service)).await)
 }
 
@@ -326,7 +345,7 @@ async fn protected_stats_stream(
     State(service): State<SseService>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    check_publish_key(&service, &headers)?;
+    check_operator(&service, &headers)?;
     stats_stream(State(service)).await
 }
 
