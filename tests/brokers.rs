@@ -708,8 +708,19 @@ async fn presence_and_counts_span_instances() {
     })
     .await;
 
+    // Published through each, summed in the cluster's figures.
+    a.service.send_notification("nobody", note("x")).await.unwrap();
+    b.service.send_notification("nobody", note("y")).await.unwrap();
+    let published = |s: &sse_notify::server::Stats| s.events_published;
+    let expected = published(&a.service.stats()) + published(&b.service.stats());
+    eventually(WAIT, "the cluster sums what both published", || async {
+        a.service.cluster_stats().events_published == expected
+    })
+    .await;
+
+    // Well within the 10 s TTL: only the leave can take B out this fast.
     b.service.shutdown().await;
-    eventually(WAIT, "B leaves A's figures", || async {
+    eventually(Duration::from_secs(3), "B leaves A's figures", || async {
         a.service.cluster_stats().instances.len() == 1
     })
     .await;
@@ -761,6 +772,47 @@ async fn check_limit_across_instances(config: impl Fn() -> SseConfig) {
     b.service.send_notification("lim", note("after")).await.unwrap();
     assert_eq!(text(&second.next().await), "after");
     assert_eq!(text(&newest.next().await), "after");
+}
+
+/// A tab that moves from A to B (it dropped on A and reconnected to B at once) is not
+/// counted on both: with a limit of 2, two streams on A, one of them moving to B, closes
+/// nothing, though A's part read right after the move still listed it.
+async fn check_a_moved_tab_is_not_counted_twice(config: impl Fn() -> SseConfig) {
+    let a = start_server(config().max_clients_per_user(2)).await;
+    let b = start_server(config().max_clients_per_user(2)).await;
+    let other = b.service.instance_id().to_string();
+    eventually(WAIT, "A sees B", || async {
+        a.service
+            .cluster_stats()
+            .instances
+            .iter()
+            .any(|i| i.instance == other)
+    })
+    .await;
+    let mut stays = a.connect("mover", "", None).await;
+    a.wait_for_clients("mover", 1).await;
+    let moving = a.connect("mover", "", None).await;
+    a.wait_for_clients("mover", 2).await;
+    eventually(WAIT, "B sees A's two streams", || async {
+        b.service.presence("mover").await.unwrap().connections == 2
+    })
+    .await;
+    drop(moving);
+    let mut moved = b.connect("mover", "", None).await;
+    a.wait_for_clients("mover", 1).await;
+    // Past the check's delay and a tick: had it counted the moved tab twice, `stays` (the
+    // oldest) would have been replaced by now.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    b.service.send_notification("mover", note("both")).await.unwrap();
+    assert_eq!(text(&stays.next().await), "both");
+    assert_eq!(text(&moved.next().await), "both");
+    assert_eq!(a.service.client_count_for_user("mover"), 1);
+}
+
+#[tokio::test]
+async fn a_moved_tab_is_not_counted_twice() {
+    let redis = RedisServer::start();
+    check_a_moved_tab_is_not_counted_twice(|| test_config().redis_url(redis.url())).await;
 }
 
 #[tokio::test]

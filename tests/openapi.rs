@@ -407,7 +407,8 @@ async fn under_a_prefix_the_document_names_it() {
 
 /// The operators' dashboard: the sign-in form without a cookie; a wrong key is refused; the
 /// right one sets an `HttpOnly`, `SameSite=Strict` cookie that opens the dashboard and the
-/// stats routes (a forged or signed-out one does not); every answer as documented.
+/// stats routes (a forged one does not, nor one sent by another site's page) and never
+/// publishes; signing out clears it; every answer as documented.
 #[tokio::test]
 async fn the_dashboard_signs_operators_in_with_the_publish_key() {
     let contract = Contract::new();
@@ -503,6 +504,14 @@ async fn the_dashboard_signs_operators_in_with_the_publish_key() {
         401,
         "a forged cookie"
     );
+    let from_another_site = http
+        .get(url("/api/stats"))
+        .header("cookie", &cookie)
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(from_another_site.status(), 401, "another site's page");
     // The cookie never stands in for the publish key anywhere else.
     let publish = http
         .post(url("/api/events"))

@@ -173,10 +173,12 @@ pub struct PresenceWrite<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstancePresence {
     pub instance: String,
-    /// Its [`Stats`](crate::api::Stats) as JSON, as it last wrote them.
+    /// Its figures as JSON, as it last wrote them (empty in a read for one user).
     pub figures: String,
     /// The asked-for user's open connections there.
     pub connections: Vec<OpenConnection>,
+    /// How long ago it last wrote, by the broker's clock.
+    pub age_ms: u64,
 }
 
 /// Assigns ids, keeps history for replay, and fans events out to its [`EventSink`].

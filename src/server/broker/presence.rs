@@ -23,43 +23,61 @@ fn users_key(instance: &str) -> String {
     format!("sse:{{presence}}:u:{instance}")
 }
 
-/// `KEYS`: instances, figures, users. `ARGV`: instance, now, ttl, figures, full (`1`: the
-/// pairs are all of this instance's users), then `user, connections` pairs (connections as
+/// Redis' own clock in ms: every instance's writes and reads are timed by the same clock,
+/// so a skewed instance neither evicts the others nor looks stale itself.
+const NOW_MS: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// `KEYS`: instances, figures, users. `ARGV`: instance, ttl, figures, full (`1`: the pairs
+/// are all of this instance's users), then `user, connections` pairs (connections as
 /// [`encode_connections`] writes them; empty removes the user).
 /// Returns 1 when the users hash existed before this write (a delta on a hash that
 /// expired meanwhile, e.g. while Redis was away, asks the instance for a full write).
 const WRITE_SCRIPT: &str = r"
 local existed = redis.call('EXISTS', KEYS[3])
-if ARGV[5] == '1' then redis.call('DEL', KEYS[3]) end
-for i = 6, #ARGV, 2 do
+if ARGV[4] == '1' then redis.call('DEL', KEYS[3]) end
+for i = 5, #ARGV, 2 do
   if ARGV[i + 1] == '' then
     redis.call('HDEL', KEYS[3], ARGV[i])
   else
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
   end
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 return existed
 ";
 
-/// `KEYS`: instances. `ARGV`: now, ttl, user (empty: none). Returns `instance, figures,
-/// connections` for each live instance (the user's, as written; empty without a user).
+/// `KEYS`: instances. `ARGV`: ttl, user (empty: none). Returns `instance, figures,
+/// connections, age` for each live instance (the user's connections, as written, and
+/// without a user no figures: that read is the per-connect one and wants only them; age:
+/// ms since its last write).
+///
+/// The per-instance keys are not in `KEYS`: which exist is known only here. They share
+/// the `{presence}` hash tag with the instances key, so on a cluster they are on the node
+/// the script runs on (while that slot migrates, a read may miss them: an instance then
+/// looks absent for a tick).
 const READ_SCRIPT: &str = r"
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(ARGV[1]) - tonumber(ARGV[2]), '+inf')
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf', 'WITHSCORES')
 local out = {}
-for _, instance in ipairs(live) do
-  local figures = redis.call('GET', 'sse:{presence}:i:' .. instance)
+for i = 1, #live, 2 do
+  local instance = live[i]
+  local figures = ''
+  local connections = ''
+  if ARGV[2] == '' then
+    figures = redis.call('GET', 'sse:{presence}:i:' .. instance)
+  else
+    connections = redis.call('HGET', 'sse:{presence}:u:' .. instance, ARGV[2]) or ''
+  end
   if figures then
-    local connections = ''
-    if ARGV[3] ~= '' then
-      connections = redis.call('HGET', 'sse:{presence}:u:' .. instance, ARGV[3]) or ''
-    end
     table.insert(out, instance)
     table.insert(out, figures)
     table.insert(out, connections)
+    table.insert(out, now - tonumber(live[i + 1]))
   end
 end
 return out
@@ -82,8 +100,8 @@ pub(super) struct PresenceScripts {
 impl Default for PresenceScripts {
     fn default() -> Self {
         Self {
-            write: Script::new(WRITE_SCRIPT),
-            read: Script::new(READ_SCRIPT),
+            write: Script::new(&format!("{NOW_MS}{WRITE_SCRIPT}")),
+            read: Script::new(&format!("{NOW_MS}{READ_SCRIPT}")),
             leave: Script::new(LEAVE_SCRIPT),
         }
     }
@@ -123,11 +141,10 @@ impl Call {
     }
 }
 
-pub(super) fn write_call(write: &PresenceWrite<'_>, now_ms: u64) -> Call {
-    let mut args = Vec::with_capacity(5 + 2 * write.users.len());
+pub(super) fn write_call(write: &PresenceWrite<'_>) -> Call {
+    let mut args = Vec::with_capacity(4 + 2 * write.users.len());
     args.extend([
         write.instance.to_string(),
-        now_ms.to_string(),
         write.ttl.as_millis().to_string(),
         write.figures.to_string(),
         if write.full { "1" } else { "0" }.to_string(),
@@ -146,14 +163,10 @@ pub(super) fn write_call(write: &PresenceWrite<'_>, now_ms: u64) -> Call {
     }
 }
 
-pub(super) fn read_call(user: Option<&str>, ttl: std::time::Duration, now_ms: u64) -> Call {
+pub(super) fn read_call(user: Option<&str>, ttl: std::time::Duration) -> Call {
     Call {
         keys: vec![INSTANCES_KEY.into()],
-        args: vec![
-            now_ms.to_string(),
-            ttl.as_millis().to_string(),
-            user.unwrap_or_default().to_string(),
-        ],
+        args: vec![ttl.as_millis().to_string(), user.unwrap_or_default().to_string()],
     }
 }
 
@@ -167,13 +180,14 @@ pub(super) fn leave_call(instance: &str) -> Call {
 /// The read script's flat reply as one entry per instance.
 pub(super) fn parse_read(reply: Vec<redis::Value>) -> Vec<InstancePresence> {
     reply
-        .chunks_exact(3)
+        .chunks_exact(4)
         .filter_map(|entry| {
             let text = |v: &redis::Value| redis::from_redis_value_ref::<String>(v).ok();
             Some(InstancePresence {
                 instance: text(&entry[0])?,
                 figures: text(&entry[1])?,
                 connections: decode_connections(&text(&entry[2]).unwrap_or_default()),
+                age_ms: redis::from_redis_value_ref::<u64>(&entry[3]).unwrap_or(u64::MAX),
             })
         })
         .collect()

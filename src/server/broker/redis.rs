@@ -1155,7 +1155,7 @@ impl Broker for RedisBroker {
     }
 
     async fn write_presence(&self, write: &PresenceWrite<'_>) -> Result<bool, BrokerError> {
-        let call = presence::write_call(write, now_ms());
+        let call = presence::write_call(write);
         let mut conn = self.conn.clone();
         let existed: i64 = call
             .invocation(&self.presence_scripts.write)
@@ -1170,7 +1170,7 @@ impl Broker for RedisBroker {
         user: Option<&str>,
         ttl: Duration,
     ) -> Result<Option<Vec<InstancePresence>>, BrokerError> {
-        let call = presence::read_call(user, ttl, now_ms());
+        let call = presence::read_call(user, ttl);
         let mut conn = self.conn.clone();
         let reply: Vec<redis::Value> = call
             .invocation(&self.presence_scripts.read)

@@ -271,6 +271,14 @@ impl Hub {
             .collect()
     }
 
+    /// Notes `users` as changed again (their write failed).
+    pub fn note_presence_changes(&self, users: impl IntoIterator<Item = Arc<str>>) {
+        let mut inner = self.lock();
+        if inner.track_presence {
+            inner.presence_changed.extend(users);
+        }
+    }
+
     /// Every user connected here with their open connections, for a full presence write;
     /// the changes noted so far are covered by it.
     pub fn presence_snapshot(&self) -> Vec<(Arc<str>, Vec<OpenConnection>)> {

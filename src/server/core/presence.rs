@@ -8,9 +8,10 @@
 //! are at most a tick behind. On the in-process broker there are no other instances and
 //! nothing is written.
 
+use std::collections::HashMap;
 use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Mutex,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+    Arc, Mutex,
 };
 use std::time::Duration;
 
@@ -21,7 +22,10 @@ use serde::{Deserialize, Serialize};
 use super::hub::{Hub, OpenConnection};
 use crate::{
     api::Stats,
-    server::broker::{Broker, BrokerError, InstancePresence, PresenceWrite},
+    server::{
+        broker::{Broker, BrokerError, InstancePresence, PresenceWrite},
+        clock::now_ms,
+    },
 };
 
 /// How often an instance writes its part.
@@ -31,6 +35,19 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const TTL: Duration = Duration::from_secs(10);
 /// Most users one write carries (a full list goes in several).
 const MAX_PER_WRITE: usize = 5_000;
+/// A full write this often (in ticks) even when nothing was lost, in case a Redis failover
+/// lost some of the changes written before it.
+const FULL_WRITE_EVERY: u64 = 60;
+/// How long after a connect its user's limit across instances is checked: every instance
+/// has written what it holds by then.
+pub const LIMIT_CHECK_DELAY: Duration = Duration::from_secs(3);
+/// An instance whose last write is older than this is left out of the limit's count: it
+/// may have crashed, and its clients may be the ones reconnecting.
+const FRESH: Duration = Duration::from_millis(2_500);
+/// Most limit checks one tick runs (each a read of the broker).
+const MAX_LIMIT_CHECKS: usize = 1_000;
+/// Most ids one replace message names (the broker's parser takes at most 64).
+const MAX_REPLACED_PER_MESSAGE: usize = 64;
 
 /// A user's connections on every instance (`GET /api/presence`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -127,13 +144,20 @@ impl ClusterStats {
 }
 
 /// This instance's side of the presence: its id, whether its next write must be whole,
-/// and the other instances' figures as last read.
+/// the other instances' figures as last read, and the users whose limit is to be checked.
 pub(crate) struct PresenceBook {
     pub instance: String,
     full_write_due: AtomicBool,
+    /// Ticks since the last full write: one every [`FULL_WRITE_EVERY`] repairs what a
+    /// Redis failover may have lost of the deltas.
+    ticks_since_full: AtomicU64,
     /// Every live instance's part as read after this instance's last write; `None` until
-    /// the first read (and always on the in-process broker).
+    /// the first read, after [`TTL`] without one, and always on the in-process broker.
     seen: Mutex<Option<Vec<InstancePresence>>>,
+    /// Consecutive failed ticks.
+    failures: AtomicU64,
+    /// Users who opened a stream here, and when their limit check is due (ms).
+    limit_checks: Mutex<HashMap<Arc<str>, u64>>,
 }
 
 impl PresenceBook {
@@ -141,12 +165,16 @@ impl PresenceBook {
         Self {
             instance,
             full_write_due: AtomicBool::new(true),
+            ticks_since_full: AtomicU64::new(0),
             seen: Mutex::new(None),
+            failures: AtomicU64::new(0),
+            limit_checks: Mutex::default(),
         }
     }
 
-    /// Writes this instance's part and reads everyone's. On a failure the next write is a
-    /// full one (the changes taken are lost with it).
+    /// Writes this instance's part and reads everyone's. When a write of changes fails,
+    /// those users are noted again for the next one; when a full write fails, the next is
+    /// full again. After [`TTL`] of failures the others count as gone.
     pub async fn tick(
         &self,
         hub: &Hub,
@@ -155,7 +183,12 @@ impl PresenceBook {
     ) -> Result<(), BrokerError> {
         let outcome = self.write_and_read(hub, broker, own).await;
         if outcome.is_err() {
-            self.full_write_due.store(true, Ordering::Relaxed);
+            let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if failures * TICK.as_millis() as u64 >= TTL.as_millis() as u64 {
+                *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        } else {
+            self.failures.store(0, Ordering::Relaxed);
         }
         outcome
     }
@@ -167,18 +200,48 @@ impl PresenceBook {
         own: &InstanceFigures,
     ) -> Result<(), BrokerError> {
         let figures = serde_json::to_string(own).expect("stats serialize");
-        let full = self.full_write_due.swap(false, Ordering::Relaxed);
+        let periodic = self.ticks_since_full.fetch_add(1, Ordering::Relaxed) + 1 >= FULL_WRITE_EVERY;
+        let full = self.full_write_due.swap(false, Ordering::Relaxed) || periodic;
+        if full {
+            self.ticks_since_full.store(0, Ordering::Relaxed);
+        }
         let users = if full {
             hub.presence_snapshot()
         } else {
             hub.presence_changes(MAX_PER_WRITE)
         };
+        let written = self.write(broker, &figures, &users, full).await;
+        match written {
+            Err(e) if full => {
+                self.full_write_due.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+            Err(e) => {
+                hub.note_presence_changes(users.into_iter().map(|(user, _)| user));
+                return Err(e);
+            }
+            // What it wrote before expired (the broker was away longer than the TTL).
+            Ok(false) => self.full_write_due.store(true, Ordering::Relaxed),
+            Ok(true) => {}
+        }
+        let seen = broker.read_presence(None, TTL).await?;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        Ok(())
+    }
+
+    /// Writes `users` in chunks of [`MAX_PER_WRITE`]; `Ok(false)` as the broker's write.
+    async fn write(
+        &self,
+        broker: &dyn Broker,
+        figures: &str,
+        users: &[(Arc<str>, Vec<OpenConnection>)],
+        full: bool,
+    ) -> Result<bool, BrokerError> {
         let mut chunks = users.chunks(MAX_PER_WRITE);
-        let first = chunks.next().unwrap_or_default();
         let mut write = PresenceWrite {
             instance: &self.instance,
-            figures: &figures,
-            users: first,
+            figures,
+            users: chunks.next().unwrap_or_default(),
             full,
             ttl: TTL,
         };
@@ -188,13 +251,51 @@ impl PresenceBook {
             write.full = false;
             broker.write_presence(&write).await?;
         }
-        if !kept {
-            // What it wrote before expired (the broker was away longer than the TTL).
-            self.full_write_due.store(true, Ordering::Relaxed);
+        Ok(kept)
+    }
+
+    /// Notes that `user` opened a stream here: the limit across instances is checked for
+    /// them [`LIMIT_CHECK_DELAY`] later, once every instance has written what it holds
+    /// then (a tab that moved here from another instance is gone there by then). Nothing
+    /// while no other instance is live.
+    pub fn user_connected(&self, user: &Arc<str>) {
+        if !self.others_seen() {
+            return;
         }
-        let seen = broker.read_presence(None, TTL).await?;
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
-        Ok(())
+        let due = now_ms() + LIMIT_CHECK_DELAY.as_millis() as u64;
+        let mut checks = self.limit_checks.lock().unwrap_or_else(|e| e.into_inner());
+        checks.entry(user.clone()).or_insert(due);
+    }
+
+    /// Runs the limit checks that are due, at most [`MAX_LIMIT_CHECKS`] (the rest wait for
+    /// the next tick); returns how many connections were closed.
+    pub async fn run_limit_checks(
+        &self,
+        hub: &Hub,
+        broker: &dyn Broker,
+        max: usize,
+    ) -> Result<usize, BrokerError> {
+        let now = now_ms();
+        let due: Vec<Arc<str>> = {
+            let mut checks = self.limit_checks.lock().unwrap_or_else(|e| e.into_inner());
+            let due: Vec<Arc<str>> = checks
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .take(MAX_LIMIT_CHECKS)
+                .map(|(user, _)| user.clone())
+                .collect();
+            due.iter().for_each(|user| {
+                checks.remove(user);
+            });
+            due
+        };
+        let mut closed = 0;
+        for user in due {
+            if hub.client_count_for_user(&user) > 0 {
+                closed += self.hold_to_limit(hub, broker, &user, max).await?;
+            }
+        }
+        Ok(closed)
     }
 
     /// This instance's figures with every live instance's.
@@ -274,10 +375,12 @@ impl PresenceBook {
         user: &str,
         max: usize,
     ) -> Result<usize, BrokerError> {
-        if !self.others_seen() {
-            return Ok(0);
-        }
-        let elsewhere = self.elsewhere(broker, user).await?;
+        let elsewhere: Vec<InstancePresence> = self
+            .elsewhere(broker, user)
+            .await?
+            .into_iter()
+            .filter(|i| i.age_ms <= FRESH.as_millis() as u64)
+            .collect();
         let mut all: Vec<(OpenConnection, &str)> = hub
             .open_connections(user)
             .into_iter()
@@ -305,7 +408,9 @@ impl PresenceBook {
             if instance == self.instance {
                 hub.replace_connections(user, &ids);
             } else {
-                broker.replace_elsewhere(user, instance, &ids).await?;
+                for ids in ids.chunks(MAX_REPLACED_PER_MESSAGE) {
+                    broker.replace_elsewhere(user, instance, ids).await?;
+                }
             }
         }
         Ok(excess)

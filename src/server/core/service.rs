@@ -439,6 +439,16 @@ impl SseService {
                         _ => {}
                     }
                     failing = outcome.is_err();
+                    if !failing {
+                        let max = inner.config.max_clients_per_user;
+                        let checked = inner
+                            .presence
+                            .run_limit_checks(&inner.hub, inner.broker.as_ref(), max)
+                            .await;
+                        if let Err(e) = checked {
+                            tracing::debug!("per-user limit across instances not checked: {e}");
+                        }
+                    }
                 }
             })
         };
@@ -615,26 +625,9 @@ impl SseService {
         if registration.first_for_user {
             broker.subscribe(&user).await;
         }
-        if inner.presence.others_seen() {
-            // The per-user limit across instances, off the connect's path: one presence
-            // read, and the oldest connections past the limit closed wherever they are.
-            let (service, user) = (self.clone(), user.clone());
-            tokio::spawn(async move {
-                let inner = &service.inner;
-                let held = inner
-                    .presence
-                    .hold_to_limit(
-                        &inner.hub,
-                        inner.broker.as_ref(),
-                        &user,
-                        inner.config.max_clients_per_user,
-                    )
-                    .await;
-                if let Err(e) = held {
-                    tracing::debug!(%user, "per-user limit across instances not checked: {e}");
-                }
-            });
-        }
+        // The per-user limit across instances is checked a few seconds from now, by the
+        // presence task (nothing on the connect's path).
+        inner.presence.user_connected(&user);
 
         let mut prelude = BytesMut::new();
         prelude.extend_from_slice(format!("retry: {}\n\n", inner.config.retry.as_millis()).as_bytes());
@@ -1184,10 +1177,14 @@ impl SseService {
         self.inner.hub.close_all();
         let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         tasks.iter().for_each(JoinHandle::abort);
-        self.inner
-            .broker
-            .leave_presence(&self.inner.presence.instance)
-            .await;
+        // Awaited, so no presence write still in flight lands after the leave below.
+        for task in tasks {
+            let _ = task.await;
+        }
+        let leave = self.inner.broker.leave_presence(&self.inner.presence.instance);
+        if tokio::time::timeout(Duration::from_secs(2), leave).await.is_err() {
+            tracing::warn!("could not leave the presence in 2 s; it expires by itself");
+        }
         self.inner.broker.shutdown().await;
     }
 }

@@ -6,7 +6,8 @@
 //! [`OPS_COOKIE`], an HMAC of its expiry keyed by the publish key itself (so changing the
 //! key signs every operator out), `HttpOnly`, `SameSite=Strict`, scoped to the routes'
 //! prefix. The cookie opens the dashboard and the two stats routes, nothing else: it never
-//! publishes. The page is plain HTML with one small script under a nonce-only
+//! publishes. Signing out clears it from the browser; a copy taken before stays valid
+//! until its expiry or a change of the publish key (it is stateless, as the key is). The page is plain HTML with one small script under a nonce-only
 //! Content-Security-Policy, so it needs no WASM bundle and works in the standalone server.
 
 use std::time::Duration;
@@ -92,9 +93,17 @@ pub async fn sign_out(State(service): State<SseService>, headers: HeaderMap) -> 
 }
 
 /// Checks a request to an operator route (stats): the publish key as a bearer token, or,
-/// without one, a valid [`OPS_COOKIE`]. Errors are the publish key's.
+/// without one, a valid [`OPS_COOKIE`] on a request from the server's own pages (a browser
+/// says so in `Sec-Fetch-Site`; a page of another origin, even one CORS lets in, is
+/// refused). Errors are the publish key's.
 pub(crate) fn check_operator(service: &SseService, headers: &HeaderMap) -> Result<(), ApiError> {
-    if bearer_token(headers).is_none() && has_ops_cookie(service, &CookieJar::from_headers(headers)) {
+    let own_page = headers
+        .get("sec-fetch-site")
+        .is_none_or(|site| site.as_bytes() == b"same-origin" || site.as_bytes() == b"none");
+    if own_page
+        && bearer_token(headers).is_none()
+        && has_ops_cookie(service, &CookieJar::from_headers(headers))
+    {
         return Ok(());
     }
     check_publish_key(service, headers)

@@ -1093,7 +1093,7 @@ impl Broker for ClusterBroker {
     }
 
     async fn write_presence(&self, write: &PresenceWrite<'_>) -> Result<bool, BrokerError> {
-        let call = presence::write_call(write, now_ms());
+        let call = presence::write_call(write);
         let script = &self.presence_scripts.write;
         let existed: i64 = self
             .router
@@ -1108,7 +1108,7 @@ impl Broker for ClusterBroker {
         user: Option<&str>,
         ttl: Duration,
     ) -> Result<Option<Vec<InstancePresence>>, BrokerError> {
-        let call = presence::read_call(user, ttl, now_ms());
+        let call = presence::read_call(user, ttl);
         let script = &self.presence_scripts.read;
         let reply: Vec<redis::Value> = self
             .router
