@@ -24,9 +24,10 @@ use subtle::ConstantTimeEq;
 
 use super::{
     publish::{check_publish_key, read_body},
+    routes::cookies_secure,
     ApiError,
 };
-use crate::server::{auth::bearer_token, clock::now_ms, config::CookieSecure, core::service::SseService};
+use crate::server::{auth::bearer_token, clock::now_ms, core::service::SseService};
 
 /// The cookie an operator's sign-in sets.
 pub const OPS_COOKIE: &str = "sse_ops";
@@ -140,15 +141,7 @@ fn ops_token_valid(publish_key: &str, token: &str, now: u64) -> bool {
 /// The `Set-Cookie` value: `HttpOnly`, `SameSite=Strict`, on the routes' prefix, `Secure`
 /// as the session cookie would be.
 fn ops_cookie(service: &SseService, headers: &HeaderMap, value: String, lasts: Duration) -> String {
-    let https = headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
-    let secure = match service.config().cookie_secure {
-        CookieSecure::Auto => https,
-        CookieSecure::Always => true,
-        CookieSecure::Never => false,
-    };
+    let secure = cookies_secure(service, None, headers);
     Cookie::build((OPS_COOKIE, value))
         .path(cookie_path(service))
         .http_only(true)

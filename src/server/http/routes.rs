@@ -419,25 +419,32 @@ async fn session(
     Ok(([(header::SET_COOKIE, cookie)], Json(body)).into_response())
 }
 
+/// Whether a cookie set in answer to this request gets `Secure`: as `SSE_COOKIE_SECURE` says,
+/// by default when the request came over HTTPS (its URI's scheme, or `X-Forwarded-Proto`).
+pub(crate) fn cookies_secure(service: &SseService, scheme: Option<&str>, headers: &HeaderMap) -> bool {
+    use crate::server::config::CookieSecure;
+
+    let https = scheme == Some("https")
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    match service.config().cookie_secure {
+        CookieSecure::Auto => https,
+        CookieSecure::Always => true,
+        CookieSecure::Never => false,
+    }
+}
+
 /// The `Set-Cookie` value of a demo session: HttpOnly, SameSite=Lax, for the whole site,
 /// `Secure` as `SSE_COOKIE_SECURE` says (by default when the request came over HTTPS).
 #[cfg(feature = "demo")]
 pub fn session_cookie(service: &SseService, request: &axum::http::request::Parts, token: &str) -> String {
     use axum_extra::extract::cookie::{Cookie, SameSite};
 
-    use crate::server::{auth::SESSION_COOKIE, config::CookieSecure};
+    use crate::server::auth::SESSION_COOKIE;
 
-    let https = request.uri.scheme_str() == Some("https")
-        || request
-            .headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|p| p.eq_ignore_ascii_case("https"));
-    let secure = match service.config().cookie_secure {
-        CookieSecure::Auto => https,
-        CookieSecure::Always => true,
-        CookieSecure::Never => false,
-    };
+    let secure = cookies_secure(service, request.uri.scheme_str(), &request.headers);
     Cookie::build((SESSION_COOKIE, token.to_string()))
         .path("/")
         .http_only(true)
