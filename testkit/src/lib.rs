@@ -170,6 +170,15 @@ impl RedisServer {
                 .map(String::from)
                 .collect();
             args.extend(["--save", "", "--appendonly", "no"].map(String::from));
+            // A replica's first sync still writes an RDB file: into the temp dir, named
+            // by port, never into the working directory (a checkout).
+            let temp = std::env::temp_dir();
+            args.extend([
+                "--dir".to_string(),
+                temp.to_str().expect("a UTF-8 temp dir").to_string(),
+                "--dbfilename".to_string(),
+                format!("sse-notify-redis-{port}.rdb"),
+            ]);
             args.extend(extra());
             match spawn_redis(&args, port) {
                 Ok(child) => {
