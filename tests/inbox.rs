@@ -161,9 +161,17 @@ async fn behaves_as_an_inbox(url: &str) {
     store.keep(&[item(6, Some("alice"), 16_000)]).await.unwrap();
     assert_eq!(store.counts("alice").await.unwrap().total, 4);
 
-    // At most 5 per user: the oldest go.
+    // At most 5 per user: the oldest go, once the owner is trimmed (the core does it off
+    // the publish path); an owner within the limit and the broadcasts lose nothing.
     let more: Vec<NewItem> = (7..=10).map(|i| item(i, Some("alice"), 20_000 + i)).collect();
     store.keep(&more).await.unwrap();
+    assert_eq!(
+        store.counts("alice").await.unwrap().total,
+        8,
+        "keep alone trims nothing"
+    );
+    store.trim(&["alice", "bob"], true).await.unwrap();
+    assert_eq!(store.counts("bob").await.unwrap().total, 2);
     let all: Vec<String> = {
         let mut query = InboxQuery {
             limit: 100,
@@ -210,8 +218,17 @@ async fn behaves_as_an_inbox(url: &str) {
         })
         .collect();
     store.keep(&big).await.unwrap();
+    let owners: Vec<String> = big
+        .iter()
+        .filter_map(|i| i.user.as_deref().map(String::from))
+        .collect();
+    let owners: Vec<&str> = owners.iter().map(String::as_str).collect();
+    store.trim(&owners, false).await.unwrap();
     let carol = list(store, "carol", InboxStatus::All).await;
-    assert_eq!(carol.total, 5, "trimmed to the limit in the same batch");
+    assert_eq!(
+        carol.total, 5,
+        "trimmed to the limit, owners past one query's 500 too"
+    );
     assert_eq!(carol.items[0].id, "101198", "the newest kept");
     assert_eq!(store.counts("u1199").await.unwrap().total, 1);
 }
@@ -435,6 +452,39 @@ async fn the_inbox_outlives_a_restart() {
     assert_eq!(page.items.len(), 1);
     assert_eq!(page.items[0].id, id.to_string());
     assert!(page.items[0].read.is_some(), "read state kept too");
+}
+
+/// The limit is applied after the publish answers, by the service's follow-up: within
+/// about a second, the newest kept.
+#[tokio::test]
+async fn the_per_user_limit_follows_publishes() {
+    let dir = TempDir::new("inbox-limit");
+    let mut config = test_config().inbox_url(sqlite_url(&dir));
+    config.inbox_max_per_user = 3;
+    let service = SseService::start(config).await.unwrap();
+    let mut sent = Vec::new();
+    for n in 0..6 {
+        sent.push(
+            service
+                .send_notification("alice", note(&format!("n{n}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let inbox = service.inbox("alice").unwrap();
+    let mut total = u64::MAX;
+    for _ in 0..50 {
+        total = inbox.counts().await.unwrap().total;
+        if total == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(total, 3, "trimmed to the limit within 5 s");
+    let page = inbox.list(&InboxQuery::default()).await.unwrap();
+    let newest: Vec<String> = sent[3..].iter().rev().map(ToString::to_string).collect();
+    assert_eq!(ids(&page), newest);
+    service.shutdown().await;
 }
 
 #[tokio::test]

@@ -3,7 +3,11 @@
 //! told to the user's streams as an `inbox` event, published like any event, so every tab,
 //! device and instance hears it.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use super::service::{SendError, SseService};
 use crate::{
@@ -11,6 +15,7 @@ use crate::{
     events::names,
     server::{
         auth,
+        broker::Broker,
         clock::now_ms,
         event::{Envelope, EventId, Target},
         inbox::{InboxCounts, InboxError, InboxOp, InboxQuery, InboxStore, NewItem, Selection, MAX_IDS},
@@ -20,12 +25,82 @@ use crate::{
 /// How often items past the retention are pruned, and how many go per statement.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 const PRUNE_BATCH: usize = 1_000;
+/// How often the owners of new items are checked against the per-user limit.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+/// Items and owners waiting for [`Inbox::follow_up_forever`] at most; past it a publish
+/// does its own follow-up before it answers.
+const MAX_DEFERRED: usize = 65_536;
 
 /// The store and what it keeps.
 pub(crate) struct Inbox {
     pub(crate) store: Arc<dyn InboxStore>,
     kept: Vec<String>,
     pub(crate) retention: Duration,
+    pub(crate) deferred: Arc<Deferred>,
+}
+
+/// What a publish leaves to the inbox's background task once its items are kept, so its
+/// acknowledgement waits for the insert alone: the `added` changes to tell the owners'
+/// streams and the owners to check against the per-user limit.
+#[derive(Default)]
+pub(crate) struct Deferred {
+    work: Mutex<FollowUp>,
+    wake: tokio::sync::Notify,
+}
+
+/// Kept items' follow-up: who to tell of which ids, and whose count to check.
+#[derive(Default)]
+pub(crate) struct FollowUp {
+    added: Vec<(Option<Arc<str>>, u64)>,
+    owners: HashSet<Arc<str>>,
+    broadcasts: bool,
+}
+
+impl FollowUp {
+    pub(crate) fn of(items: &[NewItem]) -> Self {
+        let mut follow_up = Self::default();
+        follow_up.extend(items);
+        follow_up
+    }
+
+    fn extend(&mut self, items: &[NewItem]) {
+        for item in items {
+            match &item.user {
+                Some(user) => _ = self.owners.insert(user.clone()),
+                None => self.broadcasts = true,
+            }
+            self.added.push((item.user.clone(), item.id));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.added.len() + self.owners.len()
+    }
+
+    /// Tells the owners' streams what was added, in one publish.
+    async fn tell(added: Vec<(Option<Arc<str>>, u64)>, broker: &dyn Broker) {
+        if added.is_empty() {
+            return;
+        }
+        if let Err(e) = broker.publish(added_events(added)).await {
+            tracing::warn!(error = %e, "kept in the inbox, but the streams were not told");
+        }
+    }
+
+    /// Drops the oldest items of owners past the per-user limit.
+    async fn trim(owners: HashSet<Arc<str>>, broadcasts: bool, store: &dyn InboxStore) {
+        let owners: Vec<&str> = owners.iter().map(|o| &**o).collect();
+        if let Err(e) = store.trim(&owners, broadcasts).await {
+            // Their next kept item names them again.
+            tracing::warn!(error = %e, owners = owners.len(), "inbox limit not applied; trying again later");
+        }
+    }
+
+    /// All of it now: a publish whose follow-up found the queue full.
+    pub(crate) async fn run(self, store: &dyn InboxStore, broker: &dyn Broker) {
+        Self::tell(self.added, broker).await;
+        Self::trim(self.owners, self.broadcasts, store).await;
+    }
 }
 
 impl Inbox {
@@ -34,6 +109,66 @@ impl Inbox {
             store,
             kept,
             retention,
+            deferred: Arc::default(),
+        }
+    }
+
+    /// Hands the follow-up of `items`, just kept, to [`follow_up_forever`](Self::follow_up_forever);
+    /// `false` (and nothing queued) when its queue is full: the caller does it now.
+    pub(crate) fn defer(&self, items: &[NewItem]) -> bool {
+        let mut work = self.deferred.work.lock().unwrap_or_else(|e| e.into_inner());
+        if work.len() + 2 * items.len() > MAX_DEFERRED {
+            return false;
+        }
+        work.extend(items);
+        drop(work);
+        self.deferred.wake.notify_one();
+        true
+    }
+
+    /// What publishes deferred and is not done yet, taken (for a last run at shutdown).
+    pub(crate) fn take_deferred(&self) -> FollowUp {
+        std::mem::take(&mut *self.deferred.work.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Does what publishes deferred: tells the streams as soon as items come (everything
+    /// queued in one broker publish), and checks their owners against the per-user limit
+    /// once every [`TRIM_EVERY`] (every owner of that second in a few queries). Runs until
+    /// its task is aborted.
+    pub(crate) async fn follow_up_forever(
+        store: Arc<dyn InboxStore>,
+        deferred: Arc<Deferred>,
+        broker: Arc<dyn Broker>,
+    ) {
+        let mut last_trim = Instant::now();
+        loop {
+            let trim_waiting = {
+                let work = deferred.work.lock().unwrap_or_else(|e| e.into_inner());
+                !work.owners.is_empty() || work.broadcasts
+            };
+            if trim_waiting {
+                let wait = TRIM_EVERY.saturating_sub(last_trim.elapsed());
+                let _ = tokio::time::timeout(wait, deferred.wake.notified()).await;
+            } else {
+                deferred.wake.notified().await;
+            }
+            let trim_due = last_trim.elapsed() >= TRIM_EVERY;
+            let (added, to_trim) = {
+                let mut work = deferred.work.lock().unwrap_or_else(|e| e.into_inner());
+                let added = std::mem::take(&mut work.added);
+                let to_trim = trim_due.then(|| {
+                    (
+                        std::mem::take(&mut work.owners),
+                        std::mem::take(&mut work.broadcasts),
+                    )
+                });
+                (added, to_trim)
+            };
+            FollowUp::tell(added, broker.as_ref()).await;
+            if let Some((owners, broadcasts)) = to_trim {
+                FollowUp::trim(owners, broadcasts, store.as_ref()).await;
+                last_trim = Instant::now();
+            }
         }
     }
 
@@ -93,15 +228,12 @@ pub(crate) fn with_ids(to_keep: Vec<(usize, NewItem)>, ids: &[EventId]) -> Vec<N
         .collect()
 }
 
-/// The `inbox` events telling each owner of `items` which of theirs were added (the
-/// unread count only for a user's own: a kept broadcast adds one to everyone's).
-pub(crate) fn added_events(items: &[NewItem]) -> Vec<Envelope> {
+/// The `inbox` events telling each owner which of their items (owner and id) were added
+/// (the unread count only for a user's own: a kept broadcast adds one to everyone's).
+fn added_events(added: Vec<(Option<Arc<str>>, u64)>) -> Vec<Envelope> {
     let mut by_owner: HashMap<Option<Arc<str>>, Vec<String>> = HashMap::new();
-    for item in items {
-        by_owner
-            .entry(item.user.clone())
-            .or_default()
-            .push(item.id.to_string());
+    for (owner, id) in added {
+        by_owner.entry(owner).or_default().push(id.to_string());
     }
     by_owner
         .into_iter()

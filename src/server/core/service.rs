@@ -64,7 +64,7 @@ use super::{
     connection::{Closer, ConnectionPermit, EventStream, StreamEnded},
     hub::Hub,
     idempotency::check_idempotency_key,
-    inbox::{added_events, with_ids, Inbox, UserInbox},
+    inbox::{with_ids, FollowUp, Inbox, UserInbox},
     mailbox::CloseReason,
     presence::{self, ClusterStats, InstanceFigures, Presence, PresenceBook, StatsReport},
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
@@ -458,6 +458,11 @@ impl SseService {
             tasks.push(tokio::spawn(Inbox::prune_forever(
                 inbox.store.clone(),
                 inbox.retention,
+            )));
+            tasks.push(tokio::spawn(Inbox::follow_up_forever(
+                inbox.store.clone(),
+                inbox.deferred.clone(),
+                self.inner.broker.clone(),
             )));
         }
     }
@@ -976,9 +981,9 @@ impl SseService {
         }
     }
 
-    /// Keeps the events of a kept type, then tells their owners' streams (`inbox`, op
-    /// `added`). A store that fails fails the publish: nothing is acknowledged that is not
-    /// kept.
+    /// Keeps the events of a kept type; telling their owners' streams (`inbox`, op
+    /// `added`) and the per-user limit follow in the background. A store that fails fails
+    /// the publish: nothing is acknowledged that is not kept.
     async fn keep_in_inbox(&self, inbox: &Inbox, items: Vec<NewItem>) -> Result<(), SendError> {
         if let Err(e) = inbox.store.keep(&items).await {
             self.inner.failed.fetch_add(items.len() as u64, Ordering::Relaxed);
@@ -986,8 +991,10 @@ impl SseService {
             tracing::warn!(error = %e, events = items.len(), "published, but the inbox could not keep them");
             return Err(e.into());
         }
-        if let Err(e) = self.inner.broker.publish(added_events(&items)).await {
-            tracing::warn!(error = %e, "kept in the inbox, but the streams were not told");
+        if !inbox.defer(&items) {
+            FollowUp::of(&items)
+                .run(inbox.store.as_ref(), self.inner.broker.as_ref())
+                .await;
         }
         Ok(())
     }
@@ -1180,6 +1187,18 @@ impl SseService {
         // Awaited, so no presence write still in flight lands after the leave below.
         for task in tasks {
             let _ = task.await;
+        }
+        if let Some(inbox) = &self.inner.inbox {
+            // What kept items still owe their streams and the per-user limit.
+            let follow_up = inbox
+                .take_deferred()
+                .run(inbox.store.as_ref(), self.inner.broker.as_ref());
+            if tokio::time::timeout(Duration::from_secs(2), follow_up)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the inbox's last follow-up did not finish in 2 s");
+            }
         }
         let leave = self.inner.broker.leave_presence(&self.inner.presence.instance);
         if tokio::time::timeout(Duration::from_secs(2), leave).await.is_err() {

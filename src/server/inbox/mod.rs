@@ -145,9 +145,14 @@ pub enum Selection {
 /// [`keep`](Self::keep) and [`prune`](Self::prune), a bounded batch's) work.
 #[async_trait::async_trait]
 pub trait InboxStore: Send + Sync + 'static {
-    /// Keeps `items` (an id already kept is left as it is), then drops each owner's
-    /// oldest past the per-user limit.
+    /// Keeps `items` (an id already kept is left as it is). A publish waits for it, so
+    /// it does nothing more: the per-user limit is [`trim`](Self::trim)'s.
     async fn keep(&self, items: &[NewItem]) -> Result<(), InboxError>;
+
+    /// Drops the oldest items of each of `owners` past the per-user limit, and of the
+    /// kept broadcasts with `broadcasts`. The core calls it for the owners of what it kept,
+    /// off the publish path, within about a second.
+    async fn trim(&self, owners: &[&str], broadcasts: bool) -> Result<(), InboxError>;
 
     /// A page of `user`'s items, newest first, with the counts.
     async fn list(&self, user: &str, query: &InboxQuery) -> Result<InboxPage, InboxError>;

@@ -6,7 +6,7 @@
 //! or archived; no row means unread). The schema is created and migrated at start, under an
 //! advisory lock on PostgreSQL so instances that start together take turns.
 
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 use sqlx::{
     any::{AnyPoolOptions, AnyRow},
@@ -77,12 +77,9 @@ impl SqlInbox {
         Ok(Self { pool, max_per_user })
     }
 
-    /// Drops `owner`'s oldest items past the limit (at most 1,000 at a time).
-    async fn trim(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        owner: Option<&str>,
-    ) -> Result<(), InboxError> {
+    /// Drops `owner`'s oldest items past the limit (at most 1,000 at a time); `None`: the
+    /// kept broadcasts'.
+    async fn trim_one(&self, owner: Option<&str>) -> Result<(), InboxError> {
         let trim = |owner: &str, keep: &str| {
             format!(
                 "DELETE FROM sse_inbox_items WHERE id IN (
@@ -94,15 +91,49 @@ impl SqlInbox {
         match owner {
             Some(user) => {
                 let sql = trim("user_id = $1", "$2");
-                sqlx::query(&sql).bind(user).bind(keep).execute(&mut **tx).await?
+                sqlx::query(&sql)
+                    .bind(user)
+                    .bind(keep)
+                    .execute(&self.pool)
+                    .await?
             }
             None => {
                 let sql = trim("user_id IS NULL", "$1");
-                sqlx::query(&sql).bind(keep).execute(&mut **tx).await?
+                sqlx::query(&sql).bind(keep).execute(&self.pool).await?
             }
         };
         Ok(())
     }
+}
+
+/// A multi-row insert of `rows` items (at most [`ROWS_PER_INSERT`]), bound by [`bind_items`].
+fn insert_sql(rows: usize) -> String {
+    let rows: Vec<String> = (0..rows)
+        .map(|i| {
+            let p = i * 5;
+            format!("(${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5)
+        })
+        .collect();
+    format!(
+        "INSERT INTO sse_inbox_items (id, user_id, event, data, created_ms) VALUES {}
+         ON CONFLICT (id) DO NOTHING",
+        rows.join(", ")
+    )
+}
+
+fn bind_items<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    items: &'q [NewItem],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for item in items {
+        query = query
+            .bind(item.id as i64)
+            .bind(item.user.as_deref().map(str::to_string))
+            .bind(item.event.to_string())
+            .bind(item.data.as_str())
+            .bind(item.created_ms as i64);
+    }
+    query
 }
 
 /// `sqlite://<file>` with the file's folder made and `mode=rwc`, so a first start creates it.
@@ -171,41 +202,26 @@ fn item(row: &AnyRow) -> Result<InboxItem, InboxError> {
 #[async_trait::async_trait]
 impl InboxStore for SqlInbox {
     async fn keep(&self, items: &[NewItem]) -> Result<(), InboxError> {
-        if items.is_empty() {
+        // One statement, one round trip, for a batch of up to ROWS_PER_INSERT (the
+        // publish waits for it); a bigger one in one transaction.
+        if items.len() <= ROWS_PER_INSERT {
+            if !items.is_empty() {
+                let sql = insert_sql(items.len());
+                bind_items(sqlx::query(&sql), items).execute(&self.pool).await?;
+            }
             return Ok(());
         }
-        // A batch is a few statements, not one per event: a multi-row insert, one query
-        // for which of its owners are now past the limit, and a trim of each of those.
         let mut tx = self.pool.begin().await?;
         for chunk in items.chunks(ROWS_PER_INSERT) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let p = i * 5;
-                    format!("(${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5)
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO sse_inbox_items (id, user_id, event, data, created_ms) VALUES {}
-                 ON CONFLICT (id) DO NOTHING",
-                rows.join(", ")
-            );
-            let mut insert = sqlx::query(&sql);
-            for item in chunk {
-                insert = insert
-                    .bind(item.id as i64)
-                    .bind(item.user.as_deref().map(str::to_string))
-                    .bind(item.event.to_string())
-                    .bind(item.data.as_str())
-                    .bind(item.created_ms as i64);
-            }
-            insert.execute(&mut *tx).await?;
+            let sql = insert_sql(chunk.len());
+            bind_items(sqlx::query(&sql), chunk).execute(&mut *tx).await?;
         }
-        let owners: Vec<&str> = items
-            .iter()
-            .filter_map(|i| i.user.as_deref())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn trim(&self, owners: &[&str], broadcasts: bool) -> Result<(), InboxError> {
+        // One query for which owners are past the limit, then a trim of each of those.
         for chunk in owners.chunks(ROWS_PER_INSERT) {
             let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
@@ -218,16 +234,15 @@ impl InboxStore for SqlInbox {
             for owner in chunk {
                 over = over.bind(*owner);
             }
-            let rows = over.bind(self.max_per_user as i64).fetch_all(&mut *tx).await?;
+            let rows = over.bind(self.max_per_user as i64).fetch_all(&self.pool).await?;
             for row in rows {
                 let user: String = row.try_get("user_id")?;
-                self.trim(&mut tx, Some(&user)).await?;
+                self.trim_one(Some(&user)).await?;
             }
         }
-        if items.iter().any(|i| i.user.is_none()) {
-            self.trim(&mut tx, None).await?;
+        if broadcasts {
+            self.trim_one(None).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 
