@@ -487,6 +487,34 @@ async fn the_per_user_limit_follows_publishes() {
     service.shutdown().await;
 }
 
+/// A batch with more owners than one `added` publish takes: every owner is still told.
+#[tokio::test]
+async fn every_owner_of_a_large_batch_hears_what_was_added() {
+    let dir = TempDir::new("inbox-many-owners");
+    let server = inbox_server(&sqlite_url(&dir)).await;
+    let users: Vec<String> = (0..300).map(|n| format!("user{n}")).collect();
+    // Streams of reels only: of this batch, they hear the `inbox` change alone.
+    let mut streams = Vec::new();
+    for user in &users {
+        streams.push(server.connect(user, "?events=reel_ready", None).await);
+    }
+    let batch: Vec<Value> = users
+        .iter()
+        .map(|u| json!({"user_id": u, "event": "notification", "data": {"title": u, "message": "m"}}))
+        .collect();
+    let (status, body) = server.publish(json!(batch)).await;
+    assert_eq!(status, 202, "{body}");
+    for ((user, stream), id) in users
+        .iter()
+        .zip(&mut streams)
+        .zip(body["ids"].as_array().unwrap())
+    {
+        let added = next_named(stream, "inbox").await;
+        assert_eq!(added["op"], "added", "{user}");
+        assert_eq!(added["ids"], json!([id.as_str().unwrap()]), "{user}");
+    }
+}
+
 #[tokio::test]
 async fn a_store_that_is_down_fails_the_publish_and_nothing_else() {
     let mut pg = PostgresServer::start();

@@ -6,7 +6,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use super::service::{SendError, SseService};
@@ -30,6 +30,10 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 /// Items and owners waiting for [`Inbox::follow_up_forever`] at most; past it a publish
 /// does its own follow-up before it answers.
 const MAX_DEFERRED: usize = 65_536;
+/// Owners told of their new items in one broker publish at most. A publish is one Redis
+/// script, which holds Redis for its whole length: a second's worth of `added` changes at
+/// once (S7: thousands) held every other publish back by a few hundred milliseconds.
+const ADDED_PER_PUBLISH: usize = 256;
 
 /// The store and what it keeps.
 pub(crate) struct Inbox {
@@ -46,6 +50,13 @@ pub(crate) struct Inbox {
 pub(crate) struct Deferred {
     work: Mutex<FollowUp>,
     wake: tokio::sync::Notify,
+}
+
+impl Deferred {
+    /// Runs `f` on what is queued, under the queue's lock.
+    fn with<R>(&self, f: impl FnOnce(&mut FollowUp) -> R) -> R {
+        f(&mut self.work.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Kept items' follow-up: who to tell of which ids, and whose count to check.
@@ -77,13 +88,15 @@ impl FollowUp {
         self.added.len() + self.owners.len()
     }
 
-    /// Tells the owners' streams what was added, in one publish.
+    /// Tells the owners' streams what was added, [`ADDED_PER_PUBLISH`] owners per publish.
     async fn tell(added: Vec<(Option<Arc<str>>, u64)>, broker: &dyn Broker) {
-        if added.is_empty() {
-            return;
-        }
-        if let Err(e) = broker.publish(added_events(added)).await {
-            tracing::warn!(error = %e, "kept in the inbox, but the streams were not told");
+        let mut events = added_events(added);
+        while !events.is_empty() {
+            let rest = events.split_off(events.len().min(ADDED_PER_PUBLISH));
+            if let Err(e) = broker.publish(events).await {
+                tracing::warn!(error = %e, "kept in the inbox, but the streams were not told");
+            }
+            events = rest;
         }
     }
 
@@ -116,60 +129,57 @@ impl Inbox {
     /// Hands the follow-up of `items`, just kept, to [`follow_up_forever`](Self::follow_up_forever);
     /// `false` (and nothing queued) when its queue is full: the caller does it now.
     pub(crate) fn defer(&self, items: &[NewItem]) -> bool {
-        let mut work = self.deferred.work.lock().unwrap_or_else(|e| e.into_inner());
-        if work.len() + 2 * items.len() > MAX_DEFERRED {
-            return false;
+        let queued = self.deferred.with(|work| {
+            let room = work.len() + 2 * items.len() <= MAX_DEFERRED;
+            if room {
+                work.extend(items);
+            }
+            room
+        });
+        if queued {
+            self.deferred.wake.notify_one();
         }
-        work.extend(items);
-        drop(work);
-        self.deferred.wake.notify_one();
-        true
+        queued
     }
 
     /// What publishes deferred and is not done yet, taken (for a last run at shutdown).
     pub(crate) fn take_deferred(&self) -> FollowUp {
-        std::mem::take(&mut *self.deferred.work.lock().unwrap_or_else(|e| e.into_inner()))
+        self.deferred.with(std::mem::take)
     }
 
-    /// Does what publishes deferred: tells the streams as soon as items come (everything
-    /// queued in one broker publish), and checks their owners against the per-user limit
-    /// once every [`TRIM_EVERY`] (every owner of that second in a few queries). Runs until
-    /// its task is aborted.
+    /// Does what publishes deferred, in two loops that do not wait for each other: tells
+    /// the streams as soon as items come, and checks their owners against the per-user
+    /// limit once every [`TRIM_EVERY`] (every owner of that second in a few queries). Runs
+    /// until its task is aborted.
     pub(crate) async fn follow_up_forever(
         store: Arc<dyn InboxStore>,
         deferred: Arc<Deferred>,
         broker: Arc<dyn Broker>,
     ) {
-        let mut last_trim = Instant::now();
-        loop {
-            let trim_waiting = {
-                let work = deferred.work.lock().unwrap_or_else(|e| e.into_inner());
-                !work.owners.is_empty() || work.broadcasts
-            };
-            if trim_waiting {
-                let wait = TRIM_EVERY.saturating_sub(last_trim.elapsed());
-                let _ = tokio::time::timeout(wait, deferred.wake.notified()).await;
-            } else {
+        let tell = async {
+            loop {
                 deferred.wake.notified().await;
+                let added = deferred.with(|work| std::mem::take(&mut work.added));
+                FollowUp::tell(added, broker.as_ref()).await;
             }
-            let trim_due = last_trim.elapsed() >= TRIM_EVERY;
-            let (added, to_trim) = {
-                let mut work = deferred.work.lock().unwrap_or_else(|e| e.into_inner());
-                let added = std::mem::take(&mut work.added);
-                let to_trim = trim_due.then(|| {
+        };
+        let trim = async {
+            let mut every = tokio::time::interval(TRIM_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let (owners, broadcasts) = deferred.with(|work| {
                     (
                         std::mem::take(&mut work.owners),
                         std::mem::take(&mut work.broadcasts),
                     )
                 });
-                (added, to_trim)
-            };
-            FollowUp::tell(added, broker.as_ref()).await;
-            if let Some((owners, broadcasts)) = to_trim {
-                FollowUp::trim(owners, broadcasts, store.as_ref()).await;
-                last_trim = Instant::now();
+                if !owners.is_empty() || broadcasts {
+                    FollowUp::trim(owners, broadcasts, store.as_ref()).await;
+                }
             }
-        }
+        };
+        tokio::join!(tell, trim);
     }
 
     /// The events of `envelopes` that the inbox keeps, with their place in the batch;

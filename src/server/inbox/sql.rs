@@ -221,12 +221,16 @@ impl InboxStore for SqlInbox {
     }
 
     async fn trim(&self, owners: &[&str], broadcasts: bool) -> Result<(), InboxError> {
-        // One query for which owners are past the limit, then a trim of each of those.
+        // One query for which owners are past the limit, then a trim of each of those. Per
+        // owner it asks whether a row past the newest `max_per_user` exists: an index walk
+        // of at most that many rows, whatever the table holds (a GROUP BY over an IN list
+        // of hundreds of owners may scan the whole table instead).
         for chunk in owners.chunks(ROWS_PER_INSERT) {
-            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("(${i})")).collect();
             let sql = format!(
-                "SELECT user_id FROM sse_inbox_items WHERE user_id IN ({})
-                 GROUP BY user_id HAVING COUNT(*) > ${}",
+                "SELECT o.column1 AS user_id FROM (VALUES {}) AS o WHERE EXISTS (
+                    SELECT 1 FROM sse_inbox_items i WHERE i.user_id = o.column1
+                    ORDER BY i.created_ms DESC LIMIT 1 OFFSET ${})",
                 list.join(", "),
                 chunk.len() + 1
             );
