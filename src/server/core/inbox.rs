@@ -27,12 +27,12 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 const PRUNE_BATCH: usize = 1_000;
 /// How often the owners of new items are checked against the per-user limit.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
-/// Items and owners waiting for [`Inbox::follow_up_forever`] at most; past it a publish
-/// does its own follow-up before it answers.
+/// Owners waiting for [`Inbox::trim_forever`] at most; past it a publish checks its own
+/// owners before it answers.
 const MAX_DEFERRED: usize = 65_536;
 /// Owners told of their new items in one broker publish at most. A publish is one Redis
-/// script, which holds Redis for its whole length: a second's worth of `added` changes at
-/// once (S7: thousands) held every other publish back by a few hundred milliseconds.
+/// script, which holds Redis for its whole length: thousands of `added` changes at once
+/// held every other publish back by a few hundred milliseconds.
 const ADDED_PER_PUBLISH: usize = 256;
 
 /// The store and what it keeps.
@@ -40,79 +40,44 @@ pub(crate) struct Inbox {
     pub(crate) store: Arc<dyn InboxStore>,
     kept: Vec<String>,
     pub(crate) retention: Duration,
-    pub(crate) deferred: Arc<Deferred>,
+    pub(crate) deferred: Arc<Mutex<Owners>>,
 }
 
-/// What a publish leaves to the inbox's background task once its items are kept, so its
-/// acknowledgement waits for the insert alone: the `added` changes to tell the owners'
-/// streams and the owners to check against the per-user limit.
+/// The owners of kept items whose count is to be checked against the per-user limit: a
+/// publish leaves that to [`Inbox::trim_forever`], so its acknowledgement waits for the
+/// insert and the `added` change, not for a count of every owner's items.
 #[derive(Default)]
-pub(crate) struct Deferred {
-    work: Mutex<FollowUp>,
-    wake: tokio::sync::Notify,
-}
-
-impl Deferred {
-    /// Runs `f` on what is queued, under the queue's lock.
-    fn with<R>(&self, f: impl FnOnce(&mut FollowUp) -> R) -> R {
-        f(&mut self.work.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
-/// Kept items' follow-up: who to tell of which ids, and whose count to check.
-#[derive(Default)]
-pub(crate) struct FollowUp {
-    added: Vec<(Option<Arc<str>>, u64)>,
-    owners: HashSet<Arc<str>>,
+pub(crate) struct Owners {
+    users: HashSet<Arc<str>>,
     broadcasts: bool,
 }
 
-impl FollowUp {
-    pub(crate) fn of(items: &[NewItem]) -> Self {
-        let mut follow_up = Self::default();
-        follow_up.extend(items);
-        follow_up
+impl Owners {
+    fn of(items: &[NewItem]) -> Self {
+        let mut owners = Self::default();
+        owners.extend(items);
+        owners
     }
 
     fn extend(&mut self, items: &[NewItem]) {
         for item in items {
             match &item.user {
-                Some(user) => _ = self.owners.insert(user.clone()),
+                Some(user) => _ = self.users.insert(user.clone()),
                 None => self.broadcasts = true,
             }
-            self.added.push((item.user.clone(), item.id));
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.added.len() + self.owners.len()
-    }
-
-    /// Tells the owners' streams what was added, [`ADDED_PER_PUBLISH`] owners per publish.
-    async fn tell(added: Vec<(Option<Arc<str>>, u64)>, broker: &dyn Broker) {
-        let mut events = added_events(added);
-        while !events.is_empty() {
-            let rest = events.split_off(events.len().min(ADDED_PER_PUBLISH));
-            if let Err(e) = broker.publish(events).await {
-                tracing::warn!(error = %e, "kept in the inbox, but the streams were not told");
-            }
-            events = rest;
         }
     }
 
     /// Drops the oldest items of owners past the per-user limit.
-    async fn trim(owners: HashSet<Arc<str>>, broadcasts: bool, store: &dyn InboxStore) {
-        let owners: Vec<&str> = owners.iter().map(|o| &**o).collect();
-        if let Err(e) = store.trim(&owners, broadcasts).await {
-            // Their next kept item names them again.
-            tracing::warn!(error = %e, owners = owners.len(), "inbox limit not applied; trying again later");
+    pub(crate) async fn trim(self, store: &dyn InboxStore) {
+        if self.users.is_empty() && !self.broadcasts {
+            return;
         }
-    }
-
-    /// All of it now: a publish whose follow-up found the queue full.
-    pub(crate) async fn run(self, store: &dyn InboxStore, broker: &dyn Broker) {
-        Self::tell(self.added, broker).await;
-        Self::trim(self.owners, self.broadcasts, store).await;
+        let users: Vec<&str> = self.users.iter().map(|o| &**o).collect();
+        if let Err(e) = store.trim(&users, self.broadcasts).await {
+            // Their next kept item names them again.
+            tracing::warn!(error = %e, owners = users.len(), "inbox limit not applied; trying again later");
+        }
     }
 }
 
@@ -126,60 +91,47 @@ impl Inbox {
         }
     }
 
-    /// Hands the follow-up of `items`, just kept, to [`follow_up_forever`](Self::follow_up_forever);
-    /// `false` (and nothing queued) when its queue is full: the caller does it now.
-    pub(crate) fn defer(&self, items: &[NewItem]) -> bool {
-        let queued = self.deferred.with(|work| {
-            let room = work.len() + 2 * items.len() <= MAX_DEFERRED;
+    /// Tells the owners' streams of `items`, just kept, that their inbox grew
+    /// ([`ADDED_PER_PUBLISH`] owners per publish), and hands the owners to
+    /// [`trim_forever`](Self::trim_forever) (checked now when its queue is full).
+    pub(crate) async fn follow_up(&self, items: &[NewItem], broker: &dyn Broker) {
+        let mut events = added_events(items);
+        while !events.is_empty() {
+            let rest = events.split_off(events.len().min(ADDED_PER_PUBLISH));
+            if let Err(e) = broker.publish(events).await {
+                tracing::warn!(error = %e, "kept in the inbox, but the streams were not told");
+            }
+            events = rest;
+        }
+        let queued = {
+            let mut owners = self.deferred.lock().unwrap_or_else(|e| e.into_inner());
+            let room = owners.users.len() + items.len() <= MAX_DEFERRED;
             if room {
-                work.extend(items);
+                owners.extend(items);
             }
             room
-        });
-        if queued {
-            self.deferred.wake.notify_one();
+        };
+        if !queued {
+            Owners::of(items).trim(self.store.as_ref()).await;
         }
-        queued
     }
 
-    /// What publishes deferred and is not done yet, taken (for a last run at shutdown).
-    pub(crate) fn take_deferred(&self) -> FollowUp {
-        self.deferred.with(std::mem::take)
+    /// The owners not checked yet, taken (for a last check at shutdown).
+    pub(crate) fn take_deferred(&self) -> Owners {
+        std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Does what publishes deferred, in two loops that do not wait for each other: tells
-    /// the streams as soon as items come, and checks their owners against the per-user
-    /// limit once every [`TRIM_EVERY`] (every owner of that second in a few queries). Runs
-    /// until its task is aborted.
-    pub(crate) async fn follow_up_forever(
-        store: Arc<dyn InboxStore>,
-        deferred: Arc<Deferred>,
-        broker: Arc<dyn Broker>,
-    ) {
-        let tell = async {
-            loop {
-                deferred.wake.notified().await;
-                let added = deferred.with(|work| std::mem::take(&mut work.added));
-                FollowUp::tell(added, broker.as_ref()).await;
-            }
-        };
-        let trim = async {
-            let mut every = tokio::time::interval(TRIM_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let (owners, broadcasts) = deferred.with(|work| {
-                    (
-                        std::mem::take(&mut work.owners),
-                        std::mem::take(&mut work.broadcasts),
-                    )
-                });
-                if !owners.is_empty() || broadcasts {
-                    FollowUp::trim(owners, broadcasts, store.as_ref()).await;
-                }
-            }
-        };
-        tokio::join!(tell, trim);
+    /// Checks the owners of kept items against the per-user limit once every
+    /// [`TRIM_EVERY`] (every owner of that second in a few queries). Runs until its task
+    /// is aborted.
+    pub(crate) async fn trim_forever(store: Arc<dyn InboxStore>, deferred: Arc<Mutex<Owners>>) {
+        let mut every = tokio::time::interval(TRIM_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let owners = std::mem::take(&mut *deferred.lock().unwrap_or_else(|e| e.into_inner()));
+            owners.trim(store.as_ref()).await;
+        }
     }
 
     /// The events of `envelopes` that the inbox keeps, with their place in the batch;
@@ -240,10 +192,13 @@ pub(crate) fn with_ids(to_keep: Vec<(usize, NewItem)>, ids: &[EventId]) -> Vec<N
 
 /// The `inbox` events telling each owner which of their items (owner and id) were added
 /// (the unread count only for a user's own: a kept broadcast adds one to everyone's).
-fn added_events(added: Vec<(Option<Arc<str>>, u64)>) -> Vec<Envelope> {
+fn added_events(items: &[NewItem]) -> Vec<Envelope> {
     let mut by_owner: HashMap<Option<Arc<str>>, Vec<String>> = HashMap::new();
-    for (owner, id) in added {
-        by_owner.entry(owner).or_default().push(id.to_string());
+    for item in items {
+        by_owner
+            .entry(item.user.clone())
+            .or_default()
+            .push(item.id.to_string());
     }
     by_owner
         .into_iter()

@@ -64,7 +64,7 @@ use super::{
     connection::{Closer, ConnectionPermit, EventStream, StreamEnded},
     hub::Hub,
     idempotency::check_idempotency_key,
-    inbox::{with_ids, FollowUp, Inbox, UserInbox},
+    inbox::{with_ids, Inbox, UserInbox},
     mailbox::CloseReason,
     presence::{self, ClusterStats, InstanceFigures, Presence, PresenceBook, StatsReport},
     replay::{write_frames, ReplayRest, ReplaySelection, REPLAY_PAGE},
@@ -459,10 +459,9 @@ impl SseService {
                 inbox.store.clone(),
                 inbox.retention,
             )));
-            tasks.push(tokio::spawn(Inbox::follow_up_forever(
+            tasks.push(tokio::spawn(Inbox::trim_forever(
                 inbox.store.clone(),
                 inbox.deferred.clone(),
-                self.inner.broker.clone(),
             )));
         }
     }
@@ -991,11 +990,7 @@ impl SseService {
             tracing::warn!(error = %e, events = items.len(), "published, but the inbox could not keep them");
             return Err(e.into());
         }
-        if !inbox.defer(&items) {
-            FollowUp::of(&items)
-                .run(inbox.store.as_ref(), self.inner.broker.as_ref())
-                .await;
-        }
+        inbox.follow_up(&items, self.inner.broker.as_ref()).await;
         Ok(())
     }
 
@@ -1189,15 +1184,10 @@ impl SseService {
             let _ = task.await;
         }
         if let Some(inbox) = &self.inner.inbox {
-            // What kept items still owe their streams and the per-user limit.
-            let follow_up = inbox
-                .take_deferred()
-                .run(inbox.store.as_ref(), self.inner.broker.as_ref());
-            if tokio::time::timeout(Duration::from_secs(2), follow_up)
-                .await
-                .is_err()
-            {
-                tracing::warn!("the inbox's last follow-up did not finish in 2 s");
+            // The owners of kept items not checked against the per-user limit yet.
+            let trim = inbox.take_deferred().trim(inbox.store.as_ref());
+            if tokio::time::timeout(Duration::from_secs(2), trim).await.is_err() {
+                tracing::warn!("the inbox's last limit check did not finish in 2 s");
             }
         }
         let leave = self.inner.broker.leave_presence(&self.inner.presence.instance);
