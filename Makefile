@@ -86,5 +86,6 @@ BENCH_ARGS ?=
 bench: setup
 	@scripts/setup.sh bench
 	cargo leptos build --release
+	scripts/bundle-peers.sh
 	cargo build --release -p sse-bench
 	target/release/sse-bench --json target/bench.json $(BENCH_ARGS)

@@ -22,10 +22,18 @@ pub fn NotificationBell(
     #[prop(default = true)]
     styles: bool,
 ) -> impl IntoView {
-    let Some(inbox) = use_inbox() else {
-        leptos::logging::warn!("sse-notify: NotificationBell needs provide_inbox() above it");
-        return ().into_any();
+    let view = match use_inbox() {
+        Some(inbox) => Either::Left(bell(inbox, theme, styles)),
+        None => {
+            leptos::logging::warn!("sse-notify: NotificationBell needs provide_inbox() above it");
+            Either::Right(())
+        }
     };
+    erased(view)
+}
+
+/// The bell and its panel, shown while the server has an inbox.
+fn bell(inbox: Inbox, theme: Theme, styles: bool) -> impl IntoView {
     let open = inbox.panel_open();
     let unread = inbox.unread();
     let bell_ref = NodeRef::<leptos::html::Button>::new();
@@ -62,9 +70,7 @@ pub fn NotificationBell(
         Some(n) if n > 0 => format!("Notifications, {n} unread"),
         _ => "Notifications".to_string(),
     };
-    // Type-erased, like the toasts' views: a host that nests the bell deep in its own view
-    // (a Transition, an Either) stays under rustc's type-depth limit.
-    let bell = move || {
+    let button = move || {
         view! {
             {styles.then(|| view! { <style data-sse-inbox="">{INBOX_STYLES}</style> })}
             <div class="sse-inbox" data-theme=theme.as_str()>
@@ -100,7 +106,21 @@ pub fn NotificationBell(
     };
     // Nothing at all while the server has no inbox.
     let enabled = inbox.enabled();
-    view! { <Show when=move || enabled.get()>{bell()}</Show> }.into_any()
+    view! { <Show when=move || enabled.get()>{button()}</Show> }
+}
+
+/// The bell's view, type-erased on the server only. A host page nests the bell deep in
+/// its own views (a Transition, an Either), and the server's render reaches rustc's
+/// type-depth limit first. In the browser an `AnyView` would link a second, async copy of
+/// the view's hydration code: 15 KiB of gzipped WASM in the example host app.
+#[cfg(feature = "ssr")]
+fn erased(view: impl IntoView + 'static) -> AnyView {
+    view.into_any()
+}
+
+#[cfg(not(feature = "ssr"))]
+fn erased<V: IntoView>(view: V) -> V {
+    view
 }
 
 /// The open list.
