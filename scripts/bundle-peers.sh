@@ -12,7 +12,7 @@ peers=${PEERS:-$root/../shared/peers}
 out=$root/target/bundle-peers
 export PATH="$root/end2end/node_modules/.bin:$HOME/.cargo/bin:$PATH"
 
-build() { # name, folder with src/ (and style/, public/), Cargo.toml.in
+build() { # name, folder with src/ (only the library is built), Cargo.toml.in
   local name=$1 from=$2 manifest_in=$3 dir=$out/$1
   mkdir -p "$dir"
   rm -rf "$dir/src" && cp -r "$from/src" "$dir/src"

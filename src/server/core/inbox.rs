@@ -59,6 +59,11 @@ impl Owners {
         owners
     }
 
+    /// What `queue` holds, leaving it empty.
+    fn take(queue: &Mutex<Owners>) -> Self {
+        std::mem::take(&mut *queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     fn extend(&mut self, items: &[NewItem]) {
         for item in items {
             match &item.user {
@@ -118,7 +123,7 @@ impl Inbox {
 
     /// The owners not checked yet, taken (for a last check at shutdown).
     pub(crate) fn take_deferred(&self) -> Owners {
-        std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()))
+        Owners::take(&self.deferred)
     }
 
     /// Checks the owners of kept items against the per-user limit once every
@@ -129,8 +134,7 @@ impl Inbox {
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            let owners = std::mem::take(&mut *deferred.lock().unwrap_or_else(|e| e.into_inner()));
-            owners.trim(store.as_ref()).await;
+            Owners::take(&deferred).trim(store.as_ref()).await;
         }
     }
 
