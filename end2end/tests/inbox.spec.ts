@@ -63,8 +63,11 @@ test("archiving removes an item, Escape closes the panel and gives focus back to
   const bell = page.locator(".sse-inbox__bell");
   await bell.click();
   await expect(bell).toHaveAttribute("aria-expanded", "true");
+  const archived = page.waitForResponse((r) => r.url().endsWith("/api/inbox/archive"));
   await page.locator(".sse-inbox__item", { hasText: "Archive me" }).getByRole("button", { name: "Archive", exact: true }).click();
   await expect(page.locator(".sse-inbox__item")).toHaveCount(1);
+  // The reload below must find the server's answer, not race the request.
+  expect((await archived).status()).toBe(200);
   await expect(badge(page)).toHaveText("1");
   await page.keyboard.press("Escape");
   await expect(page.locator(".sse-inbox__panel")).toHaveCount(0);
@@ -73,6 +76,18 @@ test("archiving removes an item, Escape closes the panel and gives focus back to
   await openLive(page, server);
   await bell.click();
   await expect(page.locator(".sse-inbox__item")).toHaveCount(1);
+});
+
+test("following an item's link marks it read on the server, though the page goes away", async ({ page, context, server }) => {
+  await signIn(context, server, "follower");
+  await server.notify("follower", "Your export is ready", { actionUrl: "/downloads/42" });
+  await openLive(page, server);
+  await page.locator(".sse-inbox__bell").click();
+  await page.locator(".sse-inbox__item", { hasText: "Your export is ready" }).locator(".sse-inbox__open").click();
+  await page.waitForURL(/\/downloads\/42$/);
+  const unread = async () =>
+    (await (await context.request.get(server.url("/api/inbox?limit=1"))).json()).unread as number;
+  await expect.poll(unread).toBe(0);
 });
 
 test("back after a while: one summary toast instead of a burst, the rest in the inbox", async ({ page, context, server }) => {

@@ -317,20 +317,19 @@ async fn request(
     token: Option<&str>,
 ) -> Result<Answer, String> {
     use gloo_net::http::Request;
-    let builder = match body {
-        Some(_) => Request::post(url),
-        None => Request::get(url),
-    }
-    .credentials(web_sys::RequestCredentials::Include);
-    let builder = match token {
-        Some(token) => builder.header("Authorization", &format!("Bearer {token}")),
-        None => builder,
-    };
-    let response = match body {
-        Some(body) => builder.json(body).map_err(|e| e.to_string())?.send().await,
-        None => builder.send().await,
-    }
-    .map_err(|e| e.to_string())?;
+    let request = match body {
+        Some(body) => post_keepalive(url, body, token),
+        None => {
+            let builder = Request::get(url).credentials(web_sys::RequestCredentials::Include);
+            match token {
+                Some(token) => builder.header("Authorization", &format!("Bearer {token}")),
+                None => builder,
+            }
+            .build()
+            .map_err(|e| e.to_string())
+        }
+    }?;
+    let response = request.send().await.map_err(|e| e.to_string())?;
     if !response.ok() {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
@@ -349,6 +348,35 @@ async fn request(
     } else {
         response.json().await.map(Answer::Page).map_err(|e| e.to_string())
     }
+}
+
+/// A `POST` of a change with `keepalive` set, so that a change made as the page goes away
+/// (an item's link followed, a reload right after "Archive") still reaches the server:
+/// without it the browser cancels the request with the page. gloo-net's builder cannot set
+/// the flag, so the request is built from `RequestInit` directly.
+#[cfg(not(feature = "ssr"))]
+fn post_keepalive(
+    url: &str,
+    body: &api::InboxSelection,
+    token: Option<&str>,
+) -> Result<gloo_net::http::Request, String> {
+    let js = |e: wasm_bindgen::JsValue| format!("{e:?}");
+    let headers = web_sys::Headers::new().map_err(js)?;
+    headers.set("Content-Type", "application/json").map_err(js)?;
+    if let Some(token) = token {
+        headers
+            .set("Authorization", &format!("Bearer {token}"))
+            .map_err(js)?;
+    }
+    let init = web_sys::RequestInit::new();
+    init.set_method("POST");
+    init.set_credentials(web_sys::RequestCredentials::Include);
+    init.set_headers(&headers);
+    init.set_body(&serde_json::to_string(body).map_err(|e| e.to_string())?.into());
+    js_sys::Reflect::set(&init, &"keepalive".into(), &true.into()).map_err(js)?;
+    web_sys::Request::new_with_str_and_init(url, &init)
+        .map(Into::into)
+        .map_err(js)
 }
 
 /// Milliseconds since the Unix epoch, as the browser's clock says (0 on the server, where
