@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     api::{self, Stats},
     client::{
-        provide_inbox, use_sse_with_options, use_toaster, ConnectionReadyState, ConnectionStatus,
-        InboxOptions, NewToast, NotificationBell, Position, SseMessage, SseNotifications, Theme, ToastKind,
-        Transport, TransportMode, UseSseError, UseSseOptions,
+        provide_inbox, use_connection_status, use_sse_with_options, use_toaster, ConnectionReadyState,
+        ConnectionStatus, InboxOptions, NewToast, NotificationBell, Position, SseMessage, SseNotifications,
+        Theme, ToastKind, Transport, TransportMode, UseSseError, UseSseOptions,
     },
     events::{NotificationKind, SystemAlertKind, UserUpdateKind},
 };
@@ -329,7 +329,7 @@ fn HomePage() -> impl IntoView {
         Some("none") => Signal::derive(move || user_id.get().map(|_| "signed-in".to_string())),
         _ => user_id,
     };
-    let status = RwSignal::new(ConnectionStatus::default());
+    let status = use_connection_status();
     let log = RwSignal::new(Vec::<SseMessage>::new());
     let on_message = Callback::new(move |msg: SseMessage| {
         log.update(|l| {
@@ -345,7 +345,6 @@ fn HomePage() -> impl IntoView {
             max_notifications=max
             dismiss_delay=dismiss
             auto_dismiss=auto
-            status
             on_message
             extra_events=vec!["demo.ping".to_string()]
             stall_timeout=stall
@@ -386,7 +385,7 @@ fn HomePage() -> impl IntoView {
 }
 
 #[component]
-fn StatusBadge(status: RwSignal<ConnectionStatus>) -> impl IntoView {
+fn StatusBadge(status: Signal<ConnectionStatus>) -> impl IntoView {
     let state = move || status.with(|s| s.state);
     let error = move || status.with(|s| s.error.as_ref().map(UseSseError::code));
     let label = move || match state() {
@@ -585,7 +584,7 @@ fn EventLog(log: RwSignal<Vec<SseMessage>>) -> impl IntoView {
 /// a fresh one whenever one expires. The page keeps receiving.
 #[component]
 fn ShortSessionPage() -> impl IntoView {
-    let status = RwSignal::new(ConnectionStatus::default());
+    let status = use_connection_status();
     view! {
         <section class="hero">
             <h1>"A short session"</h1>
@@ -597,7 +596,6 @@ fn ShortSessionPage() -> impl IntoView {
         <SseNotifications
             token_url=format!("{}?ttl=3", DEMO_TOKEN_PATH)
             token_first=true
-            status
             auto_dismiss=false
             share_across_tabs=false
         />

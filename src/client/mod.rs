@@ -14,7 +14,9 @@ pub use inbox::{
     inbox_first_page, provide_inbox, use_inbox, FirstPage, Inbox, InboxOptions, InboxState, LocalChange,
     NotificationBell, INBOX_STYLES,
 };
-pub use notifications::{ConnectionStatus, Position, SSENotifications, SseNotifications, Theme, STYLES};
+pub use notifications::{
+    use_connection_status, ConnectionStatus, Position, SSENotifications, SseNotifications, Theme, STYLES,
+};
 pub use toaster::{
     expect_toaster, provide_toaster, use_toaster, NewToast, Toast, ToastAction, ToastDuration, ToastId,
     ToastKind, ToastLabels, ToastStore, Toaster, MISSED_TOASTS,

@@ -123,20 +123,18 @@ impl Theme {
     }
 }
 
-/// Connection state, for a status indicator beside the toasts: create an
-/// `RwSignal<ConnectionStatus>` and hand it to `<SseNotifications status/>`, which keeps it
-/// current (a component returns a view, not signals; [`use_sse`](super::use_sse) returns its
-/// own).
+/// Connection state, for a status indicator beside the toasts: read it from
+/// [`use_connection_status`] (or hand an `RwSignal` to `<SseNotifications status/>`).
 ///
 /// ```
 /// use leptos::prelude::*;
-/// use sse_notify::client::{ConnectionStatus, SseNotifications};
+/// use sse_notify::client::{use_connection_status, SseNotifications};
 ///
 /// #[component]
 /// fn Page() -> impl IntoView {
-///     let status = RwSignal::new(ConnectionStatus::default());
+///     let status = use_connection_status();
 ///     view! {
-///         <SseNotifications status />
+///         <SseNotifications />
 ///         <p>{move || status.with(|s| s.state.as_str())}</p>
 ///     }
 /// }
@@ -154,6 +152,23 @@ pub struct ConnectionStatus {
     pub leader: bool,
     /// How the stream travels now.
     pub transport: Transport,
+}
+
+/// Where `<SseNotifications/>` writes its state for [`use_connection_status`].
+#[derive(Clone, Copy)]
+struct StatusSink(RwSignal<ConnectionStatus>);
+
+/// The connection state of the `<SseNotifications/>` in this component's view or below it,
+/// as a signal (leptos-use style: the hook returns it, nothing to create). Call it before
+/// the view is built, in that component or an ancestor of it: it puts the state in the
+/// context, where the component finds it.
+pub fn use_connection_status() -> Signal<ConnectionStatus> {
+    let sink = use_context::<StatusSink>().unwrap_or_else(|| {
+        let sink = StatusSink(RwSignal::new(ConnectionStatus::default()));
+        provide_context(sink);
+        sink
+    });
+    sink.0.into()
 }
 
 /// Toasts for the notification stream. Opens the stream with [`use_sse_with_options`] and
@@ -206,7 +221,8 @@ pub fn SseNotifications(
     /// Bring the built-in stylesheet. Defaults to `true`.
     #[prop(default = true)]
     styles: bool,
-    /// Receives the connection state, for a status indicator.
+    /// Receives the connection state, for a status indicator; [`use_connection_status`]
+    /// is the simpler way.
     #[prop(optional)]
     status: Option<RwSignal<ConnectionStatus>>,
     /// Called for every event, toasts or not (custom events included).
@@ -295,7 +311,7 @@ pub fn SseNotifications(
         ..
     } = use_sse_with_options(options);
     let sync = DismissSync::new(&stream_url, identity_tag, store);
-    if let Some(status) = status {
+    if let Some(status) = status.or_else(|| use_context::<StatusSink>().map(|sink| sink.0)) {
         Effect::new(move |_| {
             status.set(ConnectionStatus {
                 state: ready_state.get(),

@@ -8,7 +8,7 @@ use leptos_router::{
     path,
 };
 use sse_notify::client::{
-    provide_inbox, ConnectionStatus, InboxOptions, NotificationBell, Position, SseNotifications,
+    provide_inbox, use_connection_status, InboxOptions, NotificationBell, Position, SseNotifications,
 };
 
 /// The signed-in user, from the host's own session.
@@ -44,13 +44,13 @@ pub async fn notify_me(title: String) -> Result<String, ServerFnError> {
 fn Home() -> impl IntoView {
     let user = Resource::new(|| (), |_| current_user());
     let user_id = Signal::derive(move || user.get().and_then(Result::ok).flatten());
-    let status = RwSignal::new(ConnectionStatus::default());
+    let status = use_connection_status();
     let notify = ServerAction::<NotifyMe>::new();
     // The notification center (with SSE_INBOX_URL set), above the toasts and the bell.
     provide_inbox(InboxOptions::default().user_id(user_id));
     view! {
         // The server rendering this page tells it where the routes are (under /notify here).
-        <SseNotifications user_id status position=Position::BottomRight />
+        <SseNotifications user_id position=Position::BottomRight />
         <Transition fallback=|| "…">
             {move || match user_id.get() {
                 // Either, not into_any: an AnyView links a second copy of the view's hydration code.
