@@ -7,6 +7,9 @@ export PATH := $(CURDIR)/end2end/node_modules/.bin:$(HOME)/.cargo/bin:$(PATH)
 E2E_PROFILE ?= release
 LEPTOS_BUILD_FLAGS := $(if $(filter release,$(E2E_PROFILE)),--release,)
 
+# Every cargo-leptos build is a `--split` one: the notification center's panel is then a
+# WASM chunk of its own that the bell's first opening loads (see build.rs).
+
 .PHONY: setup run run-host test lint test-rust build test-e2e bench soak fmt image openapi
 
 setup:
@@ -15,12 +18,12 @@ setup:
 ## Serve the demo at http://127.0.0.1:3000 on the in-process broker (no Redis needed), with
 ## the notification center's inbox in a SQLite file under target/ (it survives a restart).
 run: setup
-	SSE_DEMO=1 SSE_INBOX_URL=$${SSE_INBOX_URL:-sqlite://target/sse-inbox.db} cargo leptos serve --project sse-notify
+	SSE_DEMO=1 SSE_INBOX_URL=$${SSE_INBOX_URL:-sqlite://target/sse-inbox.db} cargo leptos serve --split --project sse-notify
 
 ## Serve the example host app (examples/host) at http://127.0.0.1:3100; LEPTOS_SITE_ADDR
 ## and every SSE_* variable apply (the inbox in a SQLite file under target/ by default).
 run-host: setup
-	SSE_INBOX_URL=$${SSE_INBOX_URL:-sqlite://target/sse-host-inbox.db} cargo leptos serve --project sse-notify-host-example
+	SSE_INBOX_URL=$${SSE_INBOX_URL:-sqlite://target/sse-host-inbox.db} cargo leptos serve --split --project sse-notify-host-example
 
 ## Lint, Rust tests (unit, integration, Redis), then the Playwright suite in Chromium
 ## against the demo and the example host app.
@@ -45,13 +48,13 @@ test-rust:
 ## misdelivery. Shorter: `make soak SOAK_ARGS="--secs 60"`.
 SOAK_ARGS ?=
 soak: setup
-	cargo leptos build --release --project sse-notify
+	cargo leptos build --split --release --project sse-notify
 	cargo build --release -p sse-bench
 	target/release/sse-bench soak --json target/soak.json $(SOAK_ARGS)
 
 ## Both cargo-leptos projects: the demo (sse-notify) and the example host app.
 build:
-	cargo leptos build $(LEPTOS_BUILD_FLAGS)
+	cargo leptos build --split $(LEPTOS_BUILD_FLAGS)
 
 test-e2e: build
 	cd end2end && SSE_NOTIFY_BIN=$(CURDIR)/target/$(E2E_PROFILE)/sse-notify \
@@ -70,7 +73,7 @@ openapi:
 CONTAINER ?= $(shell command -v podman || command -v docker)
 image:
 	@scripts/setup.sh image
-	cargo leptos build --release --project sse-notify
+	cargo leptos build --split --release --project sse-notify
 	LEPTOS_OUTPUT_NAME=sse-notify CC_x86_64_unknown_linux_musl=musl-gcc \
 		cargo build --release --target x86_64-unknown-linux-musl \
 		--features ssr,demo,jemalloc --bin sse-notify
@@ -85,7 +88,7 @@ image:
 BENCH_ARGS ?=
 bench: setup
 	@scripts/setup.sh bench
-	cargo leptos build --release
+	cargo leptos build --split --release
 	scripts/bundle-peers.sh
 	cargo build --release -p sse-bench
 	target/release/sse-bench --json target/bench.json $(BENCH_ARGS)

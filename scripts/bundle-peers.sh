@@ -2,6 +2,8 @@
 # Builds the two bundles S5 measures the library against (`make bench` runs this):
 #   base           the host app's pages with no live toasts (bench/bundle-base)
 #   leptos-toasts  the same pages with leptos-use + leptoaster (../shared/peers/leptos-toasts)
+#   toasts         examples/host without the notification center (no provide_inbox, no
+#                  bell): the host app minus this is what the center adds before it opens
 # each the way cargo-leptos builds a release bundle: the `wasm-release` profile, wasm-bindgen
 # `--target=web`, `wasm-opt -Oz`. Out: target/bundle-peers/<name>/pkg/<name>.wasm.
 # Each is a standalone crate with a copy of the project's Cargo.lock, so versions match.
@@ -36,3 +38,21 @@ if [ ! -d "$peers/leptos-toasts" ]; then
 fi
 build base bench/bundle-base bench/bundle-base/Cargo.toml.in
 build leptos-toasts "$peers/leptos-toasts" "$peers/leptos-toasts/Cargo.toml.in"
+
+# examples/host with its two notification-center lines taken out, as a standalone crate.
+toasts_in=$out/toasts.in
+rm -rf "$toasts_in" && mkdir -p "$toasts_in" && cp -r examples/host/src "$toasts_in/src"
+sed -i -e '/^ *provide_inbox(InboxOptions::default()/d' -e '/^ *<NotificationBell \/>$/d' \
+  -e '1i #![allow(unused_imports)] // the inbox imports, now unused' "$toasts_in/src/lib.rs"
+if grep -q 'provide_inbox(\|<NotificationBell' "$toasts_in/src/lib.rs"; then
+  echo "bundle-peers: examples/host/src/lib.rs changed; update the sed that removes the inbox" >&2
+  exit 1
+fi
+{
+  sed -e 's|^name = "sse-notify-host-example"|name = "sse-notify-bundle-toasts"|' \
+    -e 's|path = "../.."|path = "@SSE_NOTIFY@"|' -e '/^\[\[bin\]\]/,/^$/d' \
+    -e '/^bin-target/d' examples/host/Cargo.toml
+  printf '\n[workspace]\n\n'
+  sed -n '/^\[profile.wasm-release\]/,/^$/p' Cargo.toml
+} >"$toasts_in/Cargo.toml.in"
+build toasts "$toasts_in" "$toasts_in/Cargo.toml.in"

@@ -24,6 +24,28 @@ test("the unread count is in the server's HTML, before any script runs", async (
   await expect(page.locator(".sse-inbox__bell")).toHaveAttribute("aria-label", "Notifications, 3 unread");
 });
 
+// `make build` is a `cargo leptos build --split`: the panel is a WASM chunk of its own.
+test("the panel's code loads when the bell is first opened, not with the page", async ({ page, context, server }) => {
+  const chunks: string[] = [];
+  page.on("request", (r) => {
+    if (/\/split_[^/]*\.wasm$/.test(new URL(r.url()).pathname)) chunks.push(r.url());
+  });
+  await signIn(context, server, "lazy-panel");
+  await server.notify("lazy-panel", "Loaded later");
+  await openLive(page, server);
+  await expect(badge(page)).toHaveText("1");
+  await page.waitForLoadState("networkidle");
+  expect(chunks).toEqual([]);
+  await page.locator(".sse-inbox__bell").click();
+  await expect(page.locator(".sse-inbox__item", { hasText: "Loaded later" })).toBeVisible();
+  expect(chunks).toHaveLength(1);
+  // Closed and opened again: the chunk is not fetched twice.
+  await page.keyboard.press("Escape");
+  await page.locator(".sse-inbox__bell").click();
+  await expect(page.locator(".sse-inbox__item", { hasText: "Loaded later" })).toBeVisible();
+  expect(chunks).toHaveLength(1);
+});
+
 test("reading in one tab updates the other tabs and another device at once", async ({ browser, page, context, server }) => {
   await signIn(context, server, "reader");
   await server.notify("reader", "First");

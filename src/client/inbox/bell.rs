@@ -99,7 +99,7 @@ fn bell(inbox: Inbox, theme: Theme, styles: bool) -> impl IntoView {
                     }}
                 </button>
                 <Show when=move || open.get()>
-                    <Panel inbox close=Callback::new(move |()| close()) />
+                    {panel(inbox, Callback::new(move |()| close()))}
                 </Show>
             </div>
         }
@@ -121,6 +121,26 @@ fn erased(view: impl IntoView + 'static) -> AnyView {
 #[cfg(not(feature = "ssr"))]
 fn erased<V: IntoView>(view: V) -> V {
     view
+}
+
+/// The open list, in the page's own WASM.
+#[cfg(not(sse_notify_split))]
+fn panel(inbox: Inbox, close: Callback<()>) -> impl IntoView {
+    view! { <Panel inbox close /> }
+}
+
+/// The open list, from a WASM chunk of its own that the first opening loads, in an app
+/// built with `cargo leptos build --split` (see build.rs): most of the notification
+/// center's code is the list's views.
+#[cfg(sse_notify_split)]
+fn panel(inbox: Inbox, close: Callback<()>) -> impl IntoView {
+    Suspend::new(async move { lazy_panel(inbox, close).await })
+}
+
+#[cfg(sse_notify_split)]
+#[leptos::lazy]
+fn lazy_panel(inbox: Inbox, close: Callback<()>) -> AnyView {
+    view! { <Panel inbox close /> }.into_any()
 }
 
 /// The open list.
