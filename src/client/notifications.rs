@@ -621,7 +621,7 @@ impl MissedBurst {
     fn take(self, message: &SseMessage, store: RwSignal<ToastStore>, inbox: Option<Inbox>) {
         #[cfg(not(feature = "ssr"))]
         {
-            let held = message.replayed && inbox.is_some_and(|i| i.enabled().get_untracked());
+            let held = message.replayed && inbox.is_some_and(|i| i.is_on());
             if held {
                 let settled = set_timeout_with_handle(
                     move || self.flush(store, inbox),

@@ -84,6 +84,9 @@ pub struct Inbox {
     panel_open: RwSignal<bool>,
     /// What the server rendered: whether the inbox is on, and the first page.
     first: Resource<FirstPage>,
+    /// `first`'s `enabled` once hydrated, for code outside views (a resource is read in
+    /// views and effects).
+    on: RwSignal<bool>,
     options: StoredValue<InboxOptions>,
 }
 
@@ -102,11 +105,16 @@ pub fn provide_inbox(mut options: InboxOptions) -> Inbox {
         state: RwSignal::new(InboxState::default()),
         panel_open: RwSignal::new(false),
         first,
+        on: RwSignal::new(false),
         options: StoredValue::new(options),
     };
     // The server's first page becomes the state once hydrated; a new user's is fetched.
     Effect::new(move |_| {
-        if let Some(FirstPage { page: Some(page), .. }) = first.get() {
+        let Some(FirstPage { enabled, page }) = first.get() else {
+            return;
+        };
+        inbox.on.set(enabled);
+        if let Some(page) = page {
             inbox.state.update(|s| {
                 if !s.loaded {
                     s.first_page(page)
@@ -144,6 +152,12 @@ pub struct FirstPage {
 }
 
 impl Inbox {
+    /// Whether the server has an inbox, as known when the page was hydrated; outside
+    /// views and effects, where [`enabled`](Self::enabled) would read the resource.
+    pub fn is_on(&self) -> bool {
+        self.on.get_untracked()
+    }
+
     /// Whether the server has an inbox (`SSE_INBOX_URL`): the bell shows only then.
     pub fn enabled(&self) -> Signal<bool> {
         let first = self.first;
